@@ -1,0 +1,277 @@
+//! The control plane's configuration: one typed struct, validated once at start-up.
+//!
+//! Every setting is a command-line flag and an environment variable. The Knocker 1.4.1
+//! names (`SCHEME`, `TIMEOUT`, `RETRIES`, `HOSTS_ONLY`, …) are accepted as they are; our
+//! own settings are prefixed `KNOCKER_`. A value that cannot be parsed stops start-up
+//! with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Settings of `knocker serve`.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// HTTP ingress: the Knocker protocol without Envoy, the status URL and the API.
+    #[arg(
+        long = "http-addr",
+        env = "KNOCKER_HTTP_ADDR",
+        default_value = "127.0.0.1:8000"
+    )]
+    pub http_addr: SocketAddr,
+
+    /// gRPC ingress the Envoy filter calls (cluster `knocker_control_plane`).
+    #[arg(
+        long = "grpc-addr",
+        env = "KNOCKER_GRPC_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// Largest request body accepted by either ingress (bytes); larger gets 413.
+    #[arg(long, env = "KNOCKER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Deliveries in flight at once, across all targets.
+    #[arg(long, env = "KNOCKER_CONCURRENCY", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+
+    /// Default target scheme when `Knocker-Scheme` is absent.
+    #[arg(long, env = "SCHEME", default_value = "https", value_parser = parse_scheme)]
+    pub scheme: String,
+
+    /// Redirects followed per attempt.
+    #[arg(long, env = "MAX_REDIRECTS", default_value_t = 10)]
+    pub max_redirects: u32,
+
+    /// Exact path of the status URL (any method).
+    #[arg(long, env = "STATUS_URL", default_value = "/knocker/status", value_parser = parse_path)]
+    pub status_url: String,
+
+    /// Allowed target hosts: a JSON array or a comma-separated list; empty allows all.
+    #[arg(long, env = "HOSTS_ONLY", default_value = "", value_parser = parse_hosts_only)]
+    pub hosts_only: HostsOnly,
+
+    /// Default per-attempt timeout (seconds).
+    #[arg(long, env = "TIMEOUT", default_value_t = 10.0, value_parser = non_negative_float)]
+    pub timeout: f64,
+    /// Largest `Knocker-Timeout` accepted (seconds).
+    #[arg(long, env = "TIMEOUT_MAX", default_value_t = 60.0, value_parser = non_negative_float)]
+    pub timeout_max: f64,
+
+    /// Default number of retries after the first attempt.
+    #[arg(long, env = "RETRIES", default_value_t = 2)]
+    pub retries: u32,
+    /// Largest `Knocker-Retries` accepted.
+    #[arg(long, env = "RETRIES_MAX", default_value_t = 10)]
+    pub retries_max: u32,
+
+    /// Default backoff factor (seconds).
+    #[arg(long, env = "RETRIES_BACKOFF_FACTOR", default_value_t = 0.5, value_parser = non_negative_float)]
+    pub backoff_factor: f64,
+    /// Largest `Knocker-Backoff-Factor` accepted; also caps every delay (seconds).
+    #[arg(long, env = "RETRIES_BACKOFF_FACTOR_MAX", default_value_t = 600.0, value_parser = non_negative_float)]
+    pub backoff_factor_max: f64,
+
+    /// Where jobs are kept.
+    #[arg(long, env = "KNOCKER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Log destination: `-` for stderr, else a file appended to.
+    #[arg(long, env = "LOG_FILE", default_value = "-")]
+    pub log_file: String,
+    /// Log level: error, warning, info, debug, trace (any case).
+    #[arg(long, env = "LOG_LEVEL", default_value = "INFO", value_parser = parse_log_level)]
+    pub log_level: String,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], ignore_case = true)]
+    pub log_format: String,
+
+    /// Report errors to Sentry at this DSN.
+    #[arg(long, env = "SENTRY_DSN", default_value = "")]
+    pub sentry_dsn: String,
+    /// Also report jobs that finally failed to Sentry.
+    #[arg(long, env = "SENTRY_FAILED_REQUESTS", default_value = "false", value_parser = parse_bool)]
+    pub sentry_failed_requests: bool,
+}
+
+/// The `HOSTS_ONLY` allow-list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostsOnly(pub Vec<String>);
+
+impl HostsOnly {
+    /// True when the list is empty or holds `host` (with or without its port).
+    pub fn allows(&self, host_port: &str, host: &str) -> bool {
+        self.0.is_empty()
+            || self
+                .0
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host_port) || h.eq_ignore_ascii_case(host))
+    }
+}
+
+impl Settings {
+    /// Cross-field checks that single-value parsers cannot make.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.timeout > self.timeout_max {
+            return Err(format!(
+                "TIMEOUT ({}) must not exceed TIMEOUT_MAX ({})",
+                self.timeout, self.timeout_max
+            ));
+        }
+        if self.retries > self.retries_max {
+            return Err(format!(
+                "RETRIES ({}) must not exceed RETRIES_MAX ({})",
+                self.retries, self.retries_max
+            ));
+        }
+        if self.backoff_factor > self.backoff_factor_max {
+            return Err(format!(
+                "RETRIES_BACKOFF_FACTOR ({}) must not exceed RETRIES_BACKOFF_FACTOR_MAX ({})",
+                self.backoff_factor, self.backoff_factor_max
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err("KNOCKER_MAX_BODY_BYTES must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    /// Settings with every default, for tests and embedding.
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        // Parsed from an empty command line, ignoring the process environment would
+        // need clap's env support off; tests that need other values set fields directly.
+        <Wrapper as clap::Parser>::parse_from(["knocker"]).settings
+    }
+}
+
+/// Booleans as people write them: true/false/1/0/yes/no/on/off, any case.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!(
+            "`{s}` is not a boolean (true/false/1/0/yes/no/on/off)"
+        )),
+    }
+}
+
+fn non_negative_float(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{s}` must be a finite number ≥ 0"));
+    }
+    Ok(v)
+}
+
+fn parse_scheme(s: &str) -> Result<String, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "http" => Ok("http".into()),
+        "https" => Ok("https".into()),
+        _ => Err(format!("`{s}` must be http or https")),
+    }
+}
+
+fn parse_path(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("`{s}` must start with /"))
+    }
+}
+
+fn parse_log_level(s: &str) -> Result<String, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "critical" | "error" => Ok("error".into()),
+        "warning" | "warn" => Ok("warn".into()),
+        "info" => Ok("info".into()),
+        "debug" => Ok("debug".into()),
+        "trace" => Ok("trace".into()),
+        _ => Err(format!(
+            "`{s}` must be one of error, warning, info, debug, trace"
+        )),
+    }
+}
+
+/// `HOSTS_ONLY`: a JSON array of strings, or a comma-separated list.
+pub fn parse_hosts_only(s: &str) -> Result<HostsOnly, String> {
+    let t = s.trim();
+    let hosts: Vec<String> = if t.starts_with('[') {
+        serde_json::from_str::<Vec<String>>(t)
+            .map_err(|e| format!("`{s}` is not a JSON array of strings: {e}"))?
+    } else {
+        t.split(',').map(str::to_owned).collect()
+    };
+    Ok(HostsOnly(
+        hosts
+            .into_iter()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans() {
+        for t in ["true", "TRUE", "1", "yes", "On"] {
+            assert_eq!(parse_bool(t), Ok(true), "{t}");
+        }
+        for f in ["false", "False", "0", "no", "OFF"] {
+            assert_eq!(parse_bool(f), Ok(false), "{f}");
+        }
+        assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn hosts_only_json_or_comma() {
+        assert_eq!(
+            parse_hosts_only(r#"["a.com", "b.com"]"#).unwrap().0,
+            ["a.com", "b.com"]
+        );
+        assert_eq!(
+            parse_hosts_only("a.com, b.com:8080").unwrap().0,
+            ["a.com", "b.com:8080"]
+        );
+        assert_eq!(
+            parse_hosts_only("single.example").unwrap().0,
+            ["single.example"]
+        );
+        assert!(parse_hosts_only("").unwrap().0.is_empty());
+        assert!(parse_hosts_only("[1, 2]").is_err());
+        let h = parse_hosts_only("a.com").unwrap();
+        assert!(h.allows("a.com:443", "a.com"));
+        assert!(!h.allows("b.com", "b.com"));
+    }
+
+    #[test]
+    fn numbers_and_names() {
+        assert!(non_negative_float("nan").is_err());
+        assert!(non_negative_float("-1").is_err());
+        assert_eq!(non_negative_float(" 2.5 "), Ok(2.5));
+        assert_eq!(parse_scheme("HTTP"), Ok("http".into()));
+        assert!(parse_scheme("ftp").is_err());
+        assert_eq!(parse_log_level("WARNING"), Ok("warn".into()));
+    }
+
+    #[test]
+    fn cross_field_validation_names_the_settings() {
+        let mut s = Settings::defaults();
+        assert_eq!(s.validate(), Ok(()));
+        s.timeout = 100.0;
+        assert!(s.validate().unwrap_err().contains("TIMEOUT_MAX"));
+    }
+}

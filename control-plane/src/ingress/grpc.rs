@@ -1,0 +1,70 @@
+//! gRPC ingress: `knocker.v1.Ingress/Submit`, called by the Envoy filter.
+
+use std::sync::Arc;
+
+use knocker_proto::v1::ingress_server::{Ingress as IngressService, IngressServer};
+use knocker_proto::v1::{Header, SubmitReply, SubmitRequest};
+use tonic::{Request, Response, Status};
+
+use super::Ingress;
+use crate::job::spec::Submission;
+
+pub struct GrpcIngress {
+    ingress: Arc<Ingress>,
+}
+
+/// The tonic service, accepting messages up to the body limit plus room for headers.
+pub fn service(ingress: Arc<Ingress>) -> IngressServer<GrpcIngress> {
+    let limit = ingress.settings.max_body_bytes.saturating_add(256 * 1024);
+    IngressServer::new(GrpcIngress { ingress }).max_decoding_message_size(limit)
+}
+
+#[tonic::async_trait]
+impl IngressService for GrpcIngress {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitReply>, Status> {
+        let r = request.into_inner();
+        if r.body.len() > self.ingress.settings.max_body_bytes {
+            let reply = super::Reply::error(
+                413,
+                "body",
+                &body_too_large(self.ingress.settings.max_body_bytes),
+            );
+            return Ok(Response::new(to_proto(reply)));
+        }
+        let submission = Submission {
+            method: r.method,
+            path: r.path,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|h| (String::from_utf8_lossy(&h.name).into_owned(), h.value))
+                .collect(),
+            body: r.body,
+            remote: Some(r.downstream_address).filter(|a| !a.is_empty()),
+        };
+        let reply = self.ingress.submit(submission).await;
+        Ok(Response::new(to_proto(reply)))
+    }
+}
+
+pub fn body_too_large(limit: usize) -> String {
+    format!("Request body is larger than the limit of {limit} bytes.")
+}
+
+fn to_proto(reply: super::Reply) -> SubmitReply {
+    SubmitReply {
+        status: u32::from(reply.status),
+        headers: reply
+            .headers
+            .into_iter()
+            .map(|(n, v)| Header {
+                name: n.into_bytes(),
+                value: v.into_bytes(),
+            })
+            .collect(),
+        body: reply.body,
+    }
+}

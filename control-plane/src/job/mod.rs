@@ -1,0 +1,176 @@
+//! Jobs: what a submission becomes, and the Knocker rules that build one.
+//!
+//! - [`spec`] — parses and validates a submission's `Knocker-*` headers (the protocol's
+//!   error messages live there) and splits the headers to forward.
+//! - [`receipt`] — the receipt JSON a client gets once the job is committed.
+//!
+//! A [`Job`] holds everything needed to deliver it after a restart: the request, the
+//! policy, the config echoed in the receipt and sent to the callback, its state and its
+//! attempt history.
+
+pub mod receipt;
+pub mod spec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Millis;
+
+/// The version sent in `x-knocker` and shown by the status URL.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Store key: the Knocker id, or `<id>:callback` for a callback job.
+    pub id: String,
+    /// What this job delivers.
+    pub kind: Kind,
+    pub request: Request,
+    pub policy: Policy,
+    /// The receipt's `config` object (also the callback's, minus `callback`).
+    pub config: serde_json::Map<String, serde_json::Value>,
+    pub state: State,
+    pub attempts: Vec<Attempt>,
+    /// When the next attempt is due (ms since the epoch); meaningful while pending.
+    pub next_attempt_at: Millis,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The request a client submitted, to its target.
+    Target,
+    /// The failure callback of the job `id` minus its `:callback` suffix.
+    Callback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    InFlight,
+    Delivered,
+    Failed,
+}
+
+/// The HTTP request to deliver, exactly as it will be sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub method: String,
+    pub url: String,
+    /// Forwarded headers in order (lower-case names). The `x-knocker*` headers are added
+    /// at send time, in front.
+    pub headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "body_base64")]
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Per-attempt timeout (seconds).
+    pub timeout: f64,
+    /// Attempts after the first.
+    pub retries: u32,
+    pub backoff_factor: f64,
+    /// Where to POST after the final failure.
+    pub callback: Option<String>,
+}
+
+/// One attempt's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at: Millis,
+    /// The HTTP status, or the Knocker code for a failure without one (502 refused,
+    /// 503 network, 504 timeout, 418 protocol).
+    pub status: u16,
+    /// A short reason when there was no HTTP response.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    pub latency_ms: u64,
+}
+
+impl Job {
+    /// The id targets see in `x-knocker-id`: a callback carries its job's id.
+    pub fn knocker_id(&self) -> &str {
+        match self.kind {
+            Kind::Target => &self.id,
+            Kind::Callback => self.id.strip_suffix(CALLBACK_SUFFIX).unwrap_or(&self.id),
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Delivered | State::Failed)
+    }
+}
+
+pub const CALLBACK_SUFFIX: &str = ":callback";
+
+/// Bodies are bytes; JSON holds them as base64.
+mod body_base64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(body: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(body))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        STANDARD
+            .decode(String::deserialize(d)?)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_round_trip_through_json_with_binary_bodies() {
+        for body in [
+            vec![],
+            vec![0u8],
+            vec![0xff, 0, 1],
+            (0..=255u8).collect::<Vec<_>>(),
+        ] {
+            let job = Job {
+                id: "a".into(),
+                kind: Kind::Target,
+                request: Request {
+                    method: "POST".into(),
+                    url: "http://t/".into(),
+                    headers: vec![],
+                    body,
+                },
+                policy: Policy {
+                    timeout: 1.0,
+                    retries: 0,
+                    backoff_factor: 0.5,
+                    callback: None,
+                },
+                config: serde_json::Map::new(),
+                state: State::Pending,
+                attempts: vec![],
+                next_attempt_at: 0,
+                created_at: 0,
+            };
+            let text = serde_json::to_string(&job).unwrap();
+            assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), job);
+        }
+    }
+
+    #[test]
+    fn callback_jobs_carry_their_jobs_id() {
+        let mut job: Job = serde_json::from_value(serde_json::json!({
+            "id": "abc:callback", "kind": "callback",
+            "request": {"method": "POST", "url": "http://c/", "headers": [], "body": ""},
+            "policy": {"timeout": 1.0, "retries": 0, "backoff_factor": 0.0, "callback": null},
+            "config": {}, "state": "pending", "attempts": [], "next_attempt_at": 0, "created_at": 0
+        }))
+        .unwrap();
+        assert_eq!(job.knocker_id(), "abc");
+        job.kind = Kind::Target;
+        assert_eq!(job.knocker_id(), "abc:callback");
+    }
+}

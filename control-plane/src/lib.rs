@@ -1,0 +1,119 @@
+//! `knocker`: the control plane of Knocker for Envoy.
+//!
+//! Requests arrive through the Envoy filter (gRPC) or directly (HTTP), become jobs that
+//! are committed to the store before any receipt is given, and are delivered in the
+//! background with retries, backoff and failure callbacks (the Knocker protocol).
+//!
+//! Layout — data flows one way, top to bottom:
+//! - [`config`] — settings from flags and environment, validated once.
+//! - [`ingress`] — the shared submit path; [`ingress::grpc`] and [`ingress::http`].
+//! - [`job`] — the job model, the protocol's header rules ([`job::spec`]) and receipts.
+//! - [`store`] — the [`store::Store`] trait and its engines.
+//! - [`delivery`] — due jobs → HTTP attempts → delivered, retried or failed (+ callback).
+//! - [`telemetry`] — logs and Sentry.
+//! - [`clock`] — injected time and jitter.
+//! - [`echo`] — `knocker echo`, a demo target.
+//!
+//! [`serve`] takes already-bound listeners and a shutdown token, so tests bind
+//! `127.0.0.1:0` and run the real server in-process.
+
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod echo;
+pub mod ingress;
+pub mod job;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Time;
+use crate::config::Settings;
+use crate::delivery::attempt::Clients;
+use crate::delivery::Delivery;
+use crate::ingress::Ingress;
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+use crate::telemetry::sentry::FailureReporter;
+
+/// The sockets `serve` answers on.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
+        let http = TcpListener::bind(settings.http_addr)
+            .await
+            .with_context(|| format!("KNOCKER_HTTP_ADDR {}: cannot listen", settings.http_addr))?;
+        let grpc = TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| format!("KNOCKER_GRPC_ADDR {}: cannot listen", settings.grpc_addr))?;
+        Ok(Self { http, grpc })
+    }
+}
+
+/// Runs the control plane until `shutdown` is cancelled.
+pub async fn serve(
+    settings: Settings,
+    listeners: Listeners,
+    time: Time,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    settings.validate().map_err(anyhow::Error::msg)?;
+    let settings = Arc::new(settings);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let wake = Arc::new(Notify::new());
+
+    let delivery = Arc::new(Delivery {
+        store: Arc::clone(&store),
+        time: time.clone(),
+        clients: Clients::new(settings.max_redirects),
+        wake: Arc::clone(&wake),
+        slots: Arc::new(Semaphore::new(settings.concurrency as usize)),
+        backoff_cap_s: settings.backoff_factor_max,
+        reporter: settings
+            .sentry_failed_requests
+            .then(|| Arc::new(FailureReporter)),
+    });
+    let ingress = Arc::new(Ingress {
+        settings: Arc::clone(&settings),
+        store,
+        time,
+        wake,
+    });
+
+    let http_addr = listeners.http.local_addr()?;
+    let grpc_addr = listeners.grpc.local_addr()?;
+    tracing::info!(%http_addr, %grpc_addr, version = job::VERSION, "knocker control plane listening");
+
+    let delivery_task = tokio::spawn(delivery.run(shutdown.clone()));
+    let http = axum::serve(
+        listeners.http,
+        ingress::http::router(Arc::clone(&ingress))
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let grpc = tonic::transport::Server::builder()
+        .add_service(ingress::grpc::service(ingress))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        );
+
+    let result = tokio::try_join!(async { http.await.context("HTTP ingress") }, async {
+        grpc.await.context("gRPC ingress")
+    },);
+    shutdown.cancel();
+    delivery_task.await.context("delivery loop")?;
+    result.map(|_| ())
+}

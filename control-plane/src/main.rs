@@ -1,0 +1,116 @@
+//! The `knocker` command: `knocker serve` (the default) runs the control plane; the other
+//! sub-commands talk to a running instance over its HTTP API.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use knocker::clock::Time;
+use knocker::config::Settings;
+use knocker::Listeners;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "knocker",
+    version,
+    about = "Knocker for Envoy: durable HTTP delivery"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane (the default when no sub-command is given).
+    Serve(Box<Settings>),
+    /// Show a running instance's status.
+    Status {
+        /// Base URL of the instance's HTTP ingress.
+        #[arg(long, env = "KNOCKER_URL", default_value = "http://127.0.0.1:8000")]
+        url: String,
+        /// The instance's STATUS_URL.
+        #[arg(long, env = "STATUS_URL", default_value = "/knocker/status")]
+        status_url: String,
+    },
+    /// Run a demo target that answers 200 to everything and logs each request.
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Do not log each request.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().collect();
+    let first = args.get(1).map(String::as_str);
+    let wants_default = match first {
+        None => true,
+        Some("-h" | "--help" | "-V" | "--version") => false,
+        Some(a) => a.starts_with('-'),
+    };
+    if wants_default {
+        args.insert(1, "serve".into());
+    }
+    let cli = Cli::parse_from(args);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("knocker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(settings) => runtime.block_on(serve(*settings)),
+        Command::Status { url, status_url } => runtime.block_on(status(&url, &status_url)),
+        Command::Echo { addr, quiet } => runtime.block_on(knocker::echo::run(addr, quiet)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("knocker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    settings.validate().map_err(anyhow::Error::msg)?;
+    let _sentry = knocker::telemetry::sentry::init(&settings)?;
+    knocker::telemetry::init_logging(&settings)?;
+    let listeners = Listeners::bind(&settings).await?;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    knocker::serve(settings, listeners, Time::system(), shutdown).await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn status(url: &str, status_url: &str) -> anyhow::Result<()> {
+    let response = reqwest::get(format!("{}{status_url}", url.trim_end_matches('/'))).await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await?;
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    anyhow::ensure!(status.is_success(), "status answered {status}");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Where jobs live between acceptance and their final outcome.
+//!
+//! One trait, [`Store`], so the delivery code never knows which engine it runs on.
+//! A receipt is only given after [`Store::insert`] returns: for a durable engine that
+//! means the job is on disk.
+//!
+//! - [`memory`] — keeps jobs in memory (tests, and `KNOCKER_STORE=memory`).
+
+pub mod memory;
+
+use async_trait::async_trait;
+
+use crate::clock::Millis;
+use crate::job::{Attempt, Job};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The engine cannot commit now (I/O error, disk full, connection lost).
+    #[error("the job store cannot commit: {0}")]
+    Unavailable(String),
+    /// Back-pressure: the configured pending limit is reached.
+    #[error("the job store is full ({0} pending jobs)")]
+    Full(u64),
+}
+
+/// What [`Store::insert`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    Created(Job),
+    /// A job with this id was already there: it is returned, nothing is added.
+    Existing(Job),
+}
+
+/// How an attempt ends a job's turn.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Delivered,
+    Retry {
+        at: Millis,
+    },
+    /// No attempts left. A callback job, if any, is committed in the same step.
+    Failed {
+        callback: Option<Job>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub delivered: u64,
+    pub failed: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits a new pending job, or returns the stored job with the same id.
+    async fn insert(&self, job: Job) -> Result<Inserted, StoreError>;
+
+    /// Marks up to `limit` pending jobs due at `now` as in flight and returns them,
+    /// earliest first.
+    async fn claim_due(&self, now: Millis, limit: usize) -> Result<Vec<Job>, StoreError>;
+
+    /// Records an attempt of a claimed job and what comes next.
+    async fn finish_attempt(
+        &self,
+        id: &str,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<(), StoreError>;
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
+
+    /// When the earliest pending job is due.
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError>;
+
+    async fn stats(&self) -> Result<Stats, StoreError>;
+}

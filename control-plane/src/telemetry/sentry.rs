@@ -1,0 +1,70 @@
+//! Sentry: with `SENTRY_DSN` set, errors (error-level log events and panics) are
+//! reported; with `SENTRY_FAILED_REQUESTS=true`, so is every job that finally failed.
+
+use crate::config::Settings;
+use crate::delivery::attempt::Outcome;
+use crate::job::Job;
+
+/// Starts the Sentry client; keep the guard alive for the life of the process (it
+/// flushes pending events when dropped). `None` without a DSN.
+pub fn init(settings: &Settings) -> anyhow::Result<Option<sentry::ClientInitGuard>> {
+    if settings.sentry_dsn.trim().is_empty() {
+        return Ok(None);
+    }
+    let dsn: sentry::types::Dsn = settings
+        .sentry_dsn
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("SENTRY_DSN is not a valid DSN: {e}"))?;
+    let mut options =
+        sentry::ClientOptions::new().release(format!("knocker@{}", crate::job::VERSION));
+    options.dsn = Some(dsn);
+    let guard = sentry::init(options);
+    Ok(Some(guard))
+}
+
+/// Error-level log events go to Sentry as events, with the info and warning lines
+/// before them as breadcrumbs. Without a DSN the layers do nothing.
+pub fn tracing_layers<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::{filter_fn, LevelFilter};
+    use tracing_subscriber::Layer as _;
+    sentry_tracing::BreadcrumbLayer::new()
+        .with_filter(filter_fn(|m| {
+            matches!(*m.level(), tracing::Level::WARN | tracing::Level::INFO)
+        }))
+        .and_then(sentry_tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR))
+}
+
+/// Reports jobs that finally failed (`SENTRY_FAILED_REQUESTS`).
+#[derive(Debug, Default)]
+pub struct FailureReporter;
+
+impl FailureReporter {
+    pub fn job_failed(&self, job: &Job, outcome: &Outcome) {
+        sentry::with_scope(
+            |scope| {
+                scope.set_tag("knocker.job_id", &job.id);
+                scope.set_tag("knocker.kind", format!("{:?}", job.kind).to_lowercase());
+                scope.set_tag("knocker.status_code", outcome.status);
+                scope.set_extra("url", job.request.url.clone().into());
+                scope.set_extra("method", job.request.method.clone().into());
+                scope.set_extra("attempts", (job.attempts.len() + 1).into());
+                if let Some(error) = &outcome.error {
+                    scope.set_extra("error", error.clone().into());
+                }
+            },
+            || {
+                sentry::capture_message(
+                    &format!(
+                        "Knocker job failed: {} {} ({})",
+                        job.request.method, job.request.url, outcome.status
+                    ),
+                    sentry::Level::Warning,
+                )
+            },
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! The plugin configuration: JSON text in the Envoy `configuration` field.
+
+use serde::Deserialize;
+
+/// Validated plugin configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The Envoy cluster of the control plane's gRPC port (HTTP/2).
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// How long the filter waits for the control plane before answering 503.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The `Retry-After` (seconds) sent with a 503 when the control plane is unavailable.
+    #[serde(default = "default_retry_after_s")]
+    pub retry_after_s: u32,
+}
+
+fn default_cluster() -> String {
+    "knocker_control_plane".to_owned()
+}
+fn default_timeout_ms() -> u64 {
+    2_000
+}
+fn default_retry_after_s() -> u32 {
+    1
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self {
+            cluster: default_cluster(),
+            timeout_ms: default_timeout_ms(),
+            retry_after_s: default_retry_after_s(),
+        }
+    }
+}
+
+/// Upper bound for `timeout_ms`: a Knocker submission is a commit, not a delivery.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+
+impl PluginConfig {
+    /// Parses and validates the configuration. Empty text means all defaults.
+    /// The error names the offending field.
+    pub fn parse(text: &[u8]) -> Result<Self, String> {
+        if text.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let config: Self = serde_json::from_slice(text)
+            .map_err(|e| format!("invalid knocker plugin configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.cluster.trim().is_empty() {
+            return Err("invalid knocker plugin configuration: `cluster` must not be empty".into());
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!(
+                "invalid knocker plugin configuration: `timeout_ms` must be 1..={MAX_TIMEOUT_MS}, got {}",
+                self.timeout_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_means_defaults() {
+        assert_eq!(PluginConfig::parse(b"").ok(), Some(PluginConfig::default()));
+        assert_eq!(
+            PluginConfig::parse(b"  ").ok(),
+            Some(PluginConfig::default())
+        );
+    }
+
+    #[test]
+    fn parses_fields() {
+        let c = PluginConfig::parse(br#"{"cluster":"cp","timeout_ms":500,"retry_after_s":3}"#);
+        assert_eq!(
+            c.ok(),
+            Some(PluginConfig {
+                cluster: "cp".into(),
+                timeout_ms: 500,
+                retry_after_s: 3
+            })
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = PluginConfig::parse(br#"{"clustr":"x"}"#)
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("clustr"), "{e}");
+        let e = PluginConfig::parse(br#"{"timeout_ms":0}"#)
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("timeout_ms"), "{e}");
+        let e = PluginConfig::parse(br#"{"timeout_ms":"x"}"#)
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("invalid type"), "{e}");
+        let e = PluginConfig::parse(br#"{"cluster":" "}"#)
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("cluster"), "{e}");
+        assert!(PluginConfig::parse(b"{").is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! `knocker-filter`: the Envoy proxy-wasm filter of Knocker.
+//!
+//! It looks at each request's headers. A request with no `Knocker-*` header continues
+//! untouched — that path is one host call and a scan without allocation. A Knocker
+//! request is buffered (body included), sent to the control plane in one unary gRPC call
+//! (`knocker.v1.Ingress/Submit`), and answered with the control plane's reply. If the
+//! control plane cannot be reached in time the client gets `503` with a JSON error and
+//! `Retry-After`, never a receipt.
+//!
+//! Layout:
+//! - [`config`] — the plugin configuration (JSON), validated in `on_configure`.
+//! - [`classify`] — is this a Knocker request? (the hot path).
+//! - [`message`] — builds the `SubmitRequest` from the request.
+//! - [`reply`] — turns the control plane's answer, or its absence, into a response.
+//! - [`host`] — the small trait the logic needs from Envoy.
+//! - [`stream`] — the per-request state machine, written against [`host::Host`] and
+//!   unit-tested natively with a fake host.
+//! - `wasm` — the thin proxy-wasm glue (only on `wasm32`).
+//!
+//! Nothing here may panic: clippy denies `unwrap`, `expect`, `panic` and indexing.
+
+pub mod classify;
+pub mod config;
+pub mod host;
+pub mod message;
+pub mod reply;
+pub mod stream;
+
+#[cfg(target_arch = "wasm32")]
+mod wasm;
