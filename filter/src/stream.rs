@@ -194,6 +194,8 @@ mod tests {
     use knocker_proto::v1::{Header, SubmitReply, SubmitRequest};
     use std::cell::RefCell;
 
+    type Sent = (u32, Vec<(String, String)>, Vec<u8>);
+
     #[derive(Default)]
     struct FakeHost {
         headers: Vec<HeaderPair>,
@@ -201,7 +203,7 @@ mod tests {
         dispatch_error: Option<String>,
         grpc_reply: Vec<u8>,
         dispatched: RefCell<Vec<(String, Vec<u8>, Duration)>>,
-        sent: RefCell<Vec<(u32, Vec<(String, String)>, Vec<u8>)>>,
+        sent: RefCell<Vec<Sent>>,
         warnings: RefCell<Vec<String>>,
     }
 

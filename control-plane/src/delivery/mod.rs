@@ -142,7 +142,7 @@ impl Delivery {
             };
         }
         Next::Failed {
-            callback: callback::callback_job(job, outcome.status, now),
+            callback: callback::callback_job(job, outcome.status, now).map(Box::new),
         }
     }
 }

@@ -60,7 +60,7 @@ pub struct Request {
     pub url: String,
     /// Forwarded headers in order (lower-case names). The `x-knocker*` headers are added
     /// at send time, in front.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
     #[serde(with = "body_base64")]
     pub body: Vec<u8>,
 }
@@ -102,6 +102,9 @@ impl Job {
         matches!(self.state, State::Delivered | State::Failed)
     }
 }
+
+/// Header fields in order: lower-case name, raw value.
+pub type Headers = Vec<(String, Vec<u8>)>;
 
 pub const CALLBACK_SUFFIX: &str = ":callback";
 

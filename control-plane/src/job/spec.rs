@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use super::{Job, Kind, Policy, Request, State};
+use super::{Headers, Job, Kind, Policy, Request, State};
 use crate::clock::Millis;
 use crate::config::Settings;
 
@@ -17,7 +17,7 @@ pub struct Submission {
     /// The path with its raw query, byte for byte as received.
     pub path: String,
     /// Headers in arrival order; names in any case.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
     pub body: Vec<u8>,
     /// The downstream peer, when known.
     pub remote: Option<String>,
@@ -73,9 +73,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// Splits headers: names lower-cased; hop-by-hop, `host`, `content-length` and Envoy's
 /// internal `x-envoy-*` dropped; `knocker-*` become config (first value wins); the rest
 /// is forwarded in its original order.
-pub fn split_headers(
-    headers: &[(String, Vec<u8>)],
-) -> (BTreeMap<String, Vec<u8>>, Vec<(String, Vec<u8>)>) {
+pub fn split_headers(headers: &[(String, Vec<u8>)]) -> (BTreeMap<String, Vec<u8>>, Headers) {
     // Headers named by `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
     let connection_named: Vec<String> = headers
         .iter()

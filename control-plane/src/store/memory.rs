@@ -83,7 +83,7 @@ impl Store for MemoryStore {
             }
             Next::Failed { callback } => {
                 job.state = State::Failed;
-                callback_job = callback;
+                callback_job = callback.map(|cb| *cb);
             }
         }
         let (state, at) = (job.state, job.next_attempt_at);

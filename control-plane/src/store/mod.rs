@@ -40,7 +40,7 @@ pub enum Next {
     },
     /// No attempts left. A callback job, if any, is committed in the same step.
     Failed {
-        callback: Option<Job>,
+        callback: Option<Box<Job>>,
     },
 }
 

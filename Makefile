@@ -1,0 +1,46 @@
+# One task runner for people and CI. `make run` and `make test` are the two commands.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+# cargo-nextest prints one summary for the whole suite; plain cargo test works too.
+TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
+
+.PHONY: help setup build filter control-plane run test lint unit e2e bench fmt clean
+
+help:
+	@echo "make run    build and start control plane + Envoy + a demo target on the defaults"
+	@echo "make test   everything: fmt check, clippy, unit, integration and end-to-end tests"
+	@echo "make build  target/release/knocker and target/wasm/knocker_filter.wasm"
+	@echo "make bench  benchmarks; results in docs/benchmarks.md"
+
+setup:
+	@scripts/setup.sh
+
+control-plane:
+	$(CARGO) build --release -p knocker
+
+filter: setup
+	@scripts/build-filter.sh
+
+build: setup control-plane filter
+
+run: build
+	@scripts/run.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
+
+# Unit, service and end-to-end tests in one run (the e2e tests start the binaries that
+# `build` made, the real Envoy and real targets).
+test: build lint
+	$(CARGO) $(TEST_RUNNER) --release --workspace
+
+bench: build
+	@scripts/bench.sh
+
+clean:
+	$(CARGO) clean

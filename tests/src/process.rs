@@ -1,0 +1,399 @@
+//! The real programs under test, as child processes.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A port that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn require(path: PathBuf, how: &str) -> PathBuf {
+    assert!(path.exists(), "{} is missing: {how}", path.display());
+    path
+}
+
+/// The built control plane binary.
+pub fn knocker_bin() -> PathBuf {
+    let path = std::env::var_os("KNOCKER_BIN")
+        .map_or_else(|| repo_root().join("target/release/knocker"), PathBuf::from);
+    require(path, "run `make build` (make test does it)")
+}
+
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map_or_else(|| repo_root().join(".tools/venv/bin/envoy"), PathBuf::from);
+    require(path, "run `scripts/setup.sh` (make test does it)")
+}
+
+pub fn wasm_path() -> PathBuf {
+    require(
+        repo_root().join("target/wasm/knocker_filter.wasm"),
+        "run `make build` (make test does it)",
+    )
+}
+
+fn temp_dir(prefix: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "knocker-e2e-{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Blocks until `addr` accepts TCP connections or `timeout` passes.
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A running `knocker serve`.
+pub struct ControlPlane {
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub dir: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl ControlPlane {
+    /// Starts one with `SCHEME=http` (targets are plain HTTP on loopback) and `env` on top.
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let mut cp = Self {
+            http_port: free_port(),
+            grpc_port: free_port(),
+            dir: temp_dir("cp"),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            child: None,
+        };
+        cp.spawn();
+        cp
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("control plane log");
+        let mut command = Command::new(knocker_bin());
+        command
+            .arg("serve")
+            .env("KNOCKER_HTTP_ADDR", format!("127.0.0.1:{}", self.http_port))
+            .env("KNOCKER_GRPC_ADDR", format!("127.0.0.1:{}", self.grpc_port))
+            .env("KNOCKER_DATA_DIR", self.dir.join("data"))
+            .env("SCHEME", "http")
+            .env("LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("start knocker");
+        self.child = Some(child);
+        assert!(
+            wait_for_port(self.http_port, Duration::from_secs(20))
+                && wait_for_port(self.grpc_port, Duration::from_secs(5)),
+            "knocker did not start listening; log:\n{}",
+            log_tail(&self.log_path())
+        );
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("knocker.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// SIGKILL: no chance to flush or finish anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Starts it again on the same ports and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What to change in an Envoy file from `envoy/`.
+#[derive(Debug, Clone, Default)]
+pub struct EnvoyOptions {
+    /// Port of the control plane's gRPC and HTTP ingress.
+    pub grpc_port: u16,
+    pub http_port: u16,
+    /// Port of the `upstream` cluster.
+    pub upstream_port: u16,
+    /// Replaces `per_connection_buffer_limit_bytes` when set.
+    pub buffer_limit: Option<u64>,
+    /// Replaces the plugin configuration JSON when set.
+    pub plugin_config: Option<String>,
+    /// Removes the knocker filter (the baseline of the benchmarks).
+    pub without_filter: bool,
+    /// Runs the filter on every route, as a naive config would (benchmarks only).
+    pub filter_on_every_route: bool,
+}
+
+/// A running Envoy.
+pub struct Envoy {
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+static BASE_ID: AtomicU32 = AtomicU32::new(0);
+
+/// The file's text with the default ports and paths replaced.
+pub fn render_envoy_config(
+    file: &str,
+    options: &EnvoyOptions,
+    port: u16,
+    admin_port: u16,
+) -> String {
+    let text =
+        std::fs::read_to_string(repo_root().join("envoy").join(file)).expect("read envoy config");
+    let ports: HashMap<u16, u16> = [
+        (10000, port),
+        (9901, admin_port),
+        (9090, options.grpc_port),
+        (8000, options.http_port),
+        (8080, options.upstream_port),
+    ]
+    .into_iter()
+    .collect();
+    let mut out = String::with_capacity(text.len());
+    let mut skipping = false;
+    let mut drop_lines = 0;
+    for line in text.lines() {
+        if options.filter_on_every_route {
+            if drop_lines > 0 {
+                drop_lines -= 1;
+                continue;
+            }
+            if line.contains("typed_per_filter_config: &skip_knocker") {
+                drop_lines = 3; // the anchor's body: filter name, @type, disabled
+                continue;
+            }
+            if line.contains("typed_per_filter_config: *skip_knocker") {
+                continue;
+            }
+        }
+        if options.without_filter {
+            if line.trim_start().starts_with("- name: envoy.filters.http.wasm") {
+                skipping = true;
+            } else if line.trim_start().starts_with("- name: ") {
+                skipping = false;
+            }
+            if skipping {
+                continue;
+            }
+        }
+        let mut line = line.to_owned();
+        for (from, to) in &ports {
+            let needle = format!("port_value: {from} ");
+            if line.contains(&needle) {
+                line = line.replace(&needle, &format!("port_value: {to} "));
+            }
+        }
+        if let Some(limit) = options.buffer_limit {
+            if let Some(i) = line.find("per_connection_buffer_limit_bytes:") {
+                line = format!("{}per_connection_buffer_limit_bytes: {limit}", &line[..i]);
+            }
+        }
+        if let Some(config) = &options.plugin_config {
+            if line.trim_start().starts_with("value: '{") {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                line = format!("{indent}value: '{config}'");
+            }
+        }
+        line = line.replace(
+            "target/wasm/knocker_filter.wasm",
+            &wasm_path().display().to_string(),
+        );
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+impl Envoy {
+    pub fn start(file: &str, options: &EnvoyOptions) -> Self {
+        let port = free_port();
+        let admin_port = free_port();
+        let dir = temp_dir("envoy");
+        let config = dir.join("envoy.yaml");
+        std::fs::write(
+            &config,
+            render_envoy_config(file, options, port, admin_port),
+        )
+        .expect("write envoy config");
+        let log = std::fs::File::create(dir.join("envoy.log")).expect("envoy log");
+        // Unique base ids let several Envoys run at once (their shared memory is keyed by it).
+        let base_id =
+            1000 + (std::process::id() % 10_000) * 16 + BASE_ID.fetch_add(1, Ordering::Relaxed);
+        let child = Command::new(envoy_bin())
+            .args([
+                "-c",
+                &config.display().to_string(),
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ])
+            .args(["--base-id", &base_id.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start envoy");
+        let envoy = Self {
+            port,
+            admin_port,
+            dir,
+            child: Some(child),
+        };
+        let ready = Self::wait_ready(admin_port, Duration::from_secs(30));
+        assert!(
+            ready,
+            "envoy did not become ready; log:\n{}",
+            log_tail(&envoy.dir.join("envoy.log"))
+        );
+        envoy
+    }
+
+    fn wait_ready(admin_port: u16, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin_port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ =
+                    s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+                let mut answer = [0u8; 12];
+                if s.read_exact(&mut answer).is_ok() && answer.ends_with(b" 200") {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `envoy --mode validate` on a rendered config; returns Envoy's output on failure.
+pub fn validate_envoy_config(file: &str) -> Result<(), String> {
+    let dir = temp_dir("validate");
+    let options = EnvoyOptions {
+        grpc_port: 9090,
+        http_port: 8000,
+        upstream_port: 8080,
+        ..Default::default()
+    };
+    let path = dir.join(file);
+    std::fs::write(&path, render_envoy_config(file, &options, 10000, 9901))
+        .map_err(|e| e.to_string())?;
+    let out = Command::new(envoy_bin())
+        .args(["--mode", "validate", "-c", &path.display().to_string()])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
