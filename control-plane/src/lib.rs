@@ -77,7 +77,7 @@ pub async fn serve(
     let delivery = Arc::new(Delivery {
         store: Arc::clone(&store),
         time: time.clone(),
-        clients: Clients::new(settings.max_redirects),
+        transport: Arc::new(Clients::new(settings.max_redirects)),
         wake: Arc::clone(&wake),
         slots: Arc::new(Semaphore::new(settings.concurrency as usize)),
         backoff_cap_s: settings.backoff_factor_max,

@@ -251,7 +251,10 @@ pub fn render_envoy_config(
             }
         }
         if options.without_filter {
-            if line.trim_start().starts_with("- name: envoy.filters.http.wasm") {
+            if line
+                .trim_start()
+                .starts_with("- name: envoy.filters.http.wasm")
+            {
                 skipping = true;
             } else if line.trim_start().starts_with("- name: ") {
                 skipping = false;

@@ -82,6 +82,19 @@ pub fn wire_headers(job: &Job) -> Vec<(String, Vec<u8>)> {
     headers
 }
 
+/// How attempts leave the process: HTTP in production, a fake in schedule tests.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    async fn send(&self, job: &Job) -> Outcome;
+}
+
+#[async_trait::async_trait]
+impl Transport for Clients {
+    async fn send(&self, job: &Job) -> Outcome {
+        send(self, job).await
+    }
+}
+
 /// Sends the job's request once.
 pub async fn send(clients: &Clients, job: &Job) -> Outcome {
     let started = Instant::now();

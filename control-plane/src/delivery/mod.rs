@@ -21,12 +21,12 @@ use crate::clock::Time;
 use crate::job::{Attempt, Job};
 use crate::store::{Next, Store};
 use crate::telemetry::sentry::FailureReporter;
-use attempt::{Clients, Outcome};
+use attempt::{Outcome, Transport};
 
 pub struct Delivery {
     pub store: Arc<dyn Store>,
     pub time: Time,
-    pub clients: Clients,
+    pub transport: Arc<dyn Transport>,
     /// Notified when a job may have become due earlier than the loop planned.
     pub wake: Arc<Notify>,
     /// In-flight attempts, across all targets.
@@ -105,7 +105,7 @@ impl Delivery {
     /// One attempt of `job`, and its outcome recorded.
     pub async fn deliver(&self, job: Job) {
         let at = self.time.now_ms();
-        let outcome = attempt::send(&self.clients, &job).await;
+        let outcome = self.transport.send(&job).await;
         let number = job.attempts.len() as u32 + 1;
         let now = self.time.now_ms();
         let next = self.next_step(&job, number, &outcome, now);
@@ -164,5 +164,177 @@ fn log_attempt(job: &Job, number: u32, outcome: &Outcome, next: &Next, now: u64)
             job_id = %job.id, kind, url = %job.request.url, attempt = number, status = outcome.status,
             error, latency_ms, callback = callback.is_some(), "attempt failed; no attempts left"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock as _, FixedJitter, TokioClock};
+    use crate::job::{Kind, Policy, Request, State};
+    use crate::store::memory::MemoryStore;
+    use parking_lot::Mutex;
+
+    /// Fails the first `failures` attempts with `status` (and `retry_after_s`), then
+    /// succeeds; records when each attempt happened and for which job.
+    struct FakeTransport {
+        failures: usize,
+        status: u16,
+        retry_after_s: Option<f64>,
+        calls: Mutex<Vec<(tokio::time::Instant, String, Kind)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for FakeTransport {
+        async fn send(&self, job: &Job) -> Outcome {
+            let mut calls = self.calls.lock();
+            calls.push((tokio::time::Instant::now(), job.id.clone(), job.kind));
+            let failed = calls.iter().filter(|c| c.2 == Kind::Target).count() <= self.failures
+                && job.kind == Kind::Target;
+            Outcome {
+                status: if failed { self.status } else { 200 },
+                error: None,
+                retry_after_s: if failed { self.retry_after_s } else { None },
+                latency: Duration::ZERO,
+            }
+        }
+    }
+
+    fn job(retries: u32, backoff_factor: f64, callback: Option<&str>) -> Job {
+        Job {
+            id: "j".into(),
+            kind: Kind::Target,
+            request: Request {
+                method: "POST".into(),
+                url: "http://t/".into(),
+                headers: vec![],
+                body: vec![],
+            },
+            policy: Policy {
+                timeout: 1.0,
+                retries,
+                backoff_factor,
+                callback: callback.map(Into::into),
+            },
+            config: serde_json::Map::new(),
+            state: State::Pending,
+            attempts: vec![],
+            next_attempt_at: 0,
+            created_at: 0,
+        }
+    }
+
+    async fn run(
+        job: Job,
+        transport: FakeTransport,
+        jitter: f64,
+        cap: f64,
+    ) -> (Arc<FakeTransport>, Arc<dyn Store>, tokio::time::Instant) {
+        let clock = TokioClock::new();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let transport = Arc::new(transport);
+        let delivery = Arc::new(Delivery {
+            store: Arc::clone(&store),
+            time: Time {
+                clock: Arc::new(clock.clone()),
+                jitter: Arc::new(FixedJitter(jitter)),
+            },
+            transport: Arc::clone(&transport) as Arc<dyn Transport>,
+            wake: Arc::new(Notify::new()),
+            slots: Arc::new(Semaphore::new(4)),
+            backoff_cap_s: cap,
+            reporter: None,
+        });
+        let start = tokio::time::Instant::now();
+        store
+            .insert(Job {
+                next_attempt_at: clock.now_ms(),
+                ..job
+            })
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
+        // Virtual time: an hour passes at once, unless the schedule is wrong.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        (transport, store, start)
+    }
+
+    fn offsets_ms(transport: &FakeTransport, start: tokio::time::Instant) -> Vec<u128> {
+        transport
+            .calls
+            .lock()
+            .iter()
+            .map(|(at, _, _)| (*at - start).as_millis())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_follow_the_backoff_schedule_exactly() {
+        let transport = FakeTransport {
+            failures: 3,
+            status: 500,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        };
+        let (transport, store, start) = run(job(3, 1.0, None), transport, 0.25, 600.0).await;
+        // Delays after attempts 1, 2, 3: 1·2^0+.25, 1·2^1+.25, 1·2^2+.25 seconds.
+        assert_eq!(offsets_ms(&transport, start), [0, 1250, 3500, 7750]);
+        let job = store.get("j").await.unwrap().unwrap();
+        assert_eq!(job.state, State::Delivered);
+        let statuses: Vec<u16> = job.attempts.iter().map(|a| a.status).collect();
+        assert_eq!(statuses, [500, 500, 500, 200]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_stop_at_retries_plus_one_and_the_callback_follows() {
+        let transport = FakeTransport {
+            failures: usize::MAX,
+            status: 502,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        };
+        let (transport, store, start) =
+            run(job(2, 0.5, Some("http://cb/")), transport, 0.0, 600.0).await;
+        let calls = transport.calls.lock().clone();
+        let kinds: Vec<Kind> = calls.iter().map(|c| c.2).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Target, Kind::Target, Kind::Target, Kind::Callback]
+        );
+        // The callback goes out right after the last failure.
+        assert_eq!(offsets_ms(&transport, start), [0, 500, 1500, 1500]);
+        assert_eq!(store.get("j").await.unwrap().unwrap().state, State::Failed);
+        let cb = store.get("j:callback").await.unwrap().unwrap();
+        assert_eq!(cb.state, State::Delivered);
+        let body: serde_json::Value = serde_json::from_slice(&cb.request.body).unwrap();
+        assert_eq!(body["status_code"], 502);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_within_the_cap() {
+        let transport = FakeTransport {
+            failures: 2,
+            status: 503,
+            retry_after_s: Some(30.0),
+            calls: Mutex::default(),
+        };
+        let (transport, _, start) = run(job(2, 0.1, None), transport, 0.0, 20.0).await;
+        // Retry-After 30 s is longer than the backoff, and capped at 20 s.
+        assert_eq!(offsets_ms(&transport, start), [0, 20_000, 40_000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_bounds_every_delay() {
+        let transport = FakeTransport {
+            failures: 3,
+            status: 500,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        };
+        let (transport, _, start) = run(job(3, 600.0, None), transport, 0.9, 2.0).await;
+        assert_eq!(offsets_ms(&transport, start), [0, 2000, 4000, 6000]);
     }
 }

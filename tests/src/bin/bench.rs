@@ -15,7 +15,10 @@ use knocker_e2e::process::{knocker_bin, render_envoy_config};
 use knocker_e2e::{free_port, repo_root, ControlPlane, Envoy, EnvoyOptions};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -41,13 +44,22 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
 
 fn wrk(url: &str, seconds: u64, connections: u64, extra: &[&str]) -> WrkResult {
     let out = Command::new("wrk")
-        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+        ])
         .args(extra)
         .arg(url)
         .output()
         .expect("run wrk (scripts/setup.sh installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut result = WrkResult { rps: 0.0, p50_ms: 0.0, p99_ms: 0.0 };
+    let mut result = WrkResult {
+        rps: 0.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+    };
     for line in text.lines() {
         let t = line.trim();
         if let Some(v) = t.strip_prefix("Requests/sec:") {
@@ -58,7 +70,11 @@ fn wrk(url: &str, seconds: u64, connections: u64, extra: &[&str]) -> WrkResult {
             result.p99_ms = parse_duration_ms(v).unwrap_or(0.0);
         }
     }
-    assert!(result.rps > 0.0, "wrk produced no result:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        result.rps > 0.0,
+        "wrk produced no result:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let non2xx = text.lines().find(|l| l.contains("Non-2xx"));
     assert!(non2xx.is_none(), "wrk saw errors: {non2xx:?}\n{text}");
     result
@@ -80,15 +96,28 @@ impl Drop for Upstream {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let envoy = Command::new(repo_root().join(".tools/venv/bin/envoy"))
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().find(|w| w.contains("1.")).unwrap_or("").to_owned())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .find(|w| w.contains("1."))
+                .unwrap_or("")
+                .to_owned()
+        })
         .unwrap_or_default();
-    format!("{cores} cores ({cpu}), Envoy {}", envoy.split('/').nth(1).unwrap_or(&envoy))
+    format!(
+        "{cores} cores ({cpu}), Envoy {}",
+        envoy.split('/').nth(1).unwrap_or(&envoy)
+    )
 }
 
 fn filter_cost(report: &mut String) {
@@ -99,7 +128,12 @@ fn filter_cost(report: &mut String) {
     let upstream_port = free_port();
     let upstream = Upstream(
         Command::new(knocker_bin())
-            .args(["echo", "--quiet", "--addr", &format!("127.0.0.1:{upstream_port}")])
+            .args([
+                "echo",
+                "--quiet",
+                "--addr",
+                &format!("127.0.0.1:{upstream_port}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -107,15 +141,51 @@ fn filter_cost(report: &mut String) {
     );
     std::thread::sleep(Duration::from_millis(300));
     let cp = ControlPlane::start(&[("LOG_LEVEL", "warning")]);
-    let options = EnvoyOptions { grpc_port: cp.grpc_port, http_port: cp.http_port, upstream_port, ..Default::default() };
+    let options = EnvoyOptions {
+        grpc_port: cp.grpc_port,
+        http_port: cp.http_port,
+        upstream_port,
+        ..Default::default()
+    };
     let with = Envoy::start("knocker.yaml", &options);
-    let without = Envoy::start("knocker.yaml", &EnvoyOptions { without_filter: true, ..options.clone() });
-    let everywhere = Envoy::start("knocker.yaml", &EnvoyOptions { filter_on_every_route: true, ..options.clone() });
+    let without = Envoy::start(
+        "knocker.yaml",
+        &EnvoyOptions {
+            without_filter: true,
+            ..options.clone()
+        },
+    );
+    let everywhere = Envoy::start(
+        "knocker.yaml",
+        &EnvoyOptions {
+            filter_on_every_route: true,
+            ..options.clone()
+        },
+    );
     // Sanity: the baseline really has no filter; the naive config runs it on every route.
-    let rendered = render_envoy_config("knocker.yaml", &EnvoyOptions { without_filter: true, ..options.clone() }, 1, 2);
+    let rendered = render_envoy_config(
+        "knocker.yaml",
+        &EnvoyOptions {
+            without_filter: true,
+            ..options.clone()
+        },
+        1,
+        2,
+    );
     assert!(!rendered.contains("- name: envoy.filters.http.wasm"));
-    let rendered = render_envoy_config("knocker.yaml", &EnvoyOptions { filter_on_every_route: true, ..options }, 1, 2);
-    assert!(rendered.contains("- name: envoy.filters.http.wasm") && !rendered.contains("disabled: true"));
+    let rendered = render_envoy_config(
+        "knocker.yaml",
+        &EnvoyOptions {
+            filter_on_every_route: true,
+            ..options
+        },
+        1,
+        2,
+    );
+    assert!(
+        rendered.contains("- name: envoy.filters.http.wasm")
+            && !rendered.contains("disabled: true")
+    );
 
     // Warm-up (connections, V8 JIT).
     wrk(&with.url("/bench"), 2, connections, &[]);
@@ -123,7 +193,8 @@ fn filter_cost(report: &mut String) {
     wrk(&everywhere.url("/bench"), 2, connections, &[]);
 
     let mut rows = String::new();
-    let (mut with_runs, mut without_runs, mut everywhere_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut with_runs, mut without_runs, mut everywhere_runs) =
+        (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let b = wrk(&without.url("/bench"), seconds, connections, &[]);
         let a = wrk(&with.url("/bench"), seconds, connections, &[]);
@@ -161,7 +232,10 @@ fn filter_cost(report: &mut String) {
         report,
         "| round | without filter: req/s | p50 ms | p99 ms | knocker.yaml: req/s | p50 ms | p99 ms | filter on every route: req/s | p99 ms |"
     );
-    let _ = writeln!(report, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        report,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     report.push_str(&rows);
     let _ = writeln!(
         report,
