@@ -17,6 +17,7 @@ pub struct Settings {
     #[arg(
         long = "http-addr",
         env = "KNOCKER_HTTP_ADDR",
+        value_name = "KNOCKER_HTTP_ADDR",
         default_value = "127.0.0.1:8000"
     )]
     pub http_addr: SocketAddr,
@@ -25,75 +26,96 @@ pub struct Settings {
     #[arg(
         long = "grpc-addr",
         env = "KNOCKER_GRPC_ADDR",
+        value_name = "KNOCKER_GRPC_ADDR",
         default_value = "127.0.0.1:9090"
     )]
     pub grpc_addr: SocketAddr,
 
     /// Largest request body accepted by either ingress (bytes); larger gets 413.
-    #[arg(long, env = "KNOCKER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "KNOCKER_MAX_BODY_BYTES", value_name = "KNOCKER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
     /// Deliveries in flight at once, across all targets.
-    #[arg(long, env = "KNOCKER_CONCURRENCY", default_value_t = 256,
+    #[arg(long, env = "KNOCKER_CONCURRENCY", value_name = "KNOCKER_CONCURRENCY", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
 
     /// Default target scheme when `Knocker-Scheme` is absent.
-    #[arg(long, env = "SCHEME", default_value = "https", value_parser = parse_scheme)]
+    #[arg(long, env = "SCHEME", value_name = "SCHEME", default_value = "https", value_parser = parse_scheme)]
     pub scheme: String,
 
     /// Redirects followed per attempt.
-    #[arg(long, env = "MAX_REDIRECTS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "MAX_REDIRECTS",
+        value_name = "MAX_REDIRECTS",
+        default_value_t = 10
+    )]
     pub max_redirects: u32,
 
     /// Exact path of the status URL (any method).
-    #[arg(long, env = "STATUS_URL", default_value = "/knocker/status", value_parser = parse_path)]
+    #[arg(long, env = "STATUS_URL", value_name = "STATUS_URL", default_value = "/knocker/status", value_parser = parse_path)]
     pub status_url: String,
 
     /// Allowed target hosts: a JSON array or a comma-separated list; empty allows all.
-    #[arg(long, env = "HOSTS_ONLY", default_value = "", value_parser = parse_hosts_only)]
+    #[arg(long, env = "HOSTS_ONLY", value_name = "HOSTS_ONLY", default_value = "", value_parser = parse_hosts_only)]
     pub hosts_only: HostsOnly,
 
     /// Default per-attempt timeout (seconds).
-    #[arg(long, env = "TIMEOUT", default_value_t = 10.0, value_parser = non_negative_float)]
+    #[arg(long, env = "TIMEOUT", value_name = "TIMEOUT", default_value_t = 10.0, value_parser = non_negative_float)]
     pub timeout: f64,
     /// Largest `Knocker-Timeout` accepted (seconds).
-    #[arg(long, env = "TIMEOUT_MAX", default_value_t = 60.0, value_parser = non_negative_float)]
+    #[arg(long, env = "TIMEOUT_MAX", value_name = "TIMEOUT_MAX", default_value_t = 60.0, value_parser = non_negative_float)]
     pub timeout_max: f64,
 
     /// Default number of retries after the first attempt.
-    #[arg(long, env = "RETRIES", default_value_t = 2)]
+    #[arg(long, env = "RETRIES", value_name = "RETRIES", default_value_t = 2)]
     pub retries: u32,
     /// Largest `Knocker-Retries` accepted.
-    #[arg(long, env = "RETRIES_MAX", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "RETRIES_MAX",
+        value_name = "RETRIES_MAX",
+        default_value_t = 10
+    )]
     pub retries_max: u32,
 
     /// Default backoff factor (seconds).
-    #[arg(long, env = "RETRIES_BACKOFF_FACTOR", default_value_t = 0.5, value_parser = non_negative_float)]
+    #[arg(long, env = "RETRIES_BACKOFF_FACTOR", value_name = "RETRIES_BACKOFF_FACTOR", default_value_t = 0.5, value_parser = non_negative_float)]
     pub backoff_factor: f64,
     /// Largest `Knocker-Backoff-Factor` accepted; also caps every delay (seconds).
-    #[arg(long, env = "RETRIES_BACKOFF_FACTOR_MAX", default_value_t = 600.0, value_parser = non_negative_float)]
+    #[arg(long, env = "RETRIES_BACKOFF_FACTOR_MAX", value_name = "RETRIES_BACKOFF_FACTOR_MAX", default_value_t = 600.0, value_parser = non_negative_float)]
     pub backoff_factor_max: f64,
 
     /// Where jobs are kept.
-    #[arg(long, env = "KNOCKER_DATA_DIR", default_value = "./data")]
+    #[arg(
+        long,
+        env = "KNOCKER_DATA_DIR",
+        value_name = "KNOCKER_DATA_DIR",
+        default_value = "./data"
+    )]
     pub data_dir: PathBuf,
 
     /// Log destination: `-` for stderr, else a file appended to.
-    #[arg(long, env = "LOG_FILE", default_value = "-")]
+    #[arg(long, env = "LOG_FILE", value_name = "LOG_FILE", default_value = "-")]
     pub log_file: String,
     /// Log level: error, warning, info, debug, trace (any case).
-    #[arg(long, env = "LOG_LEVEL", default_value = "INFO", value_parser = parse_log_level)]
+    #[arg(long, env = "LOG_LEVEL", value_name = "LOG_LEVEL", default_value = "INFO", value_parser = parse_log_level)]
     pub log_level: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], ignore_case = true)]
     pub log_format: String,
 
     /// Report errors to Sentry at this DSN.
-    #[arg(long, env = "SENTRY_DSN", default_value = "")]
+    #[arg(
+        long,
+        env = "SENTRY_DSN",
+        value_name = "SENTRY_DSN",
+        default_value = ""
+    )]
     pub sentry_dsn: String,
     /// Also report jobs that finally failed to Sentry.
-    #[arg(long, env = "SENTRY_FAILED_REQUESTS", default_value = "false", value_parser = parse_bool)]
+    #[arg(long, env = "SENTRY_FAILED_REQUESTS", value_name = "SENTRY_FAILED_REQUESTS", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub sentry_failed_requests: bool,
 }
 

@@ -3,6 +3,9 @@
 
 mod configs;
 mod link;
+mod protocol;
+mod settings;
+mod stack;
 
 use std::time::Duration;
 

@@ -63,6 +63,8 @@ pub enum Reply {
     Close,
     /// Never answer (until the client gives up).
     Hang,
+    /// Write these bytes as the whole answer, then close (for protocol errors).
+    Raw(Vec<u8>),
 }
 
 impl Reply {
@@ -216,6 +218,10 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         shared.arrived.notify_waiters();
         match (shared.script)(&request, n) {
             Reply::Close => return,
+            Reply::Raw(bytes) => {
+                let _ = stream.write_all(&bytes).await;
+                return;
+            }
             Reply::Hang => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return;

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Time;
-use crate::job::{Attempt, Job};
+use crate::job::{Attempt, Job, Kind};
 use crate::store::{Next, Store};
 use crate::telemetry::sentry::FailureReporter;
 use attempt::{Outcome, Transport};
@@ -160,6 +160,10 @@ fn log_attempt(job: &Job, number: u32, outcome: &Outcome, next: &Next, now: u64)
             job_id = %job.id, kind, url = %job.request.url, attempt = number, status = outcome.status,
             error, latency_ms, retry_in_ms = at.saturating_sub(now), "attempt failed; will retry"
         ),
+        Next::Failed { .. } if job.kind == Kind::Callback => tracing::error!(
+            job_id = %job.knocker_id(), kind, url = %job.request.url, attempt = number, status = outcome.status,
+            error, latency_ms, "callback failed after its last attempt; the failure report is lost"
+        ),
         Next::Failed { callback } => tracing::warn!(
             job_id = %job.id, kind, url = %job.request.url, attempt = number, status = outcome.status,
             error, latency_ms, callback = callback.is_some(), "attempt failed; no attempts left"
@@ -171,7 +175,7 @@ fn log_attempt(job: &Job, number: u32, outcome: &Outcome, next: &Next, now: u64)
 mod tests {
     use super::*;
     use crate::clock::{Clock as _, FixedJitter, TokioClock};
-    use crate::job::{Kind, Policy, Request, State};
+    use crate::job::{Policy, Request, State};
     use crate::store::memory::MemoryStore;
     use parking_lot::Mutex;
 
