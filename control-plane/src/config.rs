@@ -96,6 +96,52 @@ pub struct Settings {
     )]
     pub data_dir: PathBuf,
 
+    /// Job store: `sqlite` (embedded, durable) or `memory` (not durable; tests only).
+    #[arg(long, env = "KNOCKER_STORE", value_name = "KNOCKER_STORE", default_value = "sqlite", value_parser = ["sqlite", "memory"])]
+    pub store: String,
+
+    /// Pending + in-flight jobs above which submissions get 503 (back-pressure).
+    #[arg(
+        long,
+        env = "KNOCKER_MAX_PENDING",
+        value_name = "KNOCKER_MAX_PENDING",
+        default_value_t = 10_000_000
+    )]
+    pub max_pending: u64,
+
+    /// Size cap of the job database in bytes (0: none); over it submissions get 503.
+    #[arg(
+        long,
+        env = "KNOCKER_MAX_STORE_BYTES",
+        value_name = "KNOCKER_MAX_STORE_BYTES",
+        default_value_t = 0
+    )]
+    pub max_store_bytes: u64,
+
+    /// How long delivered and failed jobs are kept (e.g. `7d`, `12h`, `30m`).
+    #[arg(long, env = "KNOCKER_RETENTION", value_name = "KNOCKER_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: std::time::Duration,
+
+    /// Attempts in flight at once to one target host.
+    #[arg(long, env = "KNOCKER_HOST_CONCURRENCY", value_name = "KNOCKER_HOST_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub host_concurrency: u32,
+
+    /// `on`, or `off` to accept and store jobs without delivering them (maintenance,
+    /// benchmarks of acceptance alone). Jobs wait until delivery is on again.
+    #[arg(long, env = "KNOCKER_DELIVERY", value_name = "KNOCKER_DELIVERY", default_value = "on", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub delivery: bool,
+
+    /// Bearer token required by the mutating API calls (replay, delete); empty: none.
+    #[arg(
+        long,
+        env = "KNOCKER_ADMIN_TOKEN",
+        value_name = "KNOCKER_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub admin_token: String,
+
     /// Log destination: `-` for stderr, else a file appended to.
     #[arg(long, env = "LOG_FILE", value_name = "LOG_FILE", default_value = "-")]
     pub log_file: String,
@@ -183,6 +229,11 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
             "`{s}` is not a boolean (true/false/1/0/yes/no/on/off)"
         )),
     }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like 7d, 12h, 30m: {e}"))
 }
 
 fn non_negative_float(s: &str) -> Result<f64, String> {

@@ -38,9 +38,10 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Time;
 use crate::config::Settings;
 use crate::delivery::attempt::Clients;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, HostLimits};
 use crate::ingress::Ingress;
 use crate::store::memory::MemoryStore;
+use crate::store::sqlite::{Limits, SqliteStore};
 use crate::store::Store;
 use crate::telemetry::sentry::FailureReporter;
 
@@ -71,7 +72,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     settings.validate().map_err(anyhow::Error::msg)?;
     let settings = Arc::new(settings);
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let store = open_store(&settings)?;
     let wake = Arc::new(Notify::new());
 
     let delivery = Arc::new(Delivery {
@@ -84,11 +85,12 @@ pub async fn serve(
         reporter: settings
             .sentry_failed_requests
             .then(|| Arc::new(FailureReporter)),
+        hosts: HostLimits::new(settings.host_concurrency as usize),
     });
     let ingress = Arc::new(Ingress {
         settings: Arc::clone(&settings),
-        store,
-        time,
+        store: Arc::clone(&store),
+        time: time.clone(),
         wake,
     });
 
@@ -96,7 +98,18 @@ pub async fn serve(
     let grpc_addr = listeners.grpc.local_addr()?;
     tracing::info!(%http_addr, %grpc_addr, version = job::VERSION, "knocker control plane listening");
 
-    let delivery_task = tokio::spawn(delivery.run(shutdown.clone()));
+    let delivery_task = if settings.delivery {
+        tokio::spawn(delivery.run(shutdown.clone()))
+    } else {
+        tracing::warn!("KNOCKER_DELIVERY=off: jobs are accepted and stored, not delivered");
+        tokio::spawn(async {})
+    };
+    tokio::spawn(retention(
+        Arc::clone(&store),
+        time.clone(),
+        settings.retention,
+        shutdown.clone(),
+    ));
     let http = axum::serve(
         listeners.http,
         ingress::http::router(Arc::clone(&ingress))
@@ -116,4 +129,44 @@ pub async fn serve(
     shutdown.cancel();
     delivery_task.await.context("delivery loop")?;
     result.map(|_| ())
+}
+
+fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match settings.store.as_str() {
+        "memory" => {
+            tracing::warn!("KNOCKER_STORE=memory: jobs are lost when the process stops");
+            Arc::new(MemoryStore::default())
+        }
+        _ => {
+            let limits = Limits {
+                max_pending: settings.max_pending,
+                max_bytes: settings.max_store_bytes,
+            };
+            let store = SqliteStore::open(&settings.data_dir, limits)
+                .with_context(|| format!("KNOCKER_DATA_DIR {}", settings.data_dir.display()))?;
+            tracing::info!(path = %store.path().display(), "job store open");
+            Arc::new(store)
+        }
+    })
+}
+
+/// Removes delivered and failed jobs older than `KNOCKER_RETENTION`, once a minute.
+async fn retention(
+    store: Arc<dyn Store>,
+    time: Time,
+    keep: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let before = time.now_ms().saturating_sub(keep.as_millis() as u64);
+        match store.purge_finished(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "finished jobs past their retention removed"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove finished jobs"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

@@ -49,6 +49,7 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
         attempts: Vec::new(),
         next_attempt_at: now,
         created_at: now,
+        finished_at: None,
     })
 }
 
@@ -84,6 +85,7 @@ mod tests {
             attempts: vec![],
             next_attempt_at: 0,
             created_at: 0,
+            finished_at: None,
         }
     }
 

@@ -34,6 +34,66 @@ pub struct Delivery {
     /// `RETRIES_BACKOFF_FACTOR_MAX`: caps every delay.
     pub backoff_cap_s: f64,
     pub reporter: Option<Arc<FailureReporter>>,
+    /// Attempts in flight per target host, at most `KNOCKER_HOST_CONCURRENCY`.
+    pub hosts: HostLimits,
+}
+
+/// The per-target-host concurrency limit, so one slow host cannot hold up the others:
+/// saturated hosts are left out when claiming due jobs, and an attempt waits for its
+/// host's turn (only jobs claimed in the same batch ever wait).
+pub struct HostLimits {
+    limit: usize,
+    in_flight: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+    freed: Notify,
+}
+
+impl HostLimits {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            in_flight: parking_lot::Mutex::default(),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Hosts at their limit.
+    pub fn saturated(&self) -> Vec<String> {
+        self.in_flight
+            .lock()
+            .iter()
+            .filter(|(_, n)| **n >= self.limit)
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
+    async fn acquire(&self, host: &str) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut in_flight = self.in_flight.lock();
+                let n = in_flight.entry(host.to_owned()).or_default();
+                if *n < self.limit {
+                    *n += 1;
+                    return;
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn release(&self, host: &str) {
+        let mut in_flight = self.in_flight.lock();
+        if let Some(n) = in_flight.get_mut(host) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(host);
+            }
+        }
+        drop(in_flight);
+        self.freed.notify_waiters();
+    }
 }
 
 /// How long to sleep when the store fails, before asking it again.
@@ -54,7 +114,12 @@ impl Delivery {
                 () = shutdown.cancelled() => break,
             };
             let limit = 1 + self.slots.available_permits();
-            let jobs = match self.store.claim_due(self.time.now_ms(), limit).await {
+            let saturated = self.hosts.saturated();
+            let jobs = match self
+                .store
+                .claim_due(self.time.now_ms(), limit, &saturated)
+                .await
+            {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read due jobs");
@@ -104,8 +169,10 @@ impl Delivery {
 
     /// One attempt of `job`, and its outcome recorded.
     pub async fn deliver(&self, job: Job) {
+        self.hosts.acquire(job.host()).await;
         let at = self.time.now_ms();
         let outcome = self.transport.send(&job).await;
+        self.hosts.release(job.host());
         let number = job.attempts.len() as u32 + 1;
         let now = self.time.now_ms();
         let next = self.next_step(&job, number, &outcome, now);
@@ -119,7 +186,7 @@ impl Delivery {
             error: outcome.error.clone(),
             latency_ms: outcome.latency.as_millis() as u64,
         };
-        if let Err(e) = self.store.finish_attempt(&job.id, record, next).await {
+        if let Err(e) = self.store.finish_attempt(&job, record, next).await {
             tracing::error!(job_id = %job.id, error = %e, "cannot record the attempt; the job will be attempted again");
         }
         self.wake.notify_one();
@@ -225,6 +292,7 @@ mod tests {
             attempts: vec![],
             next_attempt_at: 0,
             created_at: 0,
+            finished_at: None,
         }
     }
 
@@ -248,6 +316,7 @@ mod tests {
             slots: Arc::new(Semaphore::new(4)),
             backoff_cap_s: cap,
             reporter: None,
+            hosts: HostLimits::new(8),
         });
         let start = tokio::time::Instant::now();
         store

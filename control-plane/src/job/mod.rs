@@ -33,6 +33,9 @@ pub struct Job {
     /// When the next attempt is due (ms since the epoch); meaningful while pending.
     pub next_attempt_at: Millis,
     pub created_at: Millis,
+    /// When it was delivered or failed.
+    #[serde(default)]
+    pub finished_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +87,7 @@ pub struct Attempt {
     /// 503 network, 504 timeout, 418 protocol).
     pub status: u16,
     /// A short reason when there was no HTTP response.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     pub error: Option<String>,
     pub latency_ms: u64,
 }
@@ -101,12 +104,24 @@ impl Job {
     pub fn is_finished(&self) -> bool {
         matches!(self.state, State::Delivered | State::Failed)
     }
+
+    /// The target's `host[:port]`: what the per-host concurrency limit counts.
+    pub fn host(&self) -> &str {
+        authority(&self.request.url)
+    }
 }
 
 /// Header fields in order: lower-case name, raw value.
 pub type Headers = Vec<(String, Vec<u8>)>;
 
 pub const CALLBACK_SUFFIX: &str = ":callback";
+
+/// The authority of an absolute URL (`http://a:1/x` → `a:1`), without parsing the rest.
+pub fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    &rest[..end]
+}
 
 /// Bodies are bytes; JSON holds them as base64.
 mod body_base64 {
@@ -157,6 +172,7 @@ mod tests {
                 attempts: vec![],
                 next_attempt_at: 0,
                 created_at: 0,
+                finished_at: None,
             };
             let text = serde_json::to_string(&job).unwrap();
             assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), job);
@@ -175,5 +191,13 @@ mod tests {
         assert_eq!(job.knocker_id(), "abc");
         job.kind = Kind::Target;
         assert_eq!(job.knocker_id(), "abc:callback");
+    }
+
+    #[test]
+    fn authority_of_urls() {
+        assert_eq!(authority("http://a.example:8080/x?y"), "a.example:8080");
+        assert_eq!(authority("https://a.example?q"), "a.example");
+        assert_eq!(authority("http://[::1]:9/"), "[::1]:9");
+        assert_eq!(authority("http://h"), "h");
     }
 }

@@ -250,6 +250,7 @@ pub fn build_job(
         attempts: Vec::new(),
         next_attempt_at: now,
         created_at: now,
+        finished_at: None,
     })
 }
 

@@ -1,4 +1,5 @@
-//! An in-memory [`Store`]: for tests and for throw-away runs. Not durable.
+//! An in-memory [`Store`] (`KNOCKER_STORE=memory`): fast, and gone with the process.
+//! For tests and throw-away runs only.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -17,16 +18,35 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     jobs: HashMap<String, Job>,
+    /// Arrival order, for listing.
+    order: Vec<String>,
     /// Pending jobs by due time.
-    due: BTreeSet<(Millis, String)>,
-    stats: Stats,
+    due: BTreeSet<(Millis, u64, String)>,
+    seq: u64,
+    seqs: HashMap<String, u64>,
 }
 
 impl Inner {
     fn add(&mut self, job: Job) {
-        self.due.insert((job.next_attempt_at, job.id.clone()));
-        self.stats.pending += 1;
+        self.seq += 1;
+        self.due
+            .insert((job.next_attempt_at, self.seq, job.id.clone()));
+        self.seqs.insert(job.id.clone(), self.seq);
+        self.order.push(job.id.clone());
         self.jobs.insert(job.id.clone(), job);
+    }
+
+    fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        for job in self.jobs.values() {
+            match job.state {
+                State::Pending => stats.pending += 1,
+                State::InFlight => stats.in_flight += 1,
+                State::Delivered => stats.delivered += 1,
+                State::Failed => stats.failed += 1,
+            }
+        }
+        stats
     }
 }
 
@@ -41,65 +61,76 @@ impl Store for MemoryStore {
         Ok(Inserted::Created(job))
     }
 
-    async fn claim_due(&self, now: Millis, limit: usize) -> Result<Vec<Job>, StoreError> {
+    async fn claim_due(
+        &self,
+        now: Millis,
+        limit: usize,
+        skip_hosts: &[String],
+    ) -> Result<Vec<Job>, StoreError> {
         let mut inner = self.inner.lock();
-        let keys: Vec<(Millis, String)> = inner
-            .due
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .take(limit)
-            .cloned()
-            .collect();
+        let mut keys = Vec::new();
+        for key in inner.due.iter().take_while(|(at, _, _)| *at <= now) {
+            if keys.len() == limit {
+                break;
+            }
+            let skip = inner
+                .jobs
+                .get(&key.2)
+                .is_some_and(|j| skip_hosts.iter().any(|h| h == j.host()));
+            if !skip {
+                keys.push(key.clone());
+            }
+        }
         let mut claimed = Vec::with_capacity(keys.len());
         for key in keys {
             inner.due.remove(&key);
-            if let Some(job) = inner.jobs.get_mut(&key.1) {
+            if let Some(job) = inner.jobs.get_mut(&key.2) {
                 job.state = State::InFlight;
                 claimed.push(job.clone());
             }
         }
-        inner.stats.pending -= claimed.len() as u64;
-        inner.stats.in_flight += claimed.len() as u64;
         Ok(claimed)
     }
 
     async fn finish_attempt(
         &self,
-        id: &str,
+        claimed: &Job,
         attempt: Attempt,
         next: Next,
     ) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
-        let Some(job) = inner.jobs.get_mut(id) else {
-            return Err(StoreError::Unavailable(format!("job {id} vanished")));
+        let at = attempt.at;
+        let Some(job) = inner.jobs.get_mut(&claimed.id) else {
+            return Err(StoreError::Unavailable(format!(
+                "job {} vanished",
+                claimed.id
+            )));
         };
         job.attempts.push(attempt);
         let mut callback_job = None;
         match next {
-            Next::Delivered => job.state = State::Delivered,
+            Next::Delivered => {
+                job.state = State::Delivered;
+                job.finished_at = Some(at);
+            }
             Next::Retry { at } => {
                 job.state = State::Pending;
                 job.next_attempt_at = at;
             }
             Next::Failed { callback } => {
                 job.state = State::Failed;
-                callback_job = callback.map(|cb| *cb);
+                job.finished_at = Some(at);
+                callback_job = callback;
             }
         }
-        let (state, at) = (job.state, job.next_attempt_at);
-        inner.stats.in_flight -= 1;
-        match state {
-            State::Pending => {
-                inner.due.insert((at, id.to_owned()));
-                inner.stats.pending += 1;
-            }
-            State::Delivered => inner.stats.delivered += 1,
-            State::Failed => inner.stats.failed += 1,
-            State::InFlight => {}
+        if job.state == State::Pending {
+            let key = (job.next_attempt_at, 0, job.id.clone());
+            let seq = inner.seqs.get(&key.2).copied().unwrap_or_default();
+            inner.due.insert((key.0, seq, key.2));
         }
         if let Some(cb) = callback_job {
             if !inner.jobs.contains_key(&cb.id) {
-                inner.add(cb);
+                inner.add(*cb);
             }
         }
         Ok(())
@@ -110,10 +141,79 @@ impl Store for MemoryStore {
     }
 
     async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        Ok(self.inner.lock().due.first().map(|(at, _)| *at))
+        Ok(self.inner.lock().due.first().map(|(at, _, _)| *at))
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {
-        Ok(self.inner.lock().stats)
+        Ok(self.inner.lock().stats())
+    }
+
+    async fn list(
+        &self,
+        state: State,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let inner = self.inner.lock();
+        let start = after
+            .and_then(|a| inner.order.iter().position(|id| id == a))
+            .map_or(0, |i| i + 1);
+        Ok(inner
+            .order
+            .iter()
+            .skip(start)
+            .filter_map(|id| inner.jobs.get(id))
+            .filter(|j| j.state == state)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn replay(&self, id: &str, now: Millis) -> Result<Option<Job>, StoreError> {
+        let mut inner = self.inner.lock();
+        let seq = inner.seqs.get(id).copied().unwrap_or_default();
+        let Some(job) = inner.jobs.get_mut(id) else {
+            return Ok(None);
+        };
+        if job.is_finished() {
+            job.state = State::Pending;
+            job.next_attempt_at = now;
+            job.finished_at = None;
+            let key = (now, seq, id.to_owned());
+            let job = job.clone();
+            inner.due.insert(key);
+            return Ok(Some(job));
+        }
+        Ok(Some(job.clone()))
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let mut inner = self.inner.lock();
+        let Some(job) = inner.jobs.remove(id) else {
+            return Ok(false);
+        };
+        let seq = inner.seqs.remove(id).unwrap_or_default();
+        inner
+            .due
+            .remove(&(job.next_attempt_at, seq, job.id.clone()));
+        inner.order.retain(|o| o != id);
+        Ok(true)
+    }
+
+    async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError> {
+        let mut inner = self.inner.lock();
+        let old: Vec<String> = inner
+            .jobs
+            .values()
+            .filter(|j| j.is_finished() && j.finished_at.is_some_and(|f| f < before))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in &old {
+            inner.jobs.remove(id);
+            inner.seqs.remove(id);
+        }
+        let Inner { order, jobs, .. } = &mut *inner;
+        order.retain(|o| jobs.contains_key(o));
+        Ok(old.len() as u64)
     }
 }

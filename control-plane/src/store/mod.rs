@@ -4,14 +4,17 @@
 //! A receipt is only given after [`Store::insert`] returns: for a durable engine that
 //! means the job is on disk.
 //!
-//! - [`memory`] — keeps jobs in memory (tests, and `KNOCKER_STORE=memory`).
+//! - [`sqlite`] — the embedded default: one crash-safe SQLite file (WAL, fsync on
+//!   commit), one writer thread committing many requests per fsync (group commit).
+//! - [`memory`] — keeps jobs in memory (`KNOCKER_STORE=memory`): fast, not durable.
 
 pub mod memory;
+pub mod sqlite;
 
 use async_trait::async_trait;
 
 use crate::clock::Millis;
-use crate::job::{Attempt, Job};
+use crate::job::{Attempt, Job, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -58,13 +61,20 @@ pub trait Store: Send + Sync + 'static {
     async fn insert(&self, job: Job) -> Result<Inserted, StoreError>;
 
     /// Marks up to `limit` pending jobs due at `now` as in flight and returns them,
-    /// earliest first.
-    async fn claim_due(&self, now: Millis, limit: usize) -> Result<Vec<Job>, StoreError>;
+    /// earliest first, leaving out jobs for the target hosts in `skip_hosts` (those at
+    /// their concurrency limit).
+    async fn claim_due(
+        &self,
+        now: Millis,
+        limit: usize,
+        skip_hosts: &[String],
+    ) -> Result<Vec<Job>, StoreError>;
 
-    /// Records an attempt of a claimed job and what comes next.
+    /// Records an attempt of a claimed `job` (as claimed: its earlier attempts included)
+    /// and what comes next.
     async fn finish_attempt(
         &self,
-        id: &str,
+        job: &Job,
         attempt: Attempt,
         next: Next,
     ) -> Result<(), StoreError>;
@@ -75,4 +85,25 @@ pub trait Store: Send + Sync + 'static {
     async fn next_due(&self) -> Result<Option<Millis>, StoreError>;
 
     async fn stats(&self) -> Result<Stats, StoreError>;
+
+    /// Jobs in `state`, oldest first, after the cursor `after` (a job id), at most `limit`.
+    async fn list(
+        &self,
+        state: State,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError>;
+
+    /// Makes a finished job pending again, due now, with its history kept. Returns the job,
+    /// or `None` when there is no such job; a job that is not finished is left alone.
+    async fn replay(&self, id: &str, now: Millis) -> Result<Option<Job>, StoreError>;
+
+    /// Removes a job. Returns whether it existed.
+    async fn delete(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Removes finished jobs that finished before `before`; returns how many.
+    async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError>;
 }
+
+#[cfg(test)]
+mod contract_tests;

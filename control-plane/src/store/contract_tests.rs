@@ -1,0 +1,370 @@
+//! The behaviour every engine must have, run against each of them.
+
+use super::memory::MemoryStore;
+use super::sqlite::{Limits, SqliteStore};
+use super::{Inserted, Next, Stats, Store, StoreError};
+use crate::job::{Attempt, Job, Kind, Policy, Request, State};
+
+fn job(id: &str, host: &str, due: u64) -> Job {
+    Job {
+        id: id.into(),
+        kind: Kind::Target,
+        request: Request {
+            method: "POST".into(),
+            url: format!("http://{host}/p?q=1"),
+            headers: vec![("x-a".into(), vec![0xff, b'1'])],
+            body: vec![0, 1, 2, 255],
+        },
+        policy: Policy {
+            timeout: 1.5,
+            retries: 2,
+            backoff_factor: 0.5,
+            callback: Some("http://cb/".into()),
+        },
+        config: serde_json::json!({"id": id, "knocker-x": "y"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        state: State::Pending,
+        attempts: vec![],
+        next_attempt_at: due,
+        created_at: due,
+        finished_at: None,
+    }
+}
+
+fn attempt(at: u64, status: u16) -> Attempt {
+    Attempt {
+        at,
+        status,
+        error: None,
+        latency_ms: 3,
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("knocker-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_pending: 1_000_000,
+        max_bytes: 0,
+    }
+}
+
+async fn engines(name: &str) -> Vec<(&'static str, Box<dyn Store>)> {
+    vec![
+        ("memory", Box::new(MemoryStore::default())),
+        (
+            "sqlite",
+            Box::new(SqliteStore::open(&temp_dir(name), limits()).unwrap()),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn insert_is_idempotent_by_id() {
+    for (engine, store) in engines("insert").await {
+        let first = store.insert(job("a", "h", 10)).await.unwrap();
+        assert!(matches!(first, Inserted::Created(_)), "{engine}");
+        let mut again = job("a", "other", 99);
+        again.request.body = b"different".to_vec();
+        match store.insert(again).await.unwrap() {
+            Inserted::Existing(existing) => {
+                assert_eq!(existing.request.body, vec![0, 1, 2, 255], "{engine}");
+                assert_eq!(
+                    existing.request.headers,
+                    vec![("x-a".to_owned(), vec![0xff, b'1'])],
+                    "{engine}"
+                );
+                assert_eq!(existing.config["knocker-x"], "y", "{engine}");
+            }
+            other => panic!("{engine}: {other:?}"),
+        }
+        assert_eq!(
+            store.stats().await.unwrap(),
+            Stats {
+                pending: 1,
+                ..Stats::default()
+            },
+            "{engine}"
+        );
+        assert_eq!(
+            store.get("a").await.unwrap().unwrap(),
+            job("a", "h", 10),
+            "{engine}: round trip"
+        );
+    }
+}
+
+#[tokio::test]
+async fn claims_due_jobs_in_order_skipping_saturated_hosts() {
+    for (engine, store) in engines("claim").await {
+        for (id, host, due) in [
+            ("late", "h1", 50),
+            ("b", "h2", 20),
+            ("a", "h1", 10),
+            ("c", "slow", 15),
+            ("d", "h1", 20),
+        ] {
+            store.insert(job(id, host, due)).await.unwrap();
+        }
+        assert_eq!(store.next_due().await.unwrap(), Some(10), "{engine}");
+        let claimed = store.claim_due(30, 10, &["slow".to_owned()]).await.unwrap();
+        let ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["a", "b", "d"],
+            "{engine}: due, in order, without the saturated host"
+        );
+        assert!(claimed.iter().all(|j| j.state == State::InFlight));
+        assert!(
+            store
+                .claim_due(30, 10, &["slow".to_owned()])
+                .await
+                .unwrap()
+                .is_empty(),
+            "{engine}: claimed once"
+        );
+        let limited = store.claim_due(100, 1, &[]).await.unwrap();
+        assert_eq!(limited.len(), 1);
+        assert_eq!(limited[0].id, "c", "{engine}");
+        assert_eq!(
+            store.stats().await.unwrap(),
+            Stats {
+                pending: 1,
+                in_flight: 4,
+                ..Stats::default()
+            },
+            "{engine}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn finishing_records_attempts_and_commits_the_callback_with_the_failure() {
+    for (engine, store) in engines("finish").await {
+        store.insert(job("r", "h", 0)).await.unwrap();
+        store.insert(job("f", "h", 0)).await.unwrap();
+        let claimed = store.claim_due(0, 10, &[]).await.unwrap();
+        let (r, f) = (&claimed[0], &claimed[1]);
+        store
+            .finish_attempt(r, attempt(1, 500), Next::Retry { at: 100 })
+            .await
+            .unwrap();
+        let mut callback = job("f:callback", "cb", 7);
+        callback.kind = Kind::Callback;
+        store
+            .finish_attempt(
+                f,
+                attempt(2, 503),
+                Next::Failed {
+                    callback: Some(Box::new(callback)),
+                },
+            )
+            .await
+            .unwrap();
+
+        let r = store.get("r").await.unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.next_attempt_at, r.attempts.clone()),
+            (State::Pending, 100, vec![attempt(1, 500)]),
+            "{engine}"
+        );
+        let f = store.get("f").await.unwrap().unwrap();
+        assert_eq!(
+            (f.state, f.finished_at),
+            (State::Failed, Some(2)),
+            "{engine}"
+        );
+        let cb = store.get("f:callback").await.unwrap().unwrap();
+        assert_eq!(
+            (cb.kind, cb.state),
+            (Kind::Callback, State::Pending),
+            "{engine}"
+        );
+
+        let again = store.claim_due(100, 10, &[]).await.unwrap();
+        assert_eq!(again.len(), 2, "{engine}: the retry and the callback");
+        let r = again.iter().find(|j| j.id == "r").unwrap();
+        assert_eq!(
+            r.attempts.len(),
+            1,
+            "{engine}: a claimed job carries its history"
+        );
+        store
+            .finish_attempt(r, attempt(101, 200), Next::Delivered)
+            .await
+            .unwrap();
+        let r = store.get("r").await.unwrap().unwrap();
+        assert_eq!(r.state, State::Delivered);
+        assert_eq!(
+            r.attempts,
+            vec![attempt(1, 500), attempt(101, 200)],
+            "{engine}"
+        );
+        assert_eq!(
+            store.stats().await.unwrap(),
+            Stats {
+                pending: 0,
+                in_flight: 1,
+                delivered: 1,
+                failed: 1
+            },
+            "{engine}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn list_replay_delete_and_purge() {
+    for (engine, store) in engines("admin").await {
+        for i in 0..5 {
+            store.insert(job(&format!("j{i}"), "h", 0)).await.unwrap();
+        }
+        for j in store.claim_due(0, 10, &[]).await.unwrap() {
+            let next = if j.id == "j2" {
+                Next::Delivered
+            } else {
+                Next::Failed { callback: None }
+            };
+            store
+                .finish_attempt(&j, attempt(10, 500), next)
+                .await
+                .unwrap();
+        }
+        let page1 = store.list(State::Failed, None, 2).await.unwrap();
+        let page2 = store
+            .list(State::Failed, Some(&page1[1].id), 2)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = page1.iter().chain(&page2).map(|j| j.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["j0", "j1", "j3", "j4"],
+            "{engine}: oldest first, paginated"
+        );
+
+        let replayed = store.replay("j0", 50).await.unwrap().unwrap();
+        assert_eq!(
+            (replayed.state, replayed.next_attempt_at),
+            (State::Pending, 50),
+            "{engine}"
+        );
+        assert_eq!(replayed.attempts.len(), 1, "{engine}: history kept");
+        assert!(store.replay("nope", 50).await.unwrap().is_none());
+        let claimed = store.claim_due(50, 10, &[]).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let untouched = store.replay("j0", 60).await.unwrap().unwrap();
+        assert_eq!(
+            untouched.state,
+            State::InFlight,
+            "{engine}: an unfinished job is left alone"
+        );
+
+        assert!(store.delete("j1").await.unwrap());
+        assert!(!store.delete("j1").await.unwrap());
+        assert!(store.get("j1").await.unwrap().is_none());
+
+        assert_eq!(
+            store.purge_finished(11).await.unwrap(),
+            3,
+            "{engine}: j2, j3, j4 finished at 10"
+        );
+        assert_eq!(store.purge_finished(11).await.unwrap(), 0);
+        assert_eq!(
+            store.stats().await.unwrap(),
+            Stats {
+                in_flight: 1,
+                ..Stats::default()
+            },
+            "{engine}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_keeps_everything_across_a_reopen_and_recovers_in_flight_jobs() {
+    let dir = temp_dir("reopen");
+    {
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        for i in 0..3 {
+            store.insert(job(&format!("k{i}"), "h", 0)).await.unwrap();
+        }
+        let claimed = store.claim_due(0, 2, &[]).await.unwrap();
+        store
+            .finish_attempt(&claimed[0], attempt(1, 200), Next::Delivered)
+            .await
+            .unwrap();
+        // claimed[1] stays in flight: the process "dies" here.
+    }
+    let store = SqliteStore::open(&dir, limits()).unwrap();
+    assert_eq!(
+        store.stats().await.unwrap(),
+        Stats {
+            pending: 2,
+            delivered: 1,
+            ..Stats::default()
+        }
+    );
+    let claimed = store.claim_due(0, 10, &[]).await.unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["k1", "k2"],
+        "the in-flight job is pending again, with the same id"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_refuses_over_the_pending_limit_and_when_it_cannot_write() {
+    let store = SqliteStore::open(
+        &temp_dir("full"),
+        Limits {
+            max_pending: 2,
+            max_bytes: 0,
+        },
+    )
+    .unwrap();
+    store.insert(job("1", "h", 0)).await.unwrap();
+    store.insert(job("2", "h", 0)).await.unwrap();
+    assert!(matches!(
+        store.insert(job("3", "h", 0)).await,
+        Err(StoreError::Full(2))
+    ));
+    assert!(
+        matches!(
+            store.insert(job("1", "h", 0)).await,
+            Ok(Inserted::Existing(_))
+        ),
+        "a resubmission still answers"
+    );
+
+    let store = SqliteStore::open(
+        &temp_dir("small"),
+        Limits {
+            max_pending: u64::MAX,
+            max_bytes: 64 * 1024,
+        },
+    )
+    .unwrap();
+    let mut refused = None;
+    for i in 0..1000 {
+        let mut j = job(&format!("big{i}"), "h", 0);
+        j.request.body = vec![7; 4096];
+        if let Err(e) = store.insert(j).await {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("a full database refuses");
+    assert!(i > 0 && matches!(e, StoreError::Unavailable(_)), "{i}: {e}");
+    assert!(
+        store.get(&format!("big{i}")).await.unwrap().is_none(),
+        "nothing half-written"
+    );
+    assert_eq!(store.stats().await.unwrap().pending, i as u64);
+}

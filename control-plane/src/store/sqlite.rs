@@ -1,0 +1,665 @@
+//! The embedded store: one SQLite file under `KNOCKER_DATA_DIR`, crash-safe.
+//!
+//! - WAL journal with `synchronous=FULL`: a commit returns after the WAL is fsync'd, so
+//!   a job whose insert returned survives a crash or power loss.
+//! - One writer thread owns the write connection. Requests (insert, claim, finish, …)
+//!   queue up while it commits; it takes everything waiting (up to [`MAX_BATCH`]) into
+//!   one transaction: many submissions share one fsync (group commit).
+//! - Reads (lookups, lists, next due time) go through a second connection; WAL lets
+//!   them run beside the writer.
+//! - Jobs live on disk: the scheduler asks for what is due, so a million pending jobs
+//!   need no million in RAM.
+//! - On open, jobs left in flight by a crash become pending again (at-least-once; they
+//!   keep their id, so targets see the same `x-knocker-id`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Inserted, Next, Stats, Store, StoreError};
+use crate::clock::Millis;
+use crate::job::{Attempt, Headers, Job, Kind, Policy, Request, State};
+
+/// Most requests committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+/// Limits of the embedded store.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Pending + in-flight jobs above which submissions are refused (503).
+    pub max_pending: u64,
+    /// Size cap of the database file; 0 for none. Over it, commits fail (503).
+    pub max_bytes: u64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT    NOT NULL UNIQUE,
+    state           INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    finished_at     INTEGER,
+    host            TEXT    NOT NULL,
+    spec            BLOB    NOT NULL,
+    attempts        BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt_at, seq, host) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
+";
+
+const COLUMNS: &str = "id, state, next_attempt_at, created_at, finished_at, spec, attempts";
+
+/// What a job is, as stored (its state lives in columns).
+#[derive(Serialize, Deserialize)]
+struct Spec {
+    kind: Kind,
+    method: String,
+    url: String,
+    headers: Headers,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+    timeout: f64,
+    retries: u32,
+    backoff_factor: f64,
+    callback: Option<String>,
+    /// The receipt config, as JSON text (postcard cannot hold free-form JSON).
+    config: String,
+}
+
+fn state_code(state: State) -> i64 {
+    match state {
+        State::Pending => 0,
+        State::InFlight => 1,
+        State::Delivered => 2,
+        State::Failed => 3,
+    }
+}
+
+fn state_from(code: i64) -> State {
+    match code {
+        0 => State::Pending,
+        1 => State::InFlight,
+        2 => State::Delivered,
+        _ => State::Failed,
+    }
+}
+
+fn encode_spec(job: &Job) -> Result<Vec<u8>, StoreError> {
+    let spec = Spec {
+        kind: job.kind,
+        method: job.request.method.clone(),
+        url: job.request.url.clone(),
+        headers: job.request.headers.clone(),
+        body: job.request.body.clone(),
+        timeout: job.policy.timeout,
+        retries: job.policy.retries,
+        backoff_factor: job.policy.backoff_factor,
+        callback: job.policy.callback.clone(),
+        config: serde_json::Value::Object(job.config.clone()).to_string(),
+    };
+    postcard::to_stdvec(&spec)
+        .map_err(|e| StoreError::Unavailable(format!("cannot encode job: {e}")))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(format!("corrupt job row: {e}").into())
+}
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
+    let spec: Vec<u8> = row.get(5)?;
+    let spec: Spec = postcard::from_bytes(&spec).map_err(corrupt)?;
+    let attempts: Vec<u8> = row.get(6)?;
+    let attempts: Vec<Attempt> = if attempts.is_empty() {
+        Vec::new()
+    } else {
+        postcard::from_bytes(&attempts).map_err(corrupt)?
+    };
+    let config = match serde_json::from_str(&spec.config).map_err(corrupt)? {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    Ok(Job {
+        id: row.get(0)?,
+        kind: spec.kind,
+        request: Request {
+            method: spec.method,
+            url: spec.url,
+            headers: spec.headers,
+            body: spec.body,
+        },
+        policy: Policy {
+            timeout: spec.timeout,
+            retries: spec.retries,
+            backoff_factor: spec.backoff_factor,
+            callback: spec.callback,
+        },
+        config,
+        state: state_from(row.get(1)?),
+        attempts,
+        next_attempt_at: row.get::<_, i64>(2)? as Millis,
+        created_at: row.get::<_, i64>(3)? as Millis,
+        finished_at: row.get::<_, Option<i64>>(4)?.map(|v| v as Millis),
+    })
+}
+
+fn sql_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Live counts by state, kept by the writer after each commit.
+#[derive(Debug, Default)]
+struct Counts {
+    pending: AtomicU64,
+    in_flight: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counts {
+    fn slot(&self, state: State) -> &AtomicU64 {
+        match state {
+            State::Pending => &self.pending,
+            State::InFlight => &self.in_flight,
+            State::Delivered => &self.delivered,
+            State::Failed => &self.failed,
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            pending: self.pending.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// State changes of one batch, applied to [`Counts`] only once it is committed.
+#[derive(Default)]
+struct Deltas([i64; 4]);
+
+impl Deltas {
+    fn moved(&mut self, from: Option<State>, to: Option<State>) {
+        if let Some(f) = from {
+            self.0[state_code(f) as usize] -= 1;
+        }
+        if let Some(t) = to {
+            self.0[state_code(t) as usize] += 1;
+        }
+    }
+
+    fn apply(&self, counts: &Counts) {
+        for (i, delta) in self.0.iter().enumerate() {
+            let slot = counts.slot(state_from(i as i64));
+            if *delta >= 0 {
+                slot.fetch_add(*delta as u64, Ordering::Relaxed);
+            } else {
+                slot.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Command {
+    Insert(Box<Job>, Reply<Inserted>),
+    Claim {
+        now: Millis,
+        limit: usize,
+        skip_hosts: Vec<String>,
+        reply: Reply<Vec<Job>>,
+    },
+    Finish {
+        job: Box<Job>,
+        attempt: Attempt,
+        next: Next,
+        reply: Reply<()>,
+    },
+    Replay {
+        id: String,
+        now: Millis,
+        reply: Reply<Option<Job>>,
+    },
+    Delete {
+        id: String,
+        reply: Reply<bool>,
+    },
+    Purge {
+        before: Millis,
+        reply: Reply<u64>,
+    },
+}
+
+pub struct SqliteStore {
+    commands: mpsc::UnboundedSender<Command>,
+    reader: Arc<Mutex<Connection>>,
+    counts: Arc<Counts>,
+    path: PathBuf,
+}
+
+fn open_connection(path: &Path, limits: &Limits) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -32_768)?; // 32 MiB
+    if limits.max_bytes > 0 {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        conn.pragma_update(
+            None,
+            "max_page_count",
+            (limits.max_bytes as i64 / page_size).max(1),
+        )?;
+    }
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) `<dir>/knocker.db`, recovers jobs left in flight, and starts
+    /// the writer thread.
+    pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("KNOCKER_DATA_DIR {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("knocker.db");
+        let writer = open_connection(&path, &limits).map_err(sql_error)?;
+        writer.execute_batch(SCHEMA).map_err(sql_error)?;
+        let recovered = writer
+            .execute("UPDATE jobs SET state = 0 WHERE state = 1", [])
+            .map_err(sql_error)?;
+        if recovered > 0 {
+            tracing::warn!(
+                jobs = recovered,
+                "jobs in flight at the last stop are pending again"
+            );
+        }
+        let counts = Arc::new(Counts::default());
+        {
+            let mut stmt = writer
+                .prepare("SELECT state, count(*) FROM jobs GROUP BY state")
+                .map_err(sql_error)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(sql_error)?;
+            for row in rows {
+                let (state, n) = row.map_err(sql_error)?;
+                counts
+                    .slot(state_from(state))
+                    .store(n as u64, Ordering::Relaxed);
+            }
+        }
+        let reader = open_connection(&path, &limits).map_err(sql_error)?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let writer_counts = Arc::clone(&counts);
+        std::thread::Builder::new()
+            .name("knocker-store-writer".into())
+            .spawn(move || write_loop(writer, rx, &writer_counts, &limits))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the store writer: {e}")))?;
+        Ok(Self {
+            commands,
+            reader: Arc::new(Mutex::new(reader)),
+            counts,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || f(&reader.lock()).map_err(sql_error))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store reader failed: {e}")))?
+    }
+}
+
+/// A command's own refusal (not the batch's): the rest of the batch still commits.
+enum Refusal {
+    Full(u64),
+}
+
+fn write_loop(
+    mut conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    counts: &Counts,
+    limits: &Limits,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let mut deltas = Deltas::default();
+        let outcome = (|| -> rusqlite::Result<Vec<Outcome>> {
+            let tx = conn.transaction()?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for command in &batch {
+                outcomes.push(execute(&tx, command, counts, limits, &mut deltas)?);
+            }
+            tx.commit()?;
+            Ok(outcomes)
+        })();
+        match outcome {
+            Ok(outcomes) => {
+                deltas.apply(counts);
+                for (command, outcome) in batch.into_iter().zip(outcomes) {
+                    outcome.send(command);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = batch.len(), "the store could not commit; the batch is refused");
+                for command in batch {
+                    Outcome::Failed(e.to_string()).send(command);
+                }
+            }
+        }
+    }
+}
+
+/// The result of one command inside a batch, sent once the batch is committed.
+enum Outcome {
+    Inserted(Result<Inserted, Refusal>),
+    Claimed(Vec<Job>),
+    Finished,
+    Replayed(Option<Job>),
+    Deleted(bool),
+    Purged(u64),
+    Failed(String),
+}
+
+impl Outcome {
+    fn send(self, command: Command) {
+        let failed = |e: &str| StoreError::Unavailable(e.to_owned());
+        match (command, self) {
+            (Command::Insert(_, reply), Self::Inserted(r)) => {
+                let _ = reply.send(r.map_err(|Refusal::Full(n)| StoreError::Full(n)));
+            }
+            (Command::Claim { reply, .. }, Self::Claimed(jobs)) => drop(reply.send(Ok(jobs))),
+            (Command::Finish { reply, .. }, Self::Finished) => drop(reply.send(Ok(()))),
+            (Command::Replay { reply, .. }, Self::Replayed(job)) => drop(reply.send(Ok(job))),
+            (Command::Delete { reply, .. }, Self::Deleted(existed)) => {
+                drop(reply.send(Ok(existed)))
+            }
+            (Command::Purge { reply, .. }, Self::Purged(n)) => drop(reply.send(Ok(n))),
+            (command, Self::Failed(e)) => match command {
+                Command::Insert(_, r) => drop(r.send(Err(failed(&e)))),
+                Command::Claim { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Finish { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Replay { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Delete { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Purge { reply, .. } => drop(reply.send(Err(failed(&e)))),
+            },
+            _ => {}
+        }
+    }
+}
+
+fn load(tx: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
+    tx.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([id], job_from_row)
+        .optional()
+}
+
+fn insert_row(tx: &Connection, job: &Job) -> rusqlite::Result<bool> {
+    let spec = encode_spec(job).map_err(corrupt)?;
+    let changed = tx
+        .prepare_cached(
+            "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts)
+             VALUES (?1, 0, ?2, ?3, ?4, ?5, x'') ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            job.id,
+            job.next_attempt_at as i64,
+            job.created_at as i64,
+            job.host(),
+            spec
+        ])?;
+    Ok(changed == 1)
+}
+
+fn execute(
+    tx: &Connection,
+    command: &Command,
+    counts: &Counts,
+    limits: &Limits,
+    deltas: &mut Deltas,
+) -> rusqlite::Result<Outcome> {
+    Ok(match command {
+        Command::Insert(job, _) => {
+            if let Some(existing) = load(tx, &job.id)? {
+                return Ok(Outcome::Inserted(Ok(Inserted::Existing(existing))));
+            }
+            let open = i128::from(counts.pending.load(Ordering::Relaxed))
+                + i128::from(counts.in_flight.load(Ordering::Relaxed))
+                + i128::from(deltas.0[0])
+                + i128::from(deltas.0[1]);
+            if open >= i128::from(limits.max_pending) {
+                return Ok(Outcome::Inserted(Err(Refusal::Full(open.max(0) as u64))));
+            }
+            insert_row(tx, job)?;
+            deltas.moved(None, Some(State::Pending));
+            Outcome::Inserted(Ok(Inserted::Created((**job).clone())))
+        }
+        Command::Claim {
+            now,
+            limit,
+            skip_hosts,
+            ..
+        } => {
+            let mut sql =
+                format!("SELECT {COLUMNS} FROM jobs WHERE state = 0 AND next_attempt_at <= ?1");
+            if !skip_hosts.is_empty() {
+                let marks = vec!["?"; skip_hosts.len()].join(", ");
+                sql.push_str(&format!(" AND host NOT IN ({marks})"));
+            }
+            sql.push_str(&format!(" ORDER BY next_attempt_at, seq LIMIT {limit}"));
+            let mut values: Vec<rusqlite::types::Value> = vec![(*now as i64).into()];
+            values.extend(skip_hosts.iter().map(|h| h.clone().into()));
+            let mut jobs: Vec<Job> = tx
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(values), job_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut mark = tx.prepare_cached("UPDATE jobs SET state = 1 WHERE id = ?1")?;
+            for job in &mut jobs {
+                mark.execute([&job.id])?;
+                job.state = State::InFlight;
+                deltas.moved(Some(State::Pending), Some(State::InFlight));
+            }
+            Outcome::Claimed(jobs)
+        }
+        Command::Finish {
+            job, attempt, next, ..
+        } => {
+            let mut attempts = job.attempts.clone();
+            attempts.push(attempt.clone());
+            let attempts = postcard::to_stdvec(&attempts).map_err(corrupt)?;
+            let (state, next_at, finished_at) = match next {
+                Next::Delivered => (State::Delivered, job.next_attempt_at, Some(attempt.at)),
+                Next::Retry { at } => (State::Pending, *at, None),
+                Next::Failed { .. } => (State::Failed, job.next_attempt_at, Some(attempt.at)),
+            };
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = ?2, next_attempt_at = ?3, finished_at = ?4, attempts = ?5
+                     WHERE id = ?1 AND state = 1",
+                )?
+                .execute(params![job.id, state_code(state), next_at as i64, finished_at.map(|f| f as i64), attempts])?;
+            if changed == 1 {
+                deltas.moved(Some(State::InFlight), Some(state));
+                if let Next::Failed { callback: Some(cb) } = next {
+                    if insert_row(tx, cb)? {
+                        deltas.moved(None, Some(State::Pending));
+                    }
+                }
+            }
+            Outcome::Finished
+        }
+        Command::Replay { id, now, .. } => {
+            let Some(before) = load(tx, id)? else {
+                return Ok(Outcome::Replayed(None));
+            };
+            if before.is_finished() {
+                tx.prepare_cached("UPDATE jobs SET state = 0, next_attempt_at = ?2, finished_at = NULL WHERE id = ?1")?
+                    .execute(params![id, *now as i64])?;
+                deltas.moved(Some(before.state), Some(State::Pending));
+            }
+            Outcome::Replayed(load(tx, id)?)
+        }
+        Command::Delete { id, .. } => {
+            let state: Option<i64> = tx
+                .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            if let Some(state) = state {
+                tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                    .execute([id])?;
+                deltas.moved(Some(state_from(state)), None);
+            }
+            Outcome::Deleted(state.is_some())
+        }
+        Command::Purge { before, .. } => {
+            let mut removed = 0u64;
+            for state in [State::Delivered, State::Failed] {
+                let n = tx
+                    .prepare_cached("DELETE FROM jobs WHERE state = ?1 AND finished_at < ?2")?
+                    .execute(params![state_code(state), *before as i64])?;
+                for _ in 0..n {
+                    deltas.moved(Some(state), None);
+                }
+                removed += n as u64;
+            }
+            Outcome::Purged(removed)
+        }
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
+        self.ask(|reply| Command::Insert(Box::new(job), reply))
+            .await
+    }
+
+    async fn claim_due(
+        &self,
+        now: Millis,
+        limit: usize,
+        skip_hosts: &[String],
+    ) -> Result<Vec<Job>, StoreError> {
+        let skip_hosts = skip_hosts.to_vec();
+        self.ask(|reply| Command::Claim {
+            now,
+            limit,
+            skip_hosts,
+            reply,
+        })
+        .await
+    }
+
+    async fn finish_attempt(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<(), StoreError> {
+        let job = Box::new(job.clone());
+        self.ask(|reply| Command::Finish {
+            job,
+            attempt,
+            next,
+            reply,
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| load(c, &id)).await
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT next_attempt_at FROM jobs WHERE state = 0 ORDER BY next_attempt_at LIMIT 1",
+            )?
+            .query_row([], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|v| v.map(|v| v as Millis))
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        Ok(self.counts.stats())
+    }
+
+    async fn list(
+        &self,
+        state: State,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let after = after.map(str::to_owned);
+        self.read(move |c| {
+            let after_seq: i64 = match &after {
+                Some(id) => c
+                    .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")?
+                    .query_row([id], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(i64::MAX),
+                None => 0,
+            };
+            c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            ))?
+            .query_map(
+                params![state_code(state), after_seq, limit as i64],
+                job_from_row,
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn replay(&self, id: &str, now: Millis) -> Result<Option<Job>, StoreError> {
+        let id = id.to_owned();
+        self.ask(|reply| Command::Replay { id, now, reply }).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.ask(|reply| Command::Delete { id, reply }).await
+    }
+
+    async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError> {
+        self.ask(|reply| Command::Purge { before, reply }).await
+    }
+}
