@@ -10,13 +10,17 @@
 //! - [`job`] — the job model, the protocol's header rules ([`job::spec`]) and receipts.
 //! - [`store`] — the [`store::Store`] trait and its engines.
 //! - [`delivery`] — due jobs → HTTP attempts → delivered, retried or failed (+ callback).
+//! - [`api`] — the admin API under `/knocker/` (jobs: lookup, list, replay, delete).
 //! - [`telemetry`] — logs and Sentry.
+//! - [`cli`] — `knocker status` and `knocker jobs …`, clients of a running instance.
 //! - [`clock`] — injected time and jitter.
 //! - [`echo`] — `knocker echo`, a demo target.
 //!
 //! [`serve`] takes already-bound listeners and a shutdown token, so tests bind
 //! `127.0.0.1:0` and run the real server in-process.
 
+pub mod api;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
@@ -150,7 +154,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
-/// Removes delivered and failed jobs older than `KNOCKER_RETENTION`, once a minute.
+/// Removes delivered and failed jobs older than `KNOCKER_RETENTION`.
 async fn retention(
     store: Arc<dyn Store>,
     time: Time,
@@ -164,8 +168,13 @@ async fn retention(
             Ok(n) => tracing::info!(jobs = n, "finished jobs past their retention removed"),
             Err(e) => tracing::warn!(error = %e, "cannot remove finished jobs"),
         }
+        // Once a minute, or more often for short retentions.
+        let every = (keep / 4).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        );
         tokio::select! {
-            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
     }

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use knocker::cli::{Jobs, Remote};
 use knocker::clock::Time;
 use knocker::config::Settings;
 use knocker::Listeners;
@@ -26,12 +27,18 @@ enum Command {
     Serve(Box<Settings>),
     /// Show a running instance's status.
     Status {
-        /// Base URL of the instance's HTTP ingress.
-        #[arg(long, env = "KNOCKER_URL", default_value = "http://127.0.0.1:8000")]
-        url: String,
+        #[command(flatten)]
+        remote: Remote,
         /// The instance's STATUS_URL.
         #[arg(long, env = "STATUS_URL", default_value = "/knocker/status")]
         status_url: String,
+    },
+    /// Inspect, replay and delete a running instance's jobs.
+    Jobs {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: Jobs,
     },
     /// Run a demo target that answers 200 to everything and logs each request.
     Echo {
@@ -64,7 +71,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(settings) => runtime.block_on(serve(*settings)),
-        Command::Status { url, status_url } => runtime.block_on(status(&url, &status_url)),
+        Command::Status { remote, status_url } => {
+            runtime.block_on(knocker::cli::status(&remote, &status_url))
+        }
+        Command::Jobs { remote, command } => runtime.block_on(knocker::cli::jobs(&remote, command)),
         Command::Echo { addr, quiet } => runtime.block_on(knocker::echo::run(addr, quiet)),
     };
     match result {
@@ -104,13 +114,4 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
-}
-
-async fn status(url: &str, status_url: &str) -> anyhow::Result<()> {
-    let response = reqwest::get(format!("{}{status_url}", url.trim_end_matches('/'))).await?;
-    let status = response.status();
-    let body: serde_json::Value = response.json().await?;
-    println!("{}", serde_json::to_string_pretty(&body)?);
-    anyhow::ensure!(status.is_success(), "status answered {status}");
-    Ok(())
 }

@@ -13,8 +13,33 @@ use super::grpc::body_too_large;
 use super::{Ingress, Reply};
 use crate::job::spec::Submission;
 
+/// Every request is a Knocker submission, except `/knocker/…` API calls (those without
+/// a `Knocker-Host` header; the status URL goes through the submit path).
 pub fn router(ingress: Arc<Ingress>) -> Router {
-    Router::new().fallback(submit).with_state(ingress)
+    let api = crate::api::router(Arc::clone(&ingress));
+    Router::new()
+        .fallback(move |state, peer, request: Request| dispatch(api.clone(), state, peer, request))
+        .with_state(ingress)
+}
+
+async fn dispatch(
+    api: Router,
+    state: State<Arc<Ingress>>,
+    peer: ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let path = request.uri().path();
+    let is_api = path.starts_with("/knocker/")
+        && path != state.0.settings.status_url
+        && !request.headers().contains_key("knocker-host");
+    if is_api {
+        use tower::ServiceExt as _;
+        return match api.oneshot(request).await {
+            Ok(response) => response,
+            Err(infallible) => match infallible {},
+        };
+    }
+    submit(state, peer, request).await
 }
 
 async fn submit(

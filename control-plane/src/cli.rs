@@ -1,0 +1,197 @@
+//! The sub-commands that talk to a running instance over its HTTP API.
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+/// Where the instance is.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// Base URL of the instance's HTTP ingress.
+    #[arg(
+        long,
+        env = "KNOCKER_URL",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
+    pub url: String,
+    /// Bearer token for replay and delete (the instance's KNOCKER_ADMIN_TOKEN).
+    #[arg(
+        long,
+        env = "KNOCKER_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Jobs {
+    /// Show one job: state, attempts, next attempt.
+    Get { id: String },
+    /// List jobs in a state (pending, in_flight, delivered, failed), oldest first.
+    List {
+        #[arg(long, default_value = "failed")]
+        state: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Continue after this job id (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attempt a delivered or failed job again (or, with --all, every failed job).
+    Replay {
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Remove a job.
+    Delete { id: String },
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?)
+}
+
+async fn call(remote: &Remote, method: reqwest::Method, path: &str) -> anyhow::Result<Value> {
+    let mut request = client()?.request(
+        method,
+        format!("{}{path}", remote.url.trim_end_matches('/')),
+    );
+    if !remote.token.is_empty() {
+        request = request.bearer_auth(&remote.token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", remote.url))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        let reason = body
+            .get("errors")
+            .map_or_else(|| body.to_string(), Value::to_string);
+        anyhow::bail!("{status}: {reason}");
+    }
+    Ok(body)
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+pub async fn jobs(remote: &Remote, command: Jobs) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        Jobs::Get { id } => print_json(
+            &call(
+                remote,
+                Method::GET,
+                &format!("/knocker/jobs/{}", encode(&id)),
+            )
+            .await?,
+        ),
+        Jobs::List {
+            state,
+            limit,
+            after,
+            json,
+        } => {
+            let mut path = format!("/knocker/jobs?state={}&limit={limit}", encode(&state));
+            if let Some(after) = after {
+                path.push_str(&format!("&after={}", encode(&after)));
+            }
+            let page = call(remote, Method::GET, &path).await?;
+            if json {
+                return print_json(&page);
+            }
+            println!(
+                "{:<34} {:<10} {:>8}  {:<24}  url",
+                "id", "state", "attempts", "last"
+            );
+            for job in page["jobs"].as_array().into_iter().flatten() {
+                let attempts = job["attempts"].as_array().map_or(0, Vec::len);
+                let last =
+                    job["attempts"]
+                        .as_array()
+                        .and_then(|a| a.last())
+                        .map_or(String::new(), |a| {
+                            format!(
+                                "{} {}",
+                                a["status"],
+                                a["error"].as_str().map_or("", |e| if e.len() > 16 {
+                                    &e[..16]
+                                } else {
+                                    e
+                                })
+                            )
+                        });
+                println!(
+                    "{:<34} {:<10} {:>8}  {:<24}  {}",
+                    job["id"].as_str().unwrap_or(""),
+                    job["state"].as_str().unwrap_or(""),
+                    attempts,
+                    last,
+                    job["url"].as_str().unwrap_or("")
+                );
+            }
+            if let Some(next) = page["next"].as_str() {
+                println!("more: --after {next}");
+            }
+            Ok(())
+        }
+        Jobs::Replay { id: Some(id), .. } => print_json(
+            &call(
+                remote,
+                Method::POST,
+                &format!("/knocker/jobs/{}/replay", encode(&id)),
+            )
+            .await?,
+        ),
+        Jobs::Replay { id: None, .. } => {
+            let mut total = 0;
+            loop {
+                let result =
+                    call(remote, Method::POST, "/knocker/jobs/replay?state=failed").await?;
+                let n = result["replayed"].as_u64().unwrap_or(0);
+                total += n;
+                if n < crate::api::MAX_PAGE as u64 {
+                    break;
+                }
+            }
+            println!("replayed {total} failed jobs");
+            Ok(())
+        }
+        Jobs::Delete { id } => print_json(
+            &call(
+                remote,
+                Method::DELETE,
+                &format!("/knocker/jobs/{}", encode(&id)),
+            )
+            .await?,
+        ),
+    }
+}
+
+pub async fn status(remote: &Remote, status_url: &str) -> anyhow::Result<()> {
+    print_json(&call(remote, reqwest::Method::GET, status_url).await?)
+}
