@@ -34,9 +34,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Time;
@@ -114,8 +116,12 @@ pub async fn serve(
         settings.retention,
         shutdown.clone(),
     ));
+    // TCP_NODELAY on both: small replies must not wait for Nagle (with delayed ACKs on
+    // the other side that costs ~40 ms a request on the filter's HTTP/2 connection).
     let http = axum::serve(
-        listeners.http,
+        listeners.http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
         ingress::http::router(Arc::clone(&ingress))
             .into_make_service_with_connect_info::<SocketAddr>(),
     )
@@ -123,7 +129,11 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .add_service(ingress::grpc::service(ingress))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            TcpListenerStream::new(listeners.grpc).map(|tcp| {
+                tcp.inspect(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                })
+            }),
             shutdown.clone().cancelled_owned(),
         );
 

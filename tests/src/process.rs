@@ -174,6 +174,17 @@ impl ControlPlane {
         false
     }
 
+    /// Sets (or replaces) an environment variable for the next restart.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_owned(), value.to_owned()));
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts it again on the same ports and data directory.
     pub fn restart(&mut self) {
         self.kill();

@@ -50,8 +50,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     spec            BLOB    NOT NULL,
     attempts        BLOB    NOT NULL
 );
+-- Partial indexes: a new (pending) job touches only jobs_due besides the keys.
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt_at, seq, host) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (seq) WHERE state = 3;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
 ";
 
@@ -299,6 +300,18 @@ impl SqliteStore {
                     .store(n as u64, Ordering::Relaxed);
             }
         }
+        // Checkpoints (copying the WAL into the database file, with its own fsync) run
+        // on their own thread, so they never stall a commit and the receipts behind it.
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sql_error)?;
+        let checkpointer = open_connection(&path, &limits).map_err(sql_error)?;
+        std::thread::Builder::new()
+            .name("knocker-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer))
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the store checkpointer: {e}"))
+            })?;
         let reader = open_connection(&path, &limits).map_err(sql_error)?;
         let (commands, rx) = mpsc::unbounded_channel();
         let writer_counts = Arc::clone(&counts);
@@ -335,6 +348,21 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || f(&reader.lock()).map_err(sql_error))
             .await
             .map_err(|e| StoreError::Unavailable(format!("store reader failed: {e}")))?
+    }
+}
+
+/// How often the WAL is copied into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// PASSIVE checkpoints run beside the writer without blocking it. The loop ends when the
+/// store is gone (the database cannot be opened by this connection any more) — in
+/// practice with the process.
+fn checkpoint_loop(conn: &Connection) {
+    loop {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
     }
 }
 
@@ -386,7 +414,8 @@ fn write_loop(
 
 /// The result of one command inside a batch, sent once the batch is committed.
 enum Outcome {
-    Inserted(Result<Inserted, Refusal>),
+    /// `Ok(None)`: created (the job is moved out of the command); `Ok(Some)`: existing.
+    Inserted(Result<Option<Job>, Refusal>),
     Claimed(Vec<Job>),
     Finished,
     Replayed(Option<Job>),
@@ -399,8 +428,12 @@ impl Outcome {
     fn send(self, command: Command) {
         let failed = |e: &str| StoreError::Unavailable(e.to_owned());
         match (command, self) {
-            (Command::Insert(_, reply), Self::Inserted(r)) => {
-                let _ = reply.send(r.map_err(|Refusal::Full(n)| StoreError::Full(n)));
+            (Command::Insert(job, reply), Self::Inserted(r)) => {
+                let _ = reply.send(match r {
+                    Ok(None) => Ok(Inserted::Created(*job)),
+                    Ok(Some(existing)) => Ok(Inserted::Existing(existing)),
+                    Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
+                });
             }
             (Command::Claim { reply, .. }, Self::Claimed(jobs)) => drop(reply.send(Ok(jobs))),
             (Command::Finish { reply, .. }, Self::Finished) => drop(reply.send(Ok(()))),
@@ -454,19 +487,24 @@ fn execute(
 ) -> rusqlite::Result<Outcome> {
     Ok(match command {
         Command::Insert(job, _) => {
-            if let Some(existing) = load(tx, &job.id)? {
-                return Ok(Outcome::Inserted(Ok(Inserted::Existing(existing))));
-            }
             let open = i128::from(counts.pending.load(Ordering::Relaxed))
                 + i128::from(counts.in_flight.load(Ordering::Relaxed))
                 + i128::from(deltas.0[0])
                 + i128::from(deltas.0[1]);
             if open >= i128::from(limits.max_pending) {
-                return Ok(Outcome::Inserted(Err(Refusal::Full(open.max(0) as u64))));
+                // Full — but a resubmission of a stored job still gets its receipt.
+                return Ok(Outcome::Inserted(match load(tx, &job.id)? {
+                    Some(existing) => Ok(Some(existing)),
+                    None => Err(Refusal::Full(open.max(0) as u64)),
+                }));
             }
-            insert_row(tx, job)?;
-            deltas.moved(None, Some(State::Pending));
-            Outcome::Inserted(Ok(Inserted::Created((**job).clone())))
+            if insert_row(tx, job)? {
+                deltas.moved(None, Some(State::Pending));
+                Outcome::Inserted(Ok(None))
+            } else {
+                let existing = load(tx, &job.id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+                Outcome::Inserted(Ok(Some(existing)))
+            }
         }
         Command::Claim {
             now,
@@ -637,13 +675,13 @@ impl Store for SqliteStore {
                     .unwrap_or(i64::MAX),
                 None => 0,
             };
+            // The state is inlined (our own integer) so that SQLite can use the partial
+            // index on failed jobs, which it cannot prove for a bound parameter.
+            let code = state_code(state);
             c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM jobs WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                "SELECT {COLUMNS} FROM jobs WHERE state = {code} AND seq > ?1 ORDER BY seq LIMIT ?2"
             ))?
-            .query_map(
-                params![state_code(state), after_seq, limit as i64],
-                job_from_row,
-            )?
+            .query_map(params![after_seq, limit as i64], job_from_row)?
             .collect()
         })
         .await

@@ -5,7 +5,13 @@
 //! headers, driven by wrk. The two Envoys are measured in alternating rounds in one run,
 //! so machine noise hits both alike; the table gives each round and the medians.
 //!
-//! Knobs (environment): `BENCH_ROUNDS` (3), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS` (32).
+//! Durable jobs (`jobs.rs`): accepted jobs/s through the HTTP ingress and Envoy with
+//! delivery off and on (wrk), open-loop latency at half the goal rate, drain rate from a
+//! 100,000-job backlog, and a 1,000,000-job backlog (memory, time to first delivery).
+//!
+//! Knobs (environment): `BENCH_ROUNDS` (3), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
+//! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000), `BENCH_ONLY`
+//! (`filter`, `accept`, `drain` or `backlog`: run one section).
 
 use std::fmt::Write as _;
 use std::process::{Child, Command, Stdio};
@@ -14,75 +20,17 @@ use std::time::Duration;
 use knocker_e2e::process::{knocker_bin, render_envoy_config};
 use knocker_e2e::{free_port, repo_root, ControlPlane, Envoy, EnvoyOptions};
 
-fn env_or(name: &str, default: u64) -> u64 {
+mod jobs;
+mod load;
+
+use load::{median, wrk};
+
+/// A benchmark knob from the environment.
+pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct WrkResult {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn parse_duration_ms(text: &str) -> Option<f64> {
-    let t = text.trim();
-    let (number, factor) = if let Some(n) = t.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        return None;
-    };
-    number.parse::<f64>().ok().map(|n| n * factor)
-}
-
-fn wrk(url: &str, seconds: u64, connections: u64, extra: &[&str]) -> WrkResult {
-    let out = Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-        ])
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("run wrk (scripts/setup.sh installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut result = WrkResult {
-        rps: 0.0,
-        p50_ms: 0.0,
-        p99_ms: 0.0,
-    };
-    for line in text.lines() {
-        let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
-            result.rps = v.trim().parse().unwrap_or(0.0);
-        } else if let Some(v) = t.strip_prefix("50%") {
-            result.p50_ms = parse_duration_ms(v).unwrap_or(0.0);
-        } else if let Some(v) = t.strip_prefix("99%") {
-            result.p99_ms = parse_duration_ms(v).unwrap_or(0.0);
-        }
-    }
-    assert!(
-        result.rps > 0.0,
-        "wrk produced no result:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let non2xx = text.lines().find(|l| l.contains("Non-2xx"));
-    assert!(non2xx.is_none(), "wrk saw errors: {non2xx:?}\n{text}");
-    result
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 struct Upstream(Child);
@@ -263,7 +211,21 @@ fn main() {
          run, not across runs.\n",
         machine()
     );
-    filter_cost(&mut report);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only == name;
+    if run("filter") {
+        filter_cost(&mut report);
+    }
+    if run("accept") {
+        jobs::acceptance(&mut report, &runtime);
+    }
+    if run("drain") {
+        jobs::drain(&mut report, &runtime);
+    }
+    if run("backlog") {
+        jobs::backlog(&mut report, &runtime);
+    }
     let path = repo_root().join("docs/benchmarks.md");
     std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
     std::fs::write(&path, &report).expect("write docs/benchmarks.md");
