@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt_at, seq, host) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (seq) WHERE state = 3;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
+CREATE INDEX IF NOT EXISTS jobs_in_flight ON jobs (seq) WHERE state = 1;
+-- Jobs per state, kept in the same commits as the jobs: opening a store with a million
+-- jobs must not count them.
+CREATE TABLE IF NOT EXISTS counts (state INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 ";
 
 const COLUMNS: &str = "id, state, next_attempt_at, created_at, finished_at, spec, attempts";
@@ -198,6 +202,17 @@ impl Deltas {
         }
     }
 
+    /// Adds the changes to the `counts` table (inside the batch's transaction).
+    fn store(&self, tx: &Connection) -> rusqlite::Result<()> {
+        let mut update = tx.prepare_cached("UPDATE counts SET n = n + ?2 WHERE state = ?1")?;
+        for (state, delta) in self.0.iter().enumerate() {
+            if *delta != 0 {
+                update.execute(params![state as i64, delta])?;
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&self, counts: &Counts) {
         for (i, delta) in self.0.iter().enumerate() {
             let slot = counts.slot(state_from(i as i64));
@@ -276,29 +291,13 @@ impl SqliteStore {
         let path = dir.join("knocker.db");
         let writer = open_connection(&path, &limits).map_err(sql_error)?;
         writer.execute_batch(SCHEMA).map_err(sql_error)?;
-        let recovered = writer
-            .execute("UPDATE jobs SET state = 0 WHERE state = 1", [])
-            .map_err(sql_error)?;
+        let counts = Arc::new(Counts::default());
+        let recovered = recover(&writer, &counts).map_err(sql_error)?;
         if recovered > 0 {
             tracing::warn!(
                 jobs = recovered,
                 "jobs in flight at the last stop are pending again"
             );
-        }
-        let counts = Arc::new(Counts::default());
-        {
-            let mut stmt = writer
-                .prepare("SELECT state, count(*) FROM jobs GROUP BY state")
-                .map_err(sql_error)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
-                .map_err(sql_error)?;
-            for row in rows {
-                let (state, n) = row.map_err(sql_error)?;
-                counts
-                    .slot(state_from(state))
-                    .store(n as u64, Ordering::Relaxed);
-            }
         }
         // Checkpoints (copying the WAL into the database file, with its own fsync) run
         // on their own thread, so they never stall a commit and the receipts behind it.
@@ -351,6 +350,44 @@ impl SqliteStore {
     }
 }
 
+/// Makes jobs left in flight pending again and loads the counts by state (computing them
+/// once if the table is empty). Returns how many jobs were recovered.
+fn recover(conn: &Connection, counts: &Counts) -> rusqlite::Result<usize> {
+    let tx = conn.unchecked_transaction()?;
+    let stored: i64 = tx.query_row("SELECT count(*) FROM counts", [], |r| r.get(0))?;
+    if stored == 0 {
+        tx.execute(
+            "INSERT INTO counts (state, n) SELECT state, count(*) FROM jobs GROUP BY state",
+            [],
+        )?;
+        for state in 0..4 {
+            tx.execute(
+                "INSERT OR IGNORE INTO counts (state, n) VALUES (?1, 0)",
+                [state],
+            )?;
+        }
+    }
+    let recovered = tx.execute("UPDATE jobs SET state = 0 WHERE state = 1", [])?;
+    if recovered > 0 {
+        let mut deltas = Deltas::default();
+        deltas.0[0] = recovered as i64;
+        deltas.0[1] = -(recovered as i64);
+        deltas.store(&tx)?;
+    }
+    {
+        let mut stmt = tx.prepare("SELECT state, n FROM counts")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (state, n) = row?;
+            counts
+                .slot(state_from(state))
+                .store(n.max(0) as u64, Ordering::Relaxed);
+        }
+    }
+    tx.commit()?;
+    Ok(recovered)
+}
+
 /// How often the WAL is copied into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -392,6 +429,7 @@ fn write_loop(
             for command in &batch {
                 outcomes.push(execute(&tx, command, counts, limits, &mut deltas)?);
             }
+            deltas.store(&tx)?;
             tx.commit()?;
             Ok(outcomes)
         })();

@@ -144,9 +144,21 @@ fn filter_cost(report: &mut String) {
     let (mut with_runs, mut without_runs, mut everywhere_runs) =
         (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let b = wrk(&without.url("/bench"), seconds, connections, &[]);
-        let a = wrk(&with.url("/bench"), seconds, connections, &[]);
-        let e = wrk(&everywhere.url("/bench"), seconds, connections, &[]);
+        // The order rotates every round, so a drift during the run (other tenants,
+        // clock speed) does not always favour the same configuration.
+        let urls = [
+            without.url("/bench"),
+            with.url("/bench"),
+            everywhere.url("/bench"),
+        ];
+        let mut results = [None; 3];
+        for k in 0..3 {
+            let which = (k + round as usize) % 3;
+            results[which] = Some(wrk(&urls[which], seconds, connections, &[]));
+        }
+        let [Some(b), Some(a), Some(e)] = results else {
+            unreachable!("every configuration ran")
+        };
         eprintln!("round {round}: without {b:?}, with {a:?}, on every route {e:?}");
         let _ = writeln!(
             rows,
@@ -174,7 +186,7 @@ fn filter_cost(report: &mut String) {
         report,
         "Same `envoy/knocker.yaml` with and without the knocker filter (Envoy `--concurrency 1`), \
          same upstream (`knocker echo`), GET requests without Knocker headers; \
-         `wrk -t1 -c{connections} -d{seconds}s --latency`, {rounds} alternating rounds in one run.\n"
+         `wrk -t1 -c{connections} -d{seconds}s --latency`, {rounds} rounds in one run, the order rotating each round.\n"
     );
     let _ = writeln!(
         report,
@@ -206,7 +218,7 @@ fn main() {
     let _ = writeln!(report, "# Benchmarks\n");
     let _ = writeln!(
         report,
-        "Written by `make bench` (`tests/src/bin/bench.rs`); every figure below was measured in the \
+        "Written by `make bench` (`tests/src/bin/bench/`); every figure below was measured in the \
          same run, on: {}. The machine is shared and noisy: compare figures side by side within a \
          run, not across runs.\n",
         machine()
