@@ -207,15 +207,15 @@ impl Settings {
         Ok(())
     }
 
-    /// Settings with every default, for tests and embedding.
+    /// Settings as `knocker serve` with no flags would have them, for tests and embedding.
     pub fn defaults() -> Self {
         #[derive(clap::Parser)]
         struct Wrapper {
             #[command(flatten)]
             settings: Settings,
         }
-        // Parsed from an empty command line, ignoring the process environment would
-        // need clap's env support off; tests that need other values set fields directly.
+        // An empty command line: the defaults, plus whatever the environment sets (tests
+        // that need other values set the fields directly rather than the environment).
         <Wrapper as clap::Parser>::parse_from(["knocker"]).settings
     }
 }

@@ -299,11 +299,11 @@ impl SqliteStore {
                 "jobs in flight at the last stop are pending again"
             );
         }
-        // Checkpoints (copying the WAL into the database file, with its own fsync) run
-        // on their own thread, so they never stall a commit and the receipts behind it.
-        writer
-            .pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(sql_error)?;
+        // WAL checkpoints: a background connection copies the log into the database
+        // file every CHECKPOINT_EVERY (PASSIVE, beside the writer), so that the writer's
+        // own automatic checkpoint (SQLite's default, every 1000 pages) finds little left
+        // to copy. Only the writer's checkpoint lets the log restart from the beginning;
+        // without it the WAL file grows for as long as writes continue.
         let checkpointer = open_connection(&path, &limits).map_err(sql_error)?;
         std::thread::Builder::new()
             .name("knocker-store-checkpoint".into())

@@ -250,7 +250,7 @@ pub fn backlog(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let _ = writeln!(report, "## A backlog of {jobs} pending jobs\n");
     let _ = writeln!(
         report,
-        "{jobs} jobs submitted with delivery off ({:.0} s, {:.0}/s; database {db_mb:.0} MB; resident memory \
+        "{jobs} jobs submitted with delivery off ({:.0} s, {:.0}/s; database {db_mb:.0} MB, write-ahead log {wal_mb:.0} MB; resident memory \
          while accepting {rss_accepting:.0} MB). Restarted with delivery on: first delivery **{:.0} ms** after the \
          process started (goal ≤ 2 s: {}), peak resident memory over the next 10 s of draining **{peak_rss:.0} MB** \
          (goal < 300 MB: {}); {done} delivered in those 10 s.\n",
