@@ -232,6 +232,8 @@ pub fn backlog(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let rss_accepting = cp.pid().map_or(0.0, rss_mb);
     let db_mb =
         std::fs::metadata(cp.dir.join("data/knocker.db")).map_or(0.0, |m| m.len() as f64 / 1e6);
+    let wal_mb =
+        std::fs::metadata(cp.dir.join("data/knocker.db-wal")).map_or(0.0, |m| m.len() as f64 / 1e6);
     cp.set_env("KNOCKER_DELIVERY", "on");
     cp.restart();
     let started = Instant::now();
