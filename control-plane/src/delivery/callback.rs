@@ -57,36 +57,25 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
 mod tests {
     use super::*;
     use crate::delivery::attempt::wire_headers;
+    use crate::job::test_job;
 
     fn job(callback: Option<&str>) -> Job {
-        let mut config = serde_json::Map::new();
-        config.insert("callback".into(), json!(callback));
-        config.insert("id".into(), json!("j1"));
-        Job {
-            id: "j1".into(),
-            kind: Kind::Target,
-            request: Request {
-                method: "PUT".into(),
-                url: "http://t/x?y".into(),
-                headers: vec![
-                    ("content-type".into(), b"text/plain".to_vec()),
-                    ("x-a".into(), b"1".to_vec()),
-                ],
-                body: b"payload".to_vec(),
-            },
-            policy: Policy {
-                timeout: 2.0,
-                retries: 3,
-                backoff_factor: 0.1,
-                callback: callback.map(Into::into),
-            },
-            config,
-            state: State::Failed,
-            attempts: vec![],
-            next_attempt_at: 0,
-            created_at: 0,
-            finished_at: None,
-        }
+        let mut job = test_job("j1", "PUT", "http://t/x?y");
+        job.request.headers = vec![
+            ("content-type".into(), b"text/plain".to_vec()),
+            ("x-a".into(), b"1".to_vec()),
+        ];
+        job.request.body = b"payload".to_vec();
+        job.policy = Policy {
+            timeout: 2.0,
+            retries: 3,
+            backoff_factor: 0.1,
+            callback: callback.map(Into::into),
+        };
+        job.config.insert("callback".into(), json!(callback));
+        job.config.insert("id".into(), json!("j1"));
+        job.state = State::Failed;
+        job
     }
 
     #[test]

@@ -242,7 +242,7 @@ fn log_attempt(job: &Job, number: u32, outcome: &Outcome, next: &Next, now: u64)
 mod tests {
     use super::*;
     use crate::clock::{Clock as _, FixedJitter, TokioClock};
-    use crate::job::{Policy, Request, State};
+    use crate::job::{test_job, Policy, State};
     use crate::store::memory::MemoryStore;
     use parking_lot::Mutex;
 
@@ -272,27 +272,15 @@ mod tests {
     }
 
     fn job(retries: u32, backoff_factor: f64, callback: Option<&str>) -> Job {
+        let policy = Policy {
+            timeout: 1.0,
+            retries,
+            backoff_factor,
+            callback: callback.map(Into::into),
+        };
         Job {
-            id: "j".into(),
-            kind: Kind::Target,
-            request: Request {
-                method: "POST".into(),
-                url: "http://t/".into(),
-                headers: vec![],
-                body: vec![],
-            },
-            policy: Policy {
-                timeout: 1.0,
-                retries,
-                backoff_factor,
-                callback: callback.map(Into::into),
-            },
-            config: serde_json::Map::new(),
-            state: State::Pending,
-            attempts: vec![],
-            next_attempt_at: 0,
-            created_at: 0,
-            finished_at: None,
+            policy,
+            ..test_job("j", "POST", "http://t/")
         }
     }
 

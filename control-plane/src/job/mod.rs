@@ -123,6 +123,33 @@ pub fn authority(url: &str) -> &str {
     &rest[..end]
 }
 
+/// A pending job to `url` with a neutral policy, for tests: set the fields a test needs.
+#[cfg(test)]
+pub(crate) fn test_job(id: &str, method: &str, url: &str) -> Job {
+    Job {
+        id: id.into(),
+        kind: Kind::Target,
+        request: Request {
+            method: method.into(),
+            url: url.into(),
+            headers: vec![],
+            body: vec![],
+        },
+        policy: Policy {
+            timeout: 1.0,
+            retries: 0,
+            backoff_factor: 0.0,
+            callback: None,
+        },
+        config: serde_json::Map::new(),
+        state: State::Pending,
+        attempts: vec![],
+        next_attempt_at: 0,
+        created_at: 0,
+        finished_at: None,
+    }
+}
+
 /// Bodies are bytes; JSON holds them as base64.
 mod body_base64 {
     use base64::engine::general_purpose::STANDARD;
@@ -152,28 +179,8 @@ mod tests {
             vec![0xff, 0, 1],
             (0..=255u8).collect::<Vec<_>>(),
         ] {
-            let job = Job {
-                id: "a".into(),
-                kind: Kind::Target,
-                request: Request {
-                    method: "POST".into(),
-                    url: "http://t/".into(),
-                    headers: vec![],
-                    body,
-                },
-                policy: Policy {
-                    timeout: 1.0,
-                    retries: 0,
-                    backoff_factor: 0.5,
-                    callback: None,
-                },
-                config: serde_json::Map::new(),
-                state: State::Pending,
-                attempts: vec![],
-                next_attempt_at: 0,
-                created_at: 0,
-                finished_at: None,
-            };
+            let mut job = test_job("a", "POST", "http://t/");
+            job.request.body = body;
             let text = serde_json::to_string(&job).unwrap();
             assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), job);
         }

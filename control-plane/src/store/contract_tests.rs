@@ -3,34 +3,25 @@
 use super::memory::MemoryStore;
 use super::sqlite::{Limits, SqliteStore};
 use super::{Inserted, Next, Stats, Store, StoreError};
-use crate::job::{Attempt, Job, Kind, Policy, Request, State};
+use crate::job::{test_job, Attempt, Job, Kind, Policy, State};
 
 fn job(id: &str, host: &str, due: u64) -> Job {
-    Job {
-        id: id.into(),
-        kind: Kind::Target,
-        request: Request {
-            method: "POST".into(),
-            url: format!("http://{host}/p?q=1"),
-            headers: vec![("x-a".into(), vec![0xff, b'1'])],
-            body: vec![0, 1, 2, 255],
-        },
-        policy: Policy {
-            timeout: 1.5,
-            retries: 2,
-            backoff_factor: 0.5,
-            callback: Some("http://cb/".into()),
-        },
-        config: serde_json::json!({"id": id, "knocker-x": "y"})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-        state: State::Pending,
-        attempts: vec![],
-        next_attempt_at: due,
-        created_at: due,
-        finished_at: None,
-    }
+    let mut job = test_job(id, "POST", &format!("http://{host}/p?q=1"));
+    job.request.headers = vec![("x-a".into(), vec![0xff, b'1'])];
+    job.request.body = vec![0, 1, 2, 255];
+    job.policy = Policy {
+        timeout: 1.5,
+        retries: 2,
+        backoff_factor: 0.5,
+        callback: Some("http://cb/".into()),
+    };
+    job.config = serde_json::json!({"id": id, "knocker-x": "y"})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    job.next_attempt_at = due;
+    job.created_at = due;
+    job
 }
 
 fn attempt(at: u64, status: u16) -> Attempt {
