@@ -10,6 +10,19 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
+# Envoy opens its listener before it is ready to serve; its admin /ready says when it is.
+wait_envoy_ready() {
+  for _ in $(seq 1 200); do
+    if exec 3<>/dev/tcp/127.0.0.1/9901 2>/dev/null; then
+      printf 'GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n' >&3
+      local status=""; read -r status <&3 || true; exec 3>&- 3<&-
+      [[ "$status" == *" 200"* ]] && return 0
+    fi
+    sleep 0.1
+  done
+  echo "Envoy did not become ready" >&2; return 1
+}
+
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
 
 for port in 8000 9090 8080 10000 9901; do
@@ -27,7 +40,7 @@ wait_port 8000; wait_port 9090; wait_port 8080
 .tools/venv/bin/envoy -c envoy/knocker.yaml --concurrency 2 -l warning --base-id 7001 \
   2>&1 | grep --line-buffered -v "no configured limit to the number of allowed active downstream" | sed -u 's/^/[envoy] /' &
 pids+=($!)
-wait_port 10000
+wait_envoy_ready
 
 cat <<'MSG'
 
