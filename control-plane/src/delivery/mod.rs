@@ -98,6 +98,9 @@ impl HostLimits {
 
 /// How long to sleep when the store fails, before asking it again.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// First and longest pause between tries to record an outcome the store refused.
+const RECORD_RETRY_FIRST: Duration = Duration::from_millis(100);
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Longest sleep with nothing due (a wake-up comes sooner when a job arrives).
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -186,10 +189,33 @@ impl Delivery {
             error: outcome.error.clone(),
             latency_ms: outcome.latency.as_millis() as u64,
         };
-        if let Err(e) = self.store.finish_attempt(&job, record, next).await {
-            tracing::error!(job_id = %job.id, error = %e, "cannot record the attempt; the job will be attempted again");
-        }
+        self.record(&job, record, next).await;
         self.wake.notify_one();
+    }
+
+    /// Records an attempt's outcome, retrying while the store cannot commit (disk full,
+    /// size cap): giving up would leave the job marked in flight, never attempted again
+    /// before a restart. The attempt's slot stays taken meanwhile, which slows delivery
+    /// down while the store is in trouble.
+    async fn record(&self, job: &Job, attempt: Attempt, next: Next) {
+        let mut wait = RECORD_RETRY_FIRST;
+        loop {
+            match self
+                .store
+                .finish_attempt(job, attempt.clone(), next.clone())
+                .await
+            {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(
+                        job_id = %job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
+                        "cannot record the attempt's outcome; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RECORD_RETRY_MAX);
+                }
+            }
+        }
     }
 
     fn next_step(&self, job: &Job, number: u32, outcome: &Outcome, now: u64) -> Next {
@@ -385,6 +411,116 @@ mod tests {
         let (transport, _, start) = run(job(2, 0.1, None), transport, 0.0, 20.0).await;
         // Retry-After 30 s is longer than the backoff, and capped at 20 s.
         assert_eq!(offsets_ms(&transport, start), [0, 20_000, 40_000]);
+    }
+
+    /// A memory store whose first `refusals` finish_attempt calls fail.
+    struct RefusingStore {
+        inner: MemoryStore,
+        refusals: Mutex<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for RefusingStore {
+        async fn insert(
+            &self,
+            job: Job,
+        ) -> Result<crate::store::Inserted, crate::store::StoreError> {
+            self.inner.insert(job).await
+        }
+        async fn claim_due(
+            &self,
+            now: u64,
+            limit: usize,
+            skip: &[String],
+        ) -> Result<Vec<Job>, crate::store::StoreError> {
+            self.inner.claim_due(now, limit, skip).await
+        }
+        async fn finish_attempt(
+            &self,
+            job: &Job,
+            a: Attempt,
+            n: Next,
+        ) -> Result<(), crate::store::StoreError> {
+            {
+                let mut left = self.refusals.lock();
+                if *left > 0 {
+                    *left -= 1;
+                    return Err(crate::store::StoreError::Unavailable("disk full".into()));
+                }
+            }
+            self.inner.finish_attempt(job, a, n).await
+        }
+        async fn get(&self, id: &str) -> Result<Option<Job>, crate::store::StoreError> {
+            self.inner.get(id).await
+        }
+        async fn next_due(&self) -> Result<Option<u64>, crate::store::StoreError> {
+            self.inner.next_due().await
+        }
+        async fn stats(&self) -> Result<crate::store::Stats, crate::store::StoreError> {
+            self.inner.stats().await
+        }
+        async fn list(
+            &self,
+            s: State,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<Job>, crate::store::StoreError> {
+            self.inner.list(s, after, limit).await
+        }
+        async fn replay(
+            &self,
+            id: &str,
+            now: u64,
+        ) -> Result<Option<Job>, crate::store::StoreError> {
+            self.inner.replay(id, now).await
+        }
+        async fn delete(&self, id: &str) -> Result<bool, crate::store::StoreError> {
+            self.inner.delete(id).await
+        }
+        async fn purge_finished(&self, before: u64) -> Result<u64, crate::store::StoreError> {
+            self.inner.purge_finished(before).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_the_store_refuses_is_recorded_once_it_can() {
+        let store = Arc::new(RefusingStore {
+            inner: MemoryStore::default(),
+            refusals: Mutex::new(3),
+        });
+        let transport = Arc::new(FakeTransport {
+            failures: 0,
+            status: 200,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        });
+        let delivery = Arc::new(Delivery {
+            store: Arc::clone(&store) as Arc<dyn Store>,
+            time: Time {
+                clock: Arc::new(TokioClock::new()),
+                jitter: Arc::new(FixedJitter(0.0)),
+            },
+            transport: Arc::clone(&transport) as Arc<dyn Transport>,
+            wake: Arc::new(Notify::new()),
+            slots: Arc::new(Semaphore::new(4)),
+            backoff_cap_s: 600.0,
+            reporter: None,
+            hosts: HostLimits::new(8),
+        });
+        store.insert(job(0, 0.0, None)).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        assert_eq!(transport.calls.lock().len(), 1, "sent once");
+        let job = store.get("j").await.unwrap().unwrap();
+        assert_eq!(
+            job.state,
+            State::Delivered,
+            "recorded after three refusals, not left in flight"
+        );
+        assert_eq!(job.attempts.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
