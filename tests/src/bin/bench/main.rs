@@ -9,7 +9,8 @@
 //! delivery off and on (wrk), open-loop latency at half the goal rate, drain rate from a
 //! 100,000-job backlog, and a 1,000,000-job backlog (memory, time to first delivery).
 //!
-//! Knobs (environment): `BENCH_FILTER_ROUNDS` (5), `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
+//! Knobs (environment): `BENCH_FILTER_ROUNDS` (15), `BENCH_FILTER_SECONDS` (3),
+//! `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
 //! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000), `BENCH_ONLY`
 //! (`filter`, `accept`, `drain` or `backlog`: run one section).
 
@@ -69,9 +70,10 @@ fn machine() -> String {
 }
 
 fn filter_cost(report: &mut String) {
-    // Five rounds: a p99 median over three was swayed by one noisy round on this machine.
-    let rounds = env_or("BENCH_FILTER_ROUNDS", 5);
-    let seconds = env_or("BENCH_SECONDS", 10);
+    // Many short rounds rather than a few long ones: this machine's noise drifts over
+    // seconds, and a median of three 10 s windows was swung by a single noisy one.
+    let rounds = env_or("BENCH_FILTER_ROUNDS", 15);
+    let seconds = env_or("BENCH_FILTER_SECONDS", 3);
     let connections = env_or("BENCH_CONNECTIONS", 32);
 
     let upstream_port = free_port();
