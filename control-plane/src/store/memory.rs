@@ -124,9 +124,9 @@ impl Store for MemoryStore {
             }
         }
         if job.state == State::Pending {
-            let key = (job.next_attempt_at, 0, job.id.clone());
-            let seq = inner.seqs.get(&key.2).copied().unwrap_or_default();
-            inner.due.insert((key.0, seq, key.2));
+            let due = (job.next_attempt_at, job.id.clone());
+            let seq = inner.seqs.get(&due.1).copied().unwrap_or_default();
+            inner.due.insert((due.0, seq, due.1));
         }
         if let Some(cb) = callback_job {
             if !inner.jobs.contains_key(&cb.id) {

@@ -193,12 +193,18 @@ impl Counts {
 struct Deltas([i64; 4]);
 
 impl Deltas {
+    /// `n` jobs more (or fewer, when negative) in `state`.
+    fn add(&mut self, state: State, n: i64) {
+        self.0[state_code(state) as usize] += n;
+    }
+
+    /// One job moved from a state (none: it is new) to another (none: it is gone).
     fn moved(&mut self, from: Option<State>, to: Option<State>) {
         if let Some(f) = from {
-            self.0[state_code(f) as usize] -= 1;
+            self.add(f, -1);
         }
         if let Some(t) = to {
-            self.0[state_code(t) as usize] += 1;
+            self.add(t, 1);
         }
     }
 
@@ -370,8 +376,8 @@ fn recover(conn: &Connection, counts: &Counts) -> rusqlite::Result<usize> {
     let recovered = tx.execute("UPDATE jobs SET state = 0 WHERE state = 1", [])?;
     if recovered > 0 {
         let mut deltas = Deltas::default();
-        deltas.0[0] = recovered as i64;
-        deltas.0[1] = -(recovered as i64);
+        deltas.add(State::InFlight, -(recovered as i64));
+        deltas.add(State::Pending, recovered as i64);
         deltas.store(&tx)?;
     }
     {
@@ -627,9 +633,7 @@ fn execute(
                 let n = tx
                     .prepare_cached("DELETE FROM jobs WHERE state = ?1 AND finished_at < ?2")?
                     .execute(params![state_code(state), *before as i64])?;
-                for _ in 0..n {
-                    deltas.moved(Some(state), None);
-                }
+                deltas.add(state, -(n as i64));
                 removed += n as u64;
             }
             Outcome::Purged(removed)
