@@ -1,39 +1,13 @@
 //! Durable jobs: acceptance rate, latency at a fixed rate, drain rate, a large backlog.
 
 use std::fmt::Write as _;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use knocker_e2e::process::knocker_bin;
-use knocker_e2e::{free_port, ControlPlane, Envoy, EnvoyOptions};
+use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions};
 use serde_json::Value;
 
-use crate::env_or;
 use crate::load::{fixed_rate, median, submit_n, wrk, RateResult, WrkResult};
-
-/// `knocker echo --quiet`: the sink deliveries go to.
-struct Sink(Child, u16);
-
-impl Sink {
-    fn start() -> Self {
-        let port = free_port();
-        let child = Command::new(knocker_bin())
-            .args(["echo", "--quiet", "--addr", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start knocker echo");
-        std::thread::sleep(Duration::from_millis(300));
-        Self(child, port)
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::{env_or, Echo};
 
 fn status(cp: &ControlPlane) -> Value {
     reqwest::blocking::get(cp.url("/knocker/status"))
@@ -56,9 +30,9 @@ fn rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn knocker_headers(sink: &Sink) -> Vec<(&'static str, String)> {
+fn knocker_headers(sink: &Echo) -> Vec<(&'static str, String)> {
     vec![
-        ("Knocker-Host", format!("127.0.0.1:{}", sink.1)),
+        ("Knocker-Host", format!("127.0.0.1:{}", sink.port)),
         ("Knocker-Scheme", "http".into()),
     ]
 }
@@ -74,7 +48,7 @@ fn row(report: &mut String, what: &str, r: &WrkResult, goal: &str) {
 pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let seconds = env_or("BENCH_SECONDS", 10);
     let rounds = env_or("BENCH_ROUNDS", 3);
-    let sink = Sink::start();
+    let sink = Echo::start();
     let headers = knocker_headers(&sink);
     let env_off = [("LOG_LEVEL", "warning"), ("KNOCKER_DELIVERY", "off")];
     let env_on = [("LOG_LEVEL", "warning")];
@@ -86,7 +60,7 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
             &EnvoyOptions {
                 grpc_port: cp.grpc_port,
                 http_port: cp.http_port,
-                upstream_port: sink.1,
+                upstream_port: sink.port,
                 ..Default::default()
             },
         )
@@ -182,7 +156,7 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
 
 pub fn drain(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let backlog = env_or("BENCH_DRAIN_JOBS", 100_000) as usize;
-    let sink = Sink::start();
+    let sink = Echo::start();
     let headers = knocker_headers(&sink);
     let mut cp = ControlPlane::start(&[("LOG_LEVEL", "warning"), ("KNOCKER_DELIVERY", "off")]);
     let took = runtime.block_on(submit_n(&cp.url("/drain"), backlog, 64, &headers));
@@ -223,7 +197,7 @@ pub fn drain(report: &mut String, runtime: &tokio::runtime::Runtime) {
 
 pub fn backlog(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let jobs = env_or("BENCH_BACKLOG_JOBS", 1_000_000) as usize;
-    let sink = Sink::start();
+    let sink = Echo::start();
     let headers = knocker_headers(&sink);
     let mut cp = ControlPlane::start(&[("LOG_LEVEL", "warning"), ("KNOCKER_DELIVERY", "off")]);
     let took = runtime.block_on(submit_n(&cp.url("/backlog"), jobs, 64, &headers));

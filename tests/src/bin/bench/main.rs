@@ -34,11 +34,31 @@ pub fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Upstream(Child);
-impl Drop for Upstream {
+/// `knocker echo --quiet` on a free port: the upstream of the filter benchmark and the
+/// sink the job benchmarks deliver to. Stopped when dropped.
+pub struct Echo {
+    child: Child,
+    pub port: u16,
+}
+
+impl Echo {
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new(knocker_bin())
+            .args(["echo", "--quiet", "--addr", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start knocker echo");
+        std::thread::sleep(Duration::from_millis(300));
+        Self { child, port }
+    }
+}
+
+impl Drop for Echo {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -76,21 +96,8 @@ fn filter_cost(report: &mut String) {
     let seconds = env_or("BENCH_FILTER_SECONDS", 3);
     let connections = env_or("BENCH_CONNECTIONS", 32);
 
-    let upstream_port = free_port();
-    let upstream = Upstream(
-        Command::new(knocker_bin())
-            .args([
-                "echo",
-                "--quiet",
-                "--addr",
-                &format!("127.0.0.1:{upstream_port}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start knocker echo"),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let upstream = Echo::start();
+    let upstream_port = upstream.port;
     let cp = ControlPlane::start(&[("LOG_LEVEL", "warning")]);
     let options = EnvoyOptions {
         grpc_port: cp.grpc_port,
