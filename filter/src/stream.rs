@@ -149,8 +149,9 @@ impl Stream {
         self.answer(host, &response);
     }
 
-    /// True while the stream waits for the control plane (used by tests and the glue).
-    pub fn is_waiting(&self) -> bool {
+    /// True while the stream waits for the control plane.
+    #[cfg(test)]
+    pub(crate) fn is_waiting(&self) -> bool {
         matches!(self.state, State::Waiting { .. })
     }
 

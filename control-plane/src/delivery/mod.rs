@@ -316,8 +316,25 @@ mod tests {
         jitter: f64,
         cap: f64,
     ) -> (Arc<FakeTransport>, Arc<dyn Store>, tokio::time::Instant) {
+        run_on(
+            Arc::new(MemoryStore::default()),
+            job,
+            transport,
+            jitter,
+            cap,
+        )
+        .await
+    }
+
+    /// Runs the delivery loop over `store` for an hour of virtual time with `job` in it.
+    async fn run_on(
+        store: Arc<dyn Store>,
+        job: Job,
+        transport: FakeTransport,
+        jitter: f64,
+        cap: f64,
+    ) -> (Arc<FakeTransport>, Arc<dyn Store>, tokio::time::Instant) {
         let clock = TokioClock::new();
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let transport = Arc::new(transport);
         let delivery = Arc::new(Delivery {
             store: Arc::clone(&store),
@@ -484,35 +501,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_outcome_the_store_refuses_is_recorded_once_it_can() {
-        let store = Arc::new(RefusingStore {
+        let store: Arc<dyn Store> = Arc::new(RefusingStore {
             inner: MemoryStore::default(),
             refusals: Mutex::new(3),
         });
-        let transport = Arc::new(FakeTransport {
+        let transport = FakeTransport {
             failures: 0,
             status: 200,
             retry_after_s: None,
             calls: Mutex::default(),
-        });
-        let delivery = Arc::new(Delivery {
-            store: Arc::clone(&store) as Arc<dyn Store>,
-            time: Time {
-                clock: Arc::new(TokioClock::new()),
-                jitter: Arc::new(FixedJitter(0.0)),
-            },
-            transport: Arc::clone(&transport) as Arc<dyn Transport>,
-            wake: Arc::new(Notify::new()),
-            slots: Arc::new(Semaphore::new(4)),
-            backoff_cap_s: 600.0,
-            reporter: None,
-            hosts: HostLimits::new(8),
-        });
-        store.insert(job(0, 0.0, None)).await.unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        shutdown.cancel();
-        task.await.unwrap();
+        };
+        let (transport, store, _) = run_on(store, job(0, 0.0, None), transport, 0.0, 600.0).await;
         assert_eq!(transport.calls.lock().len(), 1, "sent once");
         let job = store.get("j").await.unwrap().unwrap();
         assert_eq!(
