@@ -102,8 +102,14 @@ pub fn view(job: &Job) -> Value {
         "attempts": job.attempts.iter().map(|a| json!({
             "at": time(a.at), "status": a.status, "error": a.error, "latency_ms": a.latency_ms,
         })).collect::<Vec<_>>(),
-        "attempts_left": (job.policy.retries as usize + 1).saturating_sub(job.attempts.len()),
-        "next_attempt_at": (job.state == JobState::Pending).then(|| time(job.next_attempt_at)),
+        // Unbounded (a rule with only a maximum age): null.
+        "attempts_left": (job.policy.retries != u32::MAX)
+            .then(|| (job.policy.retries as usize + 1).saturating_sub(job.attempts.len())),
+        "next_attempt_at": (job.state == JobState::Pending && !job.is_parked())
+            .then(|| time(job.next_attempt_at)),
+        "expires_at": job.policy.deadline.map(time),
+        "lane": job.lane,
+        "waiting_in_lane": job.is_parked(),
         "created_at": time(job.created_at),
         "finished_at": job.finished_at.map(time),
     })
@@ -251,7 +257,7 @@ async fn delete(
     Path(id): Path<String>,
 ) -> ApiResult {
     authorized(&ingress, &headers)?;
-    if !ingress.store.delete(&id).await? {
+    if !ingress.store.delete(&id, ingress.time.now_ms()).await? {
         return Err(ApiError::no_job());
     }
     Ok(Json(json!({"status": true, "deleted": id})))

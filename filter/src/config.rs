@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use crate::rules::Rule;
+
 /// Validated plugin configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -15,6 +17,9 @@ pub struct PluginConfig {
     /// The `Retry-After` (seconds) sent with a 503 when the control plane is unavailable.
     #[serde(default = "default_retry_after_s")]
     pub retry_after_s: u32,
+    /// Capture and fallback rules for requests without `Knocker-Host` (see `rules`).
+    #[serde(default)]
+    pub rules: Vec<Rule>,
 }
 
 fn default_cluster() -> String {
@@ -33,6 +38,7 @@ impl Default for PluginConfig {
             cluster: default_cluster(),
             timeout_ms: default_timeout_ms(),
             retry_after_s: default_retry_after_s(),
+            rules: Vec::new(),
         }
     }
 }
@@ -63,6 +69,16 @@ impl PluginConfig {
                 self.timeout_ms
             ));
         }
+        for (i, rule) in self.rules.iter().enumerate() {
+            rule.validate(i)
+                .map_err(|e| format!("invalid knocker plugin configuration: {e}"))?;
+            if self.rules.iter().take(i).any(|r| r.name == rule.name) {
+                return Err(format!(
+                    "invalid knocker plugin configuration: `rules[{i}].name` `{}` is used twice",
+                    rule.name
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -88,7 +104,8 @@ mod tests {
             Some(PluginConfig {
                 cluster: "cp".into(),
                 timeout_ms: 500,
-                retry_after_s: 3
+                retry_after_s: 3,
+                rules: vec![],
             })
         );
     }
@@ -112,5 +129,33 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("cluster"), "{e}");
         assert!(PluginConfig::parse(b"{").is_err());
+    }
+
+    #[test]
+    fn rules_are_validated_with_their_index() {
+        let ok = PluginConfig::parse(
+            br#"{"rules":[{"name":"a","mode":"capture","delivery":{"target":"http://t"}},
+                          {"name":"b","mode":"fallback","delivery":{"target":"http://u"}}]}"#,
+        );
+        assert_eq!(ok.map(|c| c.rules.len()), Ok(2));
+        let e = PluginConfig::parse(
+            br#"{"rules":[{"name":"a","mode":"capture","delivery":{"target":"http://t"}},
+                          {"name":"a","mode":"capture","delivery":{"target":"http://t"}}]}"#,
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(e.contains("rules[1].name"), "{e}");
+        let e = PluginConfig::parse(
+            br#"{"rules":[{"name":"a","mode":"mirror","delivery":{"target":"http://t"}}]}"#,
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(e.contains("mirror"), "{e}");
+        let e = PluginConfig::parse(
+            br#"{"rules":[{"name":"a","mode":"capture","delivery":{"target":"http://t","retry":1}}]}"#,
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(e.contains("retry"), "{e}");
     }
 }

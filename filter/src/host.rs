@@ -11,8 +11,20 @@ pub trait Host {
     fn has_knocker_header(&self) -> bool;
     /// All request headers, pseudo-headers included. `None` when Envoy refuses.
     fn request_headers(&self) -> Option<Vec<HeaderPair>>;
-    /// The buffered request body (`size` bytes from the start).
+    /// One request header's value (pseudo-headers such as `:path` included).
+    fn request_header(&self, name: &str) -> Option<String>;
+    /// The buffered request body (`size` bytes from the start); while the body streams
+    /// on, the chunk Envoy is passing.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// The response's `:status`.
+    fn response_status(&self) -> Option<u32>;
+    /// Envoy's `response.code_details`: `via_upstream` when the upstream answered,
+    /// `upstream_reset_…`, `upstream_response_timeout`, … when Envoy did.
+    fn response_code_details(&self) -> Option<String>;
+    /// Sets a response header (while the response headers are being processed).
+    fn set_response_header(&self, name: &str, value: &str);
+    /// Lets a paused response go on to the client.
+    fn resume_response(&self);
     /// The downstream peer, `ip:port`.
     fn downstream_address(&self) -> Option<String>;
     /// Starts the unary gRPC call; returns its token. The error is a printable reason.

@@ -10,6 +10,7 @@
 //! Layout:
 //! - [`config`] — the plugin configuration (JSON), validated in `on_configure`.
 //! - [`classify`] — is this a Knocker request? (the hot path).
+//! - [`rules`] — capture and fallback rules: which requests, which delivery policy.
 //! - [`message`] — builds the `SubmitRequest` from the request.
 //! - [`reply`] — turns the control plane's answer, or its absence, into a response.
 //! - [`host`] — the small trait the logic needs from Envoy.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod host;
 pub mod message;
 pub mod reply;
+pub mod rules;
 pub mod stream;
 
 // Compiled on every target so clippy and the native build check the glue too; only

@@ -72,6 +72,20 @@ pub fn from_grpc(
     }
 }
 
+/// A one-line reason from an error response: its first JSON error, else its status.
+pub fn error_text(response: &Response) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+    let first = body
+        .get("errors")
+        .and_then(serde_json::Value::as_object)
+        .and_then(|errors| errors.iter().next())
+        .and_then(|(field, messages)| {
+            let message = messages.get(0)?.as_str()?;
+            Some(format!("{field}: {message}"))
+        });
+    first.unwrap_or_else(|| format!("the control plane answered {}", response.status))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +134,12 @@ mod tests {
         }
         let r = from_grpc(14, None, Some("upstream connect error"), 2);
         assert!(String::from_utf8_lossy(&r.body).contains("upstream connect error"));
+        assert!(error_text(&r).starts_with("knocker: Knocker control plane unavailable"));
+        let bare = Response {
+            status: 500,
+            headers: vec![],
+            body: b"oops".to_vec(),
+        };
+        assert_eq!(error_text(&bare), "the control plane answered 500");
     }
 }

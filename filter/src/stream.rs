@@ -1,14 +1,21 @@
 //! One HTTP stream through the filter, as a state machine over [`Host`].
+//!
+//! - Knocker requests (`Knocker-Host`) and `capture` rules: the whole request is
+//!   buffered, submitted, and answered with the control plane's reply.
+//! - `fallback` rules: the request goes upstream as usual while the filter keeps a copy
+//!   (up to the rule's buffer limit); a retryable failure is replaced by the control
+//!   plane's `202` receipt, anything else passes through untouched.
 
 use std::time::Duration;
 
-use knocker_proto::v1::Mode;
+use knocker_proto::v1::{Mode, SubmitRequest};
 use prost::Message;
 
 use crate::config::PluginConfig;
-use crate::host::Host;
+use crate::host::{HeaderPair, Host};
 use crate::message::submit_request;
 use crate::reply::{self, Response};
+use crate::rules::{RequestView, RuleMode};
 
 /// What Envoy should do with the stream after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,18 +24,34 @@ pub enum Action {
     Pause,
 }
 
+/// The response header that tells a fallback request's caller why the filter let an
+/// upstream failure through.
+pub const FALLBACK_HEADER: &str = "knocker-fallback";
+
 #[derive(Debug, Default)]
 enum State {
     /// Not ours (or not yet looked at): Envoy carries on.
     #[default]
     PassThrough,
-    /// A Knocker request whose body is still arriving.
+    /// A Knocker or capture request whose body is still arriving.
     Buffering {
-        headers: Vec<crate::host::HeaderPair>,
+        headers: Vec<HeaderPair>,
+        rule: Option<usize>,
     },
-    /// The gRPC call is out; the client waits.
-    Waiting { token: u32 },
-    /// A local response was sent.
+    /// A fallback request streaming upstream; the filter keeps a copy.
+    Shadowing {
+        headers: Vec<HeaderPair>,
+        rule: usize,
+        body: Vec<u8>,
+        /// The body went over the rule's buffer limit: the copy was dropped.
+        overflow: bool,
+        /// The whole request has been seen.
+        complete: bool,
+    },
+    /// The gRPC call is out; the client waits. `fallback`: the upstream's failed
+    /// response is paused behind it.
+    Waiting { token: u32, fallback: bool },
+    /// A local response was sent, or the response is on its way.
     Answered,
 }
 
@@ -44,17 +67,42 @@ impl Stream {
         config: &PluginConfig,
         end_of_stream: bool,
     ) -> Action {
-        if !host.has_knocker_header() {
+        let knocker = host.has_knocker_header();
+        if config.rules.is_empty() && !knocker {
+            return Action::Continue;
+        }
+        let rule = if knocker && host.request_header("knocker-host").is_some() {
+            None
+        } else {
+            match_rule(host, config)
+        };
+        if rule.is_none() && !knocker {
             return Action::Continue;
         }
         let Some(headers) = host.request_headers() else {
             host.warn("knocker: request headers unavailable; passing the request through");
             return Action::Continue;
         };
+        let fallback = rule.filter(|i| {
+            config
+                .rules
+                .get(*i)
+                .is_some_and(|r| r.mode == RuleMode::Fallback)
+        });
+        if let Some(rule) = fallback {
+            self.state = State::Shadowing {
+                headers,
+                rule,
+                body: Vec::new(),
+                overflow: false,
+                complete: end_of_stream,
+            };
+            return Action::Continue;
+        }
         if end_of_stream {
-            self.submit(host, config, headers, Vec::new());
+            self.submit(host, config, headers, Vec::new(), rule, 0);
         } else {
-            self.state = State::Buffering { headers };
+            self.state = State::Buffering { headers, rule };
         }
         Action::Pause
     }
@@ -66,11 +114,36 @@ impl Stream {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
-        match self.state {
+        match &mut self.state {
             State::PassThrough => Action::Continue,
+            State::Shadowing {
+                rule,
+                body,
+                overflow,
+                complete,
+                ..
+            } => {
+                let limit = config
+                    .rules
+                    .get(*rule)
+                    .map_or(0, crate::rules::Rule::buffer_limit_bytes);
+                if !*overflow && body_size > 0 {
+                    match host.request_body(body_size) {
+                        Some(chunk) if body.len() + chunk.len() <= limit => {
+                            body.extend_from_slice(&chunk);
+                        }
+                        _ => {
+                            *overflow = true;
+                            *body = Vec::new();
+                        }
+                    }
+                }
+                *complete |= end_of_stream;
+                Action::Continue
+            }
             State::Buffering { .. } if !end_of_stream => Action::Pause, // Envoy keeps buffering
             State::Buffering { .. } => {
-                let State::Buffering { headers } = std::mem::take(&mut self.state) else {
+                let State::Buffering { headers, rule } = std::mem::take(&mut self.state) else {
                     return Action::Pause;
                 };
                 let body = if body_size == 0 {
@@ -90,7 +163,7 @@ impl Stream {
                         }
                     }
                 };
-                self.submit(host, config, headers, body);
+                self.submit(host, config, headers, body, rule, 0);
                 Action::Pause
             }
             State::Waiting { .. } | State::Answered => Action::Pause,
@@ -104,13 +177,86 @@ impl Stream {
         config: &PluginConfig,
         body_size: usize,
     ) -> Action {
-        if matches!(self.state, State::Buffering { .. }) {
-            return self.on_request_body(host, config, body_size, true);
+        match &mut self.state {
+            State::Buffering { .. } => self.on_request_body(host, config, body_size, true),
+            State::PassThrough => Action::Continue,
+            State::Shadowing { complete, .. } => {
+                *complete = true;
+                Action::Continue
+            }
+            State::Waiting { .. } | State::Answered => Action::Pause,
         }
-        if matches!(self.state, State::PassThrough) {
-            Action::Continue
-        } else {
-            Action::Pause
+    }
+
+    /// A fallback request's response: a retryable failure is handed to the control plane
+    /// (the response waits); anything else goes on.
+    pub fn on_response_headers<H: Host>(&mut self, host: &H, config: &PluginConfig) -> Action {
+        let State::Shadowing {
+            rule,
+            overflow,
+            complete,
+            ..
+        } = &self.state
+        else {
+            return match self.state {
+                State::Waiting { fallback: true, .. } => Action::Pause,
+                _ => Action::Continue,
+            };
+        };
+        let Some(rule_config) = config.rules.get(*rule) else {
+            return Action::Continue;
+        };
+        let status = host.response_status().unwrap_or(0);
+        let details = host.response_code_details().unwrap_or_default();
+        let from_upstream = details == "via_upstream";
+        // Envoy answered for an upstream that reset, timed out or was not there.
+        let upstream_failed = !from_upstream
+            && (details.starts_with("upstream_") || details == "no_healthy_upstream");
+        let retryable =
+            upstream_failed || (from_upstream && rule_config.retry_on().contains(&status));
+        if *overflow {
+            let limit = rule_config.buffer_limit_bytes();
+            host.set_response_header(
+                FALLBACK_HEADER,
+                &format!("off; the request body is over the {limit}-byte buffer limit"),
+            );
+            self.state = State::Answered;
+            return Action::Continue;
+        }
+        if !retryable {
+            self.state = State::Answered;
+            return Action::Continue;
+        }
+        if !*complete {
+            host.set_response_header(
+                FALLBACK_HEADER,
+                "off; the upstream failed before the request body ended",
+            );
+            self.state = State::Answered;
+            return Action::Continue;
+        }
+        let State::Shadowing {
+            headers,
+            rule,
+            body,
+            ..
+        } = std::mem::take(&mut self.state)
+        else {
+            return Action::Continue;
+        };
+        let upstream_status = if from_upstream { status } else { 0 };
+        self.submit(host, config, headers, body, Some(rule), upstream_status);
+        match self.state {
+            State::Waiting { .. } => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    /// Body of a response paused behind a fallback submission: held until it is decided.
+    pub fn on_response_body(&self) -> Action {
+        match self.state {
+            State::Waiting { fallback: true, .. } => Action::Pause,
+            _ => Action::Continue,
         }
     }
 
@@ -122,7 +268,10 @@ impl Stream {
         grpc_status: u32,
         response_size: usize,
     ) {
-        if !matches!(self.state, State::Waiting { token: t } if t == token) {
+        let State::Waiting { token: t, fallback } = self.state else {
+            return;
+        };
+        if t != token {
             return;
         }
         let body = if grpc_status == 0 {
@@ -143,8 +292,19 @@ impl Stream {
         );
         if response.status == 503 && grpc_status != 0 {
             host.warn(&format!(
-                "knocker: control plane call failed (gRPC status {grpc_status}); answered 503"
+                "knocker: control plane call failed (gRPC status {grpc_status})"
             ));
+        }
+        if fallback && !(200..300).contains(&response.status) {
+            // No receipt: the caller gets the upstream's own answer, and why.
+            let reason = reply::error_text(&response);
+            host.set_response_header(
+                FALLBACK_HEADER,
+                &format!("failed; {}", header_safe(&reason)),
+            );
+            self.state = State::Answered;
+            host.resume_response();
+            return;
         }
         self.answer(host, &response);
     }
@@ -159,19 +319,39 @@ impl Stream {
         &mut self,
         host: &H,
         config: &PluginConfig,
-        headers: Vec<crate::host::HeaderPair>,
+        headers: Vec<HeaderPair>,
         body: Vec<u8>,
+        rule: Option<usize>,
+        upstream_status: u32,
     ) {
-        let mut request = submit_request(headers, Mode::Knocker, "");
+        let rule = rule.and_then(|i| config.rules.get(i));
+        let mut request: SubmitRequest = match rule {
+            None => submit_request(headers, Mode::Knocker, ""),
+            Some(r) => {
+                let mut request = submit_request(headers, r.mode.proto(), &r.name);
+                request.policy = Some(r.policy());
+                request
+            }
+        };
+        let fallback = rule.is_some_and(|r| r.mode == RuleMode::Fallback);
         request.body = body;
+        request.upstream_status = upstream_status;
         request.downstream_address = host.downstream_address().unwrap_or_default();
         let message = request.encode_to_vec();
         let timeout = Duration::from_millis(config.timeout_ms);
         match host.dispatch_submit(&config.cluster, &message, timeout) {
-            Ok(token) => self.state = State::Waiting { token },
+            Ok(token) => self.state = State::Waiting { token, fallback },
             Err(reason) => {
                 host.warn(&format!("knocker: cannot call the control plane: {reason}"));
-                self.answer(host, &Response::unavailable(&reason, config.retry_after_s));
+                if fallback {
+                    host.set_response_header(
+                        FALLBACK_HEADER,
+                        &format!("failed; {}", header_safe(&reason)),
+                    );
+                    self.state = State::Answered;
+                } else {
+                    self.answer(host, &Response::unavailable(&reason, config.retry_after_s));
+                }
             }
         }
     }
@@ -187,13 +367,47 @@ impl Stream {
     }
 }
 
+/// The first rule that selects the request (none carrying `x-knocker`: Knocker's own
+/// deliveries are never taken over again).
+fn match_rule<H: Host>(host: &H, config: &PluginConfig) -> Option<usize> {
+    if config.rules.is_empty() || host.request_header("x-knocker").is_some() {
+        return None;
+    }
+    let authority = host.request_header(":authority").unwrap_or_default();
+    let path = host.request_header(":path").unwrap_or_default();
+    let method = host.request_header(":method").unwrap_or_default();
+    let view = RequestView {
+        authority: &authority,
+        path: &path,
+        method: &method,
+    };
+    config
+        .rules
+        .iter()
+        .position(|r| r.matches(view, |name| host.request_header(name).is_some()))
+}
+
+/// A header value: printable ASCII only, bounded.
+fn header_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .take(200)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::classify::has_knocker_header;
-    use crate::host::HeaderPair;
-    use knocker_proto::v1::{Header, SubmitReply, SubmitRequest};
+    use knocker_proto::v1::{Header, SubmitReply};
     use std::cell::RefCell;
+    use std::collections::VecDeque;
 
     type Sent = (u32, Vec<(String, String)>, Vec<u8>);
 
@@ -203,9 +417,15 @@ mod tests {
         body: Vec<u8>,
         dispatch_error: Option<String>,
         grpc_reply: Vec<u8>,
+        /// Body chunks of a streaming request, handed out one per `request_body` call.
+        chunks: RefCell<VecDeque<Vec<u8>>>,
+        status: u32,
+        details: String,
         dispatched: RefCell<Vec<(String, Vec<u8>, Duration)>>,
         sent: RefCell<Vec<Sent>>,
         warnings: RefCell<Vec<String>>,
+        response_headers: RefCell<Vec<(String, String)>>,
+        resumed: RefCell<bool>,
     }
 
     impl Host for FakeHost {
@@ -215,8 +435,31 @@ mod tests {
         fn request_headers(&self) -> Option<Vec<HeaderPair>> {
             Some(self.headers.clone())
         }
+        fn request_header(&self, name: &str) -> Option<String> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        }
         fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+            if let Some(chunk) = self.chunks.borrow_mut().pop_front() {
+                return Some(chunk);
+            }
             self.body.get(..size).map(<[u8]>::to_vec)
+        }
+        fn response_status(&self) -> Option<u32> {
+            Some(self.status)
+        }
+        fn response_code_details(&self) -> Option<String> {
+            Some(self.details.clone())
+        }
+        fn set_response_header(&self, name: &str, value: &str) {
+            self.response_headers
+                .borrow_mut()
+                .push((name.into(), value.into()));
+        }
+        fn resume_response(&self) {
+            *self.resumed.borrow_mut() = true;
         }
         fn downstream_address(&self) -> Option<String> {
             Some("127.0.0.1:5555".into())
@@ -404,5 +647,206 @@ mod tests {
         s.on_request_body(&host, &config, 3, false);
         assert_eq!(s.on_request_trailers(&host, &config, 3), Action::Pause);
         assert!(s.is_waiting());
+    }
+
+    fn rules_config() -> PluginConfig {
+        PluginConfig::parse(
+            br#"{"rules":[
+              {"name":"cap","mode":"capture","match":{"path_prefix":"/orders"},
+               "delivery":{"target":"http://t:1","ordered":true}},
+              {"name":"fb","mode":"fallback","match":{"path_prefix":"/api"},
+               "delivery":{"target":"http://u:2"},"buffer_limit_bytes":8}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn with_path(path: &str, extra: &[(&str, &str)]) -> Vec<HeaderPair> {
+        let mut h = request(extra);
+        for (n, v) in &mut h {
+            if n == ":path" {
+                *v = path.as_bytes().to_vec();
+            }
+        }
+        h
+    }
+
+    fn dispatched_request(host: &FakeHost) -> SubmitRequest {
+        let dispatched = host.dispatched.borrow();
+        let message = dispatched.first().map(|d| d.1.clone()).unwrap_or_default();
+        SubmitRequest::decode(message.as_slice()).unwrap()
+    }
+
+    fn receipt() -> Vec<u8> {
+        SubmitReply {
+            status: 202,
+            headers: vec![],
+            body: b"{}".to_vec(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn capture_rule_buffers_and_submits_with_its_policy() {
+        let host = FakeHost {
+            headers: with_path("/orders/7", &[]),
+            body: b"data".to_vec(),
+            ..Default::default()
+        };
+        let config = rules_config();
+        let mut s = Stream::default();
+        assert_eq!(s.on_request_headers(&host, &config, false), Action::Pause);
+        assert_eq!(s.on_request_body(&host, &config, 4, true), Action::Pause);
+        let req = dispatched_request(&host);
+        assert_eq!(req.mode, Mode::Capture as i32);
+        assert_eq!(req.rule, "cap");
+        assert_eq!(req.body, b"data");
+        let policy = req.policy.unwrap();
+        assert_eq!(policy.target, "http://t:1");
+        assert!(policy.ordered);
+    }
+
+    #[test]
+    fn knocker_host_wins_over_rules_and_x_knocker_skips_them() {
+        let config = rules_config();
+        let host = FakeHost {
+            headers: with_path("/orders", &[("knocker-host", "k")]),
+            ..Default::default()
+        };
+        let mut s = Stream::default();
+        s.on_request_headers(&host, &config, true);
+        assert_eq!(dispatched_request(&host).mode, Mode::Knocker as i32);
+
+        let host = FakeHost {
+            headers: with_path("/orders", &[("x-knocker", "1.0")]),
+            ..Default::default()
+        };
+        let mut s = Stream::default();
+        assert_eq!(s.on_request_headers(&host, &config, true), Action::Continue);
+        assert!(host.dispatched.borrow().is_empty());
+
+        let host = FakeHost {
+            headers: with_path("/elsewhere", &[]),
+            ..Default::default()
+        };
+        let mut s = Stream::default();
+        assert_eq!(s.on_request_headers(&host, &config, true), Action::Continue);
+    }
+
+    #[test]
+    fn fallback_passes_a_success_through_untouched() {
+        let host = FakeHost {
+            headers: with_path("/api/x", &[]),
+            chunks: RefCell::new(VecDeque::from([b"abc".to_vec()])),
+            status: 200,
+            details: "via_upstream".into(),
+            ..Default::default()
+        };
+        let config = rules_config();
+        let mut s = Stream::default();
+        assert_eq!(
+            s.on_request_headers(&host, &config, false),
+            Action::Continue
+        );
+        assert_eq!(s.on_request_body(&host, &config, 3, true), Action::Continue);
+        assert_eq!(s.on_response_headers(&host, &config), Action::Continue);
+        assert_eq!(s.on_response_body(), Action::Continue);
+        assert!(host.dispatched.borrow().is_empty());
+        assert!(host.response_headers.borrow().is_empty());
+    }
+
+    #[test]
+    fn fallback_hands_a_failed_request_over_with_its_body() {
+        for (status, details, upstream_status) in [
+            (503, "via_upstream", 503),
+            (
+                503,
+                "upstream_reset_before_response_started{connection_failure}",
+                0,
+            ),
+            (504, "upstream_response_timeout", 0),
+        ] {
+            let host = FakeHost {
+                headers: with_path("/api/x", &[]),
+                chunks: RefCell::new(VecDeque::from([b"abc".to_vec(), b"de".to_vec()])),
+                status,
+                details: details.into(),
+                grpc_reply: receipt(),
+                ..Default::default()
+            };
+            let config = rules_config();
+            let mut s = Stream::default();
+            s.on_request_headers(&host, &config, false);
+            assert_eq!(
+                s.on_request_body(&host, &config, 3, false),
+                Action::Continue
+            );
+            assert_eq!(s.on_request_body(&host, &config, 2, true), Action::Continue);
+            assert_eq!(s.on_response_headers(&host, &config), Action::Pause);
+            assert_eq!(s.on_response_body(), Action::Pause);
+            let req = dispatched_request(&host);
+            assert_eq!(req.mode, Mode::Fallback as i32);
+            assert_eq!(req.body, b"abcde");
+            assert_eq!(req.upstream_status, upstream_status);
+            s.on_grpc_response(&host, &config, 7, 0, host.grpc_reply.len());
+            assert_eq!(host.sent.borrow().first().map(|r| r.0), Some(202));
+        }
+    }
+
+    #[test]
+    fn fallback_lets_the_error_through_when_the_control_plane_fails() {
+        let host = FakeHost {
+            headers: with_path("/api/x", &[]),
+            status: 502,
+            details: "via_upstream".into(),
+            ..Default::default()
+        };
+        let config = rules_config();
+        let mut s = Stream::default();
+        s.on_request_headers(&host, &config, true);
+        assert_eq!(s.on_response_headers(&host, &config), Action::Pause);
+        s.on_grpc_response(&host, &config, 7, 14, 0);
+        assert!(host.sent.borrow().is_empty(), "no local reply");
+        assert!(*host.resumed.borrow());
+        let headers = host.response_headers.borrow();
+        let (name, value) = headers.first().cloned().unwrap_or_default();
+        assert_eq!(name, FALLBACK_HEADER);
+        assert!(value.starts_with("failed; "), "{value}");
+    }
+
+    #[test]
+    fn fallback_over_the_buffer_limit_says_so() {
+        let host = FakeHost {
+            headers: with_path("/api/x", &[]),
+            chunks: RefCell::new(VecDeque::from([b"12345".to_vec(), b"6789".to_vec()])),
+            status: 503,
+            details: "via_upstream".into(),
+            ..Default::default()
+        };
+        let config = rules_config();
+        let mut s = Stream::default();
+        s.on_request_headers(&host, &config, false);
+        s.on_request_body(&host, &config, 5, false);
+        s.on_request_body(&host, &config, 4, true);
+        assert_eq!(s.on_response_headers(&host, &config), Action::Continue);
+        assert!(host.dispatched.borrow().is_empty());
+        let headers = host.response_headers.borrow();
+        assert!(headers
+            .first()
+            .is_some_and(|(n, v)| n == FALLBACK_HEADER && v.contains("8-byte buffer limit")));
+    }
+
+    #[test]
+    fn fallback_ignores_statuses_outside_retry_on() {
+        let host = FakeHost {
+            headers: with_path("/api/x", &[]),
+            status: 500,
+            details: "via_upstream".into(),
+            ..Default::default()
+        };
+        let config = rules_config();
+        let mut s = Stream::default();
+        s.on_request_headers(&host, &config, true);
+        assert_eq!(s.on_response_headers(&host, &config), Action::Continue);
+        assert!(host.dispatched.borrow().is_empty());
     }
 }

@@ -99,6 +99,14 @@ impl HttpContext for Filter {
                 .on_request_trailers(&Envoy, &self.config, self.body_size),
         )
     }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _eos: bool) -> WasmAction {
+        to_wasm(self.stream.on_response_headers(&Envoy, &self.config))
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, _eos: bool) -> WasmAction {
+        to_wasm(self.stream.on_response_body())
+    }
 }
 
 fn to_wasm(action: Action) -> WasmAction {
@@ -124,10 +132,46 @@ impl Host for Envoy {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()
     }
 
+    fn request_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+    }
+
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
             .ok()
             .map(Option::unwrap_or_default)
+    }
+
+    fn response_status(&self) -> Option<u32> {
+        hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()??
+            .parse()
+            .ok()
+    }
+
+    fn response_code_details(&self) -> Option<String> {
+        let bytes = hostcalls::get_property(vec!["response", "code_details"]).ok()??;
+        String::from_utf8(bytes).ok()
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)) {
+            log(
+                LogLevel::Warn,
+                &format!("knocker: cannot set response header {name}: {e:?}"),
+            );
+        }
+    }
+
+    fn resume_response(&self) {
+        if let Err(e) = hostcalls::resume_http_response() {
+            log(
+                LogLevel::Error,
+                &format!("knocker: cannot resume the response: {e:?}"),
+            );
+        }
     }
 
     fn downstream_address(&self) -> Option<String> {

@@ -42,6 +42,11 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
         },
         policy: Policy {
             callback: None,
+            // A job with a maximum age gives its callback the same age, from now.
+            deadline: job
+                .policy
+                .deadline
+                .map(|d| now + d.saturating_sub(job.created_at)),
             ..job.policy.clone()
         },
         config: job.config.clone(),
@@ -50,6 +55,8 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
         next_attempt_at: now,
         created_at: now,
         finished_at: None,
+        // A callback goes to another URL: it is never held up by its job's lane.
+        lane: None,
     })
 }
 
@@ -71,6 +78,8 @@ mod tests {
             retries: 3,
             backoff_factor: 0.1,
             callback: callback.map(Into::into),
+            deadline: None,
+            max_backoff_s: None,
         };
         job.config.insert("callback".into(), json!(callback));
         job.config.insert("id".into(), json!("j1"));
@@ -90,7 +99,9 @@ mod tests {
                 timeout: 2.0,
                 retries: 3,
                 backoff_factor: 0.1,
-                callback: None
+                callback: None,
+                deadline: None,
+                max_backoff_s: None,
             }
         );
         let body: serde_json::Value = serde_json::from_slice(&cb.request.body).unwrap();

@@ -96,6 +96,9 @@ impl HostLimits {
     }
 }
 
+/// The attempt record of a job failed by its maximum age.
+pub const EXPIRED: &str = "expired: the maximum age passed before this attempt";
+
 /// How long to sleep when the store fails, before asking it again.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// First and longest pause between tries to record an outcome the store refused.
@@ -172,6 +175,13 @@ impl Delivery {
 
     /// One attempt of `job`, and its outcome recorded.
     pub async fn deliver(&self, job: Job) {
+        if let Some(deadline) = job.policy.deadline {
+            let now = self.time.now_ms();
+            if now >= deadline {
+                self.expire(&job, now).await;
+                return;
+            }
+        }
         self.hosts.acquire(job.host()).await;
         let at = self.time.now_ms();
         let outcome = self.transport.send(&job).await;
@@ -190,6 +200,27 @@ impl Delivery {
             latency_ms: outcome.latency.as_millis() as u64,
         };
         self.record(&job, record, next).await;
+        self.wake.notify_one();
+    }
+
+    /// A job claimed after its maximum age (the control plane was down, or it waited in
+    /// an ordered lane): failed without another attempt, its callback sent.
+    async fn expire(&self, job: &Job, now: u64) {
+        let last_status = job.attempts.last().map_or(0, |a| a.status);
+        tracing::warn!(
+            job_id = %job.id, url = %job.request.url, attempts = job.attempts.len(),
+            "maximum age passed before the next attempt; the job failed"
+        );
+        let record = Attempt {
+            at: now,
+            status: 0,
+            error: Some(EXPIRED.into()),
+            latency_ms: 0,
+        };
+        let next = Next::Failed {
+            callback: callback::callback_job(job, last_status, now).map(Box::new),
+        };
+        self.record(job, record, next).await;
         self.wake.notify_one();
     }
 
@@ -223,16 +254,22 @@ impl Delivery {
             return Next::Delivered;
         }
         if number <= job.policy.retries {
+            let cap = job
+                .policy
+                .max_backoff_s
+                .map_or(self.backoff_cap_s, |m| m.min(self.backoff_cap_s));
             let delay = backoff::delay_s(
                 number,
                 job.policy.backoff_factor,
-                self.backoff_cap_s,
+                cap,
                 self.time.jitter.sample(),
                 outcome.retry_after_s,
             );
-            return Next::Retry {
-                at: now + (delay * 1000.0).round() as u64,
-            };
+            let at = now + (delay * 1000.0).round() as u64;
+            // No attempt starts after the maximum age.
+            if job.policy.deadline.is_none_or(|deadline| at < deadline) {
+                return Next::Retry { at };
+            }
         }
         Next::Failed {
             callback: callback::callback_job(job, outcome.status, now).map(Box::new),
@@ -303,6 +340,8 @@ mod tests {
             retries,
             backoff_factor,
             callback: callback.map(Into::into),
+            deadline: None,
+            max_backoff_s: None,
         };
         Job {
             policy,
@@ -326,7 +365,8 @@ mod tests {
         .await
     }
 
-    /// Runs the delivery loop over `store` for an hour of virtual time with `job` in it.
+    /// Runs the delivery loop over `store` for an hour of virtual time with `job` in it
+    /// (its `next_attempt_at` and `deadline` counted from the start).
     async fn run_on(
         store: Arc<dyn Store>,
         job: Job,
@@ -350,9 +390,16 @@ mod tests {
             hosts: HostLimits::new(8),
         });
         let start = tokio::time::Instant::now();
+        let now = clock.now_ms();
+        let policy = Policy {
+            deadline: job.policy.deadline.map(|d| now + d),
+            ..job.policy.clone()
+        };
         store
             .insert(Job {
-                next_attempt_at: clock.now_ms(),
+                next_attempt_at: now + job.next_attempt_at,
+                created_at: now,
+                policy,
                 ..job
             })
             .await
@@ -390,6 +437,56 @@ mod tests {
         assert_eq!(job.state, State::Delivered);
         let statuses: Vec<u16> = job.attempts.iter().map(|a| a.status).collect();
         assert_eq!(statuses, [500, 500, 500, 200]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_maximum_age_ends_retries_and_caps_each_delay() {
+        let transport = FakeTransport {
+            failures: usize::MAX,
+            status: 503,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        };
+        let mut job = job(u32::MAX, 1.0, Some("http://cb/"));
+        job.policy.deadline = Some(20_000);
+        job.policy.max_backoff_s = Some(4.0);
+        let (transport, store, start) = run(job, transport, 0.0, 600.0).await;
+        // Delays 1, 2, 4, then capped at 4 s; the attempt due at 23 s would be past 20 s.
+        let offsets = offsets_ms(&transport, start);
+        assert_eq!(
+            offsets.get(..7),
+            Some(&[0, 1000, 3000, 7000, 11000, 15000, 19000][..])
+        );
+        let job = store.get("j").await.unwrap().unwrap();
+        assert_eq!(job.state, State::Failed);
+        assert_eq!(job.attempts.len(), 7);
+        let callback = store.get("j:callback").await.unwrap().unwrap();
+        assert_eq!(callback.state, State::Delivered);
+        assert_eq!(
+            callback.policy.deadline.map(|d| d - callback.created_at),
+            Some(20_000),
+            "the callback gets the same maximum age"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_claimed_after_its_maximum_age_fails_without_an_attempt() {
+        let transport = FakeTransport {
+            failures: 0,
+            status: 200,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        };
+        let mut job = job(u32::MAX, 1.0, Some("http://cb/"));
+        job.next_attempt_at = 5_000;
+        job.policy.deadline = Some(1_000);
+        let (transport, store, _) = run(job, transport, 0.0, 600.0).await;
+        let kinds: Vec<Kind> = transport.calls.lock().iter().map(|c| c.2).collect();
+        assert_eq!(kinds, [Kind::Callback], "only the failure report is sent");
+        let job = store.get("j").await.unwrap().unwrap();
+        assert_eq!(job.state, State::Failed);
+        assert_eq!(job.attempts.len(), 1);
+        assert_eq!(job.attempts[0].error.as_deref(), Some(EXPIRED));
     }
 
     #[tokio::test(start_paused = true)]
@@ -491,8 +588,8 @@ mod tests {
         ) -> Result<Option<Job>, crate::store::StoreError> {
             self.inner.replay(id, now).await
         }
-        async fn delete(&self, id: &str) -> Result<bool, crate::store::StoreError> {
-            self.inner.delete(id).await
+        async fn delete(&self, id: &str, now: u64) -> Result<bool, crate::store::StoreError> {
+            self.inner.delete(id, now).await
         }
         async fn purge_finished(&self, before: u64) -> Result<u64, crate::store::StoreError> {
             self.inner.purge_finished(before).await

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use knocker_proto::v1::ingress_server::{Ingress as IngressService, IngressServer};
-use knocker_proto::v1::{Header, SubmitReply, SubmitRequest};
+use knocker_proto::v1::{Header, Mode, SubmitReply, SubmitRequest};
 use tonic::{Request, Response, Status};
 
 use super::Ingress;
+use crate::job::rule::{RuleMode, RuleSubmission};
 use crate::job::spec::Submission;
 
 pub struct GrpcIngress {
@@ -25,7 +26,7 @@ impl IngressService for GrpcIngress {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         if r.body.len() > self.ingress.settings.max_body_bytes {
             let reply = super::Reply::error(
                 413,
@@ -34,6 +35,10 @@ impl IngressService for GrpcIngress {
             );
             return Ok(Response::new(to_proto(reply)));
         }
+        let rule = match rule_submission(&mut r) {
+            Ok(rule) => rule,
+            Err(reply) => return Ok(Response::new(to_proto(reply))),
+        };
         let submission = Submission {
             method: r.method,
             path: r.path,
@@ -44,10 +49,48 @@ impl IngressService for GrpcIngress {
                 .collect(),
             body: r.body,
             remote: Some(r.downstream_address).filter(|a| !a.is_empty()),
+            rule,
         };
         let reply = self.ingress.submit(submission).await;
         Ok(Response::new(to_proto(reply)))
     }
+}
+
+/// The rule part of a filter submission: `None` for the Knocker protocol; a 400 naming
+/// the field when the mode and the policy do not fit together.
+fn rule_submission(r: &mut SubmitRequest) -> Result<Option<RuleSubmission>, super::Reply> {
+    let mode = match Mode::try_from(r.mode) {
+        Ok(Mode::Knocker | Mode::Unspecified) => return Ok(None),
+        Ok(Mode::Capture) => RuleMode::Capture,
+        Ok(Mode::Fallback) => RuleMode::Fallback,
+        Ok(Mode::Broadcast) | Err(_) => {
+            return Err(super::Reply::error(
+                400,
+                "mode",
+                &format!("Mode {} is not supported by this control plane.", r.mode),
+            ))
+        }
+    };
+    let Some(policy) = r.policy.take() else {
+        return Err(super::Reply::error(
+            400,
+            "policy",
+            "A rule submission needs the rule's delivery policy.",
+        ));
+    };
+    Ok(Some(RuleSubmission {
+        name: std::mem::take(&mut r.rule),
+        mode,
+        target: policy.target,
+        retries: policy.retries,
+        max_age_s: policy.max_age_s,
+        backoff_factor: policy.backoff_factor,
+        max_backoff_s: policy.max_backoff_s,
+        timeout_s: policy.timeout_s,
+        callback: Some(policy.callback).filter(|c| !c.is_empty()),
+        ordered: policy.ordered,
+        upstream_status: r.upstream_status,
+    }))
 }
 
 pub fn body_too_large(limit: usize) -> String {

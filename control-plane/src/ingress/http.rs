@@ -67,6 +67,7 @@ async fn submit(
             .collect(),
         body: body.to_vec(),
         remote: Some(peer.to_string()),
+        rule: None,
     };
     into_response(ingress.submit(submission).await)
 }

@@ -2,7 +2,8 @@
 //! filter) and the HTTP one ([`http`], for clients without Envoy). Whatever the door,
 //! the same request gets the same answer.
 //!
-//! Order of checks (Knocker 1.4.1): status URL; `X-Knocker` loop guard (406); header
+//! A request a filter rule took over (capture, fallback) is built from its rule's policy
+//! and answered `202` with the receipt. Otherwise, order of checks (Knocker 1.4.1): status URL; `X-Knocker` loop guard (406); header
 //! validation (400, every failing header at once); commit, then the receipt (200).
 //! A failure to commit is a 503 with `Retry-After`, never a receipt.
 
@@ -17,8 +18,9 @@ use tokio::sync::Notify;
 use crate::clock::Time;
 use crate::config::Settings;
 use crate::job::receipt::receipt;
+use crate::job::rule::build_rule_job;
 use crate::job::spec::{build_job, Submission};
-use crate::job::VERSION;
+use crate::job::{Job, VERSION};
 use crate::store::{Inserted, Store, StoreError};
 
 /// The response for the client, whichever ingress it came through.
@@ -74,6 +76,14 @@ pub struct Ingress {
 
 impl Ingress {
     pub async fn submit(&self, submission: Submission) -> Reply {
+        if let Some(rule) = &submission.rule {
+            // A filter rule took the request over: no Knocker headers to read.
+            let job = match build_rule_job(rule, &submission, self.time.now_ms(), new_id) {
+                Ok(job) => job,
+                Err(errors) => return Reply::json(400, &errors.to_json()),
+            };
+            return self.commit(job, 202).await;
+        }
         let path_only = submission.path.split('?').next().unwrap_or_default();
         if path_only == self.settings.status_url {
             return self.status().await;
@@ -89,14 +99,19 @@ impl Ingress {
             Ok(job) => job,
             Err(errors) => return Reply::json(400, &errors.to_json()),
         };
+        self.commit(job, 200).await
+    }
+
+    /// Commits the job; the receipt (with `status`) only once it is stored.
+    async fn commit(&self, job: Job, status: u16) -> Reply {
         match self.store.insert(job).await {
             Ok(Inserted::Created(job)) => {
                 self.wake.notify_one();
                 tracing::debug!(job_id = %job.id, url = %job.request.url, "job accepted");
-                Reply::json(200, &receipt(&job)).with_header("knocker-id", job.id.clone())
+                Reply::json(status, &receipt(&job)).with_header("knocker-id", job.id.clone())
             }
             Ok(Inserted::Existing(job)) => {
-                Reply::json(200, &receipt(&job)).with_header("knocker-id", job.id.clone())
+                Reply::json(status, &receipt(&job)).with_header("knocker-id", job.id.clone())
             }
             Err(e) => {
                 tracing::error!(error = %e, "submission refused: the store cannot commit");

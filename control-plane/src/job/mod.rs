@@ -2,6 +2,7 @@
 //!
 //! - [`spec`] — parses and validates a submission's `Knocker-*` headers (the protocol's
 //!   error messages live there) and splits the headers to forward.
+//! - [`rule`] — builds the job for a request a filter rule took over (capture, fallback).
 //! - [`receipt`] — the receipt JSON a client gets once the job is committed.
 //!
 //! A [`Job`] holds everything needed to deliver it after a restart: the request, the
@@ -9,6 +10,7 @@
 //! attempt history.
 
 pub mod receipt;
+pub mod rule;
 pub mod spec;
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +38,15 @@ pub struct Job {
     /// When it was delivered or failed.
     #[serde(default)]
     pub finished_at: Option<Millis>,
+    /// Ordered delivery: jobs of one lane are delivered one at a time in arrival order
+    /// (a rule's target with `ordered: true`). While a job waits for the ones ahead of
+    /// it, its `next_attempt_at` is [`PARKED`].
+    #[serde(default)]
+    pub lane: Option<String>,
 }
+
+/// `next_attempt_at` of a job waiting for its turn in an ordered lane.
+pub const PARKED: Millis = i64::MAX as Millis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +87,12 @@ pub struct Policy {
     pub backoff_factor: f64,
     /// Where to POST after the final failure.
     pub callback: Option<String>,
+    /// No attempt starts after this time (ms since the epoch): a rule's maximum age.
+    #[serde(default)]
+    pub deadline: Option<Millis>,
+    /// Longest delay between attempts (seconds), below the global cap.
+    #[serde(default)]
+    pub max_backoff_s: Option<f64>,
 }
 
 /// One attempt's outcome.
@@ -99,6 +115,11 @@ impl Job {
             Kind::Target => &self.id,
             Kind::Callback => self.id.strip_suffix(CALLBACK_SUFFIX).unwrap_or(&self.id),
         }
+    }
+
+    /// Waiting for the jobs ahead of it in its ordered lane.
+    pub fn is_parked(&self) -> bool {
+        self.state == State::Pending && self.next_attempt_at == PARKED
     }
 
     pub fn is_finished(&self) -> bool {
@@ -140,6 +161,8 @@ pub(crate) fn test_job(id: &str, method: &str, url: &str) -> Job {
             retries: 0,
             backoff_factor: 0.0,
             callback: None,
+            deadline: None,
+            max_backoff_s: None,
         },
         config: serde_json::Map::new(),
         state: State::Pending,
@@ -147,6 +170,7 @@ pub(crate) fn test_job(id: &str, method: &str, url: &str) -> Job {
         next_attempt_at: 0,
         created_at: 0,
         finished_at: None,
+        lane: None,
     }
 }
 

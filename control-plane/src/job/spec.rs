@@ -21,6 +21,8 @@ pub struct Submission {
     pub body: Vec<u8>,
     /// The downstream peer, when known.
     pub remote: Option<String>,
+    /// Set when a filter rule (not `Knocker-*` headers) took the request over.
+    pub rule: Option<super::rule::RuleSubmission>,
 }
 
 /// Validation errors: lower-case header name → messages.
@@ -28,7 +30,7 @@ pub struct Submission {
 pub struct Errors(pub BTreeMap<String, Vec<String>>);
 
 impl Errors {
-    fn add(&mut self, field: &str, message: impl Into<String>) {
+    pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
         self.0
             .entry(field.to_owned())
             .or_default()
@@ -244,6 +246,8 @@ pub fn build_job(
             retries,
             backoff_factor,
             callback,
+            deadline: None,
+            max_backoff_s: None,
         },
         config,
         state: State::Pending,
@@ -251,6 +255,7 @@ pub fn build_job(
         next_attempt_at: now,
         created_at: now,
         finished_at: None,
+        lane: None,
     })
 }
 
@@ -398,6 +403,7 @@ mod tests {
                 .collect(),
             body: b"body".to_vec(),
             remote: None,
+            rule: None,
         };
         build_job(&settings(), &sub, 1000, || "generated".into())
     }
@@ -424,7 +430,9 @@ mod tests {
                 timeout: 10.0,
                 retries: 2,
                 backoff_factor: 0.5,
-                callback: None
+                callback: None,
+                deadline: None,
+                max_backoff_s: None,
             }
         );
         assert_eq!(job.config["host"], "t.example:8443");

@@ -14,6 +14,8 @@ fn job(id: &str, host: &str, due: u64) -> Job {
         retries: 2,
         backoff_factor: 0.5,
         callback: Some("http://cb/".into()),
+        deadline: None,
+        max_backoff_s: None,
     };
     job.config = serde_json::json!({"id": id, "knocker-x": "y"})
         .as_object()
@@ -256,8 +258,8 @@ async fn list_replay_delete_and_purge() {
             "{engine}: an unfinished job is left alone"
         );
 
-        assert!(store.delete("j1").await.unwrap());
-        assert!(!store.delete("j1").await.unwrap());
+        assert!(store.delete("j1", 0).await.unwrap());
+        assert!(!store.delete("j1", 0).await.unwrap());
         assert!(store.get("j1").await.unwrap().is_none());
 
         assert_eq!(
@@ -383,4 +385,90 @@ async fn sqlite_keeps_its_write_ahead_log_bounded_under_sustained_writes() {
     let wal = std::fs::metadata(dir.join("knocker.db-wal")).map_or(0, |m| m.len());
     // Unchecked, 16,000 jobs leave ~100 MB of log; checkpointed, a few MB at most.
     assert!(wal < 32 * 1024 * 1024, "the WAL grew to {wal} bytes");
+}
+
+fn laned(id: &str, lane: &str, due: u64) -> Job {
+    let mut job = job(id, "h", due);
+    job.lane = Some(lane.into());
+    job.policy.deadline = Some(1_000_000);
+    job.policy.max_backoff_s = Some(2.5);
+    job
+}
+
+async fn claim_ids(store: &dyn Store, now: u64) -> Vec<String> {
+    let claimed = store.claim_due(now, 100, &[]).await.unwrap();
+    claimed.into_iter().map(|j| j.id).collect()
+}
+
+#[tokio::test]
+async fn ordered_lanes_deliver_one_job_at_a_time_in_arrival_order() {
+    for (engine, store) in engines("lanes").await {
+        for id in ["a1", "a2", "a3"] {
+            store.insert(laned(id, "A", 10)).await.unwrap();
+        }
+        store.insert(laned("b1", "B", 10)).await.unwrap();
+        store.insert(job("free", "h", 10)).await.unwrap();
+        let a2 = store.get("a2").await.unwrap().unwrap();
+        assert!(a2.is_parked(), "{engine}: waits behind a1");
+        assert_eq!(a2.policy.deadline, Some(1_000_000), "{engine}");
+        assert_eq!(a2.policy.max_backoff_s, Some(2.5), "{engine}");
+        assert_eq!(a2.lane.as_deref(), Some("A"), "{engine}");
+        assert_eq!(store.next_due().await.unwrap(), Some(10), "{engine}");
+
+        let first = claim_ids(store.as_ref(), 10).await;
+        assert_eq!(first, ["a1", "b1", "free"], "{engine}: one head per lane");
+        assert!(
+            claim_ids(store.as_ref(), 10_000).await.is_empty(),
+            "{engine}"
+        );
+
+        // A failing head keeps the lane blocked while it retries.
+        let a1 = store.get("a1").await.unwrap().unwrap();
+        store
+            .finish_attempt(&a1, attempt(20, 503), Next::Retry { at: 30 })
+            .await
+            .unwrap();
+        assert_eq!(claim_ids(store.as_ref(), 30).await, ["a1"], "{engine}");
+        let a1 = store.get("a1").await.unwrap().unwrap();
+        store
+            .finish_attempt(&a1, attempt(40, 200), Next::Delivered)
+            .await
+            .unwrap();
+        // Its success hands the lane to a2, due at once.
+        let a2 = store.get("a2").await.unwrap().unwrap();
+        assert_eq!(a2.next_attempt_at, 40, "{engine}");
+        assert_eq!(claim_ids(store.as_ref(), 40).await, ["a2"], "{engine}");
+        // Failing for good (expiry) hands it on too.
+        let a2 = store.get("a2").await.unwrap().unwrap();
+        store
+            .finish_attempt(&a2, attempt(50, 0), Next::Failed { callback: None })
+            .await
+            .unwrap();
+        assert_eq!(claim_ids(store.as_ref(), 50).await, ["a3"], "{engine}");
+
+        // A replayed job queues up behind the lane's open job.
+        store.replay("a2", 60).await.unwrap();
+        assert!(
+            store.get("a2").await.unwrap().unwrap().is_parked(),
+            "{engine}"
+        );
+        // Deleting the active job hands the lane on.
+        assert!(store.delete("a3", 70).await.unwrap(), "{engine}");
+        assert_eq!(claim_ids(store.as_ref(), 70).await, ["a2"], "{engine}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_lanes_survive_a_reopen() {
+    let dir = temp_dir("lanes-reopen");
+    {
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        store.insert(laned("x1", "L", 0)).await.unwrap();
+        store.insert(laned("x2", "L", 0)).await.unwrap();
+        assert_eq!(claim_ids(&store, 0).await, ["x1"]);
+    }
+    let store = SqliteStore::open(&dir, limits()).unwrap();
+    // x1 was in flight: pending again, still the head; x2 still parked.
+    assert_eq!(claim_ids(&store, 0).await, ["x1"]);
+    assert!(store.get("x2").await.unwrap().unwrap().is_parked());
 }

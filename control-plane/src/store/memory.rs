@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use super::{Inserted, Next, Stats, Store, StoreError};
 use crate::clock::Millis;
-use crate::job::{Attempt, Job, State};
+use crate::job::{Attempt, Job, State, PARKED};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -27,13 +27,43 @@ struct Inner {
 }
 
 impl Inner {
-    fn add(&mut self, job: Job) {
+    /// Adds a new pending job; one joining an ordered lane with open jobs waits parked.
+    fn add(&mut self, mut job: Job) {
         self.seq += 1;
-        self.due
-            .insert((job.next_attempt_at, self.seq, job.id.clone()));
+        let busy = job.lane.as_deref().is_some_and(|lane| {
+            self.jobs
+                .values()
+                .any(|j| j.lane.as_deref() == Some(lane) && !j.is_finished())
+        });
+        if busy {
+            job.next_attempt_at = PARKED;
+        } else {
+            self.due
+                .insert((job.next_attempt_at, self.seq, job.id.clone()));
+        }
         self.seqs.insert(job.id.clone(), self.seq);
         self.order.push(job.id.clone());
         self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// Gives an ordered lane its next job when none of its open jobs is active.
+    fn wake_lane(&mut self, lane: &str, now: Millis) {
+        let open = |j: &&Job| j.lane.as_deref() == Some(lane) && !j.is_finished();
+        if self.jobs.values().filter(open).any(|j| !j.is_parked()) {
+            return;
+        }
+        let next = self
+            .jobs
+            .values()
+            .filter(open)
+            .filter_map(|j| Some((*self.seqs.get(&j.id)?, j.id.clone())))
+            .min();
+        if let Some((seq, id)) = next {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.next_attempt_at = now;
+                self.due.insert((now, seq, id));
+            }
+        }
     }
 
     fn stats(&self) -> Stats {
@@ -123,15 +153,20 @@ impl Store for MemoryStore {
                 callback_job = callback;
             }
         }
+        let job_finished = job.is_finished();
         if job.state == State::Pending {
             let due = (job.next_attempt_at, job.id.clone());
             let seq = inner.seqs.get(&due.1).copied().unwrap_or_default();
             inner.due.insert((due.0, seq, due.1));
         }
+        let lane = claimed.lane.as_deref().filter(|_| job_finished);
         if let Some(cb) = callback_job {
             if !inner.jobs.contains_key(&cb.id) {
                 inner.add(*cb);
             }
+        }
+        if let Some(lane) = lane {
+            inner.wake_lane(lane, at);
         }
         Ok(())
     }
@@ -177,17 +212,24 @@ impl Store for MemoryStore {
         };
         if job.is_finished() {
             job.state = State::Pending;
-            job.next_attempt_at = now;
             job.finished_at = None;
-            let key = (now, seq, id.to_owned());
-            let job = job.clone();
-            inner.due.insert(key);
-            return Ok(Some(job));
+            let lane = job.lane.clone();
+            match &lane {
+                // Queues up parked behind the lane's open jobs.
+                Some(lane) => {
+                    job.next_attempt_at = PARKED;
+                    inner.wake_lane(lane, now);
+                }
+                None => {
+                    job.next_attempt_at = now;
+                    inner.due.insert((now, seq, id.to_owned()));
+                }
+            }
         }
-        Ok(Some(job.clone()))
+        Ok(inner.jobs.get(id).cloned())
     }
 
-    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete(&self, id: &str, now: Millis) -> Result<bool, StoreError> {
         let mut inner = self.inner.lock();
         let Some(job) = inner.jobs.remove(id) else {
             return Ok(false);
@@ -197,6 +239,9 @@ impl Store for MemoryStore {
             .due
             .remove(&(job.next_attempt_at, seq, job.id.clone()));
         inner.order.retain(|o| o != id);
+        if let Some(lane) = &job.lane {
+            inner.wake_lane(lane, now);
+        }
         Ok(true)
     }
 

@@ -98,8 +98,9 @@ pub trait Store: Send + Sync + 'static {
     /// or `None` when there is no such job; a job that is not finished is left alone.
     async fn replay(&self, id: &str, now: Millis) -> Result<Option<Job>, StoreError>;
 
-    /// Removes a job. Returns whether it existed.
-    async fn delete(&self, id: &str) -> Result<bool, StoreError>;
+    /// Removes a job. Returns whether it existed. A job of an ordered lane hands the
+    /// lane to the next job (due at `now`).
+    async fn delete(&self, id: &str, now: Millis) -> Result<bool, StoreError>;
 
     /// Removes finished jobs that finished before `before`; returns how many.
     async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError>;

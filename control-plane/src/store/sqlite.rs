@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Inserted, Next, Stats, Store, StoreError};
 use crate::clock::Millis;
-use crate::job::{Attempt, Headers, Job, Kind, Policy, Request, State};
+use crate::job::{Attempt, Headers, Job, Kind, Policy, Request, State, PARKED};
 
 /// Most requests committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -38,7 +38,7 @@ pub struct Limits {
     pub max_bytes: u64,
 }
 
-const SCHEMA: &str = "
+const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     seq             INTEGER PRIMARY KEY,
     id              TEXT    NOT NULL UNIQUE,
@@ -48,19 +48,25 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at     INTEGER,
     host            TEXT    NOT NULL,
     spec            BLOB    NOT NULL,
-    attempts        BLOB    NOT NULL
+    attempts        BLOB    NOT NULL,
+    lane            TEXT
 );
--- Partial indexes: a new (pending) job touches only jobs_due besides the keys.
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt_at, seq, host) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (seq) WHERE state = 3;
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
-CREATE INDEX IF NOT EXISTS jobs_in_flight ON jobs (seq) WHERE state = 1;
 -- Jobs per state, kept in the same commits as the jobs: opening a store with a million
 -- jobs must not count them.
 CREATE TABLE IF NOT EXISTS counts (state INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 ";
 
-const COLUMNS: &str = "id, state, next_attempt_at, created_at, finished_at, spec, attempts";
+const INDEXES: &str = "
+-- Partial indexes: a new (pending) job touches only jobs_due besides the keys.
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt_at, seq, host) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (seq) WHERE state = 3;
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
+CREATE INDEX IF NOT EXISTS jobs_in_flight ON jobs (seq) WHERE state = 1;
+-- Open jobs of ordered lanes, in arrival order.
+CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (lane, seq) WHERE lane IS NOT NULL AND state <= 1;
+";
+
+const COLUMNS: &str = "id, state, next_attempt_at, created_at, finished_at, spec, attempts, lane";
 
 /// What a job is, as stored (its state lives in columns).
 #[derive(Serialize, Deserialize)]
@@ -77,6 +83,53 @@ struct Spec {
     callback: Option<String>,
     /// The receipt config, as JSON text (postcard cannot hold free-form JSON).
     config: String,
+    deadline: Option<Millis>,
+    max_backoff_s: Option<f64>,
+}
+
+/// The spec as the first release stored it (before maximum ages and backoff caps);
+/// postcard has no optional trailing fields, so old rows are read with this.
+#[derive(Deserialize)]
+struct SpecV1 {
+    kind: Kind,
+    method: String,
+    url: String,
+    headers: Headers,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+    timeout: f64,
+    retries: u32,
+    backoff_factor: f64,
+    callback: Option<String>,
+    config: String,
+}
+
+impl From<SpecV1> for Spec {
+    fn from(v1: SpecV1) -> Self {
+        Self {
+            kind: v1.kind,
+            method: v1.method,
+            url: v1.url,
+            headers: v1.headers,
+            body: v1.body,
+            timeout: v1.timeout,
+            retries: v1.retries,
+            backoff_factor: v1.backoff_factor,
+            callback: v1.callback,
+            config: v1.config,
+            deadline: None,
+            max_backoff_s: None,
+        }
+    }
+}
+
+fn decode_spec(bytes: &[u8]) -> Result<Spec, postcard::Error> {
+    match postcard::from_bytes::<Spec>(bytes) {
+        Ok(spec) => Ok(spec),
+        Err(e) => postcard::from_bytes::<SpecV1>(bytes)
+            .map(Spec::from)
+            .map_err(|_| e),
+    }
 }
 
 fn state_code(state: State) -> i64 {
@@ -109,6 +162,8 @@ fn encode_spec(job: &Job) -> Result<Vec<u8>, StoreError> {
         backoff_factor: job.policy.backoff_factor,
         callback: job.policy.callback.clone(),
         config: serde_json::Value::Object(job.config.clone()).to_string(),
+        deadline: job.policy.deadline,
+        max_backoff_s: job.policy.max_backoff_s,
     };
     postcard::to_stdvec(&spec)
         .map_err(|e| StoreError::Unavailable(format!("cannot encode job: {e}")))
@@ -120,7 +175,7 @@ fn corrupt(e: impl std::fmt::Display) -> rusqlite::Error {
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
     let spec: Vec<u8> = row.get(5)?;
-    let spec: Spec = postcard::from_bytes(&spec).map_err(corrupt)?;
+    let spec = decode_spec(&spec).map_err(corrupt)?;
     let attempts: Vec<u8> = row.get(6)?;
     let attempts: Vec<Attempt> = if attempts.is_empty() {
         Vec::new()
@@ -145,6 +200,8 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
             retries: spec.retries,
             backoff_factor: spec.backoff_factor,
             callback: spec.callback,
+            deadline: spec.deadline,
+            max_backoff_s: spec.max_backoff_s,
         },
         config,
         state: state_from(row.get(1)?),
@@ -152,6 +209,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         next_attempt_at: row.get::<_, i64>(2)? as Millis,
         created_at: row.get::<_, i64>(3)? as Millis,
         finished_at: row.get::<_, Option<i64>>(4)?.map(|v| v as Millis),
+        lane: row.get(7)?,
     })
 }
 
@@ -254,6 +312,7 @@ enum Command {
     },
     Delete {
         id: String,
+        now: Millis,
         reply: Reply<bool>,
     },
     Purge {
@@ -296,7 +355,9 @@ impl SqliteStore {
         })?;
         let path = dir.join("knocker.db");
         let writer = open_connection(&path, &limits).map_err(sql_error)?;
-        writer.execute_batch(SCHEMA).map_err(sql_error)?;
+        writer.execute_batch(TABLES).map_err(sql_error)?;
+        migrate(&writer).map_err(sql_error)?;
+        writer.execute_batch(INDEXES).map_err(sql_error)?;
         let counts = Arc::new(Counts::default());
         let recovered = recover(&writer, &counts).map_err(sql_error)?;
         if recovered > 0 {
@@ -354,6 +415,17 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("store reader failed: {e}")))?
     }
+}
+
+/// Brings a database of an earlier release up to the current tables.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_lane = conn
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'lane'")?
+        .exists([])?;
+    if !has_lane {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN lane TEXT")?;
+    }
+    Ok(())
 }
 
 /// Makes jobs left in flight pending again and loads the counts by state (computing them
@@ -505,21 +577,45 @@ fn load(tx: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
         .optional()
 }
 
+/// Inserts a new pending job; one joining an ordered lane with open jobs waits parked.
 fn insert_row(tx: &Connection, job: &Job) -> rusqlite::Result<bool> {
     let spec = encode_spec(job).map_err(corrupt)?;
+    let mut due = job.next_attempt_at;
+    if let Some(lane) = &job.lane {
+        let busy = tx
+            .prepare_cached("SELECT 1 FROM jobs WHERE lane = ?1 AND state <= 1 LIMIT 1")?
+            .exists([lane])?;
+        if busy {
+            due = PARKED;
+        }
+    }
     let changed = tx
         .prepare_cached(
-            "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts)
-             VALUES (?1, 0, ?2, ?3, ?4, ?5, x'') ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts, lane)
+             VALUES (?1, 0, ?2, ?3, ?4, ?5, x'', ?6) ON CONFLICT (id) DO NOTHING",
         )?
         .execute(params![
             job.id,
-            job.next_attempt_at as i64,
+            due as i64,
             job.created_at as i64,
             job.host(),
-            spec
+            spec,
+            job.lane
         ])?;
     Ok(changed == 1)
+}
+
+/// Gives an ordered lane its next job when none of its open jobs is active: the oldest
+/// parked one becomes due at `now`.
+fn wake_lane(tx: &Connection, lane: &str, now: Millis) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE jobs SET next_attempt_at = ?2
+         WHERE seq = (SELECT min(seq) FROM jobs WHERE lane = ?1 AND state <= 1 AND state = 0)
+           AND NOT EXISTS (SELECT 1 FROM jobs
+                           WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)",
+    )?
+    .execute(params![lane, now as i64, PARKED as i64])?;
+    Ok(())
 }
 
 fn execute(
@@ -601,6 +697,9 @@ fn execute(
                         deltas.moved(None, Some(State::Pending));
                     }
                 }
+                if let (Some(lane), Some(at)) = (&job.lane, finished_at) {
+                    wake_lane(tx, lane, at)?;
+                }
             }
             Outcome::Finished
         }
@@ -609,23 +708,31 @@ fn execute(
                 return Ok(Outcome::Replayed(None));
             };
             if before.is_finished() {
+                // A job of an ordered lane queues up parked behind the lane's open jobs.
+                let due = if before.lane.is_some() { PARKED } else { *now };
                 tx.prepare_cached("UPDATE jobs SET state = 0, next_attempt_at = ?2, finished_at = NULL WHERE id = ?1")?
-                    .execute(params![id, *now as i64])?;
+                    .execute(params![id, due as i64])?;
                 deltas.moved(Some(before.state), Some(State::Pending));
+                if let Some(lane) = &before.lane {
+                    wake_lane(tx, lane, *now)?;
+                }
             }
             Outcome::Replayed(load(tx, id)?)
         }
-        Command::Delete { id, .. } => {
-            let state: Option<i64> = tx
-                .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
-                .query_row([id], |r| r.get(0))
+        Command::Delete { id, now, .. } => {
+            let found: Option<(i64, Option<String>)> = tx
+                .prepare_cached("SELECT state, lane FROM jobs WHERE id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if let Some(state) = state {
+            if let Some((state, lane)) = &found {
                 tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
                     .execute([id])?;
-                deltas.moved(Some(state_from(state)), None);
+                deltas.moved(Some(state_from(*state)), None);
+                if let Some(lane) = lane {
+                    wake_lane(tx, lane, *now)?;
+                }
             }
-            Outcome::Deleted(state.is_some())
+            Outcome::Deleted(found.is_some())
         }
         Command::Purge { before, .. } => {
             let mut removed = 0u64;
@@ -688,9 +795,10 @@ impl Store for SqliteStore {
     async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
         self.read(|c| {
             c.prepare_cached(
-                "SELECT next_attempt_at FROM jobs WHERE state = 0 ORDER BY next_attempt_at LIMIT 1",
+                "SELECT next_attempt_at FROM jobs WHERE state = 0 AND next_attempt_at < ?1
+                 ORDER BY next_attempt_at LIMIT 1",
             )?
-            .query_row([], |r| r.get::<_, i64>(0))
+            .query_row([PARKED as i64], |r| r.get::<_, i64>(0))
             .optional()
             .map(|v| v.map(|v| v as Millis))
         })
@@ -734,12 +842,53 @@ impl Store for SqliteStore {
         self.ask(|reply| Command::Replay { id, now, reply }).await
     }
 
-    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete(&self, id: &str, now: Millis) -> Result<bool, StoreError> {
         let id = id.to_owned();
-        self.ask(|reply| Command::Delete { id, reply }).await
+        self.ask(|reply| Command::Delete { id, now, reply }).await
     }
 
     async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError> {
         self.ask(|reply| Command::Purge { before, reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_of_the_first_release_still_decode() {
+        // The first release's layout, field for field.
+        #[derive(Serialize)]
+        struct V1<'a> {
+            kind: Kind,
+            method: &'a str,
+            url: &'a str,
+            headers: Headers,
+            #[serde(with = "serde_bytes")]
+            body: &'a [u8],
+            timeout: f64,
+            retries: u32,
+            backoff_factor: f64,
+            callback: Option<&'a str>,
+            config: &'a str,
+        }
+        let bytes = postcard::to_stdvec(&V1 {
+            kind: Kind::Target,
+            method: "POST",
+            url: "http://t/",
+            headers: vec![("x-a".into(), b"1".to_vec())],
+            body: b"hi",
+            timeout: 2.0,
+            retries: 3,
+            backoff_factor: 0.5,
+            callback: Some("http://cb/"),
+            config: "{}",
+        })
+        .unwrap();
+        let spec = decode_spec(&bytes).unwrap();
+        assert_eq!((spec.url.as_str(), spec.retries), ("http://t/", 3));
+        assert_eq!(spec.callback.as_deref(), Some("http://cb/"));
+        assert_eq!((spec.deadline, spec.max_backoff_s), (None, None));
     }
 }

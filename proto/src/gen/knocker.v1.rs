@@ -36,6 +36,38 @@ pub struct SubmitRequest {
     /// For MODE_FALLBACK: the upstream's status (0 for a reset or timeout).
     #[prost(uint32, tag = "10")]
     pub upstream_status: u32,
+    /// For a rule mode: the matched rule's delivery policy.
+    #[prost(message, optional, tag = "11")]
+    pub policy: ::core::option::Option<RulePolicy>,
+}
+/// How the control plane delivers a request a filter rule took over. The rules live in
+/// the filter's plugin configuration; each request carries its rule's policy, so the
+/// control plane needs no copy of the rules.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RulePolicy {
+    /// Base URL the request is delivered to: the request's path and query are appended.
+    #[prost(string, tag = "1")]
+    pub target: ::prost::alloc::string::String,
+    /// Attempts after the first; unset means as many as the maximum age allows.
+    #[prost(uint32, optional, tag = "2")]
+    pub retries: ::core::option::Option<u32>,
+    /// Give up this many seconds after acceptance; 0 means no age limit.
+    #[prost(uint64, tag = "3")]
+    pub max_age_s: u64,
+    /// Retry delays: backoff_factor × 2^(attempt−1) seconds, at most max_backoff_s.
+    #[prost(double, tag = "4")]
+    pub backoff_factor: f64,
+    #[prost(double, tag = "5")]
+    pub max_backoff_s: f64,
+    /// Per-attempt timeout in seconds.
+    #[prost(double, tag = "6")]
+    pub timeout_s: f64,
+    /// Where the failure report goes after the last attempt; empty for none.
+    #[prost(string, tag = "7")]
+    pub callback: ::prost::alloc::string::String,
+    /// One delivery in flight per target, in arrival order.
+    #[prost(bool, tag = "8")]
+    pub ordered: bool,
 }
 /// What the filter sends to the client.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1,0 +1,277 @@
+//! Jobs for requests a filter rule took over (`capture`, `fallback`): the request goes to
+//! the rule's target with the rule's delivery policy, carried in the submission — the
+//! rules themselves live in the filter's plugin configuration.
+
+use serde_json::{json, Map};
+
+use super::spec::{split_headers, Errors, Submission, EMPTY, MAX_ID_LEN, NOT_A_STRING};
+use super::{Job, Kind, Policy, Request, State};
+use crate::clock::Millis;
+
+/// Why the filter handed the request over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleMode {
+    /// Stored and answered at once; delivered to the target.
+    Capture,
+    /// Its upstream failed; delivered to the target instead of failing the caller.
+    Fallback,
+}
+
+impl RuleMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Capture => "capture",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+/// The rule part of a submission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleSubmission {
+    pub name: String,
+    pub mode: RuleMode,
+    /// Base URL; the request's path and query are appended.
+    pub target: String,
+    /// Attempts after the first; `None`: as many as `max_age_s` allows.
+    pub retries: Option<u32>,
+    /// 0: no age limit.
+    pub max_age_s: u64,
+    pub backoff_factor: f64,
+    pub max_backoff_s: f64,
+    pub timeout_s: f64,
+    pub callback: Option<String>,
+    pub ordered: bool,
+    /// Fallback: the upstream's status, 0 for a reset or timeout.
+    pub upstream_status: u32,
+}
+
+/// Builds the job, or every reason it cannot (fields named `rule.<field>`, or the
+/// `knocker-id` header).
+pub fn build_rule_job(
+    rule: &RuleSubmission,
+    submission: &Submission,
+    now: Millis,
+    new_id: impl FnOnce() -> String,
+) -> Result<Job, Errors> {
+    let mut errors = Errors::default();
+    let target = rule.target.trim_end_matches('/');
+    if !is_http_base_url(target) {
+        errors.add(
+            "rule.target",
+            format!(
+                "Not an http:// or https:// URL with a host: '{}'.",
+                rule.target
+            ),
+        );
+    }
+    if let Some(callback) = &rule.callback {
+        if !is_http_base_url(callback) {
+            errors.add("rule.callback", super::spec::BAD_URL);
+        }
+    }
+    if rule.retries.is_none() && rule.max_age_s == 0 {
+        errors.add(
+            "rule.retries",
+            "Required when the rule has no maximum age (max_age_s = 0).",
+        );
+    }
+    if !(rule.timeout_s.is_finite() && rule.timeout_s > 0.0) {
+        errors.add("rule.timeout_s", "Must be a number > 0.");
+    }
+    for (field, value) in [
+        ("rule.backoff_factor", rule.backoff_factor),
+        ("rule.max_backoff_s", rule.max_backoff_s),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            errors.add(field, "Must be a number ≥ 0.");
+        }
+    }
+    let (raw, forwarded) = split_headers(&submission.headers);
+    let id = match raw.get("knocker-id").map(|v| std::str::from_utf8(v)) {
+        None => None,
+        Some(Err(_)) => {
+            errors.add("knocker-id", NOT_A_STRING);
+            None
+        }
+        Some(Ok("")) => {
+            errors.add("knocker-id", EMPTY);
+            None
+        }
+        Some(Ok(id)) if id.len() > MAX_ID_LEN => {
+            errors.add(
+                "knocker-id",
+                format!("Longer than maximum length {MAX_ID_LEN}."),
+            );
+            None
+        }
+        Some(Ok(id)) => Some(id.to_owned()),
+    };
+    if !errors.0.is_empty() {
+        return Err(errors);
+    }
+    let id = id.unwrap_or_else(new_id);
+    let path = if submission.path.starts_with('/') {
+        submission.path.clone()
+    } else {
+        format!("/{}", submission.path)
+    };
+    let max_age_ms = rule.max_age_s.saturating_mul(1000);
+    let mut config = Map::new();
+    config.insert("rule".into(), json!(rule.name));
+    config.insert("mode".into(), json!(rule.mode.name()));
+    config.insert("id".into(), json!(id));
+    config.insert("target".into(), json!(target));
+    config.insert("timeout".into(), json!(rule.timeout_s));
+    config.insert("retries".into(), json!(rule.retries));
+    config.insert(
+        "max_age".into(),
+        json!((rule.max_age_s > 0).then_some(rule.max_age_s)),
+    );
+    config.insert("backoff_factor".into(), json!(rule.backoff_factor));
+    config.insert("max_backoff".into(), json!(rule.max_backoff_s));
+    config.insert("callback".into(), json!(rule.callback));
+    config.insert("ordered".into(), json!(rule.ordered));
+    if rule.mode == RuleMode::Fallback {
+        config.insert(
+            "upstream_status".into(),
+            json!((rule.upstream_status > 0).then_some(rule.upstream_status)),
+        );
+    }
+    Ok(Job {
+        id,
+        kind: Kind::Target,
+        request: Request {
+            method: submission.method.clone(),
+            url: format!("{target}{path}"),
+            headers: forwarded,
+            body: submission.body.clone(),
+        },
+        policy: Policy {
+            timeout: rule.timeout_s,
+            retries: rule.retries.unwrap_or(u32::MAX),
+            backoff_factor: rule.backoff_factor,
+            callback: rule.callback.clone(),
+            deadline: (max_age_ms > 0).then(|| now.saturating_add(max_age_ms)),
+            max_backoff_s: Some(rule.max_backoff_s),
+        },
+        config,
+        state: State::Pending,
+        attempts: Vec::new(),
+        next_attempt_at: now,
+        created_at: now,
+        finished_at: None,
+        lane: rule.ordered.then(|| target.to_owned()),
+    })
+}
+
+fn is_http_base_url(value: &str) -> bool {
+    match reqwest::Url::parse(value) {
+        Ok(url) => {
+            matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some_and(|h| !h.is_empty())
+                && url.query().is_none()
+                && url.fragment().is_none()
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn capture(target: &str) -> RuleSubmission {
+        RuleSubmission {
+            name: "orders".into(),
+            mode: RuleMode::Capture,
+            target: target.into(),
+            retries: None,
+            max_age_s: 60,
+            backoff_factor: 0.5,
+            max_backoff_s: 5.0,
+            timeout_s: 2.0,
+            callback: None,
+            ordered: true,
+            upstream_status: 0,
+        }
+    }
+
+    fn submission(headers: &[(&str, &str)]) -> Submission {
+        Submission {
+            method: "POST".into(),
+            path: "/orders/1?x=%20".into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+            body: vec![0, 159, 146, 150],
+            remote: None,
+            rule: None,
+        }
+    }
+
+    #[test]
+    fn builds_a_job_for_the_target_with_the_rule_policy() {
+        let job = build_rule_job(
+            &capture("http://t.example:81/base/"),
+            &submission(&[("Host", "orders.example"), ("X-A", "1")]),
+            1_000,
+            || "new".into(),
+        )
+        .unwrap();
+        assert_eq!(job.id, "new");
+        assert_eq!(job.request.url, "http://t.example:81/base/orders/1?x=%20");
+        assert_eq!(job.request.body, vec![0, 159, 146, 150]);
+        assert_eq!(job.request.headers, vec![("x-a".to_owned(), b"1".to_vec())]);
+        assert_eq!(job.policy.retries, u32::MAX);
+        assert_eq!(job.policy.deadline, Some(61_000));
+        assert_eq!(job.policy.max_backoff_s, Some(5.0));
+        assert_eq!(job.lane.as_deref(), Some("http://t.example:81/base"));
+        assert_eq!(job.config["rule"], "orders");
+        assert_eq!(job.config["mode"], "capture");
+        assert_eq!(job.config["max_age"], 60);
+        assert!(job.config.get("upstream_status").is_none());
+    }
+
+    #[test]
+    fn fallback_records_the_upstream_status_and_honours_knocker_id() {
+        let mut rule = capture("http://t");
+        rule.mode = RuleMode::Fallback;
+        rule.ordered = false;
+        rule.retries = Some(3);
+        rule.max_age_s = 0;
+        rule.upstream_status = 503;
+        let job = build_rule_job(&rule, &submission(&[("knocker-id", "mine")]), 0, || {
+            "unused".into()
+        })
+        .unwrap();
+        assert_eq!(job.id, "mine");
+        assert_eq!(job.policy.retries, 3);
+        assert_eq!(job.policy.deadline, None);
+        assert_eq!(job.lane, None);
+        assert_eq!(job.config["upstream_status"], 503);
+        assert_eq!(job.config["max_age"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut rule = capture("ftp://t");
+        rule.max_age_s = 0;
+        rule.timeout_s = 0.0;
+        rule.callback = Some("nope".into());
+        let errors = build_rule_job(&rule, &submission(&[("knocker-id", "")]), 0, || "x".into())
+            .unwrap_err();
+        let fields: Vec<&str> = errors.0.keys().map(String::as_str).collect();
+        assert_eq!(
+            fields,
+            [
+                "knocker-id",
+                "rule.callback",
+                "rule.retries",
+                "rule.target",
+                "rule.timeout_s"
+            ]
+        );
+    }
+}

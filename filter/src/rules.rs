@@ -1,0 +1,415 @@
+//! Filter rules: requests without `Knocker-Host` that the plugin configuration selects
+//! by host, path prefix, method and header presence, each with a mode and the delivery
+//! policy the control plane applies.
+//!
+//! ```json
+//! {"rules": [{
+//!   "name": "orders", "mode": "capture",
+//!   "match": {"host": "orders.example", "path_prefix": "/orders", "methods": ["POST"],
+//!             "headers": ["x-tenant"]},
+//!   "delivery": {"target": "http://orders:8080", "max_age_s": 86400, "ordered": true}
+//! }]}
+//! ```
+//!
+//! The first matching rule wins. A request carrying `x-knocker` (one that Knocker itself
+//! delivers) is never taken by a rule, so a target that routes back through this Envoy
+//! cannot loop.
+
+use knocker_proto::v1::{Mode, RulePolicy};
+use serde::Deserialize;
+
+/// What the filter does with a request a rule selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleMode {
+    /// Store the request and answer `202` with a receipt at once; deliver to the target.
+    Capture,
+    /// Send the request upstream as usual; on a retryable failure hand it to the control
+    /// plane and answer `202` with a receipt instead of the error.
+    Fallback,
+}
+
+impl RuleMode {
+    pub fn proto(self) -> Mode {
+        match self {
+            Self::Capture => Mode::Capture,
+            Self::Fallback => Mode::Fallback,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub mode: RuleMode,
+    #[serde(default, rename = "match")]
+    pub matcher: Match,
+    pub delivery: Delivery,
+    /// Fallback only: upstream statuses that count as failures (resets and timeouts
+    /// always do).
+    #[serde(default)]
+    pub retry_on: Option<Vec<u32>>,
+    /// Fallback only: the most request body kept while it streams upstream. A larger
+    /// request is not taken over; its response says so in `knocker-fallback`.
+    #[serde(default)]
+    pub buffer_limit_bytes: Option<usize>,
+}
+
+/// Which requests a rule selects; every field given must match.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// `:authority`: exact (`orders.example`, port ignored unless given) or a suffix
+    /// wildcard (`*.example.com`), case-insensitive.
+    pub host: Option<String>,
+    /// Path prefix (query excluded), case-sensitive.
+    pub path_prefix: Option<String>,
+    /// Methods, any of them (upper-case).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Header names that must all be present.
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+/// The delivery policy, sent with each request the rule takes over.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    /// Base URL: the request's path and query are appended.
+    pub target: String,
+    /// Attempts after the first; when absent, as many as `max_age_s` allows.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Give up this long after acceptance; 0 for no age limit (then `retries` is needed).
+    #[serde(default = "default_max_age_s")]
+    pub max_age_s: u64,
+    #[serde(default = "default_backoff_factor")]
+    pub backoff_factor: f64,
+    #[serde(default = "default_max_backoff_s")]
+    pub max_backoff_s: f64,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    #[serde(default)]
+    pub callback: Option<String>,
+    /// One delivery in flight per target, in arrival order.
+    #[serde(default)]
+    pub ordered: bool,
+}
+
+fn default_max_age_s() -> u64 {
+    86_400
+}
+fn default_backoff_factor() -> f64 {
+    0.5
+}
+fn default_max_backoff_s() -> f64 {
+    60.0
+}
+fn default_timeout_s() -> f64 {
+    10.0
+}
+
+/// Upstream statuses a fallback rule treats as failures by default.
+pub const DEFAULT_RETRY_ON: [u32; 3] = [502, 503, 504];
+/// Body kept for a fallback rule by default.
+pub const DEFAULT_BUFFER_LIMIT_BYTES: usize = 1024 * 1024;
+
+/// The request attributes rules look at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub method: &'a str,
+}
+
+impl Rule {
+    /// Whether the rule selects the request; `has_header` answers header presence.
+    pub fn matches(&self, request: RequestView<'_>, has_header: impl Fn(&str) -> bool) -> bool {
+        let m = &self.matcher;
+        if let Some(host) = &m.host {
+            if !host_matches(host, request.authority) {
+                return false;
+            }
+        }
+        if let Some(prefix) = &m.path_prefix {
+            let path = request.path.split('?').next().unwrap_or_default();
+            if !path.starts_with(prefix.as_str()) {
+                return false;
+            }
+        }
+        if !m.methods.is_empty() && !m.methods.iter().any(|x| x == request.method) {
+            return false;
+        }
+        m.headers.iter().all(|h| has_header(h))
+    }
+
+    pub fn retry_on(&self) -> &[u32] {
+        self.retry_on.as_deref().unwrap_or(&DEFAULT_RETRY_ON)
+    }
+
+    pub fn buffer_limit_bytes(&self) -> usize {
+        self.buffer_limit_bytes
+            .unwrap_or(DEFAULT_BUFFER_LIMIT_BYTES)
+    }
+
+    pub fn policy(&self) -> RulePolicy {
+        let d = &self.delivery;
+        RulePolicy {
+            target: d.target.clone(),
+            retries: d.retries,
+            max_age_s: d.max_age_s,
+            backoff_factor: d.backoff_factor,
+            max_backoff_s: d.max_backoff_s,
+            timeout_s: d.timeout_s,
+            callback: d.callback.clone().unwrap_or_default(),
+            ordered: d.ordered,
+        }
+    }
+
+    /// Checks one rule; the error names the rule and the field.
+    pub fn validate(&self, index: usize) -> Result<(), String> {
+        let at = |field: &str| format!("`rules[{index}].{field}` (rule `{}`)", self.name);
+        if self.name.trim().is_empty() {
+            return Err(format!("`rules[{index}].name` must not be empty"));
+        }
+        let d = &self.delivery;
+        if !is_http_url(&d.target) {
+            return Err(format!(
+                "{} must be an http:// or https:// URL with a host, got `{}`",
+                at("delivery.target"),
+                d.target
+            ));
+        }
+        if let Some(callback) = &d.callback {
+            if !is_http_url(callback) {
+                return Err(format!(
+                    "{} must be an http:// or https:// URL with a host, got `{callback}`",
+                    at("delivery.callback")
+                ));
+            }
+        }
+        if d.max_age_s == 0 && d.retries.is_none() {
+            return Err(format!(
+                "{} is 0 (no age limit), so {} must be given",
+                at("delivery.max_age_s"),
+                at("delivery.retries")
+            ));
+        }
+        for (field, value) in [
+            ("delivery.backoff_factor", d.backoff_factor),
+            ("delivery.max_backoff_s", d.max_backoff_s),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return Err(format!("{} must be a number ≥ 0", at(field)));
+            }
+        }
+        if !d.timeout_s.is_finite() || d.timeout_s <= 0.0 {
+            return Err(format!("{} must be a number > 0", at("delivery.timeout_s")));
+        }
+        if let Some(prefix) = &self.matcher.path_prefix {
+            if !prefix.starts_with('/') {
+                return Err(format!("{} must start with `/`", at("match.path_prefix")));
+            }
+        }
+        if self
+            .matcher
+            .methods
+            .iter()
+            .any(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-'))
+        {
+            return Err(format!(
+                "{} must be upper-case method names",
+                at("match.methods")
+            ));
+        }
+        if self.mode != RuleMode::Fallback {
+            if self.retry_on.is_some() {
+                return Err(format!("{} applies to fallback rules only", at("retry_on")));
+            }
+            if self.buffer_limit_bytes.is_some() {
+                return Err(format!(
+                    "{} applies to fallback rules only",
+                    at("buffer_limit_bytes")
+                ));
+            }
+        }
+        if let Some(statuses) = &self.retry_on {
+            if statuses.iter().any(|s| !(100..=599).contains(s)) {
+                return Err(format!("{} must hold HTTP statuses", at("retry_on")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn host_matches(pattern: &str, authority: &str) -> bool {
+    let authority = authority.to_ascii_lowercase();
+    let pattern = pattern.to_ascii_lowercase();
+    // Without a port in the pattern, compare the host part only.
+    let candidate = if pattern.contains(':') {
+        authority.as_str()
+    } else {
+        strip_port(&authority)
+    };
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => candidate
+            .strip_suffix(suffix)
+            .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        None => candidate == pattern,
+    }
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .find(']')
+            .and_then(|end| authority.get(..=end))
+            .unwrap_or(authority);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+fn is_http_url(value: &str) -> bool {
+    let rest = if let Some(rest) = value.strip_prefix("http://") {
+        rest
+    } else if let Some(rest) = value.strip_prefix("https://") {
+        rest
+    } else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    !host.is_empty() && !host.contains(['@', ' '])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(json: &str) -> Rule {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn view<'a>(authority: &'a str, path: &'a str, method: &'a str) -> RequestView<'a> {
+        RequestView {
+            authority,
+            path,
+            method,
+        }
+    }
+
+    #[test]
+    fn matches_host_path_method_and_headers() {
+        let r = rule(
+            r#"{"name":"o","mode":"capture","delivery":{"target":"http://t"},
+                "match":{"host":"*.example.com","path_prefix":"/orders","methods":["POST"],
+                         "headers":["x-tenant"]}}"#,
+        );
+        let yes = |_: &str| true;
+        assert!(r.matches(view("a.example.com:8080", "/orders/1?x", "POST"), yes));
+        assert!(r.matches(view("A.Example.COM", "/orders", "POST"), yes));
+        assert!(!r.matches(view("example.com", "/orders", "POST"), yes));
+        assert!(!r.matches(view("a.example.com", "/order", "POST"), yes));
+        assert!(!r.matches(view("a.example.com", "/x?/orders", "POST"), yes));
+        assert!(!r.matches(view("a.example.com", "/orders", "GET"), yes));
+        assert!(!r.matches(view("a.example.com", "/orders", "POST"), |h| h
+            != "x-tenant"));
+    }
+
+    #[test]
+    fn exact_host_ignores_the_port_unless_given() {
+        let r = rule(
+            r#"{"name":"o","mode":"capture","delivery":{"target":"http://t"},"match":{"host":"h"}}"#,
+        );
+        assert!(r.matches(view("h:10000", "/", "GET"), |_| false));
+        assert!(!r.matches(view("hh", "/", "GET"), |_| false));
+        let r = rule(
+            r#"{"name":"o","mode":"capture","delivery":{"target":"http://t"},"match":{"host":"h:1"}}"#,
+        );
+        assert!(r.matches(view("h:1", "/", "GET"), |_| false));
+        assert!(!r.matches(view("h:2", "/", "GET"), |_| false));
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn an_empty_match_selects_everything() {
+        let r = rule(r#"{"name":"all","mode":"fallback","delivery":{"target":"http://t"}}"#);
+        assert!(r.matches(view("x", "/", "DELETE"), |_| false));
+        assert_eq!(r.retry_on(), DEFAULT_RETRY_ON);
+        assert_eq!(r.buffer_limit_bytes(), DEFAULT_BUFFER_LIMIT_BYTES);
+    }
+
+    #[test]
+    fn policy_carries_the_delivery_fields() {
+        let r = rule(
+            r#"{"name":"o","mode":"capture","delivery":{"target":"http://t:1/base",
+                "retries":3,"max_age_s":60,"backoff_factor":1.5,"max_backoff_s":5,
+                "timeout_s":2,"callback":"http://cb/","ordered":true}}"#,
+        );
+        let p = r.policy();
+        assert_eq!(p.target, "http://t:1/base");
+        assert_eq!(p.retries, Some(3));
+        assert_eq!(p.max_age_s, 60);
+        assert_eq!(p.backoff_factor, 1.5);
+        assert_eq!(p.max_backoff_s, 5.0);
+        assert_eq!(p.timeout_s, 2.0);
+        assert_eq!(p.callback, "http://cb/");
+        assert!(p.ordered);
+    }
+
+    #[test]
+    fn validation_names_the_rule_and_field() {
+        let cases = [
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"ftp://x"}}"#,
+                "delivery.target",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://"}}"#,
+                "delivery.target",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","callback":"x"}}"#,
+                "delivery.callback",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","max_age_s":0}}"#,
+                "delivery.retries",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","timeout_s":0}}"#,
+                "delivery.timeout_s",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t"},"retry_on":[503]}"#,
+                "retry_on",
+            ),
+            (
+                r#"{"name":"a","mode":"fallback","delivery":{"target":"http://t"},"retry_on":[5]}"#,
+                "retry_on",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t"},"match":{"path_prefix":"x"}}"#,
+                "match.path_prefix",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t"},"match":{"methods":["post"]}}"#,
+                "match.methods",
+            ),
+            (
+                r#"{"name":" ","mode":"capture","delivery":{"target":"http://t"}}"#,
+                "name",
+            ),
+        ];
+        for (json, field) in cases {
+            let e = rule(json).validate(2).unwrap_err();
+            assert!(e.contains(&format!("rules[2].{field}")), "{json}: {e}");
+        }
+        assert!(
+            rule(r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","max_age_s":0,"retries":2}}"#)
+                .validate(0)
+                .is_ok()
+        );
+    }
+}
