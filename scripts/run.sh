@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # `make run`: the control plane (embedded store under ./data), Envoy with the knocker
 # filter in front of a demo target, all on the default loopback ports. Ctrl-C stops all.
+# ENVOY_CONFIG picks the Envoy file: envoy/knocker.yaml (default), envoy/capture.yaml or
+# envoy/fallback.yaml.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 mkdir -p .run
+ENVOY_CONFIG="${ENVOY_CONFIG:-envoy/knocker.yaml}"
+[[ -f "$ENVOY_CONFIG" ]] || { echo "ENVOY_CONFIG: no such file: $ENVOY_CONFIG" >&2; exit 1; }
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -37,14 +41,14 @@ pids+=($!)
 SCHEME="${SCHEME:-http}" target/release/knocker serve 2>&1 | sed -u 's/^/[knocker] /' &
 pids+=($!)
 wait_port 8000; wait_port 9090; wait_port 8080
-.tools/venv/bin/envoy -c envoy/knocker.yaml --concurrency 2 -l warning --base-id 7001 \
+.tools/venv/bin/envoy -c "$ENVOY_CONFIG" --concurrency 2 -l warning --base-id 7001 \
   2>&1 | grep --line-buffered -v "no configured limit to the number of allowed active downstream" | sed -u 's/^/[envoy] /' &
 pids+=($!)
 wait_envoy_ready
 
-cat <<'MSG'
+cat <<MSG
 
-Knocker is running:
+Knocker is running ($ENVOY_CONFIG):
   Envoy listener     http://127.0.0.1:10000  (admin :9901)
   control plane      http://127.0.0.1:8000   (gRPC :9090, data in ./data)
   demo target        http://127.0.0.1:8080   (logs every request it gets)
@@ -57,6 +61,9 @@ Plain traffic passes through untouched:
 
 Status:
   curl -s http://127.0.0.1:10000/knocker/status
+
+Capture and fallback: ENVOY_CONFIG=envoy/capture.yaml make run (or fallback.yaml);
+the README has a curl session for each.
 
 Ctrl-C stops everything.
 MSG

@@ -5,6 +5,7 @@ mod configs;
 mod durability;
 mod link;
 mod protocol;
+mod rules;
 mod settings;
 mod stack;
 

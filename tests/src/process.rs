@@ -214,6 +214,8 @@ pub struct EnvoyOptions {
     pub without_filter: bool,
     /// Runs the filter on every route, as a naive config would (benchmarks only).
     pub filter_on_every_route: bool,
+    /// Text replaced on every line (e.g. a rule's target `127.0.0.1:8080`).
+    pub replace: Vec<(String, String)>,
 }
 
 /// A running Envoy.
@@ -291,6 +293,9 @@ pub fn render_envoy_config(
                 let indent = &line[..line.len() - line.trim_start().len()];
                 line = format!("{indent}value: '{config}'");
             }
+        }
+        for (from, to) in &options.replace {
+            line = line.replace(from.as_str(), to);
         }
         line = line.replace(
             "target/wasm/knocker_filter.wasm",

@@ -1,0 +1,335 @@
+//! Filter rules through the real Envoy: capture (`envoy/capture.yaml`) and fallback
+//! (`envoy/fallback.yaml`), with upstreams that are stopped and started.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use knocker_e2e::{free_port, ControlPlane, Envoy, EnvoyOptions, Reply, Target};
+use serde_json::Value;
+
+use crate::{body, client, WAIT};
+
+/// `file` with the control plane's ports, `upstream` as the route's cluster and every
+/// rule's target (`127.0.0.1:8080` in the file) moved to `target_port`. Retry delays
+/// are capped at 1 s so that a target coming back is noticed quickly.
+fn start_envoy(file: &str, cp: &ControlPlane, upstream_port: u16, target_port: u16) -> Envoy {
+    Envoy::start(
+        file,
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port,
+            replace: vec![
+                (
+                    "http://127.0.0.1:8080".into(),
+                    format!("http://127.0.0.1:{target_port}"),
+                ),
+                (
+                    r#""max_backoff_s":30"#.into(),
+                    r#""max_backoff_s":1"#.into(),
+                ),
+            ],
+            ..EnvoyOptions::default()
+        },
+    )
+}
+
+/// A receipt answer: 202, JSON `status: true`, and the job id in `knocker-id`.
+async fn receipt_id(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 202, "{response:?}");
+    let id = response.headers()["knocker-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let receipt: Value = response.json().await.unwrap();
+    assert_eq!(receipt["status"], true, "{receipt}");
+    assert_eq!(receipt["config"]["id"], id.as_str());
+    id
+}
+
+async fn job(cp: &ControlPlane, id: &str) -> Value {
+    client()
+        .get(cp.url(&format!("/knocker/jobs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_holds_requests_while_the_target_is_down_and_delivers_them_in_order() {
+    let mut cp = ControlPlane::start(&[]);
+    let upstream = Target::ok().await;
+    let orders_port = free_port(); // nothing listens there yet: the orders service is down
+    let envoy = start_envoy("capture.yaml", &cp, upstream.port(), orders_port);
+
+    const N: usize = 12;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let response = client()
+            .post(envoy.url(&format!("/orders/{i}?q=a%2Fb")))
+            .header("x-order", i.to_string())
+            .header("content-type", "application/octet-stream")
+            .body(body(1000 + i))
+            .send()
+            .await
+            .unwrap();
+        let id = receipt_id(response).await;
+        ids.push(id);
+    }
+    let first = job(&cp, &ids[0]).await;
+    assert_eq!(first["config"]["rule"], "orders");
+    assert_eq!(first["config"]["mode"], "capture");
+    assert_eq!(first["lane"], format!("http://127.0.0.1:{orders_port}"));
+    let later = job(&cp, &ids[N - 1]).await;
+    assert_eq!(later["waiting_in_lane"], true, "{later}");
+
+    // Routes without a rule are not touched.
+    let plain = client().get(envoy.url("/status")).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    assert!(plain.headers().get("knocker-id").is_none());
+    assert_eq!(plain.text().await.unwrap(), "ok");
+    // A GET to /orders is no rule's business either (the rule names its methods).
+    let get = client().get(envoy.url("/orders/0")).send().await.unwrap();
+    assert_eq!(get.status(), 200);
+
+    // Let the head fail a few times, then crash the control plane and bring it back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(job(&cp, &ids[0]).await["attempts"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty()));
+    cp.restart();
+
+    // One attempt at a time, and a slow answer, so out-of-order delivery would show.
+    let orders = Target::start_on(orders_port, |_, _| {
+        std::thread::sleep(Duration::from_millis(20));
+        Reply::status(200)
+    })
+    .await;
+    let got = orders.wait_for(N, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(orders.count(), N, "each request once");
+    for (i, request) in got.iter().enumerate() {
+        assert_eq!(request.method, "POST");
+        assert_eq!(
+            request.target,
+            format!("/orders/{i}?q=a%2Fb"),
+            "in arrival order"
+        );
+        assert_eq!(request.body, body(1000 + i), "byte for byte");
+        assert_eq!(request.header("x-order"), Some(i.to_string()));
+        assert_eq!(
+            request.header("content-type").as_deref(),
+            Some("application/octet-stream")
+        );
+        assert_eq!(request.header("x-knocker-id"), Some(ids[i].clone()));
+    }
+    for id in &ids {
+        assert_eq!(job(&cp, id).await["state"], "delivered");
+    }
+    assert_eq!(
+        upstream.count(),
+        2,
+        "the route's own cluster only saw the two requests without a rule"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_request_survives_a_control_plane_crash_before_its_first_attempt() {
+    // Delivery paused: the job is only on disk when the control plane is killed.
+    let mut cp = ControlPlane::start(&[("KNOCKER_DELIVERY", "off")]);
+    let upstream = Target::ok().await;
+    let orders = Target::ok().await;
+    let envoy = start_envoy("capture.yaml", &cp, upstream.port(), orders.port());
+    let payload = body(64 * 1024);
+    let response = client()
+        .put(envoy.url("/orders/big"))
+        .body(payload.clone())
+        .send()
+        .await
+        .unwrap();
+    let id = receipt_id(response).await;
+    cp.kill();
+    cp.set_env("KNOCKER_DELIVERY", "on");
+    cp.restart();
+    let got = orders.wait_for(1, WAIT).await;
+    assert_eq!(got[0].method, "PUT");
+    assert_eq!(got[0].body, payload);
+    assert_eq!(got[0].header("x-knocker-id"), Some(id));
+}
+
+/// An upstream that answers 503 while `down` is set, else 200 with a marker.
+async fn flaky_upstream(down: Arc<AtomicBool>) -> Target {
+    Target::start(move |_, _| {
+        if down.load(Ordering::SeqCst) {
+            Reply::status(503).with_body(b"upstream down")
+        } else {
+            Reply::status(200)
+                .with_header("x-upstream", "fresh")
+                .with_body(b"upstream ok")
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_answers_an_upstream_failure_with_a_receipt_and_delivers_after_recovery() {
+    let mut cp = ControlPlane::start(&[]);
+    let down = Arc::new(AtomicBool::new(false));
+    let upstream = flaky_upstream(Arc::clone(&down)).await;
+    let envoy = start_envoy("fallback.yaml", &cp, upstream.port(), upstream.port());
+
+    // A healthy upstream: its answer passes through untouched, and nothing is stored.
+    let ok = client()
+        .post(envoy.url("/api/ok"))
+        .body("fine")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["x-upstream"], "fresh");
+    assert!(ok.headers().get("knocker-id").is_none());
+    assert!(ok.headers().get("knocker-fallback").is_none());
+    assert_eq!(ok.text().await.unwrap(), "upstream ok");
+
+    down.store(true, Ordering::SeqCst);
+    // A route without a rule gets the upstream's error as it is.
+    let plain = client().get(envoy.url("/other")).send().await.unwrap();
+    assert_eq!(plain.status(), 503);
+    assert_eq!(plain.text().await.unwrap(), "upstream down");
+
+    let payload = body(20_000);
+    let response = client()
+        .post(envoy.url("/api/orders?id=7"))
+        .header("x-custom", "kept")
+        .body(payload.clone())
+        .send()
+        .await
+        .unwrap();
+    let id = receipt_id(response).await;
+    let stored = job(&cp, &id).await;
+    assert_eq!(stored["config"]["mode"], "fallback");
+    assert_eq!(stored["config"]["upstream_status"], 503);
+
+    // Still failing: the control plane keeps trying (and gets 503s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let retried = upstream
+        .received()
+        .iter()
+        .filter(|r| r.header("x-knocker-id").as_deref() == Some(id.as_str()))
+        .count();
+    assert!(retried >= 1, "retries while the upstream is down");
+    down.store(false, Ordering::SeqCst);
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if job(&cp, &id).await["state"] == "delivered" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered: Vec<_> = upstream
+        .received()
+        .into_iter()
+        .filter(|r| r.header("x-knocker-id").as_deref() == Some(id.as_str()))
+        .collect();
+    let last = delivered.last().unwrap();
+    assert_eq!(last.method, "POST");
+    assert_eq!(last.target, "/api/orders?id=7");
+    assert_eq!(last.body, payload, "byte for byte");
+    assert_eq!(last.header("x-custom").as_deref(), Some("kept"));
+    // The original attempt (through Envoy) carried no Knocker id; all the rest did.
+    let originals = upstream
+        .received()
+        .iter()
+        .filter(|r| r.target == "/api/orders?id=7" && r.header("x-knocker-id").is_none())
+        .count();
+    assert_eq!(originals, 1);
+
+    // With the control plane gone there is no receipt to give: the caller gets the
+    // upstream's own answer, and the reason.
+    cp.kill();
+    down.store(true, Ordering::SeqCst);
+    let failed = client()
+        .post(envoy.url("/api/orders?id=8"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 503);
+    assert!(failed.headers().get("knocker-id").is_none());
+    let why = failed.headers()["knocker-fallback"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(why.starts_with("failed; "), "{why}");
+    assert_eq!(failed.text().await.unwrap(), "upstream down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_covers_a_stopped_upstream_and_leaves_other_failures_alone() {
+    let cp = ControlPlane::start(&[]);
+    let upstream_port = free_port(); // the upstream is stopped: connections are refused
+    let envoy = start_envoy("fallback.yaml", &cp, upstream_port, upstream_port);
+
+    let response = client()
+        .delete(envoy.url("/api/items/9"))
+        .send()
+        .await
+        .unwrap();
+    let id = receipt_id(response).await;
+    assert_eq!(
+        job(&cp, &id).await["config"]["upstream_status"],
+        Value::Null,
+        "no status: the connection failed"
+    );
+
+    // Over the rule's 64 KiB buffer limit: Envoy's own error, and a header saying why.
+    let big = client()
+        .post(envoy.url("/api/upload"))
+        .body(body(100 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 503);
+    let why = big.headers()["knocker-fallback"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(why.contains("65536-byte buffer limit"), "{why}");
+    assert!(big.headers().get("knocker-id").is_none());
+
+    let upstream = Target::start_on(upstream_port, |r, _| {
+        if r.target == "/api/teapot" {
+            Reply::status(500).with_body(b"broken")
+        } else {
+            Reply::status(204)
+        }
+    })
+    .await;
+    let got = upstream.wait_for(1, WAIT).await;
+    assert_eq!(got[0].method, "DELETE");
+    assert_eq!(got[0].target, "/api/items/9");
+    assert_eq!(got[0].header("x-knocker-id"), Some(id));
+
+    // 500 is not in the rule's retry_on: it passes through.
+    let teapot = client().get(envoy.url("/api/teapot")).send().await.unwrap();
+    assert_eq!(teapot.status(), 500);
+    assert!(teapot.headers().get("knocker-id").is_none());
+    assert_eq!(teapot.text().await.unwrap(), "broken");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let uploads = upstream
+        .received()
+        .iter()
+        .filter(|r| r.target == "/api/upload")
+        .count();
+    assert_eq!(uploads, 0, "the over-limit request was not taken over");
+}
