@@ -2,12 +2,14 @@
 # `make run`: the control plane (embedded store under ./data), Envoy with the knocker
 # filter in front of a demo target, all on the default loopback ports. Ctrl-C stops all.
 # ENVOY_CONFIG picks the Envoy file: envoy/knocker.yaml (default), envoy/capture.yaml or
-# envoy/fallback.yaml.
+# envoy/fallback.yaml or envoy/broadcast.yaml; KNOCKER_CONFIG the control plane's file
+# (examples/knocker.toml: the broadcast group `caches` of the two demo targets).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 mkdir -p .run
 ENVOY_CONFIG="${ENVOY_CONFIG:-envoy/knocker.yaml}"
+export KNOCKER_CONFIG="${KNOCKER_CONFIG:-examples/knocker.toml}"
 [[ -f "$ENVOY_CONFIG" ]] || { echo "ENVOY_CONFIG: no such file: $ENVOY_CONFIG" >&2; exit 1; }
 
 pids=()
@@ -29,7 +31,7 @@ wait_envoy_ready() {
 
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
 
-for port in 8000 9090 8080 10000 9901; do
+for port in 8000 9090 8080 8081 10000 9901; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use; stop whatever holds it (an earlier 'make run'?)" >&2
     exit 1
@@ -38,9 +40,11 @@ done
 
 target/release/knocker echo --addr 127.0.0.1:8080 2>&1 | sed -u 's/^/[target] /' &
 pids+=($!)
+target/release/knocker echo --addr 127.0.0.1:8081 2>&1 | sed -u 's/^/[target2] /' &
+pids+=($!)
 SCHEME="${SCHEME:-http}" target/release/knocker serve 2>&1 | sed -u 's/^/[knocker] /' &
 pids+=($!)
-wait_port 8000; wait_port 9090; wait_port 8080
+wait_port 8000; wait_port 9090; wait_port 8080; wait_port 8081
 .tools/venv/bin/envoy -c "$ENVOY_CONFIG" --concurrency 2 -l warning --base-id 7001 \
   2>&1 | grep --line-buffered -v "no configured limit to the number of allowed active downstream" | sed -u 's/^/[envoy] /' &
 pids+=($!)
@@ -51,13 +55,17 @@ cat <<MSG
 Knocker is running ($ENVOY_CONFIG):
   Envoy listener     http://127.0.0.1:10000  (admin :9901)
   control plane      http://127.0.0.1:8000   (gRPC :9090, data in ./data)
-  demo target        http://127.0.0.1:8080   (logs every request it gets)
+  demo targets       http://127.0.0.1:8080 and :8081 (log every request they get;
+                     group "caches" in $KNOCKER_CONFIG)
 
 Try it — a Knocker request through Envoy (answered at once, delivered in the background):
   curl -i -X POST -H 'Knocker-Host: 127.0.0.1:8080' -d 'hello' 'http://127.0.0.1:10000/orders?id=1'
 
 Plain traffic passes through untouched:
   curl -i http://127.0.0.1:10000/hello
+
+Broadcast to both demo targets (group "caches"):
+  curl -i -X PURGE -H 'Knocker-Broadcast: caches' http://127.0.0.1:10000/page
 
 Status:
   curl -s http://127.0.0.1:10000/knocker/status

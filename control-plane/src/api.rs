@@ -1,5 +1,5 @@
 //! The admin API under `/knocker/`, on the HTTP ingress: jobs (lookup, list by state,
-//! replay, delete). Mutating calls need `Authorization: Bearer <KNOCKER_ADMIN_TOKEN>`
+//! replay, delete), broadcasts and groups. Mutating calls need `Authorization: Bearer <KNOCKER_ADMIN_TOKEN>`
 //! when that is set. Errors have the Knocker shape and name the field.
 //!
 //! | call | what |
@@ -9,6 +9,8 @@
 //! | `POST /knocker/jobs/{id}/replay` | a delivered or failed job, attempted again now |
 //! | `POST /knocker/jobs/replay?state=failed&limit=1000` | bulk replay |
 //! | `DELETE /knocker/jobs/{id}` | remove a job |
+//! | `GET /knocker/broadcasts/{id}` | a broadcast: each member's job and its state |
+//! | `GET /knocker/groups` | the broadcast groups and their members now |
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -32,6 +34,8 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .route("/knocker/jobs/replay", post(replay_many))
         .route("/knocker/jobs/{id}", get(lookup).delete(delete))
         .route("/knocker/jobs/{id}/replay", post(replay_one))
+        .route("/knocker/broadcasts/{id}", get(broadcast))
+        .route("/knocker/groups", get(groups))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "path", "No such API endpoint.")
         })
@@ -146,6 +150,45 @@ fn authorized(ingress: &Ingress, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn lookup(State(ingress): State<Arc<Ingress>>, Path(id): Path<String>) -> ApiResult {
     let job = ingress.store.get(&id).await?.ok_or_else(ApiError::no_job)?;
     Ok(Json(view(&job)))
+}
+
+async fn broadcast(State(ingress): State<Arc<Ingress>>, Path(id): Path<String>) -> ApiResult {
+    let jobs = ingress.stored_broadcast(&id).await?;
+    if jobs.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "id",
+            "No broadcast with this id.",
+        ));
+    }
+    Ok(Json(crate::broadcast::status(&id, &jobs)))
+}
+
+/// Each group's configuration and its members as resolved now (or why there are none).
+async fn groups(State(ingress): State<Arc<Ingress>>) -> ApiResult {
+    let mut out = serde_json::Map::new();
+    for name in ingress.groups.names() {
+        let Some(config) = ingress.groups.get(name) else {
+            continue;
+        };
+        let (members, error) = match ingress.groups.members(name).await {
+            Ok(members) => (members, None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        out.insert(
+            name.clone(),
+            json!({
+                "dns": config.dns,
+                "port": config.port,
+                "members": members,
+                "error": error,
+                "preserve_host": config.preserve_host,
+                "max_age_s": config.max_age_s,
+                "retries": config.retries,
+            }),
+        );
+    }
+    Ok(Json(json!({ "groups": out })))
 }
 
 #[derive(Deserialize)]

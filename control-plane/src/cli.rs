@@ -53,6 +53,19 @@ pub enum Jobs {
     Delete { id: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum Broadcasts {
+    /// Show a broadcast: each member, its job and the job's state.
+    Get {
+        id: String,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the broadcast groups and their members now.
+    Groups,
+}
+
 fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
@@ -189,6 +202,50 @@ pub async fn jobs(remote: &Remote, command: Jobs) -> anyhow::Result<()> {
             )
             .await?,
         ),
+    }
+}
+
+pub async fn broadcasts(remote: &Remote, command: Broadcasts) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        Broadcasts::Get { id, json } => {
+            let b = call(
+                remote,
+                Method::GET,
+                &format!("/knocker/broadcasts/{}", encode(&id)),
+            )
+            .await?;
+            if json {
+                return print_json(&b);
+            }
+            println!(
+                "broadcast {id} to group {}",
+                b["group"].as_str().unwrap_or("?")
+            );
+            println!(
+                "{:<40} {:<10} {:>8}  {:<6}  job",
+                "member", "state", "attempts", "last"
+            );
+            for m in b["members"].as_array().into_iter().flatten() {
+                let state = match (m["state"].as_str(), m["waiting_in_lane"].as_bool()) {
+                    (Some("pending"), Some(true)) => "queued",
+                    (Some(s), _) => s,
+                    (None, _) => "",
+                };
+                println!(
+                    "{:<40} {:<10} {:>8}  {:<6}  {}",
+                    m["member"].as_str().unwrap_or(""),
+                    state,
+                    m["attempts"].as_u64().unwrap_or(0),
+                    m["last_status"]
+                        .as_u64()
+                        .map_or(String::new(), |s| s.to_string()),
+                    m["id"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Broadcasts::Groups => print_json(&call(remote, Method::GET, "/knocker/groups").await?),
     }
 }
 

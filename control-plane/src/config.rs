@@ -4,6 +4,10 @@
 //! names (`SCHEME`, `TIMEOUT`, `RETRIES`, `HOSTS_ONLY`, …) are accepted as they are; our
 //! own settings are prefixed `KNOCKER_`. A value that cannot be parsed stops start-up
 //! with a message naming the variable.
+//!
+//! Groups (and, later, monitors) come from an optional TOML file, [`file`].
+
+pub mod file;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -141,6 +145,15 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub admin_token: String,
+
+    /// A TOML file with broadcast groups (see `config::file`); none by default.
+    #[arg(long = "config", env = "KNOCKER_CONFIG", value_name = "KNOCKER_CONFIG")]
+    pub config_file: Option<PathBuf>,
+
+    /// DNS server (`ip:port`) for the members of DNS broadcast groups; the system's
+    /// resolver (`/etc/resolv.conf`) when unset.
+    #[arg(long, env = "KNOCKER_DNS_SERVER", value_name = "KNOCKER_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
 
     /// Log destination: `-` for stderr, else a file appended to.
     #[arg(long, env = "LOG_FILE", value_name = "LOG_FILE", default_value = "-")]

@@ -9,6 +9,7 @@
 //! - [`ingress`] — the shared submit path; [`ingress::grpc`] and [`ingress::http`].
 //! - [`job`] — the job model, the protocol's header rules ([`job::spec`]) and receipts.
 //! - [`store`] — the [`store::Store`] trait and its engines.
+//! - [`broadcast`] — groups (static or DNS) and the fan-out of one request to them.
 //! - [`delivery`] — due jobs → HTTP attempts → delivered, retried or failed (+ callback).
 //! - [`api`] — the admin API under `/knocker/` (jobs: lookup, list, replay, delete).
 //! - [`telemetry`] — logs and Sentry.
@@ -20,6 +21,7 @@
 //! `127.0.0.1:0` and run the real server in-process.
 
 pub mod api;
+pub mod broadcast;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -41,7 +43,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::broadcast::groups::Groups;
 use crate::clock::Time;
+use crate::config::file::FileConfig;
 use crate::config::Settings;
 use crate::delivery::attempt::Clients;
 use crate::delivery::{Delivery, HostLimits};
@@ -78,6 +82,11 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     settings.validate().map_err(anyhow::Error::msg)?;
     let settings = Arc::new(settings);
+    let file = match &settings.config_file {
+        Some(path) => FileConfig::load(path).map_err(anyhow::Error::msg)?,
+        None => FileConfig::default(),
+    };
+    let groups = Arc::new(Groups::new(file.groups, settings.dns_server)?);
     let store = open_store(&settings)?;
     let wake = Arc::new(Notify::new());
 
@@ -98,6 +107,7 @@ pub async fn serve(
         store: Arc::clone(&store),
         time: time.clone(),
         wake,
+        groups,
     });
 
     let http_addr = listeners.http.local_addr()?;

@@ -40,6 +40,13 @@ enum Command {
         #[command(subcommand)]
         command: Jobs,
     },
+    /// Inspect a running instance's broadcasts and groups.
+    Broadcasts {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: knocker::cli::Broadcasts,
+    },
     /// Run a demo target that answers 200 to everything and logs each request.
     Echo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -75,6 +82,9 @@ fn main() -> ExitCode {
             runtime.block_on(knocker::cli::status(&remote, &status_url))
         }
         Command::Jobs { remote, command } => runtime.block_on(knocker::cli::jobs(&remote, command)),
+        Command::Broadcasts { remote, command } => {
+            runtime.block_on(knocker::cli::broadcasts(&remote, command))
+        }
         Command::Echo { addr, quiet } => runtime.block_on(knocker::echo::run(addr, quiet)),
     };
     match result {

@@ -27,6 +27,9 @@ pub enum RuleMode {
     /// Send the request upstream as usual; on a retryable failure hand it to the control
     /// plane and answer `202` with a receipt instead of the error.
     Fallback,
+    /// Store the request once per member of a group (the control plane's configuration)
+    /// and answer `202` with a receipt listing the members.
+    Broadcast,
 }
 
 impl RuleMode {
@@ -34,6 +37,7 @@ impl RuleMode {
         match self {
             Self::Capture => Mode::Capture,
             Self::Fallback => Mode::Fallback,
+            Self::Broadcast => Mode::Broadcast,
         }
     }
 }
@@ -45,7 +49,12 @@ pub struct Rule {
     pub mode: RuleMode,
     #[serde(default, rename = "match")]
     pub matcher: Match,
-    pub delivery: Delivery,
+    /// Capture and fallback: where and how the request is delivered.
+    #[serde(default)]
+    pub delivery: Option<Delivery>,
+    /// Broadcast: the group to fan out to (its policy is the control plane's).
+    #[serde(default)]
+    pub group: Option<String>,
     /// Fallback only: upstream statuses that count as failures (resets and timeouts
     /// always do).
     #[serde(default)]
@@ -155,16 +164,23 @@ impl Rule {
     }
 
     pub fn policy(&self) -> RulePolicy {
-        let d = &self.delivery;
-        RulePolicy {
-            target: d.target.clone(),
-            retries: d.retries,
-            max_age_s: d.max_age_s,
-            backoff_factor: d.backoff_factor,
-            max_backoff_s: d.max_backoff_s,
-            timeout_s: d.timeout_s,
-            callback: d.callback.clone().unwrap_or_default(),
-            ordered: d.ordered,
+        let group = self.group.clone().unwrap_or_default();
+        match &self.delivery {
+            Some(d) => RulePolicy {
+                target: d.target.clone(),
+                retries: d.retries,
+                max_age_s: d.max_age_s,
+                backoff_factor: d.backoff_factor,
+                max_backoff_s: d.max_backoff_s,
+                timeout_s: d.timeout_s,
+                callback: d.callback.clone().unwrap_or_default(),
+                ordered: d.ordered,
+                group,
+            },
+            None => RulePolicy {
+                group,
+                ..RulePolicy::default()
+            },
         }
     }
 
@@ -174,7 +190,32 @@ impl Rule {
         if self.name.trim().is_empty() {
             return Err(format!("`rules[{index}].name` must not be empty"));
         }
-        let d = &self.delivery;
+        if self.mode == RuleMode::Broadcast {
+            if self.delivery.is_some() {
+                return Err(format!(
+                    "{} does not apply to broadcast rules: the group's policy does",
+                    at("delivery")
+                ));
+            }
+            let group_ok = self.group.as_deref().is_some_and(|g| {
+                !g.is_empty()
+                    && g.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+            if !group_ok {
+                return Err(format!(
+                    "{} must name a group (letters, digits, `-`, `_`)",
+                    at("group")
+                ));
+            }
+            return self.validate_match_and_fallback(index);
+        }
+        if self.group.is_some() {
+            return Err(format!("{} applies to broadcast rules only", at("group")));
+        }
+        let Some(d) = &self.delivery else {
+            return Err(format!("{} is required", at("delivery")));
+        };
         if !is_http_url(&d.target) {
             return Err(format!(
                 "{} must be an http:// or https:// URL with a host, got `{}`",
@@ -208,6 +249,11 @@ impl Rule {
         if !d.timeout_s.is_finite() || d.timeout_s <= 0.0 {
             return Err(format!("{} must be a number > 0", at("delivery.timeout_s")));
         }
+        self.validate_match_and_fallback(index)
+    }
+
+    fn validate_match_and_fallback(&self, index: usize) -> Result<(), String> {
+        let at = |field: &str| format!("`rules[{index}].{field}` (rule `{}`)", self.name);
         if let Some(prefix) = &self.matcher.path_prefix {
             if !prefix.starts_with('/') {
                 return Err(format!("{} must start with `/`", at("match.path_prefix")));
@@ -356,6 +402,18 @@ mod tests {
         assert_eq!(p.timeout_s, 2.0);
         assert_eq!(p.callback, "http://cb/");
         assert!(p.ordered);
+    }
+
+    #[test]
+    fn broadcast_rules_send_their_group() {
+        let r = rule(
+            r#"{"name":"purge","mode":"broadcast","group":"caches","match":{"methods":["PURGE"]}}"#,
+        );
+        assert_eq!(r.validate(0), Ok(()));
+        let p = r.policy();
+        assert_eq!(p.group, "caches");
+        assert_eq!(p.target, "");
+        assert_eq!(r.mode.proto(), Mode::Broadcast);
     }
 
     #[test]

@@ -706,6 +706,24 @@ mod tests {
     }
 
     #[test]
+    fn broadcast_rule_buffers_and_submits_its_group() {
+        let host = FakeHost {
+            headers: with_path("/page", &[]),
+            ..Default::default()
+        };
+        let config = PluginConfig::parse(
+            br#"{"rules":[{"name":"purge","mode":"broadcast","group":"caches"}]}"#,
+        )
+        .unwrap();
+        let mut s = Stream::default();
+        assert_eq!(s.on_request_headers(&host, &config, true), Action::Pause);
+        let req = dispatched_request(&host);
+        assert_eq!(req.mode, Mode::Broadcast as i32);
+        assert_eq!(req.rule, "purge");
+        assert_eq!(req.policy.unwrap().group, "caches");
+    }
+
+    #[test]
     fn knocker_host_wins_over_rules_and_x_knocker_skips_them() {
         let config = rules_config();
         let host = FakeHost {

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real Envoy with the built filter, the real `knocker` binary and
 //! real HTTP targets, all on loopback and free ports. One binary, one module per area.
 
+mod broadcast;
 mod configs;
 mod durability;
 mod link;

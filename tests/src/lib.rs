@@ -7,14 +7,17 @@
 //! - [`Target`] — an HTTP/1.1 server on a raw socket that records every request byte for
 //!   byte (header order and case included) and answers as a test scripts it: a status,
 //!   a redirect, a hang, or a closed connection.
+//! - [`DnsServer`] — a DNS server on loopback whose A/AAAA answers a test changes.
 //!
 //! `make test` builds the binaries first; a missing binary is a set-up failure and the
 //! tests say so instead of skipping.
 
+pub mod dns;
 pub mod process;
 pub mod target;
 
-pub use process::{free_port, repo_root, ControlPlane, Envoy, EnvoyOptions};
+pub use dns::DnsServer;
+pub use process::{free_port, knocker_bin, repo_root, temp_dir, ControlPlane, Envoy, EnvoyOptions};
 pub use target::{Received, Reply, Target};
 
 /// Waits for `check` to hold, polling every 20 ms, up to `timeout`.

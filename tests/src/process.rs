@@ -47,7 +47,8 @@ pub fn wasm_path() -> PathBuf {
     )
 }
 
-fn temp_dir(prefix: &str) -> PathBuf {
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(prefix: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "knocker-e2e-{prefix}-{}-{}",
@@ -216,6 +217,8 @@ pub struct EnvoyOptions {
     pub filter_on_every_route: bool,
     /// Text replaced on every line (e.g. a rule's target `127.0.0.1:8080`).
     pub replace: Vec<(String, String)>,
+    /// The listener's port; a free one when unset.
+    pub port: Option<u16>,
 }
 
 /// A running Envoy.
@@ -309,7 +312,7 @@ pub fn render_envoy_config(
 
 impl Envoy {
     pub fn start(file: &str, options: &EnvoyOptions) -> Self {
-        let port = free_port();
+        let port = options.port.unwrap_or_else(free_port);
         let admin_port = free_port();
         let dir = temp_dir("envoy");
         let config = dir.join("envoy.yaml");

@@ -139,9 +139,16 @@ impl Target {
         port: u16,
         script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
     ) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind target");
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], port)), script).await
+    }
+
+    /// The same on a chosen loopback address (`127.0.0.2:port`, …: several members of a
+    /// DNS group on one port).
+    pub async fn start_at(
+        addr: SocketAddr,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind target");
         let addr = listener.local_addr().expect("target addr");
         let shared = Arc::new(Shared {
             received: parking_lot::Mutex::new(Vec::new()),
@@ -163,7 +170,7 @@ impl Target {
     }
 
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.addr.port())
+        self.addr.to_string()
     }
 
     pub fn received(&self) -> Vec<Received> {

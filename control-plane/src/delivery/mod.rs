@@ -588,6 +588,19 @@ mod tests {
         ) -> Result<Option<Job>, crate::store::StoreError> {
             self.inner.replay(id, now).await
         }
+        async fn insert_all(
+            &self,
+            jobs: Vec<Job>,
+        ) -> Result<Vec<crate::store::Inserted>, crate::store::StoreError> {
+            self.inner.insert_all(jobs).await
+        }
+        async fn find_prefix(
+            &self,
+            prefix: &str,
+            limit: usize,
+        ) -> Result<Vec<Job>, crate::store::StoreError> {
+            self.inner.find_prefix(prefix, limit).await
+        }
         async fn delete(&self, id: &str, now: u64) -> Result<bool, crate::store::StoreError> {
             self.inner.delete(id, now).await
         }

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::Ingress;
 use crate::job::rule::{RuleMode, RuleSubmission};
-use crate::job::spec::Submission;
+use crate::job::spec::{BroadcastRule, Submission};
 
 pub struct GrpcIngress {
     ingress: Arc<Ingress>,
@@ -35,8 +35,10 @@ impl IngressService for GrpcIngress {
             );
             return Ok(Response::new(to_proto(reply)));
         }
-        let rule = match rule_submission(&mut r) {
-            Ok(rule) => rule,
+        let (rule, broadcast_rule) = match rule_submission(&mut r) {
+            Ok(Taken::Knocker) => (None, None),
+            Ok(Taken::Rule(rule)) => (Some(rule), None),
+            Ok(Taken::Broadcast(b)) => (None, Some(b)),
             Err(reply) => return Ok(Response::new(to_proto(reply))),
         };
         let submission = Submission {
@@ -49,21 +51,29 @@ impl IngressService for GrpcIngress {
                 .collect(),
             body: r.body,
             remote: Some(r.downstream_address).filter(|a| !a.is_empty()),
+            authority: Some(r.authority).filter(|a| !a.is_empty()),
             rule,
+            broadcast_rule,
         };
         let reply = self.ingress.submit(submission).await;
         Ok(Response::new(to_proto(reply)))
     }
 }
 
-/// The rule part of a filter submission: `None` for the Knocker protocol; a 400 naming
-/// the field when the mode and the policy do not fit together.
-fn rule_submission(r: &mut SubmitRequest) -> Result<Option<RuleSubmission>, super::Reply> {
+/// Why the filter handed a request over.
+enum Taken {
+    Knocker,
+    Rule(RuleSubmission),
+    Broadcast(BroadcastRule),
+}
+
+/// The rule part of a filter submission; a 400 naming the field when the mode and the
+/// policy do not fit together.
+fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, super::Reply> {
     let mode = match Mode::try_from(r.mode) {
-        Ok(Mode::Knocker | Mode::Unspecified) => return Ok(None),
-        Ok(Mode::Capture) => RuleMode::Capture,
-        Ok(Mode::Fallback) => RuleMode::Fallback,
-        Ok(Mode::Broadcast) | Err(_) => {
+        Ok(Mode::Knocker | Mode::Unspecified) => return Ok(Taken::Knocker),
+        Ok(mode) => mode,
+        Err(_) => {
             return Err(super::Reply::error(
                 400,
                 "mode",
@@ -78,8 +88,26 @@ fn rule_submission(r: &mut SubmitRequest) -> Result<Option<RuleSubmission>, supe
             "A rule submission needs the rule's delivery policy.",
         ));
     };
-    Ok(Some(RuleSubmission {
-        name: std::mem::take(&mut r.rule),
+    let rule = std::mem::take(&mut r.rule);
+    let mode = match mode {
+        Mode::Broadcast if policy.group.is_empty() => {
+            return Err(super::Reply::error(
+                400,
+                "policy.group",
+                "A broadcast rule needs a group.",
+            ))
+        }
+        Mode::Broadcast => {
+            return Ok(Taken::Broadcast(BroadcastRule {
+                rule,
+                group: policy.group,
+            }))
+        }
+        Mode::Fallback => RuleMode::Fallback,
+        _ => RuleMode::Capture,
+    };
+    Ok(Taken::Rule(RuleSubmission {
+        name: rule,
         mode,
         target: policy.target,
         retries: policy.retries,

@@ -67,7 +67,14 @@ async fn submit(
             .collect(),
         body: body.to_vec(),
         remote: Some(peer.to_string()),
+        authority: parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .map(str::to_owned),
         rule: None,
+        broadcast_rule: None,
     };
     into_response(ingress.submit(submission).await)
 }

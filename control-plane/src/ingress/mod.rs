@@ -3,8 +3,10 @@
 //! the same request gets the same answer.
 //!
 //! A request a filter rule took over (capture, fallback) is built from its rule's policy
-//! and answered `202` with the receipt. Otherwise, order of checks (Knocker 1.4.1): status URL; `X-Knocker` loop guard (406); header
-//! validation (400, every failing header at once); commit, then the receipt (200).
+//! and answered `202` with the receipt; a broadcast rule fans out ([`broadcast`]).
+//! Otherwise, order of checks (Knocker 1.4.1): status URL; `X-Knocker` loop guard (406); header
+//! `Knocker-Broadcast` (fan-out to a group); validation (400, every failing header at
+//! once); commit, then the receipt (200).
 //! A failure to commit is a 503 with `Retry-After`, never a receipt.
 
 pub mod grpc;
@@ -15,11 +17,14 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::sync::Notify;
 
+use crate::broadcast::{self, groups::Groups};
 use crate::clock::Time;
 use crate::config::Settings;
 use crate::job::receipt::receipt;
 use crate::job::rule::build_rule_job;
-use crate::job::spec::{build_job, Submission};
+use crate::job::spec::{
+    build_job, is_http_url, knocker_id, split_headers, Errors, Submission, BAD_URL,
+};
 use crate::job::{Job, VERSION};
 use crate::store::{Inserted, Store, StoreError};
 
@@ -62,6 +67,18 @@ impl Reply {
     }
 }
 
+/// Knocker headers that set a job's policy: a broadcast uses its group's instead.
+const BROADCAST_EXCLUDES: &[&str] = &[
+    "knocker-host",
+    "knocker-scheme",
+    "knocker-timeout",
+    "knocker-retries",
+    "knocker-backoff-factor",
+];
+
+/// Most members a broadcast is looked up with.
+const MAX_MEMBERS: usize = 10_000;
+
 /// Seconds a client is asked to wait after a 503 from the store.
 const RETRY_AFTER_S: &str = "1";
 
@@ -72,6 +89,8 @@ pub struct Ingress {
     pub time: Time,
     /// Wakes the delivery loop when a job is committed.
     pub wake: Arc<Notify>,
+    /// Broadcast groups (`KNOCKER_CONFIG`).
+    pub groups: Arc<Groups>,
 }
 
 impl Ingress {
@@ -84,6 +103,11 @@ impl Ingress {
             };
             return self.commit(job, 202).await;
         }
+        if let Some(b) = &submission.broadcast_rule {
+            return self
+                .broadcast(&submission, &b.group, Some(&b.rule), 202)
+                .await;
+        }
         let path_only = submission.path.split('?').next().unwrap_or_default();
         if path_only == self.settings.status_url {
             return self.status().await;
@@ -93,6 +117,14 @@ impl Ingress {
         });
         if loop_guard {
             return Reply::text(406, "Ignore requests from knocker");
+        }
+        let group = submission
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("knocker-broadcast"))
+            .map(|(_, v)| String::from_utf8_lossy(v).trim().to_owned());
+        if let Some(group) = group {
+            return self.broadcast(&submission, &group, None, 200).await;
         }
         let now = self.time.now_ms();
         let job = match build_job(&self.settings, &submission, now, new_id) {
@@ -118,6 +150,126 @@ impl Ingress {
                 store_unavailable(&e)
             }
         }
+    }
+
+    /// Fans the request out to every member of `group`: one job per member, committed
+    /// together, then the receipt listing them (`status` 200 for `Knocker-Broadcast`,
+    /// 202 for a broadcast rule).
+    async fn broadcast(
+        &self,
+        submission: &Submission,
+        group: &str,
+        rule: Option<&str>,
+        status: u16,
+    ) -> Reply {
+        if broadcast::is_broadcast_copy(submission) {
+            return Reply::text(
+                406,
+                "Ignore requests a broadcast delivered: they are never broadcast again",
+            );
+        }
+        let field = if rule.is_some() {
+            "rule.group"
+        } else {
+            "knocker-broadcast"
+        };
+        let (raw, _) = split_headers(&submission.headers);
+        let mut errors = Errors::default();
+        let Some(config) = self.groups.get(group) else {
+            let known: Vec<&str> = self.groups.names().map(String::as_str).collect();
+            errors.add(
+                field,
+                format!(
+                    "Unknown group '{group}'. Groups: {}.",
+                    if known.is_empty() {
+                        "none configured (KNOCKER_CONFIG)".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+            return Reply::json(400, &errors.to_json());
+        };
+        for header in BROADCAST_EXCLUDES {
+            if raw.contains_key(*header) {
+                errors.add(
+                    header,
+                    "Cannot be combined with Knocker-Broadcast: the group's delivery policy applies.",
+                );
+            }
+        }
+        let callback = raw
+            .get("knocker-callback")
+            .map(|v| String::from_utf8_lossy(v).trim().to_owned());
+        if callback.as_deref().is_some_and(|c| !is_http_url(c)) {
+            errors.add("knocker-callback", BAD_URL);
+        }
+        let id = knocker_id(&raw, &mut errors);
+        if !errors.0.is_empty() {
+            return Reply::json(400, &errors.to_json());
+        }
+        let id = id.unwrap_or_else(new_id);
+        // A resubmission gets the stored broadcast's receipt, whatever the group is now.
+        match self.stored_broadcast(&id).await {
+            Ok(stored) if !stored.is_empty() => {
+                return Reply::json(status, &broadcast::receipt(&id, group, &stored))
+                    .with_header("knocker-id", id);
+            }
+            Ok(_) => {}
+            Err(e) => return store_unavailable(&e),
+        }
+        let members = match self.groups.members(group).await {
+            Ok(members) => members,
+            Err(e) => {
+                tracing::warn!(group, error = %e, "broadcast refused: no members to send to");
+                return Reply::error(503, field, &format!("{e}. Nothing was accepted."))
+                    .with_header("retry-after", RETRY_AFTER_S);
+            }
+        };
+        let fanout = broadcast::Fanout {
+            id: &id,
+            group_name: group,
+            group: config,
+            members: &members,
+            callback,
+            rule,
+        };
+        let jobs = broadcast::member_jobs(&fanout, submission, self.time.now_ms());
+        match self.store.insert_all(jobs).await {
+            Ok(inserted) => {
+                self.wake.notify_one();
+                let jobs: Vec<Job> = inserted
+                    .into_iter()
+                    .map(|i| match i {
+                        Inserted::Created(job) | Inserted::Existing(job) => job,
+                    })
+                    .collect();
+                tracing::debug!(broadcast_id = %id, group, members = jobs.len(), "broadcast accepted");
+                Reply::json(status, &broadcast::receipt(&id, group, &jobs))
+                    .with_header("knocker-id", id)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "broadcast refused: the store cannot commit");
+                store_unavailable(&e)
+            }
+        }
+    }
+
+    /// The member jobs of broadcast `id`, in member order (empty when there is none).
+    pub async fn stored_broadcast(&self, id: &str) -> Result<Vec<Job>, StoreError> {
+        let jobs = self
+            .store
+            .find_prefix(&broadcast::member_prefix(id), MAX_MEMBERS)
+            .await?;
+        Ok(jobs
+            .into_iter()
+            .filter(|j| {
+                j.config
+                    .get("broadcast")
+                    .and_then(|b| b.get("id"))
+                    .is_some_and(|b| b == id)
+            })
+            .collect())
     }
 
     async fn status(&self) -> Reply {

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map};
 
-use super::spec::{split_headers, Errors, Submission, EMPTY, MAX_ID_LEN, NOT_A_STRING};
+use super::spec::{knocker_id, split_headers, Errors, Submission};
 use super::{Job, Kind, Policy, Request, State};
 use crate::clock::Millis;
 
@@ -88,25 +88,7 @@ pub fn build_rule_job(
         }
     }
     let (raw, forwarded) = split_headers(&submission.headers);
-    let id = match raw.get("knocker-id").map(|v| std::str::from_utf8(v)) {
-        None => None,
-        Some(Err(_)) => {
-            errors.add("knocker-id", NOT_A_STRING);
-            None
-        }
-        Some(Ok("")) => {
-            errors.add("knocker-id", EMPTY);
-            None
-        }
-        Some(Ok(id)) if id.len() > MAX_ID_LEN => {
-            errors.add(
-                "knocker-id",
-                format!("Longer than maximum length {MAX_ID_LEN}."),
-            );
-            None
-        }
-        Some(Ok(id)) => Some(id.to_owned()),
-    };
+    let id = knocker_id(&raw, &mut errors);
     if !errors.0.is_empty() {
         return Err(errors);
     }
@@ -207,7 +189,9 @@ mod tests {
                 .collect(),
             body: vec![0, 159, 146, 150],
             remote: None,
+            authority: None,
             rule: None,
+            broadcast_rule: None,
         }
     }
 

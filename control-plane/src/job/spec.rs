@@ -21,8 +21,19 @@ pub struct Submission {
     pub body: Vec<u8>,
     /// The downstream peer, when known.
     pub remote: Option<String>,
+    /// The request's authority (`Host`), when known.
+    pub authority: Option<String>,
     /// Set when a filter rule (not `Knocker-*` headers) took the request over.
     pub rule: Option<super::rule::RuleSubmission>,
+    /// Set when a filter rule in `broadcast` mode took the request over.
+    pub broadcast_rule: Option<BroadcastRule>,
+}
+
+/// A filter rule in `broadcast` mode: its name and the group it fans out to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BroadcastRule {
+    pub rule: String,
+    pub group: String,
 }
 
 /// Validation errors: lower-case header name → messages.
@@ -105,6 +116,29 @@ pub fn split_headers(headers: &[(String, Vec<u8>)]) -> (BTreeMap<String, Vec<u8>
         }
     }
     (config, forwarded)
+}
+
+/// The `Knocker-Id` header, when given and valid (else its error is added).
+pub fn knocker_id(raw: &BTreeMap<String, Vec<u8>>, errors: &mut Errors) -> Option<String> {
+    match raw.get("knocker-id").map(|v| std::str::from_utf8(v)) {
+        None => None,
+        Some(Err(_)) => {
+            errors.add("knocker-id", NOT_A_STRING);
+            None
+        }
+        Some(Ok("")) => {
+            errors.add("knocker-id", EMPTY);
+            None
+        }
+        Some(Ok(id)) if id.len() > MAX_ID_LEN => {
+            errors.add(
+                "knocker-id",
+                format!("Longer than maximum length {MAX_ID_LEN}."),
+            );
+            None
+        }
+        Some(Ok(id)) => Some(id.to_owned()),
+    }
 }
 
 /// Builds the job a submission asks for, or every reason it cannot.
@@ -193,20 +227,7 @@ pub fn build_job(
         }
     });
 
-    let id = match text("knocker-id", &mut errors) {
-        Some(id) if id.is_empty() => {
-            errors.add("knocker-id", EMPTY);
-            None
-        }
-        Some(id) if id.len() > MAX_ID_LEN => {
-            errors.add(
-                "knocker-id",
-                format!("Longer than maximum length {MAX_ID_LEN}."),
-            );
-            None
-        }
-        other => other,
-    };
+    let id = knocker_id(&raw, &mut errors);
 
     let Some((host_port, _)) = host.filter(|_| errors.0.is_empty()) else {
         return Err(errors);
@@ -319,7 +340,7 @@ fn parse_host(value: &str) -> Option<(String, String)> {
     Some((authority.as_str().to_owned(), host.to_owned()))
 }
 
-fn is_http_url(value: &str) -> bool {
+pub fn is_http_url(value: &str) -> bool {
     match reqwest::Url::parse(value.trim()) {
         Ok(url) => {
             matches!(url.scheme(), "http" | "https")
@@ -403,7 +424,9 @@ mod tests {
                 .collect(),
             body: b"body".to_vec(),
             remote: None,
+            authority: None,
             rule: None,
+            broadcast_rule: None,
         };
         build_job(&settings(), &sub, 1000, || "generated".into())
     }

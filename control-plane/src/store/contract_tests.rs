@@ -472,3 +472,59 @@ async fn sqlite_lanes_survive_a_reopen() {
     assert_eq!(claim_ids(&store, 0).await, ["x1"]);
     assert!(store.get("x2").await.unwrap().unwrap().is_parked());
 }
+
+#[tokio::test]
+async fn insert_all_commits_together_and_find_prefix_returns_arrival_order() {
+    for (engine, store) in engines("insert-all").await {
+        store.insert(job("b.1", "h", 0)).await.unwrap();
+        let jobs: Vec<Job> = (0..12).map(|i| job(&format!("b.{i}"), "h", 0)).collect();
+        let inserted = store.insert_all(jobs).await.unwrap();
+        assert_eq!(inserted.len(), 12, "{engine}");
+        assert!(matches!(inserted[1], Inserted::Existing(_)), "{engine}");
+        assert!(matches!(inserted[11], Inserted::Created(_)), "{engine}");
+        store.insert(job("bx", "h", 0)).await.unwrap();
+        store.insert(job("c.1", "h", 0)).await.unwrap();
+        let found: Vec<String> = store
+            .find_prefix("b.", 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        let mut expected = vec!["b.1".to_owned(), "b.0".to_owned()];
+        expected.extend((2..12).map(|i| format!("b.{i}")));
+        assert_eq!(found, expected, "{engine}: arrival order, prefix only");
+        assert_eq!(
+            store.find_prefix("b.", 3).await.unwrap().len(),
+            3,
+            "{engine}"
+        );
+        assert!(
+            store.find_prefix("zz", 10).await.unwrap().is_empty(),
+            "{engine}"
+        );
+        assert_eq!(store.stats().await.unwrap().pending, 14, "{engine}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_insert_all_is_refused_whole_over_the_pending_limit() {
+    let store = SqliteStore::open(
+        &temp_dir("insert-all-full"),
+        Limits {
+            max_pending: 5,
+            max_bytes: 0,
+        },
+    )
+    .unwrap();
+    store.insert(job("a", "h", 0)).await.unwrap();
+    let jobs: Vec<Job> = (0..5).map(|i| job(&format!("m.{i}"), "h", 0)).collect();
+    assert!(matches!(
+        store.insert_all(jobs).await,
+        Err(StoreError::Full(_))
+    ));
+    assert!(
+        store.find_prefix("m.", 10).await.unwrap().is_empty(),
+        "none of them"
+    );
+}

@@ -91,6 +91,32 @@ impl Store for MemoryStore {
         Ok(Inserted::Created(job))
     }
 
+    async fn insert_all(&self, jobs: Vec<Job>) -> Result<Vec<Inserted>, StoreError> {
+        let mut inner = self.inner.lock();
+        Ok(jobs
+            .into_iter()
+            .map(|job| match inner.jobs.get(&job.id) {
+                Some(existing) => Inserted::Existing(existing.clone()),
+                None => {
+                    inner.add(job.clone());
+                    Inserted::Created(job)
+                }
+            })
+            .collect())
+    }
+
+    async fn find_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .order
+            .iter()
+            .filter(|id| id.starts_with(prefix))
+            .filter_map(|id| inner.jobs.get(id))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     async fn claim_due(
         &self,
         now: Millis,

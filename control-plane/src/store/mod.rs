@@ -60,6 +60,13 @@ pub trait Store: Send + Sync + 'static {
     /// Commits a new pending job, or returns the stored job with the same id.
     async fn insert(&self, job: Job) -> Result<Inserted, StoreError>;
 
+    /// Commits several new jobs in one commit — all of them or none (a broadcast's member
+    /// jobs). A job whose id is already stored is returned as stored, not added.
+    async fn insert_all(&self, jobs: Vec<Job>) -> Result<Vec<Inserted>, StoreError>;
+
+    /// Jobs whose id starts with `prefix`, in arrival order, at most `limit`.
+    async fn find_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Job>, StoreError>;
+
     /// Marks up to `limit` pending jobs due at `now` as in flight and returns them,
     /// earliest first, leaving out jobs for the target hosts in `skip_hosts` (those at
     /// their concurrency limit).

@@ -293,6 +293,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Command {
     Insert(Box<Job>, Reply<Inserted>),
+    InsertAll(Vec<Job>, Reply<Vec<Inserted>>),
     Claim {
         now: Millis,
         limit: usize,
@@ -532,6 +533,8 @@ fn write_loop(
 enum Outcome {
     /// `Ok(None)`: created (the job is moved out of the command); `Ok(Some)`: existing.
     Inserted(Result<Option<Job>, Refusal>),
+    /// The same, per job of an `InsertAll`.
+    InsertedAll(Result<Vec<Option<Job>>, Refusal>),
     Claimed(Vec<Job>),
     Finished,
     Replayed(Option<Job>),
@@ -551,6 +554,19 @@ impl Outcome {
                     Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
                 });
             }
+            (Command::InsertAll(jobs, reply), Self::InsertedAll(r)) => {
+                let _ = reply.send(match r {
+                    Ok(existing) => Ok(jobs
+                        .into_iter()
+                        .zip(existing)
+                        .map(|(job, existing)| match existing {
+                            None => Inserted::Created(job),
+                            Some(stored) => Inserted::Existing(stored),
+                        })
+                        .collect()),
+                    Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
+                });
+            }
             (Command::Claim { reply, .. }, Self::Claimed(jobs)) => drop(reply.send(Ok(jobs))),
             (Command::Finish { reply, .. }, Self::Finished) => drop(reply.send(Ok(()))),
             (Command::Replay { reply, .. }, Self::Replayed(job)) => drop(reply.send(Ok(job))),
@@ -560,6 +576,7 @@ impl Outcome {
             (Command::Purge { reply, .. }, Self::Purged(n)) => drop(reply.send(Ok(n))),
             (command, Self::Failed(e)) => match command {
                 Command::Insert(_, r) => drop(r.send(Err(failed(&e)))),
+                Command::InsertAll(_, r) => drop(r.send(Err(failed(&e)))),
                 Command::Claim { reply, .. } => drop(reply.send(Err(failed(&e)))),
                 Command::Finish { reply, .. } => drop(reply.send(Err(failed(&e)))),
                 Command::Replay { reply, .. } => drop(reply.send(Err(failed(&e)))),
@@ -625,12 +642,27 @@ fn execute(
     limits: &Limits,
     deltas: &mut Deltas,
 ) -> rusqlite::Result<Outcome> {
+    let open = i128::from(counts.pending.load(Ordering::Relaxed))
+        + i128::from(counts.in_flight.load(Ordering::Relaxed))
+        + i128::from(deltas.0[0])
+        + i128::from(deltas.0[1]);
     Ok(match command {
+        Command::InsertAll(jobs, _) => {
+            if open + jobs.len() as i128 > i128::from(limits.max_pending) {
+                return Ok(Outcome::InsertedAll(Err(Refusal::Full(open.max(0) as u64))));
+            }
+            let mut existing = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                if insert_row(tx, job)? {
+                    deltas.moved(None, Some(State::Pending));
+                    existing.push(None);
+                } else {
+                    existing.push(load(tx, &job.id)?);
+                }
+            }
+            Outcome::InsertedAll(Ok(existing))
+        }
         Command::Insert(job, _) => {
-            let open = i128::from(counts.pending.load(Ordering::Relaxed))
-                + i128::from(counts.in_flight.load(Ordering::Relaxed))
-                + i128::from(deltas.0[0])
-                + i128::from(deltas.0[1]);
             if open >= i128::from(limits.max_pending) {
                 // Full — but a resubmission of a stored job still gets its receipt.
                 return Ok(Outcome::Inserted(match load(tx, &job.id)? {
@@ -753,6 +785,40 @@ impl Store for SqliteStore {
     async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
         self.ask(|reply| Command::Insert(Box::new(job), reply))
             .await
+    }
+
+    async fn insert_all(&self, jobs: Vec<Job>) -> Result<Vec<Inserted>, StoreError> {
+        self.ask(|reply| Command::InsertAll(jobs, reply)).await
+    }
+
+    async fn find_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Job>, StoreError> {
+        // Ids with the prefix form one range of the unique index: [prefix, prefix + 1).
+        let mut end = prefix.as_bytes().to_vec();
+        let Some(last) = end.pop() else {
+            return Err(StoreError::Unavailable("empty id prefix".into()));
+        };
+        let lower = prefix.to_owned();
+        let upper = if last == u8::MAX {
+            None
+        } else {
+            end.push(last + 1);
+            String::from_utf8(end).ok()
+        };
+        self.read(move |c| {
+            let upper = upper.unwrap_or_else(|| format!("{lower}\u{10FFFF}"));
+            let mut jobs: Vec<(i64, Job)> = c
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS}, seq FROM jobs WHERE id >= ?1 AND id < ?2 LIMIT ?3"
+                ))?
+                .query_map(params![lower, upper, limit as i64], |row| {
+                    Ok((row.get(8)?, job_from_row(row)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            jobs.retain(|(_, job)| job.id.starts_with(&lower));
+            jobs.sort_by_key(|(seq, _)| *seq);
+            Ok(jobs.into_iter().map(|(_, job)| job).collect())
+        })
+        .await
     }
 
     async fn claim_due(

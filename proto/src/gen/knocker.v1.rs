@@ -68,6 +68,10 @@ pub struct RulePolicy {
     /// One delivery in flight per target, in arrival order.
     #[prost(bool, tag = "8")]
     pub ordered: bool,
+    /// MODE_BROADCAST: the group (in the control plane's configuration) to fan out to; its
+    /// own delivery policy applies and the fields above are unused.
+    #[prost(string, tag = "9")]
+    pub group: ::prost::alloc::string::String,
 }
 /// What the filter sends to the client.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1,0 +1,241 @@
+//! The optional configuration file (`KNOCKER_CONFIG`, TOML): broadcast groups.
+//!
+//! ```toml
+//! [groups.caches]                 # a static list of base URLs
+//! members = ["http://10.0.0.1:6081", "http://10.0.0.2:6081"]
+//! preserve_host = true            # members get the client's Host (cache invalidation)
+//!
+//! [groups.web]                    # every A and AAAA address of a DNS name
+//! dns = "web.default.svc.cluster.local"
+//! port = 8080
+//! scheme = "http"
+//! max_age_s = 3600                # how long a member that is down is waited for
+//! ```
+//!
+//! Errors name the file and the field (`groups.web.port`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupConfig>,
+}
+
+/// One broadcast group: its membership and the delivery policy of each member's copy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Static members: base URLs (`scheme://host[:port][/prefix]`).
+    #[serde(default)]
+    pub members: Option<Vec<String>>,
+    /// DNS membership: every address this name resolves to, at fan-out time.
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// DNS members' port and scheme.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_scheme")]
+    pub scheme: String,
+    /// Send the client's `Host` to every member instead of the member's own address.
+    #[serde(default)]
+    pub preserve_host: bool,
+    /// A member that is down is waited for this long (it then gets everything it missed,
+    /// in order); 0 for no age limit, then `retries` is needed.
+    #[serde(default = "default_max_age_s")]
+    pub max_age_s: u64,
+    /// Attempts after the first; unlimited within the maximum age when absent.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    #[serde(default = "default_backoff_factor")]
+    pub backoff_factor: f64,
+    #[serde(default = "default_max_backoff_s")]
+    pub max_backoff_s: f64,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+}
+
+fn default_scheme() -> String {
+    "http".into()
+}
+fn default_max_age_s() -> u64 {
+    86_400
+}
+fn default_backoff_factor() -> f64 {
+    0.5
+}
+fn default_max_backoff_s() -> f64 {
+    60.0
+}
+fn default_timeout_s() -> f64 {
+    10.0
+}
+
+impl FileConfig {
+    /// Reads and validates the file; the error names the file and the field.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("KNOCKER_CONFIG {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("KNOCKER_CONFIG {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (name, group) in &config.groups {
+            group.validate(name)?;
+        }
+        Ok(config)
+    }
+}
+
+impl GroupConfig {
+    fn validate(&self, name: &str) -> Result<(), String> {
+        let field = |f: &str| format!("groups.{name}.{f}");
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "group name `{name}`: use letters, digits, `-` and `_`"
+            ));
+        }
+        match (&self.members, &self.dns) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{} and {}: a group has one or the other",
+                    field("members"),
+                    field("dns")
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "groups.{name}: needs `members` (base URLs) or `dns` (a name)"
+                ))
+            }
+            (Some(members), None) => {
+                if members.is_empty() {
+                    return Err(format!("{} must not be empty", field("members")));
+                }
+                for (i, m) in members.iter().enumerate() {
+                    if !is_base_url(m) {
+                        return Err(format!(
+                            "{}[{i}] `{m}` is not an http:// or https:// base URL",
+                            field("members")
+                        ));
+                    }
+                }
+                if self.port.is_some() {
+                    return Err(format!("{} applies to DNS groups only", field("port")));
+                }
+            }
+            (None, Some(dns)) => {
+                if dns.trim().is_empty() || dns.contains(['/', ':', ' ']) {
+                    return Err(format!("{} `{dns}` is not a DNS name", field("dns")));
+                }
+                if !matches!(self.port, Some(1..)) {
+                    return Err(format!("{} (1–65535) is needed with `dns`", field("port")));
+                }
+            }
+        }
+        if self.scheme != "http" && self.scheme != "https" {
+            return Err(format!("{} must be http or https", field("scheme")));
+        }
+        if self.max_age_s == 0 && self.retries.is_none() {
+            return Err(format!(
+                "{} is 0 (no age limit), so {} must be given",
+                field("max_age_s"),
+                field("retries")
+            ));
+        }
+        for (f, v) in [
+            ("backoff_factor", self.backoff_factor),
+            ("max_backoff_s", self.max_backoff_s),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{} must be a number ≥ 0", field(f)));
+            }
+        }
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            return Err(format!("{} must be a number > 0", field("timeout_s")));
+        }
+        Ok(())
+    }
+}
+
+fn is_base_url(value: &str) -> bool {
+    match reqwest::Url::parse(value) {
+        Ok(url) => {
+            matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some_and(|h| !h.is_empty())
+                && url.query().is_none()
+                && url.fragment().is_none()
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_static_and_dns_groups_with_defaults() {
+        let c = FileConfig::parse(
+            r#"
+            [groups.caches]
+            members = ["http://a:1", "https://b/prefix"]
+            preserve_host = true
+            [groups.web]
+            dns = "web.test"
+            port = 8080
+            max_age_s = 60
+            "#,
+        )
+        .unwrap();
+        let caches = &c.groups["caches"];
+        assert_eq!(caches.members.as_ref().map(Vec::len), Some(2));
+        assert!(caches.preserve_host);
+        assert_eq!(caches.max_age_s, 86_400);
+        let web = &c.groups["web"];
+        assert_eq!(web.dns.as_deref(), Some("web.test"));
+        assert_eq!((web.port, web.scheme.as_str()), (Some(8080), "http"));
+        assert_eq!(web.max_age_s, 60);
+        assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (text, field) in [
+            ("[groups.a]\nmembers = []", "groups.a.members"),
+            ("[groups.a]\nmembers = [\"ftp://x\"]", "groups.a.members[0]"),
+            ("[groups.a]\ndns = \"x\"", "groups.a.port"),
+            (
+                "[groups.a]\ndns = \"x\"\nport = 1\nmembers = [\"http://a\"]",
+                "groups.a.members",
+            ),
+            ("[groups.a]\n", "groups.a"),
+            (
+                "[groups.a]\ndns = \"x\"\nport = 1\nscheme = \"ftp\"",
+                "groups.a.scheme",
+            ),
+            (
+                "[groups.a]\ndns = \"x\"\nport = 1\nmax_age_s = 0",
+                "groups.a.retries",
+            ),
+            (
+                "[groups.a]\ndns = \"x\"\nport = 1\ntimeout_s = 0",
+                "groups.a.timeout_s",
+            ),
+            ("[groups.a]\ndns = \"x\"\nport = 1\nmembrs = 1", "membrs"),
+            ("[groups.\"a b\"]\ndns = \"x\"\nport = 1", "a b"),
+        ] {
+            let e = FileConfig::parse(text).unwrap_err();
+            assert!(e.contains(field), "{text:?}: {e}");
+        }
+    }
+}
