@@ -11,6 +11,7 @@
 //! | `DELETE /knocker/jobs/{id}` | remove a job |
 //! | `GET /knocker/broadcasts/{id}` | a broadcast: each member's job and its state |
 //! | `GET /knocker/groups` | the broadcast groups and their members now |
+//! | `/knocker/monitors…` | monitors: see [`crate::monitor::api`] |
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -26,9 +27,11 @@ use serde_json::{json, Value};
 use crate::clock::Millis;
 use crate::ingress::Ingress;
 use crate::job::{Job, State as JobState};
+use crate::monitor::Monitors;
 use crate::store::StoreError;
 
-pub fn router(ingress: Arc<Ingress>) -> Router {
+pub fn router(ingress: Arc<Ingress>, monitors: Arc<Monitors>) -> Router {
+    let token = ingress.settings.admin_token.clone();
     Router::new()
         .route("/knocker/jobs", get(list))
         .route("/knocker/jobs/replay", post(replay_many))
@@ -36,6 +39,7 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .route("/knocker/jobs/{id}/replay", post(replay_one))
         .route("/knocker/broadcasts/{id}", get(broadcast))
         .route("/knocker/groups", get(groups))
+        .merge(crate::monitor::api::router(monitors, token))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "path", "No such API endpoint.")
         })
@@ -55,7 +59,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, field: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, field: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             field,
@@ -87,9 +91,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
-fn time(ms: Millis) -> String {
+/// A time as RFC 3339 with milliseconds.
+pub fn time(ms: Millis) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -120,7 +125,11 @@ pub fn view(job: &Job) -> Value {
 }
 
 fn authorized(ingress: &Ingress, headers: &HeaderMap) -> Result<(), ApiError> {
-    let token = &ingress.settings.admin_token;
+    check_token(&ingress.settings.admin_token, headers)
+}
+
+/// `Authorization: Bearer <token>` when `token` (KNOCKER_ADMIN_TOKEN) is set.
+pub(crate) fn check_token(token: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     if token.is_empty() {
         return Ok(());
     }

@@ -66,6 +66,18 @@ pub enum Broadcasts {
     Groups,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum Monitors {
+    /// Every monitor: health, last result, uptime over 24 h / 7 d / 30 d.
+    List {
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One monitor: its last results, transitions and definition.
+    Get { name: String },
+}
+
 fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
@@ -246,6 +258,59 @@ pub async fn broadcasts(remote: &Remote, command: Broadcasts) -> anyhow::Result<
             Ok(())
         }
         Broadcasts::Groups => print_json(&call(remote, Method::GET, "/knocker/groups").await?),
+    }
+}
+
+pub async fn monitors(remote: &Remote, command: Monitors) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        Monitors::List { json } => {
+            let list = call(remote, Method::GET, "/knocker/monitors").await?;
+            if json {
+                return print_json(&list);
+            }
+            let percent = |v: &Value| {
+                v.as_f64()
+                    .map_or_else(|| "-".to_owned(), |f| format!("{:.2}%", f * 100.0))
+            };
+            println!(
+                "{:<20} {:<6} {:>8} {:>8} {:>8}  {:<40}  url",
+                "name", "health", "24h", "7d", "30d", "last"
+            );
+            for m in list["monitors"].as_array().into_iter().flatten() {
+                let last = &m["last"];
+                let last = if last.is_null() {
+                    "no check yet".to_owned()
+                } else if last["ok"] == true {
+                    format!("ok {} in {} ms", last["status"], last["latency_ms"])
+                } else {
+                    last["failed_condition"]
+                        .as_str()
+                        .unwrap_or("failed")
+                        .to_owned()
+                };
+                let last: String = last.chars().take(40).collect();
+                println!(
+                    "{:<20} {:<6} {:>8} {:>8} {:>8}  {:<40}  {}",
+                    m["name"].as_str().unwrap_or(""),
+                    m["health"].as_str().unwrap_or(""),
+                    percent(&m["uptime"]["24h"]),
+                    percent(&m["uptime"]["7d"]),
+                    percent(&m["uptime"]["30d"]),
+                    last,
+                    m["url"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Monitors::Get { name } => print_json(
+            &call(
+                remote,
+                Method::GET,
+                &format!("/knocker/monitors/{}", encode(&name)),
+            )
+            .await?,
+        ),
     }
 }
 

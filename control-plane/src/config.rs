@@ -146,9 +146,15 @@ pub struct Settings {
     )]
     pub admin_token: String,
 
-    /// A TOML file with broadcast groups (see `config::file`); none by default.
+    /// A TOML file with broadcast groups, monitors and notifiers (see `config::file`);
+    /// none by default.
     #[arg(long = "config", env = "KNOCKER_CONFIG", value_name = "KNOCKER_CONFIG")]
     pub config_file: Option<PathBuf>,
+
+    /// Results kept per monitor (the history the API shows).
+    #[arg(long, env = "KNOCKER_MONITOR_HISTORY", value_name = "KNOCKER_MONITOR_HISTORY", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub monitor_history: u32,
 
     /// DNS server (`ip:port`) for the members of DNS broadcast groups; the system's
     /// resolver (`/etc/resolv.conf`) when unset.

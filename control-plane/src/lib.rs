@@ -11,6 +11,8 @@
 //! - [`store`] — the [`store::Store`] trait and its engines.
 //! - [`broadcast`] — groups (static or DNS) and the fan-out of one request to them.
 //! - [`delivery`] — due jobs → HTTP attempts → delivered, retried or failed (+ callback).
+//! - [`monitor`] — endpoint checks, thresholds, history, uptime; [`notify`] — their
+//!   webhook and email notifications, sent through the job queue.
 //! - [`api`] — the admin API under `/knocker/` (jobs: lookup, list, replay, delete).
 //! - [`telemetry`] — logs and Sentry.
 //! - [`cli`] — `knocker status` and `knocker jobs …`, clients of a running instance.
@@ -29,6 +31,8 @@ pub mod delivery;
 pub mod echo;
 pub mod ingress;
 pub mod job;
+pub mod monitor;
+pub mod notify;
 pub mod store;
 pub mod telemetry;
 
@@ -47,9 +51,12 @@ use crate::broadcast::groups::Groups;
 use crate::clock::Time;
 use crate::config::file::FileConfig;
 use crate::config::Settings;
-use crate::delivery::attempt::Clients;
+use crate::delivery::attempt::{Clients, Dispatch};
 use crate::delivery::{Delivery, HostLimits};
 use crate::ingress::Ingress;
+use crate::monitor::store::MonitorStore;
+use crate::monitor::Monitors;
+use crate::notify::email::Mailer;
 use crate::store::memory::MemoryStore;
 use crate::store::sqlite::{Limits, SqliteStore};
 use crate::store::Store;
@@ -87,13 +94,31 @@ pub async fn serve(
         None => FileConfig::default(),
     };
     let groups = Arc::new(Groups::new(file.groups, settings.dns_server)?);
+    let notifiers = Arc::new(file.notifiers);
     let store = open_store(&settings)?;
     let wake = Arc::new(Notify::new());
+    let monitor_store = MonitorStore::open(
+        (settings.store != "memory").then_some(settings.data_dir.as_path()),
+        settings.monitor_history as usize,
+    )?;
+    let monitors = Monitors::start(
+        monitor_store,
+        Arc::clone(&store),
+        Arc::clone(&wake),
+        Arc::clone(&notifiers),
+        file.monitors,
+        time.clone(),
+        shutdown.clone(),
+    )
+    .await?;
 
     let delivery = Arc::new(Delivery {
         store: Arc::clone(&store),
         time: time.clone(),
-        transport: Arc::new(Clients::new(settings.max_redirects)),
+        transport: Arc::new(Dispatch {
+            http: Clients::new(settings.max_redirects),
+            mail: Mailer::new(notifiers),
+        }),
         wake: Arc::clone(&wake),
         slots: Arc::new(Semaphore::new(settings.concurrency as usize)),
         backoff_cap_s: settings.backoff_factor_max,
@@ -132,7 +157,7 @@ pub async fn serve(
         listeners.http.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         }),
-        ingress::http::router(Arc::clone(&ingress))
+        ingress::http::router(Arc::clone(&ingress), monitors)
             .into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());

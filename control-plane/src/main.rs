@@ -47,6 +47,13 @@ enum Command {
         #[command(subcommand)]
         command: knocker::cli::Broadcasts,
     },
+    /// Show a running instance's monitors.
+    Monitors {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: knocker::cli::Monitors,
+    },
     /// Run a demo target that answers 200 to everything and logs each request.
     Echo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -82,6 +89,9 @@ fn main() -> ExitCode {
             runtime.block_on(knocker::cli::status(&remote, &status_url))
         }
         Command::Jobs { remote, command } => runtime.block_on(knocker::cli::jobs(&remote, command)),
+        Command::Monitors { remote, command } => {
+            runtime.block_on(knocker::cli::monitors(&remote, command))
+        }
         Command::Broadcasts { remote, command } => {
             runtime.block_on(knocker::cli::broadcasts(&remote, command))
         }

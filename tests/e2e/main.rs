@@ -5,6 +5,7 @@ mod broadcast;
 mod configs;
 mod durability;
 mod link;
+mod monitors;
 mod protocol;
 mod rules;
 mod settings;

@@ -8,16 +8,19 @@
 //!   byte (header order and case included) and answers as a test scripts it: a status,
 //!   a redirect, a hang, or a closed connection.
 //! - [`DnsServer`] — a DNS server on loopback whose A/AAAA answers a test changes.
+//! - [`SmtpServer`] — aiosmtpd on loopback, its messages read back from a maildir.
 //!
 //! `make test` builds the binaries first; a missing binary is a set-up failure and the
 //! tests say so instead of skipping.
 
 pub mod dns;
 pub mod process;
+pub mod smtp;
 pub mod target;
 
 pub use dns::DnsServer;
 pub use process::{free_port, knocker_bin, repo_root, temp_dir, ControlPlane, Envoy, EnvoyOptions};
+pub use smtp::{Email, SmtpServer};
 pub use target::{Received, Reply, Target};
 
 /// Waits for `check` to hold, polling every 20 ms, up to `timeout`.

@@ -22,7 +22,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn require(path: PathBuf, how: &str) -> PathBuf {
+pub(crate) fn require(path: PathBuf, how: &str) -> PathBuf {
     assert!(path.exists(), "{} is missing: {how}", path.display());
     path
 }

@@ -1,4 +1,5 @@
-//! The optional configuration file (`KNOCKER_CONFIG`, TOML): broadcast groups.
+//! The optional configuration file (`KNOCKER_CONFIG`, TOML): broadcast groups,
+//! monitors and their notifiers.
 //!
 //! ```toml
 //! [groups.caches]                 # a static list of base URLs
@@ -12,18 +13,42 @@
 //! max_age_s = 3600                # how long a member that is down is waited for
 //! ```
 //!
-//! Errors name the file and the field (`groups.web.port`).
+//! Monitors and notifiers:
+//!
+//! ```toml
+//! [notifiers.ops-mail]
+//! email = { host = "smtp.example", tls = "starttls", username = "k", password_env = "SMTP_PASSWORD",
+//!           from = "knocker@example", to = ["ops@example"] }
+//! [notifiers.ops-hook]
+//! webhook = "https://hooks.example/knocker"
+//!
+//! [monitors.api]
+//! url = "https://api.example/health"
+//! interval_s = 30
+//! conditions = [{ status = [200] }, { json_pointer = "/db", equals = "up" }]
+//! notify = ["ops-mail", "ops-hook"]
+//! send_on_resolved = true
+//! ```
+//!
+//! Errors name the file and the field (`groups.web.port`, `monitors.api.notify[1]`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::monitor::MonitorConfig;
+use crate::notify::NotifierConfig;
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     #[serde(default)]
     pub groups: BTreeMap<String, GroupConfig>,
+    #[serde(default)]
+    pub monitors: BTreeMap<String, MonitorConfig>,
+    #[serde(default)]
+    pub notifiers: BTreeMap<String, NotifierConfig>,
 }
 
 /// One broadcast group: its membership and the delivery policy of each member's copy.
@@ -87,6 +112,22 @@ impl FileConfig {
         let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
         for (name, group) in &config.groups {
             group.validate(name)?;
+        }
+        for (name, notifier) in &config.notifiers {
+            if !crate::monitor::valid_name(name) {
+                return Err(format!(
+                    "notifier name `{name}`: use letters, digits, `-` and `_`"
+                ));
+            }
+            notifier.validate(name)?;
+        }
+        for (name, monitor) in &config.monitors {
+            if !crate::monitor::valid_name(name) {
+                return Err(format!(
+                    "monitor name `{name}`: use letters, digits, `-` and `_`"
+                ));
+            }
+            monitor.compile(&format!("monitors.{name}"), &config.notifiers)?;
         }
         Ok(config)
     }

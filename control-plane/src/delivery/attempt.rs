@@ -95,6 +95,22 @@ impl Transport for Clients {
     }
 }
 
+/// Attempts by kind: email notifications over SMTP, everything else over HTTP.
+pub struct Dispatch {
+    pub http: Clients,
+    pub mail: crate::notify::email::Mailer,
+}
+
+#[async_trait::async_trait]
+impl Transport for Dispatch {
+    async fn send(&self, job: &Job) -> Outcome {
+        match job.kind {
+            Kind::Email => self.mail.send(job).await,
+            Kind::Target | Kind::Callback => send(&self.http, job).await,
+        }
+    }
+}
+
 /// Sends the job's request once.
 pub async fn send(clients: &Clients, job: &Job) -> Outcome {
     let started = Instant::now();

@@ -15,8 +15,8 @@ use crate::job::spec::Submission;
 
 /// Every request is a Knocker submission, except `/knocker/…` API calls (those without
 /// a `Knocker-Host` header; the status URL goes through the submit path).
-pub fn router(ingress: Arc<Ingress>) -> Router {
-    let api = crate::api::router(Arc::clone(&ingress));
+pub fn router(ingress: Arc<Ingress>, monitors: Arc<crate::monitor::Monitors>) -> Router {
+    let api = crate::api::router(Arc::clone(&ingress), monitors);
     Router::new()
         .fallback(move |state, peer, request: Request| dispatch(api.clone(), state, peer, request))
         .with_state(ingress)

@@ -55,6 +55,8 @@ pub enum Kind {
     Target,
     /// The failure callback of the job `id` minus its `:callback` suffix.
     Callback,
+    /// An email notification, sent over SMTP (see `notify::email`).
+    Email,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +114,7 @@ impl Job {
     /// The id targets see in `x-knocker-id`: a callback carries its job's id.
     pub fn knocker_id(&self) -> &str {
         match self.kind {
-            Kind::Target => &self.id,
+            Kind::Target | Kind::Email => &self.id,
             Kind::Callback => self.id.strip_suffix(CALLBACK_SUFFIX).unwrap_or(&self.id),
         }
     }

@@ -1,0 +1,526 @@
+//! Endpoint monitoring: periodic checks with conditions, thresholds, history, uptime and
+//! notifications on down and resolved.
+//!
+//! - [`condition`] — what a healthy answer looks like (status set or range, body text or
+//!   regex, JSON pointer, response time); a failed check names the condition.
+//! - [`check`] — one request and its verdict.
+//! - [`alert`] — thresholds: down after `failure_threshold` failures in a row, up after
+//!   `success_threshold` good checks.
+//! - [`store`] — definitions from the API, alert state, results, transitions, uptime.
+//! - [`api`] — `/knocker/monitors`: list, status, create, update, delete.
+//!
+//! Monitors come from `KNOCKER_CONFIG` (`[monitors.<name>]`) and from the API. Each runs
+//! as its own task. A transition's notifications (see `notify`) are committed to the job
+//! queue before the new alert state is, so an alert is never lost, and a restart neither
+//! repeats one (the stored state says it was sent) nor forgets a resolution.
+
+pub mod alert;
+pub mod api;
+pub mod check;
+pub mod condition;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Time;
+use crate::notify::{self, NotifierConfig};
+use crate::store::Store;
+use alert::Health;
+use condition::{Check, Condition};
+use store::{MonitorStore, Source};
+
+/// A monitor's definition (a `[monitors.<name>]` table, or the JSON body of the API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorConfig {
+    pub url: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Seconds between checks.
+    #[serde(default = "default_interval_s")]
+    pub interval_s: f64,
+    /// Seconds a check waits for the whole answer.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    /// All must hold; none given means status 200–299.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default = "default_success_threshold")]
+    pub success_threshold: u32,
+    /// Also notify when the monitor is up again.
+    #[serde(default)]
+    pub send_on_resolved: bool,
+    /// Notifier names (`[notifiers.<name>]`).
+    #[serde(default)]
+    pub notify: Vec<String>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_interval_s() -> f64 {
+    30.0
+}
+fn default_timeout_s() -> f64 {
+    10.0
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_success_threshold() -> u32 {
+    2
+}
+
+/// Shortest interval between checks.
+pub const MIN_INTERVAL_S: f64 = 0.1;
+
+/// Monitor names: letters, digits, `-` and `_` (they are part of job ids and URLs).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl MonitorConfig {
+    /// Validates the definition and compiles its conditions. Errors name the field
+    /// (`at` is where the definition lives: `monitors.api` in the file, `monitor` in
+    /// the API).
+    pub fn compile(
+        &self,
+        at: &str,
+        notifiers: &BTreeMap<String, NotifierConfig>,
+    ) -> Result<Vec<Check>, String> {
+        let field = |f: &str| format!("{at}.{f}");
+        if !crate::job::spec::is_http_url(&self.url) {
+            return Err(format!(
+                "{} `{}` is not an http:// or https:// URL",
+                field("url"),
+                self.url
+            ));
+        }
+        if reqwest::Method::from_bytes(self.method.as_bytes()).is_err() {
+            return Err(format!(
+                "{} `{}` is not a method",
+                field("method"),
+                self.method
+            ));
+        }
+        for (name, value) in &self.headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || http::HeaderValue::from_str(value).is_err()
+            {
+                return Err(format!(
+                    "{} `{name}` is not a valid header",
+                    field("headers")
+                ));
+            }
+        }
+        if !(self.interval_s.is_finite() && self.interval_s >= MIN_INTERVAL_S) {
+            return Err(format!(
+                "{} must be a number of seconds ≥ {MIN_INTERVAL_S}",
+                field("interval_s")
+            ));
+        }
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            return Err(format!("{} must be a number > 0", field("timeout_s")));
+        }
+        if self.failure_threshold == 0 {
+            return Err(format!("{} must be at least 1", field("failure_threshold")));
+        }
+        if self.success_threshold == 0 {
+            return Err(format!("{} must be at least 1", field("success_threshold")));
+        }
+        for (i, name) in self.notify.iter().enumerate() {
+            if !notifiers.contains_key(name) {
+                let known: Vec<&str> = notifiers.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "{}[{i}]: no notifier `{name}` (configured: {})",
+                    field("notify"),
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            }
+        }
+        if self.conditions.is_empty() {
+            return Ok(vec![Check::StatusRange(200, 299)]);
+        }
+        self.conditions
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.compile(&format!("{}[{i}]", field("conditions"))))
+            .collect()
+    }
+}
+
+/// Why an API change to a monitor was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("no monitor named '{0}'")]
+    NotFound(String),
+    #[error("a monitor named '{0}' exists")]
+    Exists(String),
+    #[error("monitor '{0}' is defined in KNOCKER_CONFIG; change it there")]
+    FromFile(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+struct Running {
+    source: Source,
+    config: MonitorConfig,
+    stop: CancellationToken,
+}
+
+/// The running monitors.
+pub struct Monitors {
+    store: MonitorStore,
+    jobs: Arc<dyn Store>,
+    wake: Arc<Notify>,
+    notifiers: Arc<BTreeMap<String, NotifierConfig>>,
+    time: Time,
+    client: reqwest::Client,
+    running: Mutex<HashMap<String, Running>>,
+    shutdown: CancellationToken,
+}
+
+impl Monitors {
+    /// Loads the definitions (the file's replace the stored file ones; those made through
+    /// the API are kept) and starts every monitor.
+    pub async fn start(
+        store: MonitorStore,
+        jobs: Arc<dyn Store>,
+        wake: Arc<Notify>,
+        notifiers: Arc<BTreeMap<String, NotifierConfig>>,
+        from_file: BTreeMap<String, MonitorConfig>,
+        time: Time,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::limited(10))
+            .user_agent(concat!("knocker-monitor/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let monitors = Arc::new(Self {
+            store,
+            jobs,
+            wake,
+            notifiers,
+            time,
+            client,
+            running: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        for (name, source, _) in monitors.store.definitions().await? {
+            if source == Source::File && !from_file.contains_key(&name) {
+                monitors.store.remove(&name).await?;
+                tracing::info!(monitor = %name, "monitor removed from KNOCKER_CONFIG; its history is gone");
+            }
+        }
+        for (name, config) in &from_file {
+            monitors.store.put(name, Source::File, config).await?;
+        }
+        for (name, source, config) in monitors.store.definitions().await? {
+            match config.compile(&format!("monitors.{name}"), &monitors.notifiers) {
+                Ok(checks) => monitors.spawn(&name, source, config, checks),
+                // An API monitor whose notifier left the file: reported, not run.
+                Err(e) => tracing::error!(monitor = %name, error = %e, "monitor not started"),
+            }
+        }
+        Ok(monitors)
+    }
+
+    fn spawn(
+        self: &Arc<Self>,
+        name: &str,
+        source: Source,
+        config: MonitorConfig,
+        checks: Vec<Check>,
+    ) {
+        let stop = self.shutdown.child_token();
+        let previous = self.running.lock().insert(
+            name.to_owned(),
+            Running {
+                source,
+                config: config.clone(),
+                stop: stop.clone(),
+            },
+        );
+        if let Some(previous) = previous {
+            previous.stop.cancel();
+        }
+        let me = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(async move { me.run(name, config, checks, stop).await });
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        name: String,
+        config: MonitorConfig,
+        checks: Vec<Check>,
+        stop: CancellationToken,
+    ) {
+        let interval = Duration::from_secs_f64(config.interval_s);
+        tracing::info!(monitor = %name, url = %config.url, interval_s = config.interval_s, "monitor started");
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                r = check::run(&self.client, &config, &checks, self.time.now_ms()) => r,
+                () = stop.cancelled() => return,
+            };
+            if let Err(e) = self.observe(&name, &config, &result).await {
+                // Nothing recorded: the next check finds the same state and tries again.
+                tracing::error!(monitor = %name, error = %e, "cannot record the check");
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(started + interval) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Takes one result: thresholds, then the transition's notifications (committed to
+    /// the job queue first), then the result and the new state.
+    async fn observe(
+        &self,
+        name: &str,
+        config: &MonitorConfig,
+        result: &store::CheckResult,
+    ) -> anyhow::Result<()> {
+        let mut state = self.store.state(name).await?;
+        if state.since == 0 {
+            state.since = result.at;
+        }
+        let transition = state.observe(
+            result.ok,
+            config.failure_threshold,
+            config.success_threshold,
+        );
+        if let Some(t) = transition {
+            let checks = match t.to {
+                Health::Down => state.failures,
+                Health::Up => state.successes,
+            };
+            tracing::warn!(
+                monitor = %name, health = ?t.to, reason = result.failed_condition.as_deref().unwrap_or(""),
+                checks, "monitor changed health"
+            );
+            let wanted = t.to == Health::Down || config.send_on_resolved;
+            let notifiers: Vec<(&str, &NotifierConfig)> = config
+                .notify
+                .iter()
+                .filter_map(|n| Some((n.as_str(), self.notifiers.get(n)?)))
+                .collect();
+            if wanted && !notifiers.is_empty() {
+                let event = notify::Event {
+                    monitor: name,
+                    since: state.since,
+                    url: &config.url,
+                    transition: t,
+                    result,
+                    checks,
+                };
+                let jobs = notify::jobs(&event, &notifiers, self.time.now_ms());
+                self.jobs
+                    .insert_all(jobs)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot queue the notifications: {e}"))?;
+                self.wake.notify_one();
+            }
+        }
+        self.store.record(name, result, &state, transition).await
+    }
+
+    fn validate(&self, name: &str, config: &MonitorConfig) -> Result<Vec<Check>, MonitorError> {
+        if !valid_name(name) {
+            return Err(MonitorError::Invalid(format!(
+                "name: `{name}` — use 1 to 64 letters, digits, `-` and `_`"
+            )));
+        }
+        config
+            .compile("monitor", &self.notifiers)
+            .map_err(MonitorError::Invalid)
+    }
+
+    /// Creates a monitor through the API and starts it.
+    pub async fn create(
+        self: &Arc<Self>,
+        name: &str,
+        config: MonitorConfig,
+    ) -> Result<(), MonitorError> {
+        let checks = self.validate(name, &config)?;
+        if self.running.lock().contains_key(name) {
+            return Err(MonitorError::Exists(name.to_owned()));
+        }
+        self.store.put(name, Source::Api, &config).await?;
+        self.spawn(name, Source::Api, config, checks);
+        Ok(())
+    }
+
+    /// Replaces an API monitor's definition (its state and history are kept).
+    pub async fn update(
+        self: &Arc<Self>,
+        name: &str,
+        config: MonitorConfig,
+    ) -> Result<(), MonitorError> {
+        let checks = self.validate(name, &config)?;
+        self.api_owned(name)?;
+        self.store.put(name, Source::Api, &config).await?;
+        self.spawn(name, Source::Api, config, checks);
+        Ok(())
+    }
+
+    /// Stops an API monitor and removes it with its history.
+    pub async fn delete(&self, name: &str) -> Result<(), MonitorError> {
+        self.api_owned(name)?;
+        if let Some(running) = self.running.lock().remove(name) {
+            running.stop.cancel();
+        }
+        self.store.remove(name).await?;
+        Ok(())
+    }
+
+    fn api_owned(&self, name: &str) -> Result<(), MonitorError> {
+        match self.running.lock().get(name).map(|r| r.source) {
+            None => Err(MonitorError::NotFound(name.to_owned())),
+            Some(Source::File) => Err(MonitorError::FromFile(name.to_owned())),
+            Some(Source::Api) => Ok(()),
+        }
+    }
+
+    /// Names of the monitors, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.running.lock().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// A monitor's status: health, last result, uptime; with `detail`, its results
+    /// (newest first), transitions and definition.
+    pub async fn status(&self, name: &str, detail: bool) -> Result<Value, MonitorError> {
+        let (source, config) = {
+            let running = self.running.lock();
+            let r = running
+                .get(name)
+                .ok_or_else(|| MonitorError::NotFound(name.to_owned()))?;
+            (r.source, r.config.clone())
+        };
+        let state = self.store.state(name).await?;
+        let results = self
+            .store
+            .results(name, if detail { usize::MAX >> 1 } else { 1 })
+            .await?;
+        let uptime = self.store.uptime(name, self.time.now_ms()).await?;
+        let result_json = |r: &store::CheckResult| {
+            json!({
+                "at": crate::api::time(r.at),
+                "ok": r.ok,
+                "status": r.status,
+                "latency_ms": r.latency_ms,
+                "failed_condition": r.failed_condition,
+            })
+        };
+        let mut view = json!({
+            "name": name,
+            "source": source,
+            "url": config.url,
+            "method": config.method,
+            "interval_s": config.interval_s,
+            "health": state.health,
+            "failures_in_a_row": state.failures,
+            "successes_in_a_row": state.successes,
+            "last": results.first().map(result_json),
+            "uptime": { "24h": uptime.day, "7d": uptime.week, "30d": uptime.month },
+        });
+        if detail {
+            let transitions = self.store.transitions(name).await?;
+            view["results"] = json!(results.iter().map(result_json).collect::<Vec<_>>());
+            view["transitions"] = json!(transitions
+                .iter()
+                .map(|t| json!({
+                    "number": t.number,
+                    "at": crate::api::time(t.at),
+                    "health": t.health,
+                    "reason": t.reason,
+                }))
+                .collect::<Vec<_>>());
+            view["config"] = json!(config);
+        }
+        Ok(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notifiers() -> BTreeMap<String, NotifierConfig> {
+        toml::from_str("[hook]\nwebhook = \"http://h/\"\n").unwrap()
+    }
+
+    #[test]
+    fn definitions_have_defaults_and_errors_name_the_field() {
+        let c: MonitorConfig = toml::from_str("url = \"http://t/health\"").unwrap();
+        assert_eq!(
+            (c.method.as_str(), c.interval_s, c.timeout_s),
+            ("GET", 30.0, 10.0)
+        );
+        assert_eq!((c.failure_threshold, c.success_threshold), (3, 2));
+        assert!(!c.send_on_resolved);
+        let checks = c.compile("monitors.api", &notifiers()).unwrap();
+        assert!(matches!(checks[..], [Check::StatusRange(200, 299)]));
+        for (text, field) in [
+            ("url = \"ftp://x\"", "monitors.api.url"),
+            (
+                "url = \"http://t\"\nmethod = \"BAD METHOD\"",
+                "monitors.api.method",
+            ),
+            (
+                "url = \"http://t\"\ninterval_s = 0.01",
+                "monitors.api.interval_s",
+            ),
+            (
+                "url = \"http://t\"\ntimeout_s = 0",
+                "monitors.api.timeout_s",
+            ),
+            (
+                "url = \"http://t\"\nfailure_threshold = 0",
+                "monitors.api.failure_threshold",
+            ),
+            (
+                "url = \"http://t\"\nnotify = [\"hook\", \"pager\"]",
+                "monitors.api.notify[1]",
+            ),
+            (
+                "url = \"http://t\"\nconditions = [{ status = [200] }, { body_regex = \"(\" }]",
+                "monitors.api.conditions[1]",
+            ),
+        ] {
+            let c: MonitorConfig = toml::from_str(text).unwrap();
+            let e = c.compile("monitors.api", &notifiers()).unwrap_err();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+        assert!(toml::from_str::<MonitorConfig>("url = \"http://t\"\nintervl = 1").is_err());
+        assert!(valid_name("api-1_x") && !valid_name("a.b") && !valid_name(""));
+    }
+}
