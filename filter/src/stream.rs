@@ -209,9 +209,13 @@ impl Stream {
         let status = host.response_status().unwrap_or(0);
         let details = host.response_code_details().unwrap_or_default();
         let from_upstream = details == "via_upstream";
-        // Envoy answered for an upstream that reset, timed out or was not there.
+        // Envoy answered for an upstream that reset, timed out or was not there
+        // (`upstream_reset_before_response_started{…}`, `upstream_per_try_timeout`,
+        // `response_timeout` for the route's timeout, `no_healthy_upstream`).
         let upstream_failed = !from_upstream
-            && (details.starts_with("upstream_") || details == "no_healthy_upstream");
+            && (details.starts_with("upstream_")
+                || details == "response_timeout"
+                || details == "no_healthy_upstream");
         let retryable =
             upstream_failed || (from_upstream && rule_config.retry_on().contains(&status));
         if *overflow {
@@ -781,7 +785,8 @@ mod tests {
                 "upstream_reset_before_response_started{connection_failure}",
                 0,
             ),
-            (504, "upstream_response_timeout", 0),
+            (504, "response_timeout", 0),
+            (504, "upstream_per_try_timeout", 0),
         ] {
             let host = FakeHost {
                 headers: with_path("/api/x", &[]),

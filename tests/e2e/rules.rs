@@ -12,7 +12,8 @@ use crate::{body, client, WAIT};
 
 /// `file` with the control plane's ports, `upstream` as the route's cluster and every
 /// rule's target (`127.0.0.1:8080` in the file) moved to `target_port`. Retry delays
-/// are capped at 1 s so that a target coming back is noticed quickly.
+/// are capped at 1 s so that a target coming back is noticed quickly, and the fallback
+/// route's upstream timeout is 1 s instead of 5.
 fn start_envoy(file: &str, cp: &ControlPlane, upstream_port: u16, target_port: u16) -> Envoy {
     Envoy::start(
         file,
@@ -29,6 +30,7 @@ fn start_envoy(file: &str, cp: &ControlPlane, upstream_port: u16, target_port: u
                     r#""max_backoff_s":30"#.into(),
                     r#""max_backoff_s":1"#.into(),
                 ),
+                ("timeout: 5s".into(), "timeout: 1s".into()),
             ],
             ..EnvoyOptions::default()
         },
@@ -306,18 +308,30 @@ async fn fallback_covers_a_stopped_upstream_and_leaves_other_failures_alone() {
     assert!(why.contains("65536-byte buffer limit"), "{why}");
     assert!(big.headers().get("knocker-id").is_none());
 
-    let upstream = Target::start_on(upstream_port, |r, _| {
-        if r.target == "/api/teapot" {
-            Reply::status(500).with_body(b"broken")
-        } else {
-            Reply::status(204)
-        }
+    let upstream = Target::start_on(upstream_port, |r, _| match r.target.as_str() {
+        "/api/teapot" => Reply::status(500).with_body(b"broken"),
+        "/api/slow" => Reply::Hang,
+        _ => Reply::status(204),
     })
     .await;
     let got = upstream.wait_for(1, WAIT).await;
     assert_eq!(got[0].method, "DELETE");
     assert_eq!(got[0].target, "/api/items/9");
     assert_eq!(got[0].header("x-knocker-id"), Some(id));
+
+    // An upstream that does not answer in time (the route's timeout) is taken over too.
+    let slow = client()
+        .post(envoy.url("/api/slow"))
+        .body("patience")
+        .send()
+        .await
+        .unwrap();
+    let slow_id = receipt_id(slow).await;
+    assert_eq!(
+        job(&cp, &slow_id).await["config"]["upstream_status"],
+        Value::Null,
+        "no status: the upstream timed out"
+    );
 
     // 500 is not in the rule's retry_on: it passes through.
     let teapot = client().get(envoy.url("/api/teapot")).send().await.unwrap();
