@@ -3,21 +3,14 @@
 //! whose member is the Envoy itself (`envoy/broadcast.yaml`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use knocker_e2e::{
-    free_port, knocker_bin, temp_dir, ControlPlane, DnsServer, Envoy, EnvoyOptions, Reply, Target,
+    free_port, knocker_bin, ControlPlane, DnsServer, Envoy, EnvoyOptions, Reply, Target,
 };
 use serde_json::Value;
 
-use crate::{client, WAIT};
-
-fn write_config(text: &str) -> PathBuf {
-    let path = temp_dir("config").join("knocker.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use crate::{client, get_json, write_config, WAIT};
 
 fn loopback(last: u8, port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, last], port))
@@ -29,17 +22,6 @@ fn ip(last: u8) -> IpAddr {
 
 async fn member(last: u8, port: u16) -> Target {
     Target::start_at(loopback(last, port), |_, _| Reply::status(200)).await
-}
-
-async fn get(url: String) -> Value {
-    client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// Sends message `i` with `Knocker-Broadcast: web`; returns the receipt.
@@ -96,7 +78,7 @@ async fn dns_broadcast_reaches_every_member_and_a_stopped_one_catches_up_in_orde
          backoff_factor = 0.2\nmax_backoff_s = 1\ntimeout_s = 2\n"
     ));
     let cp = ControlPlane::start(&[
-        ("KNOCKER_CONFIG", config.to_str().unwrap()),
+        ("KNOCKER_CONFIG", &config),
         ("KNOCKER_DNS_SERVER", &dns.addr.to_string()),
     ]);
     let upstream = Target::ok().await;
@@ -144,12 +126,12 @@ async fn dns_broadcast_reaches_every_member_and_a_stopped_one_catches_up_in_orde
     }
 
     // The API shows each member; member 2 is retrying its first message, the rest wait.
-    let status = get(cp.url(&format!("/knocker/broadcasts/{}", ids[0]))).await;
+    let status = get_json(cp.url(&format!("/knocker/broadcasts/{}", ids[0]))).await;
     assert_eq!(status["group"], "web");
     assert_eq!(status["members"][0]["state"], "delivered");
     assert_eq!(status["members"][1]["state"], "pending");
     assert!(status["members"][1]["attempts"].as_u64().unwrap() >= 1);
-    let later = get(cp.url(&format!("/knocker/broadcasts/{}", ids[N - 1]))).await;
+    let later = get_json(cp.url(&format!("/knocker/broadcasts/{}", ids[N - 1]))).await;
     assert_eq!(later["members"][1]["waiting_in_lane"], true, "{later}");
     // … and so does the CLI.
     let cli = std::process::Command::new(knocker_bin())
@@ -203,7 +185,7 @@ async fn the_loop_guard_stops_a_broadcast_that_targets_ourselves() {
         "[groups.caches]\nmembers = [\"http://127.0.0.1:{envoy_port}\"]\npreserve_host = true\n\
          max_age_s = 60\n"
     ));
-    let cp = ControlPlane::start(&[("KNOCKER_CONFIG", config.to_str().unwrap())]);
+    let cp = ControlPlane::start(&[("KNOCKER_CONFIG", &config)]);
     let upstream = Target::ok().await;
     let envoy = Envoy::start(
         "broadcast.yaml",
@@ -239,7 +221,7 @@ async fn the_loop_guard_stops_a_broadcast_that_targets_ourselves() {
         got[0].header("x-knocker-broadcast").as_deref(),
         Some("caches")
     );
-    let status = get(cp.url("/knocker/status")).await;
+    let status = get_json(cp.url("/knocker/status")).await;
     assert_eq!(status["queue"]["delivered"], 1, "{status}");
     assert_eq!(status["queue"]["pending"], 0, "{status}");
 
@@ -263,7 +245,7 @@ async fn broadcast_submissions_are_validated_and_idempotent() {
         a.host(),
         b.host()
     ));
-    let cp = ControlPlane::start(&[("KNOCKER_CONFIG", config.to_str().unwrap())]);
+    let cp = ControlPlane::start(&[("KNOCKER_CONFIG", &config)]);
     let send = |headers: Vec<(&'static str, &'static str)>| {
         let mut request = client().put(cp.url("/item/1")).body("v1");
         for (n, v) in headers {
@@ -301,7 +283,7 @@ async fn broadcast_submissions_are_validated_and_idempotent() {
     assert_eq!(got_b[0].header("x-knocker-id").as_deref(), Some("inv-1.1"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!((a.count(), b.count()), (1, 1), "one copy each, not two");
-    let groups = get(cp.url("/knocker/groups")).await;
+    let groups = get_json(cp.url("/knocker/groups")).await;
     assert_eq!(
         groups["groups"]["pair"]["members"][1],
         format!("http://{}/base", b.host())

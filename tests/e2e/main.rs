@@ -28,3 +28,22 @@ pub fn client() -> reqwest::Client {
 pub fn body(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 31 % 251) as u8).collect()
 }
+
+/// A GET answered with JSON (the API's answers).
+pub async fn get_json(url: String) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
+/// Writes a control-plane configuration file (`KNOCKER_CONFIG`); returns its path.
+pub fn write_config(text: &str) -> String {
+    let path = knocker_e2e::temp_dir("config").join("knocker.toml");
+    std::fs::write(&path, text).expect("write config");
+    path.display().to_string()
+}

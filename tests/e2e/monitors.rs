@@ -6,26 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use knocker_e2e::{knocker_bin, temp_dir, ControlPlane, Reply, SmtpServer, Target};
+use knocker_e2e::{knocker_bin, ControlPlane, Reply, SmtpServer, Target};
 use serde_json::{json, Value};
 
-use crate::{client, WAIT};
-
-fn write_config(text: &str) -> String {
-    let path = temp_dir("config").join("knocker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
+use crate::{client, get_json, write_config, WAIT};
 
 async fn monitor(cp: &ControlPlane, name: &str) -> Value {
-    client()
-        .get(cp.url(&format!("/knocker/monitors/{name}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(cp.url(&format!("/knocker/monitors/{name}"))).await
 }
 
 /// Waits until the monitor has `n` more results than `after` (bounded by `WAIT`).
@@ -293,14 +280,7 @@ async fn monitors_are_created_updated_and_deleted_through_the_api() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let list: Value = client()
-        .get(cp.url("/knocker/monitors"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json(cp.url("/knocker/monitors")).await;
     let names: Vec<&str> = list["monitors"]
         .as_array()
         .unwrap()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use knocker_e2e::{free_port, ControlPlane, Envoy, EnvoyOptions, Reply, Target};
 use serde_json::Value;
 
-use crate::{body, client, WAIT};
+use crate::{body, client, get_json, WAIT};
 
 /// `file` with the control plane's ports, `upstream` as the route's cluster and every
 /// rule's target (`127.0.0.1:8080` in the file) moved to `target_port`. Retry delays
@@ -51,14 +51,7 @@ async fn receipt_id(response: reqwest::Response) -> String {
 }
 
 async fn job(cp: &ControlPlane, id: &str) -> Value {
-    client()
-        .get(cp.url(&format!("/knocker/jobs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(cp.url(&format!("/knocker/jobs/{id}"))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use crate::clock::Millis;
 use crate::config::file::GroupConfig;
 use crate::job::spec::{split_headers, Submission};
-use crate::job::{Job, Kind, Policy, Request, State, VERSION};
+use crate::job::{Job, Kind, Request, State, VERSION};
 
 /// The header every broadcast copy carries: the loop guard's marker.
 pub const MARKER: &str = "x-knocker-broadcast";
@@ -57,12 +57,9 @@ pub struct Fanout<'a> {
 /// One job per member, in member order.
 pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) -> Vec<Job> {
     let (_, forwarded) = split_headers(&submission.headers);
-    let path = if submission.path.starts_with('/') {
-        submission.path.clone()
-    } else {
-        format!("/{}", submission.path)
-    };
+    let path = submission.absolute_path();
     let g = fanout.group;
+    let delivery = g.delivery();
     let mut headers = vec![(MARKER.to_owned(), fanout.group_name.as_bytes().to_vec())];
     if g.preserve_host {
         if let Some(authority) = &submission.authority {
@@ -70,7 +67,6 @@ pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) ->
         }
     }
     headers.extend(forwarded);
-    let max_age_ms = g.max_age_s.saturating_mul(1000);
     fanout
         .members
         .iter()
@@ -92,13 +88,7 @@ pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) ->
             }
             config.insert("id".into(), json!(member_job_id(fanout.id, index)));
             config.insert("callback".into(), json!(fanout.callback));
-            config.insert("timeout".into(), json!(g.timeout_s));
-            config.insert("retries".into(), json!(g.retries));
-            config.insert(
-                "max_age".into(),
-                json!((g.max_age_s > 0).then_some(g.max_age_s)),
-            );
-            config.insert("backoff_factor".into(), json!(g.backoff_factor));
+            delivery.describe(&mut config);
             Job {
                 id: member_job_id(fanout.id, index),
                 kind: Kind::Target,
@@ -108,14 +98,7 @@ pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) ->
                     headers: headers.clone(),
                     body: submission.body.clone(),
                 },
-                policy: Policy {
-                    timeout: g.timeout_s,
-                    retries: g.retries.unwrap_or(u32::MAX),
-                    backoff_factor: g.backoff_factor,
-                    callback: fanout.callback.clone(),
-                    deadline: (max_age_ms > 0).then(|| now.saturating_add(max_age_ms)),
-                    max_backoff_s: Some(g.max_backoff_s),
-                },
+                policy: delivery.policy(fanout.callback.clone(), now),
                 config,
                 state: State::Pending,
                 attempts: Vec::new(),

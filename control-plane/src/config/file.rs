@@ -37,6 +37,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::job::policy::{
+    default_backoff_factor, default_max_age_s, default_max_backoff_s, default_timeout_s,
+    DeliveryPolicy,
+};
 use crate::monitor::MonitorConfig;
 use crate::notify::NotifierConfig;
 
@@ -86,18 +90,6 @@ pub struct GroupConfig {
 
 fn default_scheme() -> String {
     "http".into()
-}
-fn default_max_age_s() -> u64 {
-    86_400
-}
-fn default_backoff_factor() -> f64 {
-    0.5
-}
-fn default_max_backoff_s() -> f64 {
-    60.0
-}
-fn default_timeout_s() -> f64 {
-    10.0
 }
 
 impl FileConfig {
@@ -163,7 +155,7 @@ impl GroupConfig {
                     return Err(format!("{} must not be empty", field("members")));
                 }
                 for (i, m) in members.iter().enumerate() {
-                    if !is_base_url(m) {
+                    if !crate::job::spec::is_http_base_url(m) {
                         return Err(format!(
                             "{}[{i}] `{m}` is not an http:// or https:// base URL",
                             field("members")
@@ -186,37 +178,18 @@ impl GroupConfig {
         if self.scheme != "http" && self.scheme != "https" {
             return Err(format!("{} must be http or https", field("scheme")));
         }
-        if self.max_age_s == 0 && self.retries.is_none() {
-            return Err(format!(
-                "{} is 0 (no age limit), so {} must be given",
-                field("max_age_s"),
-                field("retries")
-            ));
-        }
-        for (f, v) in [
-            ("backoff_factor", self.backoff_factor),
-            ("max_backoff_s", self.max_backoff_s),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("{} must be a number ≥ 0", field(f)));
-            }
-        }
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
-            return Err(format!("{} must be a number > 0", field("timeout_s")));
-        }
-        Ok(())
+        self.delivery().validate(field)
     }
-}
 
-fn is_base_url(value: &str) -> bool {
-    match reqwest::Url::parse(value) {
-        Ok(url) => {
-            matches!(url.scheme(), "http" | "https")
-                && url.host_str().is_some_and(|h| !h.is_empty())
-                && url.query().is_none()
-                && url.fragment().is_none()
+    /// The delivery policy of each member's copy.
+    pub fn delivery(&self) -> DeliveryPolicy {
+        DeliveryPolicy {
+            max_age_s: self.max_age_s,
+            retries: self.retries,
+            backoff_factor: self.backoff_factor,
+            max_backoff_s: self.max_backoff_s,
+            timeout_s: self.timeout_s,
         }
-        Err(_) => false,
     }
 }
 

@@ -7,6 +7,7 @@ use knocker_proto::v1::{Header, Mode, SubmitReply, SubmitRequest};
 use tonic::{Request, Response, Status};
 
 use super::Ingress;
+use crate::job::policy::DeliveryPolicy;
 use crate::job::rule::{RuleMode, RuleSubmission};
 use crate::job::spec::{BroadcastRule, Submission};
 
@@ -110,11 +111,13 @@ fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, super::Reply> {
         name: rule,
         mode,
         target: policy.target,
-        retries: policy.retries,
-        max_age_s: policy.max_age_s,
-        backoff_factor: policy.backoff_factor,
-        max_backoff_s: policy.max_backoff_s,
-        timeout_s: policy.timeout_s,
+        delivery: DeliveryPolicy {
+            max_age_s: policy.max_age_s,
+            retries: policy.retries,
+            backoff_factor: policy.backoff_factor,
+            max_backoff_s: policy.max_backoff_s,
+            timeout_s: policy.timeout_s,
+        },
         callback: Some(policy.callback).filter(|c| !c.is_empty()),
         ordered: policy.ordered,
         upstream_status: r.upstream_status,

@@ -2,6 +2,8 @@
 //!
 //! - [`spec`] — parses and validates a submission's `Knocker-*` headers (the protocol's
 //!   error messages live there) and splits the headers to forward.
+//! - [`policy`] — a delivery policy as configured (max age, retries, backoff), checked
+//!   and turned into a job's [`Policy`].
 //! - [`rule`] — builds the job for a request a filter rule took over (capture, fallback).
 //! - [`receipt`] — the receipt JSON a client gets once the job is committed.
 //!
@@ -9,6 +11,7 @@
 //! policy, the config echoed in the receipt and sent to the callback, its state and its
 //! attempt history.
 
+pub mod policy;
 pub mod receipt;
 pub mod rule;
 pub mod spec;

@@ -4,8 +4,9 @@
 
 use serde_json::{json, Map};
 
-use super::spec::{knocker_id, split_headers, Errors, Submission};
-use super::{Job, Kind, Policy, Request, State};
+use super::policy::DeliveryPolicy;
+use super::spec::{is_http_base_url, knocker_id, split_headers, Errors, Submission};
+use super::{Job, Kind, Request, State};
 use crate::clock::Millis;
 
 /// Why the filter handed the request over.
@@ -33,13 +34,7 @@ pub struct RuleSubmission {
     pub mode: RuleMode,
     /// Base URL; the request's path and query are appended.
     pub target: String,
-    /// Attempts after the first; `None`: as many as `max_age_s` allows.
-    pub retries: Option<u32>,
-    /// 0: no age limit.
-    pub max_age_s: u64,
-    pub backoff_factor: f64,
-    pub max_backoff_s: f64,
-    pub timeout_s: f64,
+    pub delivery: DeliveryPolicy,
     pub callback: Option<String>,
     pub ordered: bool,
     /// Fallback: the upstream's status, 0 for a reset or timeout.
@@ -70,22 +65,8 @@ pub fn build_rule_job(
             errors.add("rule.callback", super::spec::BAD_URL);
         }
     }
-    if rule.retries.is_none() && rule.max_age_s == 0 {
-        errors.add(
-            "rule.retries",
-            "Required when the rule has no maximum age (max_age_s = 0).",
-        );
-    }
-    if !(rule.timeout_s.is_finite() && rule.timeout_s > 0.0) {
-        errors.add("rule.timeout_s", "Must be a number > 0.");
-    }
-    for (field, value) in [
-        ("rule.backoff_factor", rule.backoff_factor),
-        ("rule.max_backoff_s", rule.max_backoff_s),
-    ] {
-        if !(value.is_finite() && value >= 0.0) {
-            errors.add(field, "Must be a number ≥ 0.");
-        }
+    if let Err(e) = rule.delivery.validate(|f| format!("rule.{f}")) {
+        errors.add("rule", e);
     }
     let (raw, forwarded) = split_headers(&submission.headers);
     let id = knocker_id(&raw, &mut errors);
@@ -93,25 +74,12 @@ pub fn build_rule_job(
         return Err(errors);
     }
     let id = id.unwrap_or_else(new_id);
-    let path = if submission.path.starts_with('/') {
-        submission.path.clone()
-    } else {
-        format!("/{}", submission.path)
-    };
-    let max_age_ms = rule.max_age_s.saturating_mul(1000);
     let mut config = Map::new();
     config.insert("rule".into(), json!(rule.name));
     config.insert("mode".into(), json!(rule.mode.name()));
     config.insert("id".into(), json!(id));
     config.insert("target".into(), json!(target));
-    config.insert("timeout".into(), json!(rule.timeout_s));
-    config.insert("retries".into(), json!(rule.retries));
-    config.insert(
-        "max_age".into(),
-        json!((rule.max_age_s > 0).then_some(rule.max_age_s)),
-    );
-    config.insert("backoff_factor".into(), json!(rule.backoff_factor));
-    config.insert("max_backoff".into(), json!(rule.max_backoff_s));
+    rule.delivery.describe(&mut config);
     config.insert("callback".into(), json!(rule.callback));
     config.insert("ordered".into(), json!(rule.ordered));
     if rule.mode == RuleMode::Fallback {
@@ -125,18 +93,11 @@ pub fn build_rule_job(
         kind: Kind::Target,
         request: Request {
             method: submission.method.clone(),
-            url: format!("{target}{path}"),
+            url: format!("{target}{}", submission.absolute_path()),
             headers: forwarded,
             body: submission.body.clone(),
         },
-        policy: Policy {
-            timeout: rule.timeout_s,
-            retries: rule.retries.unwrap_or(u32::MAX),
-            backoff_factor: rule.backoff_factor,
-            callback: rule.callback.clone(),
-            deadline: (max_age_ms > 0).then(|| now.saturating_add(max_age_ms)),
-            max_backoff_s: Some(rule.max_backoff_s),
-        },
+        policy: rule.delivery.policy(rule.callback.clone(), now),
         config,
         state: State::Pending,
         attempts: Vec::new(),
@@ -145,18 +106,6 @@ pub fn build_rule_job(
         finished_at: None,
         lane: rule.ordered.then(|| target.to_owned()),
     })
-}
-
-fn is_http_base_url(value: &str) -> bool {
-    match reqwest::Url::parse(value) {
-        Ok(url) => {
-            matches!(url.scheme(), "http" | "https")
-                && url.host_str().is_some_and(|h| !h.is_empty())
-                && url.query().is_none()
-                && url.fragment().is_none()
-        }
-        Err(_) => false,
-    }
 }
 
 #[cfg(test)]
@@ -168,11 +117,13 @@ mod tests {
             name: "orders".into(),
             mode: RuleMode::Capture,
             target: target.into(),
-            retries: None,
-            max_age_s: 60,
-            backoff_factor: 0.5,
-            max_backoff_s: 5.0,
-            timeout_s: 2.0,
+            delivery: DeliveryPolicy {
+                max_age_s: 60,
+                retries: None,
+                backoff_factor: 0.5,
+                max_backoff_s: 5.0,
+                timeout_s: 2.0,
+            },
             callback: None,
             ordered: true,
             upstream_status: 0,
@@ -223,8 +174,8 @@ mod tests {
         let mut rule = capture("http://t");
         rule.mode = RuleMode::Fallback;
         rule.ordered = false;
-        rule.retries = Some(3);
-        rule.max_age_s = 0;
+        rule.delivery.retries = Some(3);
+        rule.delivery.max_age_s = 0;
         rule.upstream_status = 503;
         let job = build_rule_job(&rule, &submission(&[("knocker-id", "mine")]), 0, || {
             "unused".into()
@@ -241,21 +192,15 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let mut rule = capture("ftp://t");
-        rule.max_age_s = 0;
-        rule.timeout_s = 0.0;
+        rule.delivery.max_age_s = 0;
         rule.callback = Some("nope".into());
         let errors = build_rule_job(&rule, &submission(&[("knocker-id", "")]), 0, || "x".into())
             .unwrap_err();
         let fields: Vec<&str> = errors.0.keys().map(String::as_str).collect();
         assert_eq!(
             fields,
-            [
-                "knocker-id",
-                "rule.callback",
-                "rule.retries",
-                "rule.target",
-                "rule.timeout_s"
-            ]
+            ["knocker-id", "rule", "rule.callback", "rule.target"]
         );
+        assert!(errors.0["rule"][0].contains("rule.retries"), "{errors:?}");
     }
 }

@@ -29,6 +29,17 @@ pub struct Submission {
     pub broadcast_rule: Option<BroadcastRule>,
 }
 
+impl Submission {
+    /// The path with its query, starting with `/`.
+    pub fn absolute_path(&self) -> String {
+        if self.path.starts_with('/') {
+            self.path.clone()
+        } else {
+            format!("/{}", self.path)
+        }
+    }
+}
+
 /// A filter rule in `broadcast` mode: its name and the group it fans out to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BroadcastRule {
@@ -248,11 +259,7 @@ pub fn build_job(
         }
     }
 
-    let path = if submission.path.starts_with('/') {
-        submission.path.clone()
-    } else {
-        format!("/{}", submission.path)
-    };
+    let path = submission.absolute_path();
     Ok(Job {
         id,
         kind: Kind::Target,
@@ -338,6 +345,15 @@ fn parse_host(value: &str) -> Option<(String, String)> {
         return None;
     }
     Some((authority.as_str().to_owned(), host.to_owned()))
+}
+
+/// An http(s) URL with a host and neither query nor fragment: a base that paths are
+/// appended to (rule targets, group members).
+pub fn is_http_base_url(value: &str) -> bool {
+    match reqwest::Url::parse(value) {
+        Ok(url) => is_http_url(value) && url.query().is_none() && url.fragment().is_none(),
+        Err(_) => false,
+    }
 }
 
 pub fn is_http_url(value: &str) -> bool {

@@ -19,7 +19,11 @@ use serde::Deserialize;
 use serde_json::{json, Map};
 
 use crate::clock::Millis;
-use crate::job::{Job, Kind, Policy, Request, State};
+use crate::job::policy::{
+    default_backoff_factor, default_max_age_s, default_max_backoff_s, default_timeout_s,
+    DeliveryPolicy,
+};
+use crate::job::{Job, Kind, Request, State};
 use crate::monitor::alert::{Health, Transition};
 use crate::monitor::store::CheckResult;
 
@@ -50,19 +54,6 @@ pub struct NotifierConfig {
     pub max_backoff_s: f64,
     #[serde(default = "default_timeout_s")]
     pub timeout_s: f64,
-}
-
-fn default_max_age_s() -> u64 {
-    86_400
-}
-fn default_backoff_factor() -> f64 {
-    0.5
-}
-fn default_max_backoff_s() -> f64 {
-    60.0
-}
-fn default_timeout_s() -> f64 {
-    10.0
 }
 
 impl NotifierConfig {
@@ -105,25 +96,17 @@ impl NotifierConfig {
                 return Err(format!("{} `{h}` is not a valid header", field("headers")));
             }
         }
-        if self.max_age_s == 0 && self.retries.is_none() {
-            return Err(format!(
-                "{} is 0 (no age limit), so {} must be given",
-                field("max_age_s"),
-                field("retries")
-            ));
+        self.delivery().validate(field)
+    }
+
+    fn delivery(&self) -> DeliveryPolicy {
+        DeliveryPolicy {
+            max_age_s: self.max_age_s,
+            retries: self.retries,
+            backoff_factor: self.backoff_factor,
+            max_backoff_s: self.max_backoff_s,
+            timeout_s: self.timeout_s,
         }
-        for (f, v) in [
-            ("backoff_factor", self.backoff_factor),
-            ("max_backoff_s", self.max_backoff_s),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("{} must be a number ≥ 0", field(f)));
-            }
-        }
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
-            return Err(format!("{} must be a number > 0", field("timeout_s")));
-        }
-        Ok(())
     }
 
     /// What it sends to (validated: exactly one of them).
@@ -132,18 +115,6 @@ impl NotifierConfig {
             (Some(url), None) => Some(Channel::Webhook(url)),
             (None, Some(email)) => Some(Channel::Email(email)),
             _ => None,
-        }
-    }
-
-    fn policy(&self, now: Millis) -> Policy {
-        let max_age_ms = self.max_age_s.saturating_mul(1000);
-        Policy {
-            timeout: self.timeout_s,
-            retries: self.retries.unwrap_or(u32::MAX),
-            backoff_factor: self.backoff_factor,
-            callback: self.callback.clone(),
-            deadline: (max_age_ms > 0).then(|| now.saturating_add(max_age_ms)),
-            max_backoff_s: Some(self.max_backoff_s),
         }
     }
 }
@@ -222,7 +193,7 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
                 id,
                 kind,
                 request,
-                policy: notifier.policy(now),
+                policy: notifier.delivery().policy(notifier.callback.clone(), now),
                 config,
                 state: State::Pending,
                 attempts: Vec::new(),

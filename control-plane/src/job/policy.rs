@@ -1,0 +1,163 @@
+//! A delivery policy as people configure it — for a filter rule, a broadcast group or a
+//! notifier: a maximum age or a number of retries, the backoff, the per-attempt timeout.
+//! One place checks it and turns it into a job's [`Policy`].
+
+use serde_json::{json, Map, Value};
+
+use super::Policy;
+use crate::clock::Millis;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeliveryPolicy {
+    /// Give up this long after acceptance; 0 for no age limit.
+    pub max_age_s: u64,
+    /// Attempts after the first; `None`: as many as the maximum age allows.
+    pub retries: Option<u32>,
+    pub backoff_factor: f64,
+    pub max_backoff_s: f64,
+    pub timeout_s: f64,
+}
+
+/// The defaults every configured policy starts from.
+pub const DEFAULT_MAX_AGE_S: u64 = 86_400;
+pub const DEFAULT_BACKOFF_FACTOR: f64 = 0.5;
+pub const DEFAULT_MAX_BACKOFF_S: f64 = 60.0;
+pub const DEFAULT_TIMEOUT_S: f64 = 10.0;
+
+pub fn default_max_age_s() -> u64 {
+    DEFAULT_MAX_AGE_S
+}
+pub fn default_backoff_factor() -> f64 {
+    DEFAULT_BACKOFF_FACTOR
+}
+pub fn default_max_backoff_s() -> f64 {
+    DEFAULT_MAX_BACKOFF_S
+}
+pub fn default_timeout_s() -> f64 {
+    DEFAULT_TIMEOUT_S
+}
+
+impl DeliveryPolicy {
+    /// Checks the values; `field` names a field where the policy lives (e.g.
+    /// `groups.web.max_age_s`) so the error says where to look.
+    pub fn validate(&self, field: impl Fn(&str) -> String) -> Result<(), String> {
+        if self.max_age_s == 0 && self.retries.is_none() {
+            return Err(format!(
+                "{} is 0 (no age limit), so {} must be given",
+                field("max_age_s"),
+                field("retries")
+            ));
+        }
+        for (f, v) in [
+            ("backoff_factor", self.backoff_factor),
+            ("max_backoff_s", self.max_backoff_s),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{} must be a number ≥ 0", field(f)));
+            }
+        }
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            return Err(format!("{} must be a number > 0", field("timeout_s")));
+        }
+        Ok(())
+    }
+
+    /// The job policy of something accepted at `now`.
+    pub fn policy(&self, callback: Option<String>, now: Millis) -> Policy {
+        let max_age_ms = self.max_age_s.saturating_mul(1000);
+        Policy {
+            timeout: self.timeout_s,
+            retries: self.retries.unwrap_or(u32::MAX),
+            backoff_factor: self.backoff_factor,
+            callback,
+            deadline: (max_age_ms > 0).then(|| now.saturating_add(max_age_ms)),
+            max_backoff_s: Some(self.max_backoff_s),
+        }
+    }
+
+    /// The policy's fields in a receipt's `config`.
+    pub fn describe(&self, config: &mut Map<String, Value>) {
+        config.insert("timeout".into(), json!(self.timeout_s));
+        config.insert("retries".into(), json!(self.retries));
+        config.insert(
+            "max_age".into(),
+            json!((self.max_age_s > 0).then_some(self.max_age_s)),
+        );
+        config.insert("backoff_factor".into(), json!(self.backoff_factor));
+        config.insert("max_backoff".into(), json!(self.max_backoff_s));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> DeliveryPolicy {
+        DeliveryPolicy {
+            max_age_s: 60,
+            retries: None,
+            backoff_factor: DEFAULT_BACKOFF_FACTOR,
+            max_backoff_s: 5.0,
+            timeout_s: 2.0,
+        }
+    }
+
+    #[test]
+    fn a_maximum_age_becomes_a_deadline_and_unlimited_retries() {
+        let p = policy().policy(Some("http://cb/".into()), 1_000);
+        assert_eq!(p.deadline, Some(61_000));
+        assert_eq!(p.retries, u32::MAX);
+        assert_eq!(p.max_backoff_s, Some(5.0));
+        assert_eq!(p.callback.as_deref(), Some("http://cb/"));
+        let bounded = DeliveryPolicy {
+            max_age_s: 0,
+            retries: Some(3),
+            ..policy()
+        };
+        let p = bounded.policy(None, 1_000);
+        assert_eq!((p.deadline, p.retries), (None, 3));
+        let mut config = Map::new();
+        bounded.describe(&mut config);
+        assert_eq!(config["max_age"], Value::Null);
+        assert_eq!(config["retries"], 3);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let at = |f: &str| format!("groups.g.{f}");
+        for (bad, field) in [
+            (
+                DeliveryPolicy {
+                    max_age_s: 0,
+                    ..policy()
+                },
+                "groups.g.retries",
+            ),
+            (
+                DeliveryPolicy {
+                    backoff_factor: -1.0,
+                    ..policy()
+                },
+                "groups.g.backoff_factor",
+            ),
+            (
+                DeliveryPolicy {
+                    max_backoff_s: f64::NAN,
+                    ..policy()
+                },
+                "groups.g.max_backoff_s",
+            ),
+            (
+                DeliveryPolicy {
+                    timeout_s: 0.0,
+                    ..policy()
+                },
+                "groups.g.timeout_s",
+            ),
+        ] {
+            let e = bad.validate(at).unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
+        assert_eq!(policy().validate(at), Ok(()));
+    }
+}
