@@ -100,9 +100,15 @@ pub struct Settings {
     )]
     pub data_dir: PathBuf,
 
-    /// Job store: `sqlite` (embedded, durable) or `memory` (not durable; tests only).
-    #[arg(long, env = "KNOCKER_STORE", value_name = "KNOCKER_STORE", default_value = "sqlite", value_parser = ["sqlite", "memory"])]
+    /// Job store: `sqlite` (embedded, durable), `nats://host:port` (NATS JetStream, shared
+    /// by every control plane on it) or `memory` (not durable; tests only).
+    #[arg(long, env = "KNOCKER_STORE", value_name = "KNOCKER_STORE", default_value = "sqlite", value_parser = parse_store)]
     pub store: String,
+
+    /// NATS engine: how long a claimed job may go without word from its control plane
+    /// before another one gets it (e.g. `30s`).
+    #[arg(long, env = "KNOCKER_NATS_ACK_WAIT", value_name = "KNOCKER_NATS_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub nats_ack_wait: std::time::Duration,
 
     /// Pending + in-flight jobs above which submissions get 503 (back-pressure).
     #[arg(
@@ -266,6 +272,17 @@ fn non_negative_float(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+fn parse_store(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t == "sqlite" || t == "memory" {
+        return Ok(t.to_owned());
+    }
+    match t.strip_prefix("nats://") {
+        Some(rest) if !rest.is_empty() && !rest.contains(['/', ' ']) => Ok(t.to_owned()),
+        _ => Err(format!("`{s}` must be sqlite, memory or nats://host:port")),
+    }
+}
+
 fn parse_scheme(s: &str) -> Result<String, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "http" => Ok("http".into()),
@@ -357,6 +374,13 @@ mod tests {
         assert_eq!(parse_scheme("HTTP"), Ok("http".into()));
         assert!(parse_scheme("ftp").is_err());
         assert_eq!(parse_log_level("WARNING"), Ok("warn".into()));
+        assert_eq!(
+            parse_store("nats://127.0.0.1:4222"),
+            Ok("nats://127.0.0.1:4222".into())
+        );
+        assert_eq!(parse_store("sqlite"), Ok("sqlite".into()));
+        assert!(parse_store("nats://").is_err());
+        assert!(parse_store("postgres://x").is_err());
     }
 
     #[test]

@@ -58,6 +58,7 @@ use crate::monitor::store::MonitorStore;
 use crate::monitor::Monitors;
 use crate::notify::email::Mailer;
 use crate::store::memory::MemoryStore;
+use crate::store::nats::{NatsOptions, NatsStore};
 use crate::store::sqlite::{Limits, SqliteStore};
 use crate::store::Store;
 use crate::telemetry::sentry::FailureReporter;
@@ -95,7 +96,7 @@ pub async fn serve(
     };
     let groups = Arc::new(Groups::new(file.groups, settings.dns_server)?);
     let notifiers = Arc::new(file.notifiers);
-    let store = open_store(&settings)?;
+    let store = open_store(&settings).await?;
     let wake = Arc::new(Notify::new());
     let monitor_store = MonitorStore::open(
         (settings.store != "memory").then_some(settings.data_dir.as_path()),
@@ -180,8 +181,19 @@ pub async fn serve(
     result.map(|_| ())
 }
 
-fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match settings.store.as_str() {
+        url if url.starts_with("nats://") => {
+            let store = NatsStore::open(NatsOptions {
+                url: url.to_owned(),
+                max_pending: settings.max_pending,
+                retention: settings.retention,
+                ack_wait: settings.nats_ack_wait,
+            })
+            .await?;
+            tracing::info!(url, "job store: NATS JetStream");
+            Arc::new(store)
+        }
         "memory" => {
             tracing::warn!("KNOCKER_STORE=memory: jobs are lost when the process stops");
             Arc::new(MemoryStore::default())

@@ -6,9 +6,12 @@
 //!
 //! - [`sqlite`] — the embedded default: one crash-safe SQLite file (WAL, fsync on
 //!   commit), one writer thread committing many requests per fsync (group commit).
+//! - [`nats`] — NATS JetStream (`KNOCKER_STORE=nats://…`): many control planes share
+//!   the jobs and the work.
 //! - [`memory`] — keeps jobs in memory (`KNOCKER_STORE=memory`): fast, not durable.
 
 pub mod memory;
+pub mod nats;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -115,3 +118,5 @@ pub trait Store: Send + Sync + 'static {
 
 #[cfg(test)]
 mod contract_tests;
+#[cfg(test)]
+pub(crate) mod nats_tests;

@@ -1,0 +1,759 @@
+//! The distributed engine: NATS JetStream (`KNOCKER_STORE=nats://host:port`), shared by
+//! every control plane that points at the same server. Works with nats-server 2.9.
+//!
+//! - Job records live in key-value buckets: `KNOCKER_JOBS` (open jobs), and
+//!   `KNOCKER_DELIVERED` / `KNOCKER_FAILED` (finished ones, removed by the buckets' own
+//!   age limit, `KNOCKER_RETENTION`). Keys are `j` + the id in hex.
+//! - Work is a stream, `KNOCKER_WORK` (work-queue retention): one message per job to
+//!   attempt, carrying its id, published with `Nats-Msg-Id` so a resubmission within the
+//!   duplicate window is stored once. All control planes pull from one durable consumer,
+//!   so they share the load; a message not acknowledged within the ack wait (its control
+//!   plane died) goes to another one: at-least-once, with the same id.
+//! - A retry is a NAK with a delay: the server redelivers the message when it is due,
+//!   to whichever control plane asks first.
+//! - Ordered lanes: each lane has a subject (`knocker.lane.<hash>`) and a durable
+//!   consumer with one message in flight; its holder keeps the head (reporting progress)
+//!   through its retries and acknowledges it only when it is delivered or failed, so the
+//!   next job of the lane is released in order, cluster-wide.
+//!
+//! A record names the work message that owns it (`msg_seq`); a stale duplicate (a
+//! resubmission after the duplicate window, a replay's old message) is dropped when
+//! claimed. Writing order makes a crash safe: record, then message, then the record's
+//! `msg_seq`; a resubmission of a record without `msg_seq` publishes again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, Consumer};
+use async_nats::jetstream::kv;
+use async_nats::jetstream::message::{AckKind, PublishMessage};
+use async_nats::jetstream::stream::{
+    Config as StreamConfig, DiscardPolicy, RetentionPolicy, StorageType,
+};
+use async_nats::jetstream::{self, Message};
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{Inserted, Next, Stats, Store, StoreError};
+use crate::clock::{Clock as _, Millis, SystemClock};
+use crate::job::{Attempt, Job, State, PARKED};
+
+const JOBS: &str = "KNOCKER_JOBS";
+const DELIVERED: &str = "KNOCKER_DELIVERED";
+const FAILED: &str = "KNOCKER_FAILED";
+const WORK: &str = "KNOCKER_WORK";
+const WORK_SUBJECT: &str = "knocker.work";
+const LANE_SUBJECTS: &str = "knocker.lane.>";
+const CONSUMER: &str = "knocker-delivery";
+/// How long one pull waits for messages.
+const PULL_WAIT: Duration = Duration::from_millis(50);
+
+/// How the engine is set up.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    pub url: String,
+    /// Jobs waiting or in flight above which submissions are refused (503).
+    pub max_pending: u64,
+    /// How long finished jobs are kept.
+    pub retention: Duration,
+    /// How long a claimed job may go without word from its control plane before another
+    /// one gets it.
+    pub ack_wait: Duration,
+}
+
+/// A job record as stored.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    job: Job,
+    /// The stream sequence of the work message that owns the job.
+    msg_seq: Option<u64>,
+}
+
+/// A claimed message, held until its job's outcome is recorded.
+struct Held {
+    message: Message,
+    /// Lane heads only: when the held job is due again (its holder retries it).
+    due: Option<Millis>,
+}
+
+pub struct NatsStore {
+    js: jetstream::Context,
+    jobs: kv::Store,
+    delivered: kv::Store,
+    failed: kv::Store,
+    work: Consumer<PullConfig>,
+    options: NatsOptions,
+    held: Arc<Mutex<HashMap<String, Held>>>,
+    lanes: Mutex<HashMap<String, Consumer<PullConfig>>>,
+    /// When the lane subjects were last listed (ms), to list them at most every 200 ms.
+    lanes_listed: Mutex<Millis>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("NATS: {e}"))
+}
+
+fn key(id: &str) -> String {
+    let mut k = String::with_capacity(1 + id.len() * 2);
+    k.push('j');
+    for b in id.bytes() {
+        k.push_str(&format!("{b:02x}"));
+    }
+    k
+}
+
+fn id_of(key: &str) -> Option<String> {
+    let hex = key.strip_prefix('j')?;
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// FNV-1a: a stable name for a lane's subject and consumer.
+fn lane_hash(lane: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in lane.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn subject_of(job: &Job) -> String {
+    match &job.lane {
+        Some(lane) => format!("knocker.lane.{}", lane_hash(lane)),
+        None => WORK_SUBJECT.to_owned(),
+    }
+}
+
+fn now_ms() -> Millis {
+    SystemClock.now_ms()
+}
+
+impl NatsStore {
+    pub async fn open(options: NatsOptions) -> Result<Self, StoreError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("knocker")
+            .connect(options.url.as_str())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("KNOCKER_STORE {}: {e}", options.url)))?;
+        let js = jetstream::new(client);
+        let jobs = open_bucket(&js, JOBS, Duration::ZERO).await?;
+        let delivered = open_bucket(&js, DELIVERED, options.retention).await?;
+        let failed = open_bucket(&js, FAILED, options.retention).await?;
+        let stream = js
+            .get_or_create_stream(StreamConfig {
+                name: WORK.to_owned(),
+                subjects: vec![WORK_SUBJECT.to_owned(), LANE_SUBJECTS.to_owned()],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                max_messages: i64::try_from(options.max_pending).unwrap_or(i64::MAX),
+                discard: DiscardPolicy::New,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("stream {WORK}: {e}")))?;
+        let work = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                PullConfig {
+                    durable_name: Some(CONSUMER.to_owned()),
+                    filter_subject: WORK_SUBJECT.to_owned(),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: options.ack_wait,
+                    max_deliver: -1,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| unavailable(format!("consumer {CONSUMER}: {e}")))?;
+        let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
+        tokio::spawn(keep_alive(Arc::downgrade(&held), options.ack_wait));
+        Ok(Self {
+            js,
+            jobs,
+            delivered,
+            failed,
+            work,
+            options,
+            held,
+            lanes: Mutex::default(),
+            lanes_listed: Mutex::new(0),
+        })
+    }
+
+    async fn read(
+        &self,
+        bucket: &kv::Store,
+        id: &str,
+    ) -> Result<Option<(Record, u64)>, StoreError> {
+        let Some(entry) = bucket.entry(key(id)).await.map_err(unavailable)? else {
+            return Ok(None);
+        };
+        if entry.value.is_empty() || !matches!(entry.operation, kv::Operation::Put) {
+            return Ok(None);
+        }
+        let record: Record = serde_json::from_slice(&entry.value)
+            .map_err(|e| unavailable(format!("job record {id} unreadable: {e}")))?;
+        Ok(Some((record, entry.revision)))
+    }
+
+    /// The job, wherever it is: open, delivered or failed.
+    async fn find(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        for bucket in [&self.jobs, &self.delivered, &self.failed] {
+            if let Some((record, _)) = self.read(bucket, id).await? {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn write(&self, bucket: &kv::Store, record: &Record) -> Result<u64, StoreError> {
+        let value = serde_json::to_vec(record).map_err(unavailable)?;
+        bucket
+            .put(key(&record.job.id), value.into())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Publishes the job's work message and records which message owns it.
+    async fn enqueue(&self, mut record: Record, msg_id: String) -> Result<Job, StoreError> {
+        let ack = self
+            .js
+            .send_publish(
+                subject_of(&record.job),
+                PublishMessage::build()
+                    .payload(record.job.id.clone().into_bytes().into())
+                    .message_id(msg_id),
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("maximum messages") {
+                    StoreError::Full(self.options.max_pending)
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        record.msg_seq = Some(ack.sequence);
+        self.write(&self.jobs, &record).await?;
+        Ok(record.job)
+    }
+
+    /// Creates the lane's consumer once (one message in flight, in order).
+    async fn lane_consumer(&self, hash: &str) -> Result<Consumer<PullConfig>, StoreError> {
+        if let Some(c) = self.lanes.lock().get(hash) {
+            return Ok(c.clone());
+        }
+        let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+        let name = format!("lane-{hash}");
+        let consumer = stream
+            .get_or_create_consumer(
+                &name,
+                PullConfig {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("knocker.lane.{hash}"),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_deliver: -1,
+                    max_ack_pending: 1,
+                    // A lane nobody pulls from for an hour has no open jobs left.
+                    inactive_threshold: Duration::from_secs(3600),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        self.lanes.lock().insert(hash.to_owned(), consumer.clone());
+        Ok(consumer)
+    }
+
+    /// Takes a delivered message: the job to attempt, or `None` when the message is
+    /// stale (acknowledged and dropped) or not due yet (NAK'd until it is).
+    async fn take(
+        &self,
+        message: Message,
+        now: Millis,
+        skip_hosts: &[String],
+        lane: bool,
+    ) -> Result<Option<Job>, StoreError> {
+        let id = String::from_utf8_lossy(&message.payload).into_owned();
+        let seq = message.info().map(|i| i.stream_sequence).ok();
+        let Some((mut record, _)) = self.read(&self.jobs, &id).await? else {
+            let _ = message.ack().await; // deleted or finished meanwhile
+            return Ok(None);
+        };
+        if record.msg_seq.is_some() && seq.is_some() && record.msg_seq != seq {
+            let _ = message.ack().await; // a stale duplicate
+            return Ok(None);
+        }
+        if record.job.is_finished() {
+            let _ = message.ack().await;
+            return Ok(None);
+        }
+        let job = &mut record.job;
+        if lane && job.next_attempt_at == PARKED {
+            job.next_attempt_at = now; // the lane's head: its turn now
+        }
+        if !lane && skip_hosts.iter().any(|h| h == job.host()) {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(100))))
+                .await;
+            return Ok(None);
+        }
+        if job.next_attempt_at > now {
+            let wait = Duration::from_millis(job.next_attempt_at - now);
+            if lane {
+                // The head stays with us until it is due (its previous holder died).
+                self.write(&self.jobs, &record).await?;
+                self.held.lock().insert(
+                    id,
+                    Held {
+                        message,
+                        due: Some(record.job.next_attempt_at),
+                    },
+                );
+            } else {
+                let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
+            }
+            return Ok(None);
+        }
+        record.job.state = State::InFlight;
+        self.write(&self.jobs, &record).await?;
+        self.held.lock().insert(id, Held { message, due: None });
+        Ok(Some(record.job))
+    }
+
+    /// Lane heads to pull: the lanes with messages, at most every 200 ms.
+    async fn lane_hashes(&self, now: Millis) -> Result<Vec<String>, StoreError> {
+        {
+            let mut listed = self.lanes_listed.lock();
+            if now < *listed + 200 && *listed <= now {
+                return Ok(Vec::new());
+            }
+            *listed = now;
+        }
+        let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+        let mut subjects = stream
+            .info_with_subjects(LANE_SUBJECTS)
+            .await
+            .map_err(unavailable)?;
+        let mut hashes = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(unavailable)?;
+            if let Some(hash) = subject.strip_prefix("knocker.lane.") {
+                hashes.push(hash.to_owned());
+            }
+        }
+        Ok(hashes)
+    }
+}
+
+/// Up to `n` messages that are there now (a request bounded in time: a consumer at its
+/// in-flight limit answers nothing).
+async fn pull(consumer: &Consumer<PullConfig>, n: usize) -> Result<Vec<Message>, StoreError> {
+    let fetch = async {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(n)
+            .expires(PULL_WAIT)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        let mut messages = Vec::new();
+        while let Some(message) = batch.next().await {
+            messages.push(message.map_err(unavailable)?);
+        }
+        Ok(messages)
+    };
+    match tokio::time::timeout(PULL_WAIT * 4, fetch).await {
+        Ok(result) => result,
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+/// Opens a key-value bucket, creating its stream first when it is missing. The stream
+/// is made here, as the client would make it, because the client's own bucket creation
+/// asks for account details that nats-server 2.9 answers in an older shape.
+async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<kv::Store, StoreError> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    js.get_or_create_stream(StreamConfig {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: StorageType::File,
+        discard: DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))
+}
+
+/// Tells the server that held messages are still being worked on, so they are not
+/// redelivered to another control plane while a long attempt or a lane head's retries
+/// go on. Ends with the store.
+async fn keep_alive(held: std::sync::Weak<Mutex<HashMap<String, Held>>>, ack_wait: Duration) {
+    let every = (ack_wait / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(held) = held.upgrade() else { return };
+        let messages: Vec<Message> = held.lock().values().map(|h| h.message.clone()).collect();
+        drop(held);
+        for m in messages {
+            let _ = m.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for NatsStore {
+    async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
+        if let Some((record, _)) = self.read(&self.jobs, &job.id).await? {
+            // A resubmission. If the first one died before its work message was
+            // published, publish it now (the same message id: stored once).
+            if record.msg_seq.is_none() && record.job.state == State::Pending {
+                let id = record.job.id.clone();
+                return Ok(Inserted::Existing(self.enqueue(record, id).await?));
+            }
+            return Ok(Inserted::Existing(record.job));
+        }
+        for bucket in [&self.delivered, &self.failed] {
+            if let Some((record, _)) = self.read(bucket, &job.id).await? {
+                return Ok(Inserted::Existing(record.job));
+            }
+        }
+        let mut job = job;
+        if job.lane.is_some() {
+            job.next_attempt_at = PARKED; // its lane's consumer says when it is its turn
+        }
+        let record = Record { job, msg_seq: None };
+        let value = serde_json::to_vec(&record).map_err(unavailable)?;
+        match self.jobs.create(key(&record.job.id), value.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                // Created meanwhile by another submission.
+                return match self.find(&record.job.id).await? {
+                    Some(r) => Ok(Inserted::Existing(r.job)),
+                    None => Err(unavailable("job vanished while being created")),
+                };
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        let id = record.job.id.clone();
+        match self.enqueue(record, id.clone()).await {
+            Ok(job) => Ok(Inserted::Created(job)),
+            Err(e) => {
+                // No receipt is given: leave no record that looks accepted.
+                let _ = self.jobs.purge(key(&id)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn insert_all(&self, jobs: Vec<Job>) -> Result<Vec<Inserted>, StoreError> {
+        // One by one: NATS 2.9 has no batch commit. A failure leaves some stored and
+        // returns an error (no receipt); resubmitting the same ids completes the set.
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            out.push(self.insert(job).await?);
+        }
+        Ok(out)
+    }
+
+    async fn find_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let wanted = key(prefix);
+        let mut found = Vec::new();
+        for bucket in [&self.jobs, &self.delivered, &self.failed] {
+            let mut keys = bucket.keys().await.map_err(unavailable)?;
+            while let Some(k) = keys.next().await {
+                let k = k.map_err(unavailable)?;
+                if !k.starts_with(&wanted) {
+                    continue;
+                }
+                if let Some(id) = id_of(&k) {
+                    if let Some((record, _)) = self.read(bucket, &id).await? {
+                        found.push(record.job);
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    async fn claim_due(
+        &self,
+        now: Millis,
+        limit: usize,
+        skip_hosts: &[String],
+    ) -> Result<Vec<Job>, StoreError> {
+        let mut claimed = Vec::new();
+        // Lane heads we hold whose retry is due.
+        let due_heads: Vec<String> = self
+            .held
+            .lock()
+            .iter()
+            .filter(|(_, h)| h.due.is_some_and(|d| d <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due_heads {
+            if claimed.len() >= limit {
+                break;
+            }
+            if let Some((mut record, _)) = self.read(&self.jobs, &id).await? {
+                record.job.state = State::InFlight;
+                self.write(&self.jobs, &record).await?;
+                if let Some(h) = self.held.lock().get_mut(&id) {
+                    h.due = None;
+                }
+                claimed.push(record.job);
+            }
+        }
+        if claimed.len() < limit {
+            for message in pull(&self.work, limit - claimed.len()).await? {
+                if let Some(job) = self.take(message, now, skip_hosts, false).await? {
+                    claimed.push(job);
+                }
+            }
+        }
+        for hash in self.lane_hashes(now).await? {
+            if claimed.len() >= limit {
+                break;
+            }
+            let consumer = self.lane_consumer(&hash).await?;
+            let messages = pull(&consumer, 1).await?;
+            for message in messages {
+                let id = String::from_utf8_lossy(&message.payload).into_owned();
+                if self.held.lock().contains_key(&id) {
+                    continue; // ours already (redelivered after a progress gap)
+                }
+                if let Some(job) = self.take(message, now, &[], true).await? {
+                    claimed.push(job);
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn finish_attempt(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<(), StoreError> {
+        let Some((mut record, _)) = self.read(&self.jobs, &job.id).await? else {
+            // Deleted while in flight: nothing to record, the message is done.
+            let held = self.held.lock().remove(&job.id);
+            if let Some(h) = held {
+                let _ = h.message.ack().await;
+            }
+            return Ok(());
+        };
+        let at = attempt.at;
+        record.job.attempts.push(attempt);
+        match next {
+            Next::Delivered | Next::Failed { .. } => {
+                let failed = matches!(next, Next::Failed { .. });
+                record.job.state = if failed {
+                    State::Failed
+                } else {
+                    State::Delivered
+                };
+                record.job.finished_at = Some(at);
+                if let Next::Failed {
+                    callback: Some(callback),
+                } = next
+                {
+                    self.insert(*callback).await?;
+                }
+                let bucket = if failed {
+                    &self.failed
+                } else {
+                    &self.delivered
+                };
+                self.write(bucket, &record).await?;
+                self.jobs.purge(key(&job.id)).await.map_err(unavailable)?;
+                let held = self.held.lock().remove(&job.id);
+                if let Some(h) = held {
+                    h.message.double_ack().await.map_err(unavailable)?;
+                }
+            }
+            Next::Retry { at: due } => {
+                record.job.state = State::Pending;
+                record.job.next_attempt_at = due;
+                self.write(&self.jobs, &record).await?;
+                let released = {
+                    let mut held = self.held.lock();
+                    if job.lane.is_some() {
+                        if let Some(h) = held.get_mut(&job.id) {
+                            h.due = Some(due); // the head stays with us: the lane waits
+                        }
+                        None
+                    } else {
+                        held.remove(&job.id)
+                    }
+                };
+                if let Some(h) = released {
+                    let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+                    h.message
+                        .ack_with(AckKind::Nak(Some(wait)))
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self.find(id).await?.map(|r| r.job))
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        // The server schedules retries: ask again soon (or when a held head is due).
+        let soon = now_ms() + 100;
+        let head = self.held.lock().values().filter_map(|h| h.due).min();
+        Ok(Some(head.map_or(soon, |d| d.min(soon))))
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let mut stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+        let waiting = stream.info().await.map_err(unavailable)?.state.messages;
+        let in_flight = self
+            .held
+            .lock()
+            .values()
+            .filter(|h| h.due.is_none())
+            .count() as u64;
+        let count = |bucket: &'static str| {
+            let js = self.js.clone();
+            async move {
+                let stream = js
+                    .get_stream(format!("KV_{bucket}"))
+                    .await
+                    .map_err(unavailable)?;
+                Ok::<u64, StoreError>(stream.cached_info().state.messages)
+            }
+        };
+        Ok(Stats {
+            pending: waiting.saturating_sub(in_flight),
+            in_flight,
+            delivered: count(DELIVERED).await?,
+            failed: count(FAILED).await?,
+        })
+    }
+
+    async fn list(
+        &self,
+        state: State,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let bucket = match state {
+            State::Delivered => &self.delivered,
+            State::Failed => &self.failed,
+            State::Pending | State::InFlight => &self.jobs,
+        };
+        let mut jobs = Vec::new();
+        let mut keys = bucket.keys().await.map_err(unavailable)?;
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(unavailable)?;
+            if let Some(id) = id_of(&k) {
+                if let Some((record, _)) = self.read(bucket, &id).await? {
+                    if record.job.state == state {
+                        jobs.push(record.job);
+                    }
+                }
+            }
+        }
+        jobs.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let start = after
+            .and_then(|a| jobs.iter().position(|j| j.id == a))
+            .map_or(0, |i| i + 1);
+        Ok(jobs.into_iter().skip(start).take(limit).collect())
+    }
+
+    async fn replay(&self, id: &str, now: Millis) -> Result<Option<Job>, StoreError> {
+        if let Some((record, _)) = self.read(&self.jobs, id).await? {
+            return Ok(Some(record.job)); // not finished: left alone
+        }
+        for bucket in [&self.failed, &self.delivered] {
+            if let Some((mut record, _)) = self.read(bucket, id).await? {
+                record.job.state = State::Pending;
+                record.job.finished_at = None;
+                record.job.next_attempt_at = if record.job.lane.is_some() {
+                    PARKED
+                } else {
+                    now
+                };
+                record.msg_seq = None;
+                self.write(&self.jobs, &record).await?;
+                bucket.purge(key(id)).await.map_err(unavailable)?;
+                let msg_id = format!("{id}#replay{}", record.job.attempts.len());
+                return Ok(Some(self.enqueue(record, msg_id).await?));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn delete(&self, id: &str, _now: Millis) -> Result<bool, StoreError> {
+        let mut existed = false;
+        for bucket in [&self.jobs, &self.delivered, &self.failed] {
+            if self.read(bucket, id).await?.is_some() {
+                bucket.purge(key(id)).await.map_err(unavailable)?;
+                existed = true;
+            }
+        }
+        // A lane head we hold: release the lane to its next job.
+        let held = self.held.lock().remove(id);
+        if let Some(h) = held {
+            let _ = h.message.ack().await;
+        }
+        Ok(existed)
+    }
+
+    async fn purge_finished(&self, _before: Millis) -> Result<u64, StoreError> {
+        // The finished buckets remove their entries themselves (max age = retention).
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_keep_prefixes() {
+        for id in ["abc", "a.b:callback", "ü/x y", ""] {
+            assert_eq!(id_of(&key(id)).as_deref(), Some(id));
+        }
+        assert!(key("bc.1").starts_with(&key("bc.")));
+        assert!(!key("bcx").starts_with(&key("bc.")));
+        assert_eq!(lane_hash("a"), lane_hash("a"));
+        assert_ne!(lane_hash("a"), lane_hash("b"));
+    }
+}
