@@ -2,6 +2,7 @@
 //! real HTTP targets, all on loopback and free ports. One binary, one module per area.
 
 mod broadcast;
+mod cluster;
 mod configs;
 mod durability;
 mod link;

@@ -9,16 +9,19 @@
 //!   a redirect, a hang, or a closed connection.
 //! - [`DnsServer`] — a DNS server on loopback whose A/AAAA answers a test changes.
 //! - [`SmtpServer`] — aiosmtpd on loopback, its messages read back from a maildir.
+//! - [`NatsServer`] — nats-server with JetStream on loopback.
 //!
 //! `make test` builds the binaries first; a missing binary is a set-up failure and the
 //! tests say so instead of skipping.
 
 pub mod dns;
+pub mod nats;
 pub mod process;
 pub mod smtp;
 pub mod target;
 
 pub use dns::DnsServer;
+pub use nats::NatsServer;
 pub use process::{free_port, knocker_bin, repo_root, temp_dir, ControlPlane, Envoy, EnvoyOptions};
 pub use smtp::{Email, SmtpServer};
 pub use target::{Received, Reply, Target};
