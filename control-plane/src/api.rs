@@ -163,6 +163,20 @@ async fn lookup(State(ingress): State<Arc<Ingress>>, Path(id): Path<String>) -> 
 
 async fn broadcast(State(ingress): State<Arc<Ingress>>, Path(id): Path<String>) -> ApiResult {
     let jobs = ingress.stored_broadcast(&id).await?;
+    if let (true, Some(bus)) = (jobs.is_empty(), &ingress.agents) {
+        if let Some(sent) = bus.sent(&id).await? {
+            let agents = bus.status(&sent).await?;
+            return Ok(Json(json!({
+                "id": id,
+                "group": sent.group,
+                "agents": true,
+                "members": agents.iter().map(|(agent, delivered)| json!({
+                    "member": format!("agent:{agent}"),
+                    "state": if *delivered { "delivered" } else { "pending" },
+                })).collect::<Vec<_>>(),
+            })));
+        }
+    }
     if jobs.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -180,14 +194,27 @@ async fn groups(State(ingress): State<Arc<Ingress>>) -> ApiResult {
         let Some(config) = ingress.groups.get(name) else {
             continue;
         };
-        let (members, error) = match ingress.groups.members(name).await {
+        let found = match (&ingress.agents, config.agents) {
+            (Some(bus), true) => bus
+                .agents(name)
+                .await
+                .map(|agents| agents.into_iter().map(|a| format!("agent:{a}")).collect())
+                .map_err(|e| e.to_string()),
+            _ => ingress
+                .groups
+                .members(name)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        let (members, error) = match found {
             Ok(members) => (members, None),
-            Err(e) => (Vec::new(), Some(e.to_string())),
+            Err(e) => (Vec::new(), Some(e)),
         };
         out.insert(
             name.clone(),
             json!({
                 "dns": config.dns,
+                "agents": config.agents,
                 "port": config.port,
                 "members": members,
                 "error": error,

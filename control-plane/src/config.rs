@@ -157,6 +157,25 @@ pub struct Settings {
     #[arg(long = "config", env = "KNOCKER_CONFIG", value_name = "KNOCKER_CONFIG")]
     pub config_file: Option<PathBuf>,
 
+    /// Run as a broadcast agent of this group (NATS engine): replay its broadcasts to
+    /// `KNOCKER_AGENT_ENDPOINT`.
+    #[arg(long, env = "KNOCKER_AGENT_GROUP", value_name = "KNOCKER_AGENT_GROUP")]
+    pub agent_group: Option<String>,
+    /// The agent's local endpoint: a base URL that broadcast paths are appended to.
+    #[arg(
+        long,
+        env = "KNOCKER_AGENT_ENDPOINT",
+        value_name = "KNOCKER_AGENT_ENDPOINT"
+    )]
+    pub agent_endpoint: Option<String>,
+    /// The agent's name, stable across restarts (its subscription keeps its place);
+    /// by default the host name and the endpoint.
+    #[arg(long, env = "KNOCKER_AGENT_NAME", value_name = "KNOCKER_AGENT_NAME")]
+    pub agent_name: Option<String>,
+    /// An agent gone this long loses its subscription (and what it missed).
+    #[arg(long, env = "KNOCKER_AGENT_EXPIRY", value_name = "KNOCKER_AGENT_EXPIRY", default_value = "24h", value_parser = parse_duration)]
+    pub agent_expiry: std::time::Duration,
+
     /// Results kept per monitor (the history the API shows).
     #[arg(long, env = "KNOCKER_MONITOR_HISTORY", value_name = "KNOCKER_MONITOR_HISTORY", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -228,6 +247,30 @@ impl Settings {
         }
         if self.max_body_bytes == 0 {
             return Err("KNOCKER_MAX_BODY_BYTES must be greater than 0".into());
+        }
+        if self.agent_group.is_some() != self.agent_endpoint.is_some() {
+            return Err("KNOCKER_AGENT_GROUP and KNOCKER_AGENT_ENDPOINT go together".into());
+        }
+        if self.agent_group.is_some() && !self.store.starts_with("nats://") {
+            return Err("KNOCKER_AGENT_GROUP needs KNOCKER_STORE=nats://host:port".into());
+        }
+        if let Some(endpoint) = &self.agent_endpoint {
+            if !crate::job::spec::is_http_base_url(endpoint) {
+                return Err(format!(
+                    "KNOCKER_AGENT_ENDPOINT `{endpoint}` is not an http:// or https:// base URL"
+                ));
+            }
+        }
+        for (var, value) in [
+            ("KNOCKER_AGENT_GROUP", &self.agent_group),
+            ("KNOCKER_AGENT_NAME", &self.agent_name),
+        ] {
+            if value
+                .as_deref()
+                .is_some_and(|v| !crate::monitor::valid_name(v))
+            {
+                return Err(format!("{var}: use 1 to 64 letters, digits, `-` and `_`"));
+            }
         }
         Ok(())
     }

@@ -47,6 +47,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::broadcast::agents::{AgentBus, AgentSettings};
 use crate::broadcast::groups::Groups;
 use crate::clock::Time;
 use crate::config::file::FileConfig;
@@ -94,6 +95,19 @@ pub async fn serve(
         Some(path) => FileConfig::load(path).map_err(anyhow::Error::msg)?,
         None => FileConfig::default(),
     };
+    let nats_url = settings
+        .store
+        .starts_with("nats://")
+        .then(|| settings.store.clone());
+    if nats_url.is_none() {
+        if let Some((name, _)) = file.groups.iter().find(|(_, g)| g.agents) {
+            anyhow::bail!("groups.{name}.agents: agent groups need KNOCKER_STORE=nats://host:port");
+        }
+    }
+    let agents = match &nats_url {
+        Some(url) => Some(Arc::new(AgentBus::open(url, settings.retention).await?)),
+        None => None,
+    };
     let groups = Arc::new(Groups::new(file.groups, settings.dns_server)?);
     let notifiers = Arc::new(file.notifiers);
     let store = open_store(&settings).await?;
@@ -134,12 +148,29 @@ pub async fn serve(
         time: time.clone(),
         wake,
         groups,
+        agents,
     });
 
     let http_addr = listeners.http.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
     tracing::info!(%http_addr, %grpc_addr, version = job::VERSION, "knocker control plane listening");
 
+    if let (Some(url), Some(group), Some(endpoint)) =
+        (&nats_url, &settings.agent_group, &settings.agent_endpoint)
+    {
+        let bus = AgentBus::open(url, settings.retention).await?;
+        let agent = AgentSettings {
+            group: group.clone(),
+            endpoint: endpoint.clone(),
+            name: settings
+                .agent_name
+                .clone()
+                .unwrap_or_else(|| default_agent_name(endpoint)),
+            expiry: settings.agent_expiry,
+            ack_wait: settings.nats_ack_wait,
+        };
+        tokio::spawn(crate::broadcast::agents::run(bus, agent, shutdown.clone()));
+    }
     let delivery_task = if settings.delivery {
         tokio::spawn(delivery.run(shutdown.clone()))
     } else {
@@ -209,6 +240,22 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
             Arc::new(store)
         }
     })
+}
+
+/// An agent's name when none is given: the host name and the endpoint's port, kept as
+/// letters, digits and `-`.
+fn default_agent_name(endpoint: &str) -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "agent".into());
+    let port = endpoint
+        .rsplit(':')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/');
+    format!("{}-{port}", host.trim())
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect()
 }
 
 /// Removes delivered and failed jobs older than `KNOCKER_RETENTION`.

@@ -116,3 +116,129 @@ async fn two_control_planes_share_a_load_and_a_kill_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(delivered_ids(&target)["job-0"], before, "no second job");
 }
+
+async fn group_members(cp: &ControlPlane, group: &str) -> Vec<String> {
+    let groups = get_json(cp.url("/knocker/groups")).await;
+    groups["groups"][group]["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_for_members(cp: &ControlPlane, group: &str, want: &[&str]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let members = group_members(cp, group).await;
+        if members == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members {members:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn bodies(target: &Target) -> Vec<String> {
+    target
+        .received()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.header("x-knocker-broadcast").as_deref(), Some("edge"));
+            String::from_utf8(r.body).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_replay_every_broadcast_and_one_that_was_offline_catches_up_in_order() {
+    let nats = NatsServer::start();
+    let config = crate::write_config("[groups.edge]\nagents = true\n");
+    let store = [("KNOCKER_STORE", nats.url.as_str())];
+    let publisher = ControlPlane::start(&[store[0], ("KNOCKER_CONFIG", &config)]);
+    let (a, b) = (Target::ok().await, Target::ok().await);
+    let agent = |name: &str, target: &Target, expiry: &str| {
+        ControlPlane::start(&[
+            store[0],
+            ("KNOCKER_AGENT_GROUP", "edge"),
+            (
+                "KNOCKER_AGENT_ENDPOINT",
+                &format!("http://{}/cache", target.host()),
+            ),
+            ("KNOCKER_AGENT_NAME", name),
+            ("KNOCKER_AGENT_EXPIRY", expiry),
+            ("KNOCKER_NATS_ACK_WAIT", "2s"),
+        ])
+    };
+    let _agent_a = agent("a", &a, "1h");
+    let mut agent_b = agent("b", &b, "1h");
+    wait_for_members(&publisher, "edge", &["agent:a", "agent:b"]).await;
+
+    let send = |i: usize| {
+        client()
+            .request(
+                reqwest::Method::from_bytes(b"PURGE").unwrap(),
+                publisher.url(&format!("/page/{i}")),
+            )
+            .header("Knocker-Broadcast", "edge")
+            .body(format!("purge {i}"))
+            .send()
+    };
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let response = send(i).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let receipt: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(receipt["members"][1]["member"], "agent:b", "{receipt}");
+        ids.push(receipt["broadcast"]["id"].as_str().unwrap().to_owned());
+    }
+    a.wait_for(3, WAIT).await;
+    b.wait_for(3, WAIT).await;
+    assert_eq!(a.received()[0].method, "PURGE");
+    assert_eq!(a.received()[0].target, "/cache/page/0");
+    assert_eq!(a.received()[0].header("x-knocker-id"), Some(ids[0].clone()));
+
+    // Agent b goes away for a while; a keeps getting everything.
+    agent_b.kill();
+    for i in 3..6 {
+        assert_eq!(send(i).await.unwrap().status(), 200);
+    }
+    a.wait_for(6, WAIT).await;
+    let expected: Vec<String> = (0..6).map(|i| format!("purge {i}")).collect();
+    assert_eq!(bodies(&a), expected);
+    assert_eq!(b.count(), 3);
+
+    // b comes back under the same name: it gets what it missed, in order. (At least
+    // once: the broadcast it had taken but not yet acknowledged when it was killed may
+    // come again, right after itself.)
+    agent_b.restart();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut got = bodies(&b);
+        got.dedup();
+        if got.len() >= expected.len() {
+            assert_eq!(got, expected);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "b got {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.count(), 6, "each broadcast once to the agent that stayed");
+    assert!(
+        b.count() <= 7,
+        "at most the one unacknowledged broadcast again"
+    );
+
+    // An agent gone longer than its expiry is removed: no registry to clean.
+    let c = Target::ok().await;
+    let mut agent_c = agent("c", &c, "1s");
+    wait_for_members(&publisher, "edge", &["agent:a", "agent:b", "agent:c"]).await;
+    agent_c.kill();
+    wait_for_members(&publisher, "edge", &["agent:a", "agent:b"]).await;
+}

@@ -11,7 +11,11 @@
 //!   everything it missed, in order;
 //! - every copy carries `x-knocker-broadcast: <group>`; a request carrying it is never
 //!   broadcast again, by this instance or any other (loop guard).
+//!
+//! With the NATS engine a group can be made of agents instead ([`agents`]): one message
+//! per broadcast, replayed by every subscribed agent to its own endpoint.
 
+pub mod agents;
 pub mod groups;
 
 use serde_json::{json, Map, Value};
@@ -147,6 +151,18 @@ pub fn receipt(id: &str, group: &str, jobs: &[Job]) -> Value {
         "method": first.map(|j| j.request.method.clone()),
         "headers": headers,
         "body-length": first.map_or(0, |j| j.request.body.len()),
+    })
+}
+
+/// The receipt of a broadcast to agents: the agents subscribed when it was sent.
+pub fn agents_receipt(id: &str, broadcast: &agents::Broadcast, sent: &agents::Sent) -> Value {
+    json!({
+        "status": true,
+        "broadcast": { "id": id, "group": sent.group, "agents": true },
+        "members": sent.agents.iter().map(|a| json!({ "member": format!("agent:{a}") })).collect::<Vec<_>>(),
+        "method": broadcast.method,
+        "path": broadcast.path,
+        "body-length": broadcast.body.len(),
     })
 }
 

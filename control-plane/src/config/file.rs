@@ -65,6 +65,10 @@ pub struct GroupConfig {
     /// DNS membership: every address this name resolves to, at fan-out time.
     #[serde(default)]
     pub dns: Option<String>,
+    /// Agent membership (NATS engine): every control plane started with
+    /// `KNOCKER_AGENT_GROUP` set to this group's name.
+    #[serde(default)]
+    pub agents: bool,
     /// DNS members' port and scheme.
     #[serde(default)]
     pub port: Option<u16>,
@@ -137,18 +141,18 @@ impl GroupConfig {
                 "group name `{name}`: use letters, digits, `-` and `_`"
             ));
         }
+        let kinds = [self.members.is_some(), self.dns.is_some(), self.agents];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(format!(
+                "groups.{name}: needs one of `members` (base URLs), `dns` (a name) or \
+                 `agents = true`"
+            ));
+        }
         match (&self.members, &self.dns) {
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "{} and {}: a group has one or the other",
-                    field("members"),
-                    field("dns")
-                ))
-            }
-            (None, None) => {
-                return Err(format!(
-                    "groups.{name}: needs `members` (base URLs) or `dns` (a name)"
-                ))
+            (Some(_), Some(_)) | (None, None) => {
+                if self.port.is_some() {
+                    return Err(format!("{} applies to DNS groups only", field("port")));
+                }
             }
             (Some(members), None) => {
                 if members.is_empty() {
@@ -220,6 +224,8 @@ mod tests {
         assert_eq!((web.port, web.scheme.as_str()), (Some(8080), "http"));
         assert_eq!(web.max_age_s, 60);
         assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());
+        let agents = FileConfig::parse("[groups.edge]\nagents = true\n").unwrap();
+        assert!(agents.groups["edge"].agents);
     }
 
     #[test]
@@ -230,8 +236,13 @@ mod tests {
             ("[groups.a]\ndns = \"x\"", "groups.a.port"),
             (
                 "[groups.a]\ndns = \"x\"\nport = 1\nmembers = [\"http://a\"]",
-                "groups.a.members",
+                "groups.a: needs one of",
             ),
+            (
+                "[groups.a]\nagents = true\ndns = \"x\"",
+                "groups.a: needs one of",
+            ),
+            ("[groups.a]\nagents = true\nport = 1", "groups.a.port"),
             ("[groups.a]\n", "groups.a"),
             (
                 "[groups.a]\ndns = \"x\"\nport = 1\nscheme = \"ftp\"",

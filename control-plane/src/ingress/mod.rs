@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::broadcast::{self, groups::Groups};
+use crate::broadcast::{self, agents::AgentBus, groups::Groups};
 use crate::clock::Time;
 use crate::config::Settings;
 use crate::job::receipt::receipt;
@@ -91,6 +91,8 @@ pub struct Ingress {
     pub wake: Arc<Notify>,
     /// Broadcast groups (`KNOCKER_CONFIG`).
     pub groups: Arc<Groups>,
+    /// Agent groups' broadcasts (NATS engine only).
+    pub agents: Option<Arc<AgentBus>>,
 }
 
 impl Ingress {
@@ -209,6 +211,11 @@ impl Ingress {
             return Reply::json(400, &errors.to_json());
         }
         let id = id.unwrap_or_else(new_id);
+        if config.agents {
+            return self
+                .broadcast_to_agents(submission, group, &id, status)
+                .await;
+        }
         // A resubmission gets the stored broadcast's receipt, whatever the group is now.
         match self.stored_broadcast(&id).await {
             Ok(stored) if !stored.is_empty() => {
@@ -250,6 +257,44 @@ impl Ingress {
             }
             Err(e) => {
                 tracing::error!(error = %e, "broadcast refused: the store cannot commit");
+                store_unavailable(&e)
+            }
+        }
+    }
+
+    /// One message for every agent subscribed to `group`, now or later while they are
+    /// subscribed; the receipt lists the agents subscribed now.
+    async fn broadcast_to_agents(
+        &self,
+        submission: &Submission,
+        group: &str,
+        id: &str,
+        status: u16,
+    ) -> Reply {
+        let Some(bus) = &self.agents else {
+            return Reply::error(
+                503,
+                "knocker-broadcast",
+                &format!("Group '{group}' is made of agents, which need KNOCKER_STORE=nats://…."),
+            )
+            .with_header("retry-after", RETRY_AFTER_S);
+        };
+        let (_, forwarded) = split_headers(&submission.headers);
+        let mut headers = vec![(broadcast::MARKER.to_owned(), group.as_bytes().to_vec())];
+        headers.extend(forwarded);
+        let message = broadcast::agents::Broadcast {
+            id: id.to_owned(),
+            group: group.to_owned(),
+            method: submission.method.clone(),
+            path: submission.absolute_path(),
+            headers,
+            body: submission.body.clone(),
+        };
+        match bus.publish(&message).await {
+            Ok(sent) => Reply::json(status, &broadcast::agents_receipt(id, &message, &sent))
+                .with_header("knocker-id", id.to_owned()),
+            Err(e) => {
+                tracing::error!(error = %e, "broadcast refused: NATS cannot take it");
                 store_unavailable(&e)
             }
         }

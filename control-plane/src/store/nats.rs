@@ -97,7 +97,8 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("NATS: {e}"))
 }
 
-fn key(id: &str) -> String {
+/// The key of a job id: `j` + the id in hex (any id, valid as a key, prefixes kept).
+pub(crate) fn key(id: &str) -> String {
     let mut k = String::with_capacity(1 + id.len() * 2);
     k.push('j');
     for b in id.bytes() {
@@ -384,7 +385,7 @@ async fn pull(consumer: &Consumer<PullConfig>, n: usize) -> Result<Vec<Message>,
 /// Opens a key-value bucket, creating its stream first when it is missing. The stream
 /// is made here, as the client would make it, because the client's own bucket creation
 /// asks for account details that nats-server 2.9 answers in an older shape.
-async fn open_bucket(
+pub(crate) async fn open_bucket(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
