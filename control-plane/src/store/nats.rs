@@ -535,8 +535,13 @@ impl Store for NatsStore {
             }
         }
         if claimed.len() < limit {
-            for message in pull(&self.work, limit - claimed.len()).await? {
-                if let Some(job) = self.take(message, now, skip_hosts, false).await? {
+            // Each take is a few round trips to the server: run them side by side.
+            let messages = pull(&self.work, limit - claimed.len()).await?;
+            let mut takes = futures_util::stream::iter(messages)
+                .map(|m| self.take(m, now, skip_hosts, false))
+                .buffer_unordered(64);
+            while let Some(taken) = takes.next().await {
+                if let Some(job) = taken? {
                     claimed.push(job);
                 }
             }

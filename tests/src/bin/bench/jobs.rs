@@ -237,3 +237,110 @@ pub fn backlog(report: &mut String, runtime: &tokio::runtime::Runtime) {
         if peak_rss < 300.0 { "met" } else { "NOT met" }
     );
 }
+
+/// The embedded store and the NATS engine side by side: accepted jobs/s (wrk, delivery
+/// off, HTTP ingress) in alternating rounds, then the time to deliver the same backlog.
+pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
+    let seconds = env_or("BENCH_ENGINE_SECONDS", 5);
+    let rounds = env_or("BENCH_ROUNDS", 3);
+    let backlog = env_or("BENCH_ENGINE_JOBS", 20_000) as usize;
+    let sink = Echo::start();
+    let headers = knocker_headers(&sink);
+    let nats = knocker_e2e::NatsServer::start();
+    let env = |store: &str| {
+        vec![
+            ("LOG_LEVEL".to_owned(), "warning".to_owned()),
+            ("KNOCKER_DELIVERY".to_owned(), "off".to_owned()),
+            ("KNOCKER_STORE".to_owned(), store.to_owned()),
+        ]
+    };
+    let start = |env: &[(String, String)]| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        ControlPlane::start(&env)
+    };
+    let engines = [
+        ("embedded (SQLite)", "sqlite".to_owned()),
+        ("NATS JetStream", nats.url.clone()),
+    ];
+    let mut accept: [Vec<WrkResult>; 2] = Default::default();
+    {
+        let cps: Vec<ControlPlane> = engines.iter().map(|(_, s)| start(&env(s))).collect();
+        for _ in 0..rounds {
+            for (i, cp) in cps.iter().enumerate() {
+                accept[i].push(wrk(&cp.url("/bench"), seconds, 50, &headers));
+            }
+        }
+    }
+    // Drain: a fresh server for NATS so the accepted jobs above are not in the way.
+    let drain_nats = knocker_e2e::NatsServer::start();
+    let stores = ["sqlite".to_owned(), drain_nats.url.clone()];
+    let mut drains = Vec::new();
+    for store in &stores {
+        let mut cp = start(&env(store));
+        runtime.block_on(submit_n(&cp.url("/drain"), backlog, 64, &headers));
+        cp.set_env("KNOCKER_DELIVERY", "on");
+        cp.restart();
+        let started = Instant::now();
+        while delivered(&cp) < backlog as u64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "drain did not finish: {}",
+                status(&cp)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drains.push(backlog as f64 / started.elapsed().as_secs_f64());
+    }
+    let med = |runs: &Vec<WrkResult>| {
+        (
+            median(runs.iter().map(|r| r.rps).collect()),
+            median(runs.iter().map(|r| r.p99_ms).collect()),
+        )
+    };
+    let _ = writeln!(
+        report,
+        "## Embedded store and NATS JetStream, side by side\n"
+    );
+    let _ = writeln!(
+        report,
+        "One control plane per engine (nats-server {} with JetStream on loopback, file storage). Accepted: \
+         `wrk -t1 -c50 -d{seconds}s` on the HTTP ingress with delivery off, median of {rounds} rounds taking turns. \
+         Delivered: {backlog} jobs submitted with delivery off, then the control plane restarted with delivery on \
+         into a `knocker echo` sink; the time until all are delivered.\n",
+        nats_version()
+    );
+    let _ = writeln!(
+        report,
+        "| engine | accepted/s | accept p99 ms | delivered/s |"
+    );
+    let _ = writeln!(report, "| --- | ---: | ---: | ---: |");
+    for (i, (name, _)) in engines.iter().enumerate() {
+        let (rps, p99) = med(&accept[i]);
+        let _ = writeln!(
+            report,
+            "| {name} | {rps:.0} | {p99:.2} | {:.0} |",
+            drains[i]
+        );
+    }
+    let (sqlite, nats_rps) = (med(&accept[0]).0, med(&accept[1]).0);
+    let _ = writeln!(
+        report,
+        "\nRatios in this run: NATS accepts {:.2}× and delivers {:.2}× what the embedded store does \
+         (several round trips to the server per job against one shared fsync per batch).\n",
+        nats_rps / sqlite.max(1.0),
+        drains[1] / drains[0].max(1.0)
+    );
+}
+
+fn nats_version() -> String {
+    std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .trim_start_matches("nats-server: ")
+                .to_owned()
+        })
+        .unwrap_or_else(|_| "?".into())
+}

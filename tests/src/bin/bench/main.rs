@@ -9,10 +9,15 @@
 //! delivery off and on (wrk), open-loop latency at half the goal rate, drain rate from a
 //! 100,000-job backlog, and a 1,000,000-job backlog (memory, time to first delivery).
 //!
+//! Engines (`jobs.rs`): the embedded store and NATS JetStream side by side, accepted and
+//! delivered jobs/s.
+//!
 //! Knobs (environment): `BENCH_FILTER_ROUNDS` (15), `BENCH_FILTER_SECONDS` (3),
 //! `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
-//! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000), `BENCH_ONLY`
-//! (`filter`, `accept`, `drain` or `backlog`: run one section).
+//! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000),
+//! `BENCH_ENGINE_SECONDS` (5), `BENCH_ENGINE_JOBS` (20000), `BENCH_ONLY` (`filter`,
+//! `accept`, `drain`, `backlog` or `engines`: run one section, replacing only that
+//! section of `docs/benchmarks.md`).
 
 use std::fmt::Write as _;
 use std::process::{Child, Command, Stdio};
@@ -223,6 +228,50 @@ fn filter_cost(report: &mut String) {
     );
 }
 
+/// `previous` with each `## ` section of `fresh` put in place of the one with the same
+/// heading (or added at the end); `fresh`'s preamble notes the partial run.
+fn merge_sections(previous: &str, fresh: &str) -> String {
+    fn sections(text: &str) -> (String, Vec<(String, String)>) {
+        let mut preamble = String::new();
+        let mut out: Vec<(String, String)> = Vec::new();
+        for line in text.split_inclusive('\n') {
+            if line.starts_with("## ") {
+                out.push((line.trim().to_owned(), line.to_owned()));
+            } else if let Some((_, body)) = out.last_mut() {
+                body.push_str(line);
+            } else {
+                preamble.push_str(line);
+            }
+        }
+        (preamble, out)
+    }
+    if previous.is_empty() {
+        return fresh.to_owned();
+    }
+    let (preamble, mut old) = sections(previous);
+    let (_, new) = sections(fresh);
+    for (heading, body) in new {
+        let body = format!(
+            "{}_This section was measured on its own (`BENCH_ONLY`), after the rest._\n\n{}",
+            body.lines()
+                .next()
+                .map(|l| format!("{l}\n\n"))
+                .unwrap_or_default(),
+            body.split_once('\n')
+                .map_or("", |(_, rest)| rest.trim_start_matches('\n'))
+        );
+        match old.iter_mut().find(|(h, _)| *h == heading) {
+            Some(slot) => slot.1 = body,
+            None => old.push((heading, body)),
+        }
+    }
+    let mut out = preamble;
+    for (_, body) in old {
+        out.push_str(&body);
+    }
+    out
+}
+
 fn main() {
     let mut report = String::new();
     let _ = writeln!(report, "# Benchmarks\n");
@@ -248,8 +297,16 @@ fn main() {
     if run("backlog") {
         jobs::backlog(&mut report, &runtime);
     }
+    if run("engines") {
+        jobs::engines(&mut report, &runtime);
+    }
     let path = repo_root().join("docs/benchmarks.md");
     std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
+    if !only.is_empty() {
+        // One section: it replaces its own part of the last full report.
+        let previous = std::fs::read_to_string(&path).unwrap_or_default();
+        report = merge_sections(&previous, &report);
+    }
     std::fs::write(&path, &report).expect("write docs/benchmarks.md");
     println!("{report}");
     eprintln!("wrote {}", path.display());
