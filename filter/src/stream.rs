@@ -51,8 +51,11 @@ enum State {
     /// The gRPC call is out; the client waits. `fallback`: the upstream's failed
     /// response is paused behind it.
     Waiting { token: u32, fallback: bool },
-    /// A local response was sent, or the response is on its way.
+    /// A local response was sent: the request goes no further.
     Answered,
+    /// A fallback request whose response is the upstream's own: everything goes on
+    /// untouched (the rest of a request body included, when the upstream answered early).
+    Released,
 }
 
 #[derive(Debug, Default)]
@@ -115,7 +118,7 @@ impl Stream {
         end_of_stream: bool,
     ) -> Action {
         match &mut self.state {
-            State::PassThrough => Action::Continue,
+            State::PassThrough | State::Released => Action::Continue,
             State::Shadowing {
                 rule,
                 body,
@@ -179,7 +182,7 @@ impl Stream {
     ) -> Action {
         match &mut self.state {
             State::Buffering { .. } => self.on_request_body(host, config, body_size, true),
-            State::PassThrough => Action::Continue,
+            State::PassThrough | State::Released => Action::Continue,
             State::Shadowing { complete, .. } => {
                 *complete = true;
                 Action::Continue
@@ -224,11 +227,11 @@ impl Stream {
                 FALLBACK_HEADER,
                 &format!("off; the request body is over the {limit}-byte buffer limit"),
             );
-            self.state = State::Answered;
+            self.state = State::Released;
             return Action::Continue;
         }
         if !retryable {
-            self.state = State::Answered;
+            self.state = State::Released;
             return Action::Continue;
         }
         if !*complete {
@@ -236,7 +239,7 @@ impl Stream {
                 FALLBACK_HEADER,
                 "off; the upstream failed before the request body ended",
             );
-            self.state = State::Answered;
+            self.state = State::Released;
             return Action::Continue;
         }
         let State::Shadowing {
@@ -306,7 +309,7 @@ impl Stream {
                 FALLBACK_HEADER,
                 &format!("failed; {}", header_safe(&reason)),
             );
-            self.state = State::Answered;
+            self.state = State::Released;
             host.resume_response();
             return;
         }
@@ -352,7 +355,7 @@ impl Stream {
                         FALLBACK_HEADER,
                         &format!("failed; {}", header_safe(&reason)),
                     );
-                    self.state = State::Answered;
+                    self.state = State::Released;
                 } else {
                     self.answer(host, &Response::unavailable(&reason, config.retry_after_s));
                 }
@@ -856,6 +859,28 @@ mod tests {
         assert!(headers
             .first()
             .is_some_and(|(n, v)| n == FALLBACK_HEADER && v.contains("8-byte buffer limit")));
+    }
+
+    #[test]
+    fn fallback_lets_the_rest_of_the_body_go_after_an_early_answer() {
+        let host = FakeHost {
+            headers: with_path("/api/x", &[]),
+            chunks: RefCell::new(VecDeque::from([b"abc".to_vec(), b"de".to_vec()])),
+            status: 200,
+            details: "via_upstream".into(),
+            ..Default::default()
+        };
+        let config = rules_config();
+        let mut s = Stream::default();
+        s.on_request_headers(&host, &config, false);
+        assert_eq!(
+            s.on_request_body(&host, &config, 3, false),
+            Action::Continue
+        );
+        assert_eq!(s.on_response_headers(&host, &config), Action::Continue);
+        assert_eq!(s.on_request_body(&host, &config, 2, true), Action::Continue);
+        assert_eq!(s.on_request_trailers(&host, &config, 2), Action::Continue);
+        assert!(host.dispatched.borrow().is_empty());
     }
 
     #[test]
