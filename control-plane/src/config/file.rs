@@ -229,6 +229,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let c = FileConfig::parse(include_str!("../../../examples/knocker.toml")).unwrap();
+        assert!(c.groups.contains_key("caches"));
+        assert!(c.monitors.contains_key("demo-target"));
+        assert!(c.notifiers.contains_key("demo-hook"));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         for (text, field) in [
             ("[groups.a]\nmembers = []", "groups.a.members"),
