@@ -47,8 +47,20 @@ impl Groups {
                     provider,
                 )
             }
-            None => TokioResolver::builder(provider)
-                .map_err(|e| anyhow::anyhow!("cannot read the system's DNS configuration: {e}"))?,
+            None => match TokioResolver::builder(TokioRuntimeProvider::default()) {
+                Ok(builder) => builder,
+                Err(e) => {
+                    // Only DNS groups need it: they answer 503 until it is fixed.
+                    tracing::warn!(
+                        error = %e,
+                        "no system DNS configuration: DNS groups cannot resolve (set KNOCKER_DNS_SERVER)"
+                    );
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_name_servers(Vec::new()),
+                        provider,
+                    )
+                }
+            },
         };
         let options = builder.options_mut();
         options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
