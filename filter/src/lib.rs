@@ -7,6 +7,10 @@
 //! control plane cannot be reached in time the client gets `503` with a JSON error and
 //! `Retry-After`, never a receipt.
 //!
+//! With rules configured, requests without `Knocker-Host` that a rule selects are taken
+//! over too: `capture` and `broadcast` like a Knocker request (with the rule's policy or
+//! group), `fallback` only when the upstream's answer is a retryable failure.
+//!
 //! Layout:
 //! - [`config`] — the plugin configuration (JSON), validated in `on_configure`.
 //! - [`classify`] — is this a Knocker request? (the hot path).
