@@ -55,7 +55,8 @@ use crate::config::Settings;
 use crate::delivery::attempt::{Clients, Dispatch};
 use crate::delivery::{Delivery, HostLimits};
 use crate::ingress::Ingress;
-use crate::monitor::store::MonitorStore;
+use crate::monitor::shared::SharedStore;
+use crate::monitor::store::{LocalStore, MonitorStore};
 use crate::monitor::Monitors;
 use crate::notify::email::Mailer;
 use crate::store::memory::MemoryStore;
@@ -112,10 +113,15 @@ pub async fn serve(
     let notifiers = Arc::new(file.notifiers);
     let store = open_store(&settings).await?;
     let wake = Arc::new(Notify::new());
-    let monitor_store = MonitorStore::open(
-        (settings.store != "memory").then_some(settings.data_dir.as_path()),
-        settings.monitor_history as usize,
-    )?;
+    let monitor_store = match &nats_url {
+        Some(url) => MonitorStore::Shared(Box::new(
+            SharedStore::open(url, settings.monitor_history as usize).await?,
+        )),
+        None => MonitorStore::Local(LocalStore::open(
+            (settings.store != "memory").then_some(settings.data_dir.as_path()),
+            settings.monitor_history as usize,
+        )?),
+    };
     let monitors = Monitors::start(
         monitor_store,
         Arc::clone(&store),

@@ -242,3 +242,101 @@ async fn agents_replay_every_broadcast_and_one_that_was_offline_catches_up_in_or
     agent_c.kill();
     wait_for_members(&publisher, "edge", &["agent:a", "agent:b"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitors_run_once_across_the_cluster_and_a_takeover_does_not_alert_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let nats = NatsServer::start();
+    let smtp = knocker_e2e::SmtpServer::start();
+    let healthy = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&healthy);
+    let target = Target::start(move |_, _| {
+        Reply::status(if flag.load(Ordering::SeqCst) {
+            200
+        } else {
+            503
+        })
+    })
+    .await;
+    let config = crate::write_config(&format!(
+        r#"
+[notifiers.mail]
+email = {{ host = "127.0.0.1", port = {}, tls = "none", from = "k@example.com", to = ["ops@example.com"] }}
+max_backoff_s = 1
+
+[monitors.api]
+url = "http://{}/health"
+interval_s = 0.2
+failure_threshold = 2
+success_threshold = 2
+send_on_resolved = true
+notify = ["mail"]
+"#,
+        smtp.port,
+        target.host()
+    ));
+    let env = [
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_CONFIG", config.as_str()),
+    ];
+    let mut one = ControlPlane::start(&env);
+    let two = ControlPlane::start(&env);
+
+    // One check per interval across both: about 10 in 2 s, not 20.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let checks = |m: &serde_json::Value| target_checks(m);
+    let before = target.count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let in_two_seconds = target.count() - before;
+    assert!(
+        (5..=14).contains(&in_two_seconds),
+        "{in_two_seconds} checks in 2 s at a 0.2 s interval"
+    );
+    let seen_by_two = get_json(two.url("/knocker/monitors/api")).await;
+    assert!(
+        checks(&seen_by_two) > 0,
+        "the state is shared: {seen_by_two}"
+    );
+
+    healthy.store(false, Ordering::SeqCst);
+    let mail = smtp.wait_for(1, WAIT).await;
+    assert_eq!(mail[0].subject, "[Knocker] DOWN: api");
+
+    // Kill the control plane that ran the check which went down: the other takes the
+    // monitor over (after the lease lapses) with the same state.
+    let mut two = two;
+    let holder_is_one = one.log().contains("monitor changed health");
+    assert!(
+        holder_is_one != two.log().contains("monitor changed health"),
+        "exactly one control plane saw the transition"
+    );
+    if holder_is_one {
+        one.kill();
+    } else {
+        two.kill();
+    }
+    let survivor = if holder_is_one { &two } else { &one };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    healthy.store(true, Ordering::SeqCst);
+    let mail = smtp.wait_for(2, Duration::from_secs(40)).await;
+    assert_eq!(mail[1].subject, "[Knocker] RESOLVED: api");
+    assert!(
+        survivor.log().contains("monitor changed health"),
+        "the survivor took over"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        smtp.messages().len(),
+        2,
+        "one alert each way, not one per control plane"
+    );
+    let m = get_json(survivor.url("/knocker/monitors/api")).await;
+    assert_eq!(m["health"], "up");
+    assert_eq!(m["transitions"].as_array().map(Vec::len), Some(2), "{m}");
+}
+
+fn target_checks(monitor: &serde_json::Value) -> usize {
+    monitor["results"].as_array().map_or(0, Vec::len)
+}

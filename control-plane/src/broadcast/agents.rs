@@ -78,7 +78,7 @@ impl AgentBus {
             retention: RetentionPolicy::Interest,
             storage: StorageType::File,
             max_age: retention,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: retention.min(Duration::from_secs(120)),
             ..Default::default()
         })
         .await

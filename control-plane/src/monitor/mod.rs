@@ -6,7 +6,9 @@
 //! - [`check`] — one request and its verdict.
 //! - [`alert`] — thresholds: down after `failure_threshold` failures in a row, up after
 //!   `success_threshold` good checks.
-//! - [`store`] — definitions from the API, alert state, results, transitions, uptime.
+//! - [`store`] — definitions from the API, alert state, results, transitions, uptime;
+//!   [`shared`] — the same in NATS for many control planes, with a lease per monitor so
+//!   each check runs once across them.
 //! - [`api`] — `/knocker/monitors`: list, status, create, update, delete.
 //!
 //! Monitors come from `KNOCKER_CONFIG` (`[monitors.<name>]`) and from the API. Each runs
@@ -18,6 +20,7 @@ pub mod alert;
 pub mod api;
 pub mod check;
 pub mod condition;
+pub mod shared;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,6 +87,9 @@ fn default_failure_threshold() -> u32 {
 fn default_success_threshold() -> u32 {
     2
 }
+
+/// How often a control plane reads the shared monitor definitions (NATS engine).
+const SYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// Shortest interval between checks.
 pub const MIN_INTERVAL_S: f64 = 0.1;
@@ -239,14 +245,57 @@ impl Monitors {
         for (name, config) in &from_file {
             monitors.store.put(name, Source::File, config).await?;
         }
-        for (name, source, config) in monitors.store.definitions().await? {
-            match config.compile(&format!("monitors.{name}"), &monitors.notifiers) {
-                Ok(checks) => monitors.spawn(&name, source, config, checks),
+        monitors.sync().await?;
+        if monitors.store.is_shared() {
+            // Other control planes create, change and delete monitors too.
+            let me = Arc::clone(&monitors);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(SYNC_EVERY) => {}
+                        () = me.shutdown.cancelled() => return,
+                    }
+                    if let Err(e) = me.sync().await {
+                        tracing::warn!(error = %e, "cannot read the shared monitors");
+                    }
+                }
+            });
+        }
+        Ok(monitors)
+    }
+
+    /// Runs what the store defines: starts new and changed monitors, stops removed ones.
+    async fn sync(self: &Arc<Self>) -> anyhow::Result<()> {
+        let defined = self.store.definitions().await?;
+        let gone: Vec<String> = {
+            let running = self.running.lock();
+            running
+                .keys()
+                .filter(|name| !defined.iter().any(|(n, _, _)| n == *name))
+                .cloned()
+                .collect()
+        };
+        for name in gone {
+            if let Some(r) = self.running.lock().remove(&name) {
+                r.stop.cancel();
+            }
+        }
+        for (name, source, config) in defined {
+            let unchanged = self
+                .running
+                .lock()
+                .get(&name)
+                .is_some_and(|r| r.config == config && r.source == source);
+            if unchanged {
+                continue;
+            }
+            match config.compile(&format!("monitors.{name}"), &self.notifiers) {
+                Ok(checks) => self.spawn(&name, source, config, checks),
                 // An API monitor whose notifier left the file: reported, not run.
                 Err(e) => tracing::error!(monitor = %name, error = %e, "monitor not started"),
             }
         }
-        Ok(monitors)
+        Ok(())
     }
 
     fn spawn(
@@ -284,6 +333,20 @@ impl Monitors {
         tracing::info!(monitor = %name, url = %config.url, interval_s = config.interval_s, "monitor started");
         loop {
             let started = tokio::time::Instant::now();
+            let ours = match self.store.lease(&name).await {
+                Ok(ours) => ours,
+                Err(e) => {
+                    tracing::warn!(monitor = %name, error = %e, "cannot take the monitor's lease");
+                    false
+                }
+            };
+            if !ours {
+                // Another control plane runs this monitor's checks now.
+                tokio::select! {
+                    () = tokio::time::sleep_until(started + interval) => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
             let result = tokio::select! {
                 r = check::run(&self.client, &config, &checks, self.time.now_ms()) => r,
                 () = stop.cancelled() => return,

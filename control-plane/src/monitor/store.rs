@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::alert::{AlertState, Health, Transition};
 use super::MonitorConfig;
@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS uptime (
 ";
 
 /// Where a monitor's definition comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// `KNOCKER_CONFIG`: replaced from the file at every start, not changed by the API.
@@ -66,7 +66,7 @@ pub enum Source {
 }
 
 /// One check's outcome.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckResult {
     pub at: Millis,
     pub ok: bool,
@@ -77,7 +77,7 @@ pub struct CheckResult {
     pub failed_condition: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransitionRecord {
     pub number: u64,
     pub at: Millis,
@@ -93,10 +93,79 @@ pub struct Uptime {
     pub month: Option<f64>,
 }
 
-const HOUR_MS: Millis = 3_600_000;
-const MONTH_HOURS: i64 = 30 * 24;
+pub(crate) const HOUR_MS: Millis = 3_600_000;
+pub(crate) const MONTH_HOURS: i64 = 30 * 24;
 
-pub struct MonitorStore {
+/// Where monitors keep their definitions and state: this control plane's own SQLite
+/// file, or (NATS engine) buckets every control plane shares, with a lease per monitor.
+pub enum MonitorStore {
+    Local(LocalStore),
+    Shared(Box<super::shared::SharedStore>),
+}
+
+/// Both engines answer the same calls.
+macro_rules! delegate {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            MonitorStore::Local($store) => $call,
+            MonitorStore::Shared($store) => $call,
+        }
+    };
+}
+
+impl MonitorStore {
+    pub async fn definitions(&self) -> anyhow::Result<Vec<(String, Source, MonitorConfig)>> {
+        delegate!(self, s => s.definitions().await)
+    }
+    pub async fn put(
+        &self,
+        name: &str,
+        source: Source,
+        config: &MonitorConfig,
+    ) -> anyhow::Result<()> {
+        delegate!(self, s => s.put(name, source, config).await)
+    }
+    pub async fn remove(&self, name: &str) -> anyhow::Result<bool> {
+        delegate!(self, s => s.remove(name).await)
+    }
+    pub async fn state(&self, name: &str) -> anyhow::Result<AlertState> {
+        delegate!(self, s => s.state(name).await)
+    }
+    pub async fn record(
+        &self,
+        name: &str,
+        result: &CheckResult,
+        state: &AlertState,
+        transition: Option<Transition>,
+    ) -> anyhow::Result<()> {
+        delegate!(self, s => s.record(name, result, state, transition).await)
+    }
+    pub async fn results(&self, name: &str, limit: usize) -> anyhow::Result<Vec<CheckResult>> {
+        delegate!(self, s => s.results(name, limit).await)
+    }
+    pub async fn transitions(&self, name: &str) -> anyhow::Result<Vec<TransitionRecord>> {
+        delegate!(self, s => s.transitions(name).await)
+    }
+    pub async fn uptime(&self, name: &str, now: Millis) -> anyhow::Result<Uptime> {
+        delegate!(self, s => s.uptime(name, now).await)
+    }
+
+    /// Whether this control plane runs the monitor's next check: always with the local
+    /// store; with the shared one, while it holds the monitor's lease.
+    pub async fn lease(&self, name: &str) -> anyhow::Result<bool> {
+        match self {
+            Self::Local(_) => Ok(true),
+            Self::Shared(s) => s.lease(name).await,
+        }
+    }
+
+    /// Whether other control planes may change the definitions.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Shared(_))
+    }
+}
+
+pub struct LocalStore {
     conn: Arc<Mutex<Connection>>,
     /// Results kept per monitor.
     history: usize,
@@ -121,7 +190,7 @@ fn health_from(text: &str) -> Health {
     }
 }
 
-impl MonitorStore {
+impl LocalStore {
     /// `dir`: the data directory; `None` keeps everything in memory.
     pub fn open(dir: Option<&Path>, history: usize) -> anyhow::Result<Self> {
         let conn = match dir {
@@ -411,7 +480,7 @@ mod tests {
         let config: MonitorConfig = serde_json::from_str(r#"{"url":"http://t/health"}"#).unwrap();
         let now = 1_000 * HOUR_MS;
         {
-            let store = MonitorStore::open(Some(&dir), 3).unwrap();
+            let store = LocalStore::open(Some(&dir), 3).unwrap();
             store.put("api", Source::Api, &config).await.unwrap();
             let mut state = AlertState::default();
             for i in 0..5u64 {
@@ -428,7 +497,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let store = MonitorStore::open(Some(&dir), 3).unwrap();
+        let store = LocalStore::open(Some(&dir), 3).unwrap();
         let defs = store.definitions().await.unwrap();
         assert_eq!(defs.len(), 1);
         assert_eq!((defs[0].0.as_str(), defs[0].1), ("api", Source::Api));

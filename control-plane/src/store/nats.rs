@@ -403,7 +403,12 @@ pub(crate) async fn open_bucket(
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
-        duplicate_window: Duration::from_secs(120),
+        // The server refuses a duplicate window longer than the age limit.
+        duplicate_window: if max_age.is_zero() {
+            Duration::from_secs(120)
+        } else {
+            max_age.min(Duration::from_secs(120))
+        },
         ..Default::default()
     })
     .await
