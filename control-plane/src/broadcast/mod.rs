@@ -22,8 +22,9 @@ use serde_json::{json, Map, Value};
 
 use crate::clock::Millis;
 use crate::config::file::GroupConfig;
+use crate::job::receipt::header_list;
 use crate::job::spec::{split_headers, Submission};
-use crate::job::{Job, Kind, Request, State, VERSION};
+use crate::job::{Job, Kind, Request, State};
 
 /// The header every broadcast copy carries: the loop guard's marker.
 pub const MARKER: &str = "x-knocker-broadcast";
@@ -135,15 +136,7 @@ pub fn receipt(id: &str, group: &str, jobs: &[Job]) -> Value {
             })
         })
         .collect();
-    let mut headers = vec![json!(["x-knocker", VERSION])];
-    if let Some(job) = first {
-        headers.extend(
-            job.request
-                .headers
-                .iter()
-                .map(|(name, value)| json!([name, String::from_utf8_lossy(value)])),
-        );
-    }
+    let headers = first.map_or_else(Vec::new, |job| header_list(&job.request.headers));
     json!({
         "status": true,
         "broadcast": { "id": id, "group": group },
