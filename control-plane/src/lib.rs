@@ -154,17 +154,16 @@ pub async fn serve(
         time: time.clone(),
         wake,
         groups,
-        agents,
+        agents: agents.clone(),
     });
 
     let http_addr = listeners.http.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
     tracing::info!(%http_addr, %grpc_addr, version = job::VERSION, "knocker control plane listening");
 
-    if let (Some(url), Some(group), Some(endpoint)) =
-        (&nats_url, &settings.agent_group, &settings.agent_endpoint)
+    if let (Some(bus), Some(group), Some(endpoint)) =
+        (agents, &settings.agent_group, &settings.agent_endpoint)
     {
-        let bus = AgentBus::open(url, settings.retention).await?;
         let agent = AgentSettings {
             group: group.clone(),
             endpoint: endpoint.clone(),

@@ -10,6 +10,7 @@
 //! missed when it comes back; the consumer of an agent gone for longer than
 //! `KNOCKER_AGENT_EXPIRY` is removed by the server. Agents appear by subscribing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
@@ -176,7 +177,7 @@ pub struct AgentSettings {
 }
 
 /// Replays the group's broadcasts to the endpoint until `shutdown`.
-pub async fn run(bus: AgentBus, settings: AgentSettings, shutdown: CancellationToken) {
+pub async fn run(bus: Arc<AgentBus>, settings: AgentSettings, shutdown: CancellationToken) {
     let consumer_name = format!("agent-{}", settings.name);
     let consumer = loop {
         let created = async {

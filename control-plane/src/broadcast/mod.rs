@@ -24,7 +24,7 @@ use crate::clock::Millis;
 use crate::config::file::GroupConfig;
 use crate::job::receipt::header_list;
 use crate::job::spec::{split_headers, Submission};
-use crate::job::{Job, Kind, Request, State};
+use crate::job::{Headers, Job, Kind, Request, State};
 
 /// The header every broadcast copy carries: the loop guard's marker.
 pub const MARKER: &str = "x-knocker-broadcast";
@@ -59,19 +59,26 @@ pub struct Fanout<'a> {
     pub rule: Option<&'a str>,
 }
 
-/// One job per member, in member order.
-pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) -> Vec<Job> {
+/// The headers every copy of a broadcast carries: the loop guard's marker, the client's
+/// `Host` when the group preserves it, then the forwarded ones.
+pub fn copy_headers(group_name: &str, group: &GroupConfig, submission: &Submission) -> Headers {
     let (_, forwarded) = split_headers(&submission.headers);
-    let path = submission.absolute_path();
-    let g = fanout.group;
-    let delivery = g.delivery();
-    let mut headers = vec![(MARKER.to_owned(), fanout.group_name.as_bytes().to_vec())];
-    if g.preserve_host {
+    let mut headers = vec![(MARKER.to_owned(), group_name.as_bytes().to_vec())];
+    if group.preserve_host {
         if let Some(authority) = &submission.authority {
             headers.push(("host".to_owned(), authority.as_bytes().to_vec()));
         }
     }
     headers.extend(forwarded);
+    headers
+}
+
+/// One job per member, in member order.
+pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) -> Vec<Job> {
+    let path = submission.absolute_path();
+    let g = fanout.group;
+    let delivery = g.delivery();
+    let headers = copy_headers(fanout.group_name, g, submission);
     fanout
         .members
         .iter()

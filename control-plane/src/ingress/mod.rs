@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::broadcast::{self, agents::AgentBus, groups::Groups};
 use crate::clock::Time;
+use crate::config::file::GroupConfig;
 use crate::config::Settings;
 use crate::job::receipt::receipt;
 use crate::job::rule::build_rule_job;
@@ -213,7 +214,7 @@ impl Ingress {
         let id = id.unwrap_or_else(new_id);
         if config.agents {
             return self
-                .broadcast_to_agents(submission, group, &id, status)
+                .broadcast_to_agents(submission, group, config, &id, status)
                 .await;
         }
         // A resubmission gets the stored broadcast's receipt, whatever the group is now.
@@ -268,6 +269,7 @@ impl Ingress {
         &self,
         submission: &Submission,
         group: &str,
+        config: &GroupConfig,
         id: &str,
         status: u16,
     ) -> Reply {
@@ -279,9 +281,7 @@ impl Ingress {
             )
             .with_header("retry-after", RETRY_AFTER_S);
         };
-        let (_, forwarded) = split_headers(&submission.headers);
-        let mut headers = vec![(broadcast::MARKER.to_owned(), group.as_bytes().to_vec())];
-        headers.extend(forwarded);
+        let headers = broadcast::copy_headers(group, config, submission);
         let message = broadcast::agents::Broadcast {
             id: id.to_owned(),
             group: group.to_owned(),
