@@ -344,7 +344,27 @@ fn store_unavailable(e: &StoreError) -> Reply {
     .with_header("retry-after", RETRY_AFTER_S)
 }
 
-/// A new job id: 32 lower-case hex characters (a UUID4 without dashes), as Knocker.
+/// A new job id: 32 lower-case hex characters (a UUID without dashes), as Knocker's.
+///
+/// UUIDv7 rather than Knocker's v4: the ids of jobs accepted together sort together, so a
+/// batch of new jobs extends the end of the store's id index instead of touching one
+/// random index page per job (about a 4 KiB page written to the log for each).
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_id;
+
+    #[test]
+    fn new_ids_are_knocker_shaped_and_sort_in_creation_order() {
+        let ids: Vec<String> = (0..1000).map(|_| new_id()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        // The store's id index relies on it: later ids sort after earlier ones.
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+    }
 }
