@@ -199,7 +199,7 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grpc = tonic::transport::Server::builder()
-        .add_service(ingress::grpc::service(ingress))
+        .add_service(ingress::grpc::service(ingress, shutdown.clone()))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listeners.grpc).map(|tcp| {
                 tcp.inspect(|tcp| {

@@ -58,6 +58,21 @@ enum State {
     Released,
 }
 
+/// How a submission ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The control plane's encoded `SubmitReply` (`None`: Envoy would not hand it over).
+    Reply(Option<Vec<u8>>),
+    /// No reply: the call or the stream failed, or the deadline passed.
+    Failed {
+        grpc_status: u32,
+        message: Option<String>,
+    },
+}
+
+/// gRPC's `DEADLINE_EXCEEDED`, for a submission the worker's stream did not answer in time.
+pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+
 #[derive(Debug, Default)]
 pub struct Stream {
     state: State,
@@ -267,6 +282,8 @@ impl Stream {
         }
     }
 
+    /// The unary call `token` finished (`grpc_status` 0: its reply is `response_size`
+    /// bytes in Envoy's gRPC receive buffer).
     pub fn on_grpc_response<H: Host>(
         &mut self,
         host: &H,
@@ -275,21 +292,45 @@ impl Stream {
         grpc_status: u32,
         response_size: usize,
     ) {
+        if !self.waits_for(token) {
+            return;
+        }
+        let outcome = if grpc_status == 0 {
+            Outcome::Reply(host.grpc_response(response_size))
+        } else {
+            Outcome::Failed {
+                grpc_status,
+                message: host.grpc_status_message(),
+            }
+        };
+        self.on_reply(host, config, token, outcome);
+    }
+
+    /// True while submission `token` is the one this request waits for.
+    pub fn waits_for(&self, token: u32) -> bool {
+        matches!(self.state, State::Waiting { token: t, .. } if t == token)
+    }
+
+    /// The answer to submission `token`, from a unary call or the worker's stream.
+    pub fn on_reply<H: Host>(
+        &mut self,
+        host: &H,
+        config: &PluginConfig,
+        token: u32,
+        outcome: Outcome,
+    ) {
         let State::Waiting { token: t, fallback } = self.state else {
             return;
         };
         if t != token {
             return;
         }
-        let body = if grpc_status == 0 {
-            host.grpc_response(response_size)
-        } else {
-            None
-        };
-        let message = if grpc_status == 0 {
-            None
-        } else {
-            host.grpc_status_message()
+        let (grpc_status, body, message) = match outcome {
+            Outcome::Reply(body) => (0, body, None),
+            Outcome::Failed {
+                grpc_status,
+                message,
+            } => (grpc_status, None, message),
         };
         let response = reply::from_grpc(
             grpc_status,

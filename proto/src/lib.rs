@@ -22,3 +22,5 @@ pub mod v1 {
 pub const INGRESS_SERVICE: &str = "knocker.v1.Ingress";
 /// The method of [`INGRESS_SERVICE`] the filter calls.
 pub const INGRESS_SUBMIT: &str = "Submit";
+/// The streaming method of [`INGRESS_SERVICE`]: one long-lived stream per Envoy worker.
+pub const INGRESS_SUBMIT_STREAM: &str = "SubmitStream";

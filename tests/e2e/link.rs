@@ -1,5 +1,6 @@
 //! The walking skeleton: pass-through traffic, a Knocker request through Envoy and
-//! through the HTTP ingress, the control plane down, and the body limit.
+//! through the HTTP ingress, the control plane down, and the body limit; the worker's
+//! stream to the control plane: shared by all requests, deadlines, shutdown and restart.
 
 use std::time::{Duration, Instant};
 
@@ -255,4 +256,149 @@ async fn bodies_over_the_limit_get_413() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(target.count(), 1);
     assert_eq!(got[0].target, "/small");
+}
+
+/// A Knocker request through Envoy: the status and the JSON body.
+async fn submit(envoy: &Envoy, target: &Target, path: &str) -> (u16, Value) {
+    let response = client()
+        .post(envoy.url(path))
+        .header("Knocker-Host", target.host())
+        .body(path.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A stat of the Envoy cluster of the control plane's gRPC port (`knocker.yaml`).
+fn grpc_stat(envoy: &Envoy, name: &str) -> Option<u64> {
+    envoy.stat(&format!("cluster.knocker_control_plane.{name}"))
+}
+
+/// A worker's first Knocker request makes a unary call and asks for the stream, which
+/// the worker opens on its next tick (100 ms): submits one, then waits for the stream.
+async fn open_stream(envoy: &Envoy, target: &Target) {
+    assert_eq!(submit(envoy, target, "/first").await.0, 200);
+    wait_for_stream(envoy).await;
+}
+
+async fn wait_for_stream(envoy: &Envoy) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while grpc_stat(envoy, "upstream_rq_active") != Some(1) {
+        assert!(Instant::now() < deadline, "no stream opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knocker_requests_share_the_workers_stream_to_the_control_plane() {
+    let cp = ControlPlane::start(&[]);
+    let upstream = Target::ok().await;
+    let target = Target::ok().await;
+    let envoy = Envoy::start("knocker.yaml", &options(&cp, &upstream));
+    open_stream(&envoy, &target).await;
+    let calls_before = grpc_stat(&envoy, "upstream_rq_total");
+    let envoy = std::sync::Arc::new(envoy);
+    let target = std::sync::Arc::new(target);
+
+    let n = 40;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (envoy, target) = (envoy.clone(), target.clone());
+        sends.spawn(async move { submit(&envoy, &target, &format!("/s/{i}")).await });
+    }
+    let mut ids = std::collections::HashSet::new();
+    while let Some(result) = sends.join_next().await {
+        let (status, receipt) = result.unwrap();
+        assert_eq!(status, 200, "{receipt}");
+        assert_eq!(receipt["status"], true);
+        ids.insert(receipt["config"]["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), n, "one job each");
+    let got = target.wait_for(n + 1, WAIT).await;
+    let mut paths: Vec<String> = got.iter().map(|r| r.target.clone()).collect();
+    paths.sort();
+    let mut expected: Vec<String> = (0..n).map(|i| format!("/s/{i}")).collect();
+    expected.push("/first".into());
+    expected.sort();
+    assert_eq!(paths, expected);
+    // All on the one HTTP/2 stream, still open: a unary call would add one each.
+    assert_eq!(grpc_stat(&envoy, "upstream_rq_total"), calls_before);
+    assert_eq!(grpc_stat(&envoy, "upstream_rq_active"), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_stops_answering_gets_503_at_the_deadline() {
+    let cp = ControlPlane::start(&[]);
+    let upstream = Target::ok().await;
+    let target = Target::ok().await;
+    let envoy = Envoy::start("knocker.yaml", &options(&cp, &upstream));
+    open_stream(&envoy, &target).await;
+    let calls_before = grpc_stat(&envoy, "upstream_rq_total");
+
+    // Stopped, not gone: the connection and the stream stay open, nothing answers.
+    cp.signal("STOP");
+    let started = Instant::now();
+    let (status, body) = submit(&envoy, &target, "/stalled").await;
+    let took = started.elapsed();
+    cp.signal("CONT");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], false, "never a receipt");
+    let error = body["errors"]["knocker"][0].as_str().unwrap_or_default();
+    assert!(error.contains("no reply within 2000 ms"), "{error}");
+    // knocker.yaml's timeout_ms is 2000; the deadline is checked every 100 ms.
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3000),
+        "503 at the deadline: {took:?}"
+    );
+
+    // Resumed, the same stream answers again; the late reply to the stalled request
+    // finds nobody waiting and is dropped. (The stalled job itself is committed once the
+    // process runs again: as with any timeout, the client cannot know; a resubmission
+    // with the same Knocker-Id would get its receipt.)
+    let (status, receipt) = submit(&envoy, &target, "/after").await;
+    assert_eq!(status, 200, "{receipt}");
+    assert_eq!(
+        grpc_stat(&envoy, "upstream_rq_total"),
+        calls_before,
+        "the stream survived"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_stops_cleanly_with_streams_open_and_envoy_reconnects() {
+    let mut cp = ControlPlane::start(&[]);
+    let upstream = Target::ok().await;
+    let target = Target::ok().await;
+    let envoy = Envoy::start("knocker.yaml", &options(&cp, &upstream));
+    open_stream(&envoy, &target).await;
+
+    // SIGTERM: the open stream must not hold the shutdown up.
+    let started = Instant::now();
+    assert!(cp.terminate(), "clean exit:\n{}", cp.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    let (status, body) = submit(&envoy, &target, "/while-down").await;
+    assert_eq!(status, 503, "{body}");
+
+    // Back on the same ports: the filter opens a new stream on its own.
+    cp.restart();
+    let deadline = Instant::now() + WAIT;
+    let mut answered = 0;
+    while Instant::now() < deadline && answered < 3 {
+        if submit(&envoy, &target, "/again").await.0 == 200 {
+            answered += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(answered, 3, "receipts again after the restart");
+    wait_for_stream(&envoy).await;
+    let got = target.wait_for(4, WAIT).await;
+    assert_eq!(got[0].target, "/first");
+    assert!(got[1..].iter().all(|r| r.target == "/again"));
 }

@@ -175,6 +175,16 @@ impl ControlPlane {
         false
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) to the running process.
+    pub fn signal(&self, name: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
     /// Sets (or replaces) an environment variable for the next restart.
     pub fn set_env(&mut self, name: &str, value: &str) {
         self.env.retain(|(k, _)| k != name);
@@ -379,6 +389,24 @@ impl Envoy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// One counter or gauge from the admin `/stats` (e.g.
+    /// `cluster.knocker_control_plane.upstream_rq_total`); `None` when Envoy has none.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).ok()?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = format!(
+            "GET /stats?filter=^{name}$ HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(request.as_bytes()).ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        let prefix = format!("{name}: ");
+        answer
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
     }
 }
 

@@ -1,10 +1,22 @@
-//! gRPC ingress: `knocker.v1.Ingress/Submit`, called by the Envoy filter.
+//! gRPC ingress, called by the Envoy filter: `knocker.v1.Ingress/SubmitStream`, one
+//! long-lived stream per Envoy worker carrying many submissions, and the unary
+//! `knocker.v1.Ingress/Submit` the filter falls back to while its stream (re)opens.
+//!
+//! On a stream every submission is handled on its own task, so a slow commit holds up
+//! nothing behind it; replies go back as each is ready, tagged with the submission's id.
+//! At most [`STREAM_IN_FLIGHT`] submissions of one stream are handled at once; beyond
+//! that the stream is not read, and HTTP/2 flow control slows the sender down.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::Stream;
 use knocker_proto::v1::ingress_server::{Ingress as IngressService, IngressServer};
-use knocker_proto::v1::{Header, Mode, SubmitReply, SubmitRequest};
-use tonic::{Request, Response, Status};
+use knocker_proto::v1::{Header, Mode, StreamReply, StreamSubmit, SubmitReply, SubmitRequest};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::Ingress;
 use crate::job::policy::DeliveryPolicy;
@@ -13,13 +25,21 @@ use crate::job::spec::{BroadcastRule, Submission};
 
 pub struct GrpcIngress {
     ingress: Arc<Ingress>,
+    /// Ends the open streams (after their replies) so that a graceful shutdown is not
+    /// held up by streams the filters would keep open for ever.
+    shutdown: CancellationToken,
 }
 
 /// The tonic service, accepting messages up to the body limit plus room for headers.
-pub fn service(ingress: Arc<Ingress>) -> IngressServer<GrpcIngress> {
+pub fn service(ingress: Arc<Ingress>, shutdown: CancellationToken) -> IngressServer<GrpcIngress> {
     let limit = ingress.settings.max_body_bytes.saturating_add(256 * 1024);
-    IngressServer::new(GrpcIngress { ingress }).max_decoding_message_size(limit)
+    IngressServer::new(GrpcIngress { ingress, shutdown }).max_decoding_message_size(limit)
 }
+
+/// Submissions of one stream handled at once.
+pub const STREAM_IN_FLIGHT: usize = 4096;
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<StreamReply, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl IngressService for GrpcIngress {
@@ -27,38 +47,96 @@ impl IngressService for GrpcIngress {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
-        let mut r = request.into_inner();
-        if r.body.len() > self.ingress.settings.max_body_bytes {
-            let reply = super::Reply::error(
-                413,
-                "body",
-                &body_too_large(self.ingress.settings.max_body_bytes),
-            );
-            return Ok(Response::new(to_proto(reply)));
-        }
-        let (rule, broadcast_rule) = match rule_submission(&mut r) {
-            Ok(Taken::Knocker) => (None, None),
-            Ok(Taken::Rule(rule)) => (Some(rule), None),
-            Ok(Taken::Broadcast(b)) => (None, Some(b)),
-            Err(reply) => return Ok(Response::new(to_proto(reply))),
-        };
-        let submission = Submission {
-            method: r.method,
-            path: r.path,
-            headers: r
-                .headers
-                .into_iter()
-                .map(|h| (String::from_utf8_lossy(&h.name).into_owned(), h.value))
-                .collect(),
-            body: r.body,
-            remote: Some(r.downstream_address).filter(|a| !a.is_empty()),
-            authority: Some(r.authority).filter(|a| !a.is_empty()),
-            rule,
-            broadcast_rule,
-        };
-        let reply = self.ingress.submit(submission).await;
-        Ok(Response::new(to_proto(reply)))
+        Ok(Response::new(
+            handle(&self.ingress, request.into_inner()).await,
+        ))
     }
+
+    type SubmitStreamStream = ReplyStream;
+
+    async fn submit_stream(
+        &self,
+        request: Request<Streaming<StreamSubmit>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<StreamReply, Status>>(STREAM_IN_FLIGHT);
+        let ingress = Arc::clone(&self.ingress);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            loop {
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    return;
+                };
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return, // replies still go out, then the end
+                    next = inbound.message() => next,
+                };
+                let submit = match next {
+                    Ok(Some(submit)) => submit,
+                    Ok(None) => return, // the filter closed its side
+                    Err(status) => {
+                        tracing::debug!(%status, "submit stream ended");
+                        return;
+                    }
+                };
+                let (ingress, tx) = (Arc::clone(&ingress), tx.clone());
+                tokio::spawn(async move {
+                    let reply = match submit.request {
+                        Some(request) => handle(&ingress, request).await,
+                        None => to_proto(super::Reply::error(
+                            400,
+                            "request",
+                            "A stream submission needs its request.",
+                        )),
+                    };
+                    // The stream may be gone (Envoy restarted): the job is committed all
+                    // the same, as after a unary call whose caller timed out.
+                    let _ = tx
+                        .send(Ok(StreamReply {
+                            id: submit.id,
+                            reply: Some(reply),
+                        }))
+                        .await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One submission from the filter, whichever method carried it.
+async fn handle(ingress: &super::Ingress, mut r: SubmitRequest) -> SubmitReply {
+    if r.body.len() > ingress.settings.max_body_bytes {
+        let reply = super::Reply::error(
+            413,
+            "body",
+            &body_too_large(ingress.settings.max_body_bytes),
+        );
+        return to_proto(reply);
+    }
+    let (rule, broadcast_rule) = match rule_submission(&mut r) {
+        Ok(Taken::Knocker) => (None, None),
+        Ok(Taken::Rule(rule)) => (Some(rule), None),
+        Ok(Taken::Broadcast(b)) => (None, Some(b)),
+        Err(reply) => return to_proto(reply),
+    };
+    let submission = Submission {
+        method: r.method,
+        path: r.path,
+        headers: r
+            .headers
+            .into_iter()
+            .map(|h| (String::from_utf8_lossy(&h.name).into_owned(), h.value))
+            .collect(),
+        body: r.body,
+        remote: Some(r.downstream_address).filter(|a| !a.is_empty()),
+        authority: Some(r.authority).filter(|a| !a.is_empty()),
+        rule,
+        broadcast_rule,
+    };
+    to_proto(ingress.submit(submission).await)
 }
 
 /// Why the filter handed a request over.

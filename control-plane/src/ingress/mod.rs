@@ -362,7 +362,9 @@ mod tests {
         let ids: Vec<String> = (0..1000).map(|_| new_id()).collect();
         for id in &ids {
             assert_eq!(id.len(), 32, "{id}");
-            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         }
         // The store's id index relies on it: later ids sort after earlier ones.
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");

@@ -114,6 +114,32 @@ pub mod ingress_client {
             req.extensions_mut().insert(GrpcMethod::new("knocker.v1.Ingress", "Submit"));
             self.inner.unary(req, path, codec).await
         }
+        /// SubmitStream carries many submissions, each with an id of the sender's choosing;
+        /// replies come back with the same id as soon as each is committed, in any order.
+        pub async fn submit_stream(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = crate::v1::StreamSubmit>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<crate::v1::StreamReply>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/knocker.v1.Ingress/SubmitStream",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("knocker.v1.Ingress", "SubmitStream"));
+            self.inner.streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -134,6 +160,21 @@ pub mod ingress_server {
             &self,
             request: tonic::Request<crate::v1::SubmitRequest>,
         ) -> std::result::Result<tonic::Response<crate::v1::SubmitReply>, tonic::Status>;
+        /// Server streaming response type for the SubmitStream method.
+        type SubmitStreamStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<crate::v1::StreamReply, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// SubmitStream carries many submissions, each with an id of the sender's choosing;
+        /// replies come back with the same id as soon as each is committed, in any order.
+        async fn submit_stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<crate::v1::StreamSubmit>>,
+        ) -> std::result::Result<
+            tonic::Response<Self::SubmitStreamStream>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct IngressServer<T> {
@@ -252,6 +293,54 @@ pub mod ingress_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/knocker.v1.Ingress/SubmitStream" => {
+                    #[allow(non_camel_case_types)]
+                    struct SubmitStreamSvc<T: Ingress>(pub Arc<T>);
+                    impl<
+                        T: Ingress,
+                    > tonic::server::StreamingService<crate::v1::StreamSubmit>
+                    for SubmitStreamSvc<T> {
+                        type Response = crate::v1::StreamReply;
+                        type ResponseStream = T::SubmitStreamStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<crate::v1::StreamSubmit>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ingress>::submit_stream(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SubmitStreamSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

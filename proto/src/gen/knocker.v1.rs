@@ -83,6 +83,23 @@ pub struct SubmitReply {
     #[prost(bytes = "vec", tag = "3")]
     pub body: ::prost::alloc::vec::Vec<u8>,
 }
+/// One submission on a SubmitStream.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StreamSubmit {
+    /// Unique among the sender's submissions still waiting for a reply on this stream.
+    #[prost(uint32, tag = "1")]
+    pub id: u32,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<SubmitRequest>,
+}
+/// The reply to the StreamSubmit with the same id.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StreamReply {
+    #[prost(uint32, tag = "1")]
+    pub id: u32,
+    #[prost(message, optional, tag = "2")]
+    pub reply: ::core::option::Option<SubmitReply>,
+}
 /// Why the filter took the request over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
