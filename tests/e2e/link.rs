@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions, Reply, Target};
 use serde_json::Value;
 
-use crate::{body, client, WAIT};
+use crate::{body, client, grpc_stat, wait_for_stream, WAIT};
 
 fn options(cp: &ControlPlane, upstream: &Target) -> EnvoyOptions {
     EnvoyOptions {
@@ -271,24 +271,11 @@ async fn submit(envoy: &Envoy, target: &Target, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// A stat of the Envoy cluster of the control plane's gRPC port (`knocker.yaml`).
-fn grpc_stat(envoy: &Envoy, name: &str) -> Option<u64> {
-    envoy.stat(&format!("cluster.knocker_control_plane.{name}"))
-}
-
 /// A worker's first Knocker request makes a unary call and asks for the stream, which
 /// the worker opens on its next tick (100 ms): submits one, then waits for the stream.
 async fn open_stream(envoy: &Envoy, target: &Target) {
     assert_eq!(submit(envoy, target, "/first").await.0, 200);
     wait_for_stream(envoy).await;
-}
-
-async fn wait_for_stream(envoy: &Envoy) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while grpc_stat(envoy, "upstream_rq_active") != Some(1) {
-        assert!(Instant::now() < deadline, "no stream opened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

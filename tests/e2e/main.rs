@@ -48,3 +48,19 @@ pub fn write_config(text: &str) -> String {
     std::fs::write(&path, text).expect("write config");
     path.display().to_string()
 }
+
+/// A stat of the Envoy cluster of the control plane's gRPC port (`knocker_control_plane`
+/// in every `envoy/*.yaml`).
+pub fn grpc_stat(envoy: &knocker_e2e::Envoy, name: &str) -> Option<u64> {
+    envoy.stat(&format!("cluster.knocker_control_plane.{name}"))
+}
+
+/// Waits (up to 5 s) until the Envoy worker's stream to the control plane is open: the
+/// one request in flight on the control plane's cluster.
+pub async fn wait_for_stream(envoy: &knocker_e2e::Envoy) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while grpc_stat(envoy, "upstream_rq_active") != Some(1) {
+        assert!(std::time::Instant::now() < deadline, "no stream opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use knocker_e2e::{free_port, ControlPlane, Envoy, EnvoyOptions, Reply, Target};
 use serde_json::Value;
 
-use crate::{body, client, get_json, WAIT};
+use crate::{body, client, get_json, grpc_stat, wait_for_stream, WAIT};
 
 /// `file` with the control plane's ports, `upstream` as the route's cluster and every
 /// rule's target (`127.0.0.1:8080` in the file) moved to `target_port`. Retry delays
@@ -248,10 +248,46 @@ async fn fallback_answers_an_upstream_failure_with_a_receipt_and_delivers_after_
         .count();
     assert_eq!(originals, 1);
 
+    // The worker's stream is open since that first submission. A control plane that
+    // stops answering on it: at the deadline the paused response goes on to the caller
+    // (resumed from the root context that owns the stream), with the reason.
+    wait_for_stream(&envoy).await;
+    down.store(true, Ordering::SeqCst);
+    cp.signal("STOP");
+    let stalled = client()
+        .post(envoy.url("/api/orders?id=9"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    cp.signal("CONT");
+    assert_eq!(stalled.status(), 503);
+    assert!(stalled.headers().get("knocker-id").is_none());
+    let why = stalled.headers()["knocker-fallback"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(why.contains("no reply within 2000 ms"), "{why}");
+    assert_eq!(stalled.text().await.unwrap(), "upstream down");
+    // Answering again, on the same stream: a receipt.
+    let calls = grpc_stat(&envoy, "upstream_rq_total");
+    let again = client()
+        .post(envoy.url("/api/orders?id=10"))
+        .body("y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 202);
+    assert!(again.headers().get("knocker-id").is_some());
+    assert_eq!(
+        grpc_stat(&envoy, "upstream_rq_total"),
+        calls,
+        "on the stream"
+    );
+
     // With the control plane gone there is no receipt to give: the caller gets the
     // upstream's own answer, and the reason.
     cp.kill();
-    down.store(true, Ordering::SeqCst);
     let failed = client()
         .post(envoy.url("/api/orders?id=8"))
         .body("x")

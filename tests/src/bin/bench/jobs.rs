@@ -19,6 +19,19 @@ fn delivered(cp: &ControlPlane) -> u64 {
     status(cp)["queue"]["delivered"].as_u64().unwrap_or(0)
 }
 
+/// Waits (up to 2 minutes) until the control plane has delivered its backlog, so that
+/// the next measurement does not share the machine with those deliveries.
+fn settle(cp: &ControlPlane) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let queue = &status(cp)["queue"];
+        if queue["pending"].as_u64() == Some(0) && queue["in_flight"].as_u64() == Some(0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -72,7 +85,9 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
         runs[0].push(wrk(&off.url("/bench"), seconds, 50, &headers));
         runs[1].push(wrk(&envoy_off.url("/bench"), seconds, 50, &headers));
         runs[2].push(wrk(&on.url("/bench"), seconds, 50, &headers));
+        settle(&on);
         runs[3].push(wrk(&envoy_on.url("/bench"), seconds, 50, &headers));
+        settle(&on);
     }
     let med = |runs: &Vec<WrkResult>| WrkResult {
         rps: median(runs.iter().map(|r| r.rps).collect()),
@@ -97,7 +112,9 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
         "Embedded SQLite store (WAL, fsync per commit, group commit). `wrk -t1 -c50 -d{seconds}s` POSTs with \
          `Knocker-Host` (a `knocker echo` sink), a fresh id each; every answer a committed receipt. \
          \"delivery off\" is `KNOCKER_DELIVERY=off` (acceptance alone); \"delivery on\" delivers to the sink at the \
-         same time. Median of {rounds} rounds, the four set-ups taking turns. wrk shares the 2 cores.\n"
+         same time; its backlog is delivered before the next set-up starts. Median of {rounds} rounds, the four \
+         set-ups taking turns. wrk shares the 2 cores; Envoy runs one worker (`--concurrency 1`), which leaves \
+         the other core to the control plane and wrk.\n"
     );
     let _ = writeln!(report, "| set-up | accepted/s | p50 ms | p99 ms | goal |");
     let _ = writeln!(report, "| --- | ---: | ---: | ---: | --- |");
