@@ -289,11 +289,32 @@ async fn knocker_requests_share_the_workers_stream_to_the_control_plane() {
     let envoy = std::sync::Arc::new(envoy);
     let target = std::sync::Arc::new(target);
 
+    // Small requests and, among them, large bodies (over HTTP/2's default 64 KiB window)
+    // on the same stream at the same time.
     let n = 40;
+    let large = |i: usize| i % 8 == 0;
+    let payload = |i: usize| {
+        let mut b = body(if large(i) { 700 * 1024 } else { 100 });
+        b[0] = i as u8;
+        b
+    };
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..n {
-        let (envoy, target) = (envoy.clone(), target.clone());
-        sends.spawn(async move { submit(&envoy, &target, &format!("/s/{i}")).await });
+        let (envoy, host, payload) = (envoy.clone(), target.host(), payload(i));
+        sends.spawn(async move {
+            let response = client()
+                .post(envoy.url(&format!("/s/{i}")))
+                .header("Knocker-Host", host)
+                .body(payload)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        });
     }
     let mut ids = std::collections::HashSet::new();
     while let Some(result) = sends.join_next().await {
@@ -310,6 +331,10 @@ async fn knocker_requests_share_the_workers_stream_to_the_control_plane() {
     expected.push("/first".into());
     expected.sort();
     assert_eq!(paths, expected);
+    for r in got.iter().filter(|r| r.target != "/first") {
+        let i: usize = r.target["/s/".len()..].parse().unwrap();
+        assert!(r.body == payload(i), "body of {} byte for byte", r.target);
+    }
     // All on the one HTTP/2 stream, still open: a unary call would add one each.
     assert_eq!(grpc_stat(&envoy, "upstream_rq_total"), calls_before);
     assert_eq!(grpc_stat(&envoy, "upstream_rq_active"), Some(1));
