@@ -292,7 +292,7 @@ async fn knocker_requests_share_the_workers_stream_to_the_control_plane() {
     // Small requests and, among them, large bodies (over HTTP/2's default 64 KiB window)
     // on the same stream at the same time.
     let n = 40;
-    let large = |i: usize| i % 8 == 0;
+    let large = |i: usize| i.is_multiple_of(8);
     let payload = |i: usize| {
         let mut b = body(if large(i) { 700 * 1024 } else { 100 });
         b[0] = i as u8;
