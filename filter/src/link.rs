@@ -40,6 +40,8 @@ pub struct Link<W> {
     /// A request found no stream: the root opens one (a root that never sees a request,
     /// such as the one on Envoy's main thread, keeps none).
     wanted: bool,
+    /// The root's tick has been started (by the first request that wanted a stream).
+    pub ticking: bool,
     next_id: u32,
     waiting: HashMap<u32, Waiting<W>>,
 }
@@ -50,6 +52,7 @@ impl<W> Default for Link<W> {
             open: None,
             unsupported: false,
             wanted: false,
+            ticking: false,
             next_id: 1,
             waiting: HashMap::new(),
         }

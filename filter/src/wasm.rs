@@ -40,8 +40,13 @@ proxy_wasm::main! {{
 type Waiter = Rc<RefCell<Stream>>;
 
 /// How often the root checks deadlines and reopens a closed stream (at most; shorter
-/// for a short `timeout_ms`).
+/// for a short `timeout_ms`). The tick starts with the worker's first Knocker request:
+/// a worker that only passes traffic through never wakes up for it.
 const TICK: Duration = Duration::from_millis(100);
+
+fn tick_period(config: &PluginConfig) -> Duration {
+    TICK.min(Duration::from_millis(config.timeout_ms / 4).max(Duration::from_millis(10)))
+}
 
 struct Root {
     id: u32,
@@ -161,17 +166,7 @@ impl RootContext for Root {
         };
         match PluginConfig::parse(&text) {
             Ok(config) => {
-                let tick = TICK.min(
-                    Duration::from_millis(config.timeout_ms / 4).max(Duration::from_millis(10)),
-                );
                 self.config = Rc::new(config);
-                // Without a tick no stream is opened: one unary call per request.
-                if let Err(status) = hostcalls::set_tick_period(tick) {
-                    log(
-                        LogLevel::Warn,
-                        &format!("knocker: no tick ({status:?}); one unary call per request"),
-                    );
-                }
                 true
             }
             Err(reason) => {
@@ -229,6 +224,7 @@ impl Filter {
         let host = Envoy {
             link: Some(Submitter {
                 link: &self.link,
+                tick: tick_period(&self.config),
                 root_id: self.root_id,
                 context_id: self.id,
                 waiter: &self.stream,
@@ -307,6 +303,7 @@ fn now_ms() -> u64 {
 /// What an HTTP context needs to submit on its worker's stream.
 struct Submitter<'a> {
     link: &'a RefCell<Link<Waiter>>,
+    tick: Duration,
     root_id: u32,
     context_id: u32,
     waiter: &'a Waiter,
@@ -319,7 +316,24 @@ impl Submitter<'_> {
         let mut link = self.link.try_borrow_mut().ok()?;
         let deadline =
             now_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        let (id, token) = link.register(self.context_id, Rc::clone(self.waiter), deadline)?;
+        let Some((id, token)) = link.register(self.context_id, Rc::clone(self.waiter), deadline)
+        else {
+            // The first request of this worker: start the root's tick, which opens the
+            // stream (set as the root, then back).
+            if !link.ticking {
+                link.ticking = true;
+                let ticking = hostcalls::set_effective_context(self.root_id)
+                    .and_then(|()| hostcalls::set_tick_period(self.tick));
+                let _ = hostcalls::set_effective_context(self.context_id);
+                if let Err(status) = ticking {
+                    log(
+                        LogLevel::Warn,
+                        &format!("knocker: no tick ({status:?}); one unary call per request"),
+                    );
+                }
+            }
+            return None;
+        };
         let frame = link::encode_submit(id, message);
         // The stream belongs to the root context: send as the root, then come back.
         let sent = hostcalls::set_effective_context(self.root_id)
