@@ -307,7 +307,7 @@ impl Stream {
     }
 
     /// True while submission `token` is the one this request waits for.
-    pub fn waits_for(&self, token: u32) -> bool {
+    fn waits_for(&self, token: u32) -> bool {
         matches!(self.state, State::Waiting { token: t, .. } if t == token)
     }
 

@@ -224,7 +224,7 @@ impl Filter {
         let host = Envoy {
             link: Some(Submitter {
                 link: &self.link,
-                tick: tick_period(&self.config),
+                config: &self.config,
                 root_id: self.root_id,
                 context_id: self.id,
                 waiter: &self.stream,
@@ -303,7 +303,7 @@ fn now_ms() -> u64 {
 /// What an HTTP context needs to submit on its worker's stream.
 struct Submitter<'a> {
     link: &'a RefCell<Link<Waiter>>,
-    tick: Duration,
+    config: &'a PluginConfig,
     root_id: u32,
     context_id: u32,
     waiter: &'a Waiter,
@@ -323,7 +323,7 @@ impl Submitter<'_> {
             if !link.ticking {
                 link.ticking = true;
                 let ticking = hostcalls::set_effective_context(self.root_id)
-                    .and_then(|()| hostcalls::set_tick_period(self.tick));
+                    .and_then(|()| hostcalls::set_tick_period(tick_period(self.config)));
                 let _ = hostcalls::set_effective_context(self.context_id);
                 if let Err(status) = ticking {
                     log(

@@ -368,15 +368,9 @@ impl Envoy {
     fn wait_ready(admin_port: u16, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin_port)) {
-                use std::io::{Read, Write};
-                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                let _ =
-                    s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-                let mut answer = [0u8; 12];
-                if s.read_exact(&mut answer).is_ok() && answer.ends_with(b" 200") {
-                    return true;
-                }
+            let answer = admin_get(admin_port, "/ready", Duration::from_secs(1));
+            if answer.is_some_and(|a| a.starts_with("HTTP/1.1 200")) {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -394,15 +388,11 @@ impl Envoy {
     /// One counter or gauge from the admin `/stats` (e.g.
     /// `cluster.knocker_control_plane.upstream_rq_total`); `None` when Envoy has none.
     pub fn stat(&self, name: &str) -> Option<u64> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).ok()?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let request = format!(
-            "GET /stats?filter=^{name}$ HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(request.as_bytes()).ok()?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).ok()?;
+        let answer = admin_get(
+            self.admin_port,
+            &format!("/stats?filter=^{name}$"),
+            Duration::from_secs(5),
+        )?;
         let prefix = format!("{name}: ");
         answer
             .lines()
@@ -418,6 +408,19 @@ impl Drop for Envoy {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A GET on Envoy's admin port (plain HTTP/1.1 over a socket, no client needed): the
+/// whole answer, status line included; `None` when it cannot be had.
+fn admin_get(admin_port: u16, path: &str, timeout: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin_port)).ok()?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    Some(answer)
 }
 
 /// `envoy --mode validate` on a rendered config; returns Envoy's output on failure.
