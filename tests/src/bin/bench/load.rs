@@ -27,9 +27,41 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
     number.parse::<f64>().ok().map(|n| n * factor)
 }
 
-/// `wrk -t1 -c<connections> -d<seconds>s --latency`, with extra headers; every answer
-/// must be 2xx.
+/// `wrk -t1 -c<connections> -d<seconds>s --latency` GETs, with extra headers; every
+/// answer must be 2xx.
 pub fn wrk(url: &str, seconds: u64, connections: u64, headers: &[(&str, String)]) -> WrkResult {
+    run_wrk(url, seconds, connections, headers, None)
+}
+
+/// The body of every benchmark POST (wrk's and the open-loop generator's).
+pub const POST_BODY: &str = "bench";
+
+/// As [`wrk`], but POSTs with the body [`POST_BODY`] (a wrk script sets method and body).
+pub fn wrk_post(
+    url: &str,
+    seconds: u64,
+    connections: u64,
+    headers: &[(&str, String)],
+) -> WrkResult {
+    let script =
+        std::env::temp_dir().join(format!("knocker-bench-post-{}.lua", std::process::id()));
+    std::fs::write(
+        &script,
+        format!("wrk.method = \"POST\"\nwrk.body = \"{POST_BODY}\"\n"),
+    )
+    .expect("write the wrk script");
+    let result = run_wrk(url, seconds, connections, headers, Some(&script));
+    let _ = std::fs::remove_file(&script);
+    result
+}
+
+fn run_wrk(
+    url: &str,
+    seconds: u64,
+    connections: u64,
+    headers: &[(&str, String)],
+    script: Option<&std::path::Path>,
+) -> WrkResult {
     let mut command = Command::new("wrk");
     command.args([
         "-t1",
@@ -37,6 +69,9 @@ pub fn wrk(url: &str, seconds: u64, connections: u64, headers: &[(&str, String)]
         &format!("-d{seconds}s"),
         "--latency",
     ]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
     for (name, value) in headers {
         command.args(["-H", &format!("{name}: {value}")]);
     }
@@ -194,7 +229,7 @@ async fn send(sender: &mut Sender, path: &str, headers: &[(String, String)]) -> 
         request = request.header(n, v);
     }
     let Ok(request) = request.body(http_body_util::Full::new(bytes::Bytes::from_static(
-        b"bench",
+        POST_BODY.as_bytes(),
     ))) else {
         return false;
     };

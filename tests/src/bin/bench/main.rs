@@ -58,6 +58,10 @@ impl Echo {
         std::thread::sleep(Duration::from_millis(300));
         Self { child, port }
     }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
 }
 
 impl Drop for Echo {
