@@ -67,18 +67,6 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let env_on = [("LOG_LEVEL", "warning")];
     let off = ControlPlane::start(&env_off);
     let on = ControlPlane::start(&env_on);
-    // One more route for a reference: Envoy answering `/direct` itself (direct_response),
-    // neither filter nor upstream on it.
-    let direct_route = (
-        r#"- match: { prefix: "/knocker/" }"#.to_owned(),
-        [
-            r#"- match: { prefix: "/direct" }"#,
-            r#"  direct_response: { status: 200, body: { inline_string: "{}" } }"#,
-            r#"  typed_per_filter_config: { envoy.filters.http.wasm: { "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true } }"#,
-            r#"- match: { prefix: "/knocker/" }"#,
-        ]
-        .join("\n              "),
-    );
     let envoy_for = |cp: &ControlPlane| {
         Envoy::start(
             "knocker.yaml",
@@ -86,18 +74,17 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
                 grpc_port: cp.grpc_port,
                 http_port: cp.http_port,
                 upstream_port: sink.port,
-                replace: vec![direct_route.clone()],
                 ..Default::default()
             },
         )
     };
     let (envoy_off, envoy_on) = (envoy_for(&off), envoy_for(&on));
 
-    // Three references, measured in the same rounds: the same Envoy proxying the same
-    // POSTs without Knocker headers to the sink (a route without the filter), the same
-    // Envoy answering them itself (what one Envoy worker does here before Knocker does
-    // anything), and the sink answering them (the ingress's HTTP stack, nothing stored).
-    let mut runs: [Vec<WrkResult>; 7] = Default::default();
+    // Two references, measured in the same rounds: the same Envoy proxying the same POSTs
+    // without Knocker headers to the sink (a route without the filter) — what one Envoy
+    // worker does here before Knocker does anything — and the sink itself answering them
+    // (the same HTTP stack as the ingress, nothing stored).
+    let mut runs: [Vec<WrkResult>; 6] = Default::default();
     for _ in 0..rounds {
         runs[0].push(wrk_post(&off.url("/bench"), seconds, 50, &headers));
         runs[1].push(wrk_post(&envoy_off.url("/bench"), seconds, 50, &headers));
@@ -107,7 +94,6 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
         settle(&on);
         runs[4].push(wrk_post(&envoy_off.url("/bench"), seconds, 50, &[]));
         runs[5].push(wrk_post(&sink.url("/bench"), seconds, 50, &[]));
-        runs[6].push(wrk_post(&envoy_off.url("/direct"), seconds, 50, &[]));
     }
     let med = |runs: &Vec<WrkResult>| WrkResult {
         rps: median(runs.iter().map(|r| r.rps).collect()),
@@ -127,8 +113,6 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
     ));
     let half_proxy: RateResult =
         runtime.block_on(fixed_rate(&envoy_off.url("/bench"), 5_000, seconds, &[]));
-    let half_direct: RateResult =
-        runtime.block_on(fixed_rate(&envoy_off.url("/direct"), 5_000, seconds, &[]));
 
     let _ = writeln!(report, "## Accepted jobs per second (durable)\n");
     let _ = writeln!(
@@ -136,13 +120,12 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
         "Embedded SQLite store (WAL, fsync per commit, group commit). `wrk -t1 -c50 -d{seconds}s` POSTs (a 5-byte body) with \
          `Knocker-Host` (a `knocker echo` sink), a fresh id each; every answer a committed receipt. \
          \"delivery off\" is `KNOCKER_DELIVERY=off` (acceptance alone); \"delivery on\" delivers to the sink at the \
-         same time; its backlog is delivered before the next set-up starts. Median of {rounds} rounds, the seven \
+         same time; its backlog is delivered before the next set-up starts. Median of {rounds} rounds, the six \
          set-ups taking turns. wrk shares the 2 cores; Envoy runs one worker (`--concurrency 1`), which leaves \
-         the other core to the control plane and wrk. The last three rows are references, not jobs: the same Envoy \
-         proxying the same POSTs without Knocker headers to the sink (a route without the filter), the sink \
-         answering them itself (`knocker echo`: the ingress's HTTP stack, nothing stored), and the same Envoy \
-         answering them itself (a `direct_response` route: neither filter nor upstream) — the ceilings of the \
-         two doors on this machine in this run.\n"
+         the other core to the control plane and wrk. The last two rows are references, not jobs: the same Envoy \
+         proxying the same POSTs without Knocker headers to the sink (a route without the filter), and the \
+         sink answering them itself (`knocker echo`: the ingress's HTTP stack, nothing stored) — the \
+         ceilings of the two doors on this machine in this run.\n"
     );
     let _ = writeln!(report, "| set-up | accepted/s | p50 ms | p99 ms | goal |");
     let _ = writeln!(report, "| --- | ---: | ---: | ---: | --- |");
@@ -176,20 +159,12 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
         &echo,
         "",
     );
-    let direct = med(&runs[6]);
-    row(
-        report,
-        "reference: Envoy answering the same POSTs itself",
-        &direct,
-        "",
-    );
     let _ = writeln!(
         report,
-        "\nIn this run (medians, delivery off), Knocker through Envoy accepts durably {:.0}% of the requests \
-         per second that the same Envoy worker proxies to a plain upstream and {:.0}% of what it answers \
-         itself; the HTTP ingress {:.0}% of what the same HTTP stack answers without storing anything.",
+        "\nIn this run (medians, delivery off), Knocker accepts durably {:.0}% of the requests per second \
+         that the same Envoy worker proxies to a plain upstream, and its HTTP ingress {:.0}% of what the \
+         same HTTP stack answers without storing anything.",
         100.0 * e.rps / proxy.rps,
-        100.0 * e.rps / direct.rps,
         100.0 * h.rps / echo.rps
     );
     let _ = writeln!(
@@ -212,12 +187,6 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
             "reference: Envoy proxying the same POSTs",
             5_000,
             &half_proxy,
-            false,
-        ),
-        (
-            "reference: Envoy answering the same POSTs itself",
-            5_000,
-            &half_direct,
             false,
         ),
     ] {
