@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions};
 use serde_json::Value;
 
-use crate::load::{fixed_rate, median, submit_n, wrk_post, RateResult, WrkResult};
+use crate::load::{fixed_rate, median, submit_n, wrk_post, RateResult, WrkResult, POST_BODY};
 use crate::{env_or, Echo};
 
 fn status(cp: &ControlPlane) -> Value {
@@ -115,9 +115,10 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
         runtime.block_on(fixed_rate(&envoy_off.url("/bench"), 5_000, seconds, &[]));
 
     let _ = writeln!(report, "## Accepted jobs per second (durable)\n");
+    let body_len = POST_BODY.len();
     let _ = writeln!(
         report,
-        "Embedded SQLite store (WAL, fsync per commit, group commit). `wrk -t1 -c50 -d{seconds}s` POSTs (a 5-byte body) with \
+        "Embedded SQLite store (WAL, fsync per commit, group commit). `wrk -t1 -c50 -d{seconds}s` POSTs (a {body_len}-byte body) with \
          `Knocker-Host` (a `knocker echo` sink), a fresh id each; every answer a committed receipt. \
          \"delivery off\" is `KNOCKER_DELIVERY=off` (acceptance alone); \"delivery on\" delivers to the sink at the \
          same time; its backlog is delivered before the next set-up starts. Median of {rounds} rounds, the six \
