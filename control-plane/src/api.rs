@@ -1,6 +1,8 @@
 //! The admin API under `/knocker/`, on the HTTP ingress: jobs (lookup, list by state,
-//! replay, delete), broadcasts and groups. Mutating calls need `Authorization: Bearer <KNOCKER_ADMIN_TOKEN>`
-//! when that is set. Errors have the Knocker shape and name the field.
+//! replay, delete), broadcasts and groups. Every call, reads included, needs
+//! `Authorization: Bearer <KNOCKER_ADMIN_TOKEN>` when that is set (the status URL is not
+//! part of the API). Secrets are redacted in what it shows ([`crate::redact`]). Errors
+//! have the Knocker shape and name the field.
 //!
 //! | call | what |
 //! | --- | --- |
@@ -39,10 +41,15 @@ pub fn router(ingress: Arc<Ingress>, monitors: Arc<Monitors>) -> Router {
         .route("/knocker/jobs/{id}/replay", post(replay_one))
         .route("/knocker/broadcasts/{id}", get(broadcast))
         .route("/knocker/groups", get(groups))
-        .merge(crate::monitor::api::router(monitors, token))
+        .merge(crate::monitor::api::router(monitors))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "path", "No such API endpoint.")
         })
+        // Every call, reads included: job lists hold other clients' requests.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::<str>::from(token),
+            require_token,
+        ))
         .with_state(ingress)
 }
 
@@ -94,8 +101,10 @@ impl IntoResponse for ApiError {
 pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
 /// A time as RFC 3339 with milliseconds.
+/// Times past the year 9999 (RFC 3339's last) are shown as its last millisecond.
 pub fn time(ms: Millis) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    const LAST: Millis = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.min(LAST))).to_string()
 }
 
 /// A job as the API shows it (the body is summarised by its length).
@@ -105,9 +114,9 @@ pub fn view(job: &Job) -> Value {
         "kind": job.kind,
         "state": job.state,
         "method": job.request.method,
-        "url": job.request.url,
+        "url": crate::redact::url(&job.request.url),
         "body-length": job.request.body.len(),
-        "config": job.config,
+        "config": crate::redact::object(&job.config),
         "attempts": job.attempts.iter().map(|a| json!({
             "at": time(a.at), "status": a.status, "error": a.error, "latency_ms": a.latency_ms,
         })).collect::<Vec<_>>(),
@@ -124,8 +133,27 @@ pub fn view(job: &Job) -> Value {
     })
 }
 
-fn authorized(ingress: &Ingress, headers: &HeaderMap) -> Result<(), ApiError> {
-    check_token(&ingress.settings.admin_token, headers)
+/// Compares secrets without an early exit, so the time taken does not reveal how much
+/// of a guess was right (only whether its length was).
+pub(crate) fn same_secret(given: &str, secret: &str) -> bool {
+    given.len() == secret.len()
+        && given
+            .bytes()
+            .zip(secret.bytes())
+            .fold(0, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The admin token on every API call (the status URL is not routed here).
+async fn require_token(
+    State(token): State<Arc<str>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check_token(&token, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `Authorization: Bearer <token>` when `token` (KNOCKER_ADMIN_TOKEN) is set.
@@ -137,14 +165,7 @@ pub(crate) fn check_token(token: &str, headers: &HeaderMap) -> Result<(), ApiErr
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare without an early exit so the time taken does not reveal the prefix.
-    let matches = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    let matches = given.is_some_and(|g| same_secret(g, token));
     if matches {
         Ok(())
     } else {
@@ -210,6 +231,7 @@ async fn groups(State(ingress): State<Arc<Ingress>>) -> ApiResult {
             Ok(members) => (members, None),
             Err(e) => (Vec::new(), Some(e)),
         };
+        let members: Vec<String> = members.iter().map(|m| crate::redact::url(m)).collect();
         out.insert(
             name.clone(),
             json!({
@@ -278,10 +300,8 @@ async fn list(State(ingress): State<Arc<Ingress>>, Query(q): Query<ListQuery>) -
 
 async fn replay_one(
     State(ingress): State<Arc<Ingress>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
-    authorized(&ingress, &headers)?;
     let job = ingress
         .store
         .replay(&id, ingress.time.now_ms())
@@ -301,10 +321,8 @@ async fn replay_one(
 
 async fn replay_many(
     State(ingress): State<Arc<Ingress>>,
-    headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> ApiResult {
-    authorized(&ingress, &headers)?;
     let state = match parse_state(q.state.as_deref())? {
         s @ (JobState::Failed | JobState::Delivered) => s,
         _ => {
@@ -332,10 +350,8 @@ async fn replay_many(
 
 async fn delete(
     State(ingress): State<Arc<Ingress>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
-    authorized(&ingress, &headers)?;
     if !ingress.store.delete(&id, ingress.time.now_ms()).await? {
         return Err(ApiError::no_job());
     }

@@ -49,12 +49,8 @@ pub struct Settings {
     pub scheme: String,
 
     /// Redirects followed per attempt.
-    #[arg(
-        long,
-        env = "MAX_REDIRECTS",
-        value_name = "MAX_REDIRECTS",
-        default_value_t = 10
-    )]
+    #[arg(long, env = "MAX_REDIRECTS", value_name = "MAX_REDIRECTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
     pub max_redirects: u32,
 
     /// Exact path of the status URL (any method).
@@ -66,29 +62,26 @@ pub struct Settings {
     pub hosts_only: HostsOnly,
 
     /// Default per-attempt timeout (seconds).
-    #[arg(long, env = "TIMEOUT", value_name = "TIMEOUT", default_value_t = 10.0, value_parser = non_negative_float)]
+    #[arg(long, env = "TIMEOUT", value_name = "TIMEOUT", default_value_t = 10.0, value_parser = seconds_up_to_an_hour)]
     pub timeout: f64,
-    /// Largest `Knocker-Timeout` accepted (seconds).
-    #[arg(long, env = "TIMEOUT_MAX", value_name = "TIMEOUT_MAX", default_value_t = 60.0, value_parser = non_negative_float)]
+    /// Largest `Knocker-Timeout` accepted (seconds, at most 3600).
+    #[arg(long, env = "TIMEOUT_MAX", value_name = "TIMEOUT_MAX", default_value_t = 60.0, value_parser = seconds_up_to_an_hour)]
     pub timeout_max: f64,
 
     /// Default number of retries after the first attempt.
     #[arg(long, env = "RETRIES", value_name = "RETRIES", default_value_t = 2)]
     pub retries: u32,
     /// Largest `Knocker-Retries` accepted.
-    #[arg(
-        long,
-        env = "RETRIES_MAX",
-        value_name = "RETRIES_MAX",
-        default_value_t = 10
-    )]
+    #[arg(long, env = "RETRIES_MAX", value_name = "RETRIES_MAX", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub retries_max: u32,
 
     /// Default backoff factor (seconds).
-    #[arg(long, env = "RETRIES_BACKOFF_FACTOR", value_name = "RETRIES_BACKOFF_FACTOR", default_value_t = 0.5, value_parser = non_negative_float)]
+    #[arg(long, env = "RETRIES_BACKOFF_FACTOR", value_name = "RETRIES_BACKOFF_FACTOR", default_value_t = 0.5, value_parser = seconds_up_to_a_day)]
     pub backoff_factor: f64,
-    /// Largest `Knocker-Backoff-Factor` accepted; also caps every delay (seconds).
-    #[arg(long, env = "RETRIES_BACKOFF_FACTOR_MAX", value_name = "RETRIES_BACKOFF_FACTOR_MAX", default_value_t = 600.0, value_parser = non_negative_float)]
+    /// Largest `Knocker-Backoff-Factor` accepted; also caps every delay (seconds, at
+    /// most 86400).
+    #[arg(long, env = "RETRIES_BACKOFF_FACTOR_MAX", value_name = "RETRIES_BACKOFF_FACTOR_MAX", default_value_t = 600.0, value_parser = seconds_up_to_a_day)]
     pub backoff_factor_max: f64,
 
     /// Where jobs are kept.
@@ -142,7 +135,9 @@ pub struct Settings {
     #[arg(long, env = "KNOCKER_DELIVERY", value_name = "KNOCKER_DELIVERY", default_value = "on", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub delivery: bool,
 
-    /// Bearer token required by the mutating API calls (replay, delete); empty: none.
+    /// Bearer token every `/knocker/*` API call needs (the status URL excepted); empty:
+    /// none, which is refused on a non-loopback address unless
+    /// `KNOCKER_INSECURE_NO_TOKEN` says so.
     #[arg(
         long,
         env = "KNOCKER_ADMIN_TOKEN",
@@ -151,6 +146,57 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub admin_token: String,
+
+    /// Shared secret the Envoy filter sends on the gRPC door (`grpc_token` in its plugin
+    /// config); a call without it gets UNAUTHENTICATED. Empty: none, which is refused
+    /// on a non-loopback address unless `KNOCKER_INSECURE_NO_TOKEN` says so.
+    #[arg(
+        long,
+        env = "KNOCKER_GRPC_TOKEN",
+        value_name = "KNOCKER_GRPC_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub grpc_token: String,
+
+    /// Listen on non-loopback addresses without KNOCKER_ADMIN_TOKEN / KNOCKER_GRPC_TOKEN
+    /// (the network in front is trusted to keep callers out).
+    #[arg(long, env = "KNOCKER_INSECURE_NO_TOKEN", value_name = "KNOCKER_INSECURE_NO_TOKEN", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub insecure_no_token: bool,
+
+    /// Address ranges client-chosen destinations may reach although the defaults deny
+    /// them (loopback, link-local…): `127.0.0.0/8, ::1`.
+    #[arg(long, env = "KNOCKER_OUTBOUND_ALLOW", value_name = "KNOCKER_OUTBOUND_ALLOW", default_value = "", value_parser = parse_cidr_list)]
+    pub outbound_allow: Cidrs,
+    /// Address ranges client-chosen destinations may never reach, on top of the
+    /// defaults (e.g. your private network: `10.0.0.0/8`).
+    #[arg(long, env = "KNOCKER_OUTBOUND_DENY", value_name = "KNOCKER_OUTBOUND_DENY", default_value = "", value_parser = parse_cidr_list)]
+    pub outbound_deny: Cidrs,
+    /// Ports of this stack that client-chosen destinations never reach on this machine,
+    /// besides the control plane's own (Envoy's admin port by default).
+    #[arg(long, env = "KNOCKER_PROTECTED_PORTS", value_name = "KNOCKER_PROTECTED_PORTS", default_value = "9901", value_parser = parse_port_list)]
+    pub protected_ports: Ports,
+
+    /// Both doors: a connection whose request headers take longer is closed; an idle
+    /// keep-alive connection too.
+    #[arg(long, env = "KNOCKER_HEADER_TIMEOUT", value_name = "KNOCKER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub header_timeout: std::time::Duration,
+    /// A request body that takes longer to arrive gets 408.
+    #[arg(long, env = "KNOCKER_BODY_TIMEOUT", value_name = "KNOCKER_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub body_timeout: std::time::Duration,
+    /// A connection that sends nothing this long is closed (the gRPC door pings its
+    /// peers more often, so a live filter connection never is).
+    #[arg(long, env = "KNOCKER_IDLE_TIMEOUT", value_name = "KNOCKER_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Connections open at once per door; more are closed as they arrive.
+    #[arg(long, env = "KNOCKER_MAX_CONNECTIONS", value_name = "KNOCKER_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Monitors made through the API, at most.
+    #[arg(long, env = "KNOCKER_MAX_MONITORS", value_name = "KNOCKER_MAX_MONITORS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub max_monitors: u32,
 
     /// A TOML file with broadcast groups, monitors and notifiers (see `config::file`);
     /// none by default.
@@ -209,20 +255,7 @@ pub struct Settings {
     pub sentry_failed_requests: bool,
 }
 
-/// The `HOSTS_ONLY` allow-list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostsOnly(pub Vec<String>);
-
-impl HostsOnly {
-    /// True when the list is empty or holds `host` (with or without its port).
-    pub fn allows(&self, host_port: &str, host: &str) -> bool {
-        self.0.is_empty()
-            || self
-                .0
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(host_port) || h.eq_ignore_ascii_case(host))
-    }
-}
+pub use crate::outbound::HostsOnly;
 
 impl Settings {
     /// Cross-field checks that single-value parsers cannot make.
@@ -244,6 +277,20 @@ impl Settings {
                 "RETRIES_BACKOFF_FACTOR ({}) must not exceed RETRIES_BACKOFF_FACTOR_MAX ({})",
                 self.backoff_factor, self.backoff_factor_max
             ));
+        }
+        if !self.insecure_no_token {
+            for (addr, token, var) in [
+                (self.http_addr, &self.admin_token, "KNOCKER_ADMIN_TOKEN"),
+                (self.grpc_addr, &self.grpc_token, "KNOCKER_GRPC_TOKEN"),
+            ] {
+                if !addr.ip().is_loopback() && token.is_empty() {
+                    return Err(format!(
+                        "{var} is empty but {addr} is not a loopback address: anyone who reaches it \
+                         could use it. Set {var}, or KNOCKER_INSECURE_NO_TOKEN=true if the network \
+                         in front keeps callers out"
+                    ));
+                }
+            }
         }
         if self.max_body_bytes == 0 {
             return Err("KNOCKER_MAX_BODY_BYTES must be greater than 0".into());
@@ -275,6 +322,23 @@ impl Settings {
         Ok(())
     }
 
+    /// The outbound policy for client-chosen destinations: the operator's ranges, and
+    /// the ports of this stack (the control plane's own among them).
+    pub fn outbound_policy(&self, local: Vec<std::net::IpAddr>) -> crate::outbound::OutboundPolicy {
+        let mut protected_ports = self.protected_ports.0.clone();
+        protected_ports.extend([self.http_addr.port(), self.grpc_addr.port()]);
+        protected_ports.retain(|p| *p != 0);
+        protected_ports.sort_unstable();
+        protected_ports.dedup();
+        crate::outbound::OutboundPolicy {
+            hosts_only: self.hosts_only.clone(),
+            allow: self.outbound_allow.0.clone(),
+            deny: self.outbound_deny.0.clone(),
+            protected_ports,
+            local,
+        }
+    }
+
     /// Settings as `knocker serve` with no flags would have them, for tests and embedding.
     pub fn defaults() -> Self {
         #[derive(clap::Parser)]
@@ -302,6 +366,43 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration like 7d, 12h, 30m: {e}"))
+}
+
+/// Address ranges (a `Vec` wrapped so clap takes the whole list as one value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cidrs(pub Vec<ipnet::IpNet>);
+fn parse_cidr_list(s: &str) -> Result<Cidrs, String> {
+    crate::outbound::parse_cidrs(s).map(Cidrs)
+}
+/// Ports, taken as one value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ports(pub Vec<u16>);
+fn parse_port_list(s: &str) -> Result<Ports, String> {
+    crate::outbound::parse_ports(s).map(Ports)
+}
+
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > std::time::Duration::from_secs(86_400) {
+        return Err(format!("`{s}` must be more than 0 and at most a day"));
+    }
+    Ok(d)
+}
+
+fn seconds_up_to_an_hour(s: &str) -> Result<f64, String> {
+    seconds_up_to(s, 3600.0)
+}
+
+fn seconds_up_to_a_day(s: &str) -> Result<f64, String> {
+    seconds_up_to(s, 86_400.0)
+}
+
+fn seconds_up_to(s: &str, max: f64) -> Result<f64, String> {
+    let v = non_negative_float(s)?;
+    if v > max {
+        return Err(format!("`{s}` must be at most {max} seconds"));
+    }
+    Ok(v)
 }
 
 fn non_negative_float(s: &str) -> Result<f64, String> {
@@ -432,5 +533,37 @@ mod tests {
         assert_eq!(s.validate(), Ok(()));
         s.timeout = 100.0;
         assert!(s.validate().unwrap_err().contains("TIMEOUT_MAX"));
+    }
+
+    #[test]
+    fn huge_numbers_are_refused_where_they_enter() {
+        assert!(seconds_up_to_an_hour("1e300").unwrap_err().contains("at most 3600"));
+        assert!(seconds_up_to_a_day("86401").is_err());
+        assert_eq!(seconds_up_to_an_hour("60"), Ok(60.0));
+        assert!(parse_positive_duration("0s").is_err());
+        assert!(parse_positive_duration("400000000000d").is_err());
+    }
+
+    #[test]
+    fn a_public_address_without_a_token_is_refused_unless_said_so() {
+        let mut s = Settings::defaults();
+        s.http_addr = "0.0.0.0:8000".parse().unwrap();
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("KNOCKER_ADMIN_TOKEN"), "{e}");
+        s.admin_token = "t".into();
+        s.grpc_addr = "10.0.0.1:9090".parse().unwrap();
+        assert!(s.validate().unwrap_err().contains("KNOCKER_GRPC_TOKEN"));
+        s.insecure_no_token = true;
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_outbound_policy_protects_the_control_planes_own_ports() {
+        let mut s = Settings::defaults();
+        s.http_addr = "127.0.0.1:8123".parse().unwrap();
+        let p = s.outbound_policy(vec![]);
+        assert!(p.protected_ports.contains(&8123));
+        assert!(p.protected_ports.contains(&9901));
+        assert!(p.protected_ports.contains(&9090));
     }
 }

@@ -14,6 +14,9 @@
 //! - [`monitor`] — endpoint checks, thresholds, history, uptime; [`notify`] — their
 //!   webhook and email notifications, sent through the job queue.
 //! - [`api`] — the admin API under `/knocker/` (jobs: lookup, list, replay, delete).
+//! - [`outbound`] — the one door every outgoing request leaves by, and the policy that
+//!   client-chosen destinations pass on every hop.
+//! - [`redact`] — the secrets the API never shows.
 //! - [`telemetry`] — logs and Sentry.
 //! - [`cli`] — `knocker status` and `knocker jobs …`, clients of a running instance.
 //! - [`clock`] — injected time and jitter.
@@ -33,18 +36,16 @@ pub mod ingress;
 pub mod job;
 pub mod monitor;
 pub mod notify;
+pub mod outbound;
+pub mod redact;
 pub mod store;
 pub mod telemetry;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::broadcast::agents::{AgentBus, AgentSettings};
@@ -52,7 +53,8 @@ use crate::broadcast::groups::Groups;
 use crate::clock::Time;
 use crate::config::file::FileConfig;
 use crate::config::Settings;
-use crate::delivery::attempt::{Clients, Dispatch};
+use crate::delivery::attempt::Dispatch;
+use crate::outbound::{Outbound, OutboundPolicy};
 use crate::delivery::{Delivery, HostLimits};
 use crate::ingress::Ingress;
 use crate::monitor::shared::SharedStore;
@@ -113,6 +115,14 @@ pub async fn serve(
     let notifiers = Arc::new(file.notifiers);
     let store = open_store(&settings).await?;
     let wake = Arc::new(Notify::new());
+    // Every request the control plane sends leaves through this, monitors' included.
+    let outbound = Arc::new(
+        Outbound::new(
+            settings.outbound_policy(OutboundPolicy::local_addresses()),
+            settings.max_redirects,
+        )
+        .context("cannot build the HTTP client")?,
+    );
     let monitor_store = match &nats_url {
         Some(url) => MonitorStore::Shared(Box::new(
             SharedStore::open(url, settings.monitor_history as usize).await?,
@@ -129,15 +139,18 @@ pub async fn serve(
         Arc::clone(&notifiers),
         file.monitors,
         time.clone(),
+        Arc::clone(&outbound),
+        settings.max_monitors as usize,
         shutdown.clone(),
     )
     .await?;
 
+    let claims = Arc::new(crate::store::ClaimHealth::default());
     let delivery = Arc::new(Delivery {
         store: Arc::clone(&store),
         time: time.clone(),
         transport: Arc::new(Dispatch {
-            http: Clients::new(settings.max_redirects),
+            http: Arc::clone(&outbound),
             mail: Mailer::new(notifiers),
         }),
         wake: Arc::clone(&wake),
@@ -147,8 +160,10 @@ pub async fn serve(
             .sentry_failed_requests
             .then(|| Arc::new(FailureReporter)),
         hosts: HostLimits::new(settings.host_concurrency as usize),
+        health: Arc::clone(&claims),
     });
     let ingress = Arc::new(Ingress {
+        claims,
         settings: Arc::clone(&settings),
         store: Arc::clone(&store),
         time: time.clone(),
@@ -174,7 +189,12 @@ pub async fn serve(
             expiry: settings.agent_expiry,
             ack_wait: settings.nats_ack_wait,
         };
-        tokio::spawn(crate::broadcast::agents::run(bus, agent, shutdown.clone()));
+        tokio::spawn(crate::broadcast::agents::run(
+            bus,
+            agent,
+            Arc::clone(&outbound),
+            shutdown.clone(),
+        ));
     }
     let delivery_task = if settings.delivery {
         tokio::spawn(delivery.run(shutdown.clone()))
@@ -188,30 +208,37 @@ pub async fn serve(
         settings.retention,
         shutdown.clone(),
     ));
-    // TCP_NODELAY on both: small replies must not wait for Nagle (with delayed ACKs on
-    // the other side that costs ~40 ms a request on the filter's HTTP/2 connection).
-    let http = axum::serve(
-        listeners.http.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        }),
-        ingress::http::router(Arc::clone(&ingress), monitors)
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // Both doors: a connection cap, an idle deadline, TCP_NODELAY (small replies must
+    // not wait for Nagle: with delayed ACKs on the other side that costs ~40 ms a
+    // request on the filter's HTTP/2 connection); see `ingress::conn`.
+    let http = ingress::http::serve(
+        listeners.http,
+        ingress::http::router(Arc::clone(&ingress), monitors),
+        &settings,
+        shutdown.clone(),
+    );
+    // Pings more often than the idle deadline: a live filter connection answers them.
+    let ping = settings.idle_timeout / 3;
     let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(ping))
+        .http2_keepalive_timeout(Some(ping))
         .add_service(ingress::grpc::service(ingress, shutdown.clone()))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc).map(|tcp| {
-                tcp.inspect(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                })
-            }),
+            ingress::conn::accept(
+                listeners.grpc,
+                settings.max_connections as usize,
+                settings.idle_timeout,
+            ),
             shutdown.clone().cancelled_owned(),
         );
 
-    let result = tokio::try_join!(async { http.await.context("HTTP ingress") }, async {
-        grpc.await.context("gRPC ingress")
-    },);
+    let result = tokio::try_join!(
+        async {
+            http.await;
+            Ok::<(), anyhow::Error>(())
+        },
+        async { grpc.await.context("gRPC ingress") },
+    );
     shutdown.cancel();
     delivery_task.await.context("delivery loop")?;
     result.map(|_| ())

@@ -20,6 +20,10 @@ pub struct PluginConfig {
     /// Capture and fallback rules for requests without `Knocker-Host` (see `rules`).
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// The shared secret the control plane expects on its gRPC door
+    /// (`KNOCKER_GRPC_TOKEN`), sent as `authorization: Bearer …`; empty: none.
+    #[serde(default)]
+    pub grpc_token: String,
 }
 
 fn default_cluster() -> String {
@@ -39,6 +43,7 @@ impl Default for PluginConfig {
             timeout_ms: default_timeout_ms(),
             retry_after_s: default_retry_after_s(),
             rules: Vec::new(),
+            grpc_token: String::new(),
         }
     }
 }
@@ -59,6 +64,11 @@ impl PluginConfig {
         Ok(config)
     }
 
+    /// The gRPC call's metadata: the shared secret, when there is one.
+    pub fn grpc_metadata(&self) -> Option<String> {
+        (!self.grpc_token.is_empty()).then(|| format!("Bearer {}", self.grpc_token))
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.cluster.trim().is_empty() {
             return Err("invalid knocker plugin configuration: `cluster` must not be empty".into());
@@ -68,6 +78,16 @@ impl PluginConfig {
                 "invalid knocker plugin configuration: `timeout_ms` must be 1..={MAX_TIMEOUT_MS}, got {}",
                 self.timeout_ms
             ));
+        }
+        if self
+            .grpc_token
+            .bytes()
+            .any(|b| !(b.is_ascii_graphic()))
+        {
+            return Err(
+                "invalid knocker plugin configuration: `grpc_token` must be printable ASCII without spaces"
+                    .into(),
+            );
         }
         for (i, rule) in self.rules.iter().enumerate() {
             rule.validate(i)
@@ -98,7 +118,9 @@ mod tests {
 
     #[test]
     fn parses_fields() {
-        let c = PluginConfig::parse(br#"{"cluster":"cp","timeout_ms":500,"retry_after_s":3}"#);
+        let c = PluginConfig::parse(
+            br#"{"cluster":"cp","timeout_ms":500,"retry_after_s":3,"grpc_token":"s3cret"}"#,
+        );
         assert_eq!(
             c.ok(),
             Some(PluginConfig {
@@ -106,8 +128,11 @@ mod tests {
                 timeout_ms: 500,
                 retry_after_s: 3,
                 rules: vec![],
+                grpc_token: "s3cret".into(),
             })
         );
+        let e = PluginConfig::parse(br#"{"grpc_token":"a b"}"#).unwrap_err();
+        assert!(e.contains("grpc_token"), "{e}");
     }
 
     #[test]

@@ -107,6 +107,11 @@ pub struct Delivery {
     pub ordered: bool,
 }
 
+/// The largest values a delivery policy may hold (the control plane refuses larger).
+pub const MAX_AGE_S: u64 = 315_360_000;
+pub const MAX_BACKOFF_S: f64 = 86_400.0;
+pub const MAX_TIMEOUT_S: f64 = 3600.0;
+
 fn default_max_age_s() -> u64 {
     86_400
 }
@@ -231,6 +236,12 @@ impl Rule {
                 ));
             }
         }
+        if d.max_age_s > MAX_AGE_S {
+            return Err(format!(
+                "{} must be at most {MAX_AGE_S} (ten years)",
+                at("delivery.max_age_s")
+            ));
+        }
         if d.max_age_s == 0 && d.retries.is_none() {
             return Err(format!(
                 "{} is 0 (no age limit), so {} must be given",
@@ -242,12 +253,18 @@ impl Rule {
             ("delivery.backoff_factor", d.backoff_factor),
             ("delivery.max_backoff_s", d.max_backoff_s),
         ] {
-            if !value.is_finite() || value < 0.0 {
-                return Err(format!("{} must be a number ≥ 0", at(field)));
+            if !value.is_finite() || !(0.0..=MAX_BACKOFF_S).contains(&value) {
+                return Err(format!(
+                    "{} must be a number from 0 to {MAX_BACKOFF_S}",
+                    at(field)
+                ));
             }
         }
-        if !d.timeout_s.is_finite() || d.timeout_s <= 0.0 {
-            return Err(format!("{} must be a number > 0", at("delivery.timeout_s")));
+        if !d.timeout_s.is_finite() || d.timeout_s <= 0.0 || d.timeout_s > MAX_TIMEOUT_S {
+            return Err(format!(
+                "{} must be a number above 0 and at most {MAX_TIMEOUT_S}",
+                at("delivery.timeout_s")
+            ));
         }
         self.validate_match_and_fallback(index)
     }

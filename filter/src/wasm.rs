@@ -48,6 +48,11 @@ fn tick_period(config: &PluginConfig) -> Duration {
     TICK.min(Duration::from_millis(config.timeout_ms / 4).max(Duration::from_millis(10)))
 }
 
+/// The gRPC metadata of every call to the control plane: its shared secret, if any.
+fn metadata(authorization: Option<&str>) -> Vec<(&str, &[u8])> {
+    authorization.map_or_else(Vec::new, |a| vec![("authorization", a.as_bytes())])
+}
+
 struct Root {
     id: u32,
     config: Rc<PluginConfig>,
@@ -62,11 +67,12 @@ impl Root {
         if !link.wants_stream() {
             return;
         }
+        let token = self.config.grpc_metadata();
         match hostcalls::open_grpc_stream(
             &self.config.cluster,
             knocker_proto::INGRESS_SERVICE,
             knocker_proto::INGRESS_SUBMIT_STREAM,
-            Vec::new(),
+            metadata(token.as_deref()),
         ) {
             Ok(token) => link.opened(token),
             Err(status) => log(
@@ -425,11 +431,12 @@ impl Host for Envoy<'_> {
         if let Some(id) = self.link.as_ref().and_then(|l| l.submit(message, timeout)) {
             return Ok(id);
         }
+        let token = self.link.as_ref().and_then(|l| l.config.grpc_metadata());
         hostcalls::dispatch_grpc_call(
             cluster,
             knocker_proto::INGRESS_SERVICE,
             knocker_proto::INGRESS_SUBMIT,
-            Vec::new(),
+            metadata(token.as_deref()),
             Some(message),
             timeout,
         )

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{Headers, Request, VERSION};
+use crate::outbound::Outbound;
 use crate::store::StoreError;
 
 const STREAM: &str = "KNOCKER_BROADCAST";
@@ -177,7 +178,12 @@ pub struct AgentSettings {
 }
 
 /// Replays the group's broadcasts to the endpoint until `shutdown`.
-pub async fn run(bus: Arc<AgentBus>, settings: AgentSettings, shutdown: CancellationToken) {
+pub async fn run(
+    bus: Arc<AgentBus>,
+    settings: AgentSettings,
+    outbound: Arc<Outbound>,
+    shutdown: CancellationToken,
+) {
     let consumer_name = format!("agent-{}", settings.name);
     let consumer = loop {
         let created = async {
@@ -212,16 +218,6 @@ pub async fn run(bus: Arc<AgentBus>, settings: AgentSettings, shutdown: Cancella
         }
     };
     tracing::info!(group = %settings.group, agent = %settings.name, endpoint = %settings.endpoint, "agent subscribed");
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "agent: cannot build an HTTP client");
-            return;
-        }
-    };
     while !shutdown.is_cancelled() {
         let batch = tokio::select! {
             b = consumer.fetch().max_messages(1).expires(Duration::from_secs(1)).messages() => b,
@@ -244,7 +240,7 @@ pub async fn run(bus: Arc<AgentBus>, settings: AgentSettings, shutdown: Cancella
                     continue;
                 }
             };
-            replay(&client, &settings, &broadcast, &message, &shutdown).await;
+            replay(&outbound, &settings, &broadcast, &message, &shutdown).await;
         }
     }
 }
@@ -253,7 +249,7 @@ pub async fn run(bus: Arc<AgentBus>, settings: AgentSettings, shutdown: Cancella
 /// that the message stays with this agent; acknowledges it then. In order: the next
 /// broadcast is pulled only after this one.
 async fn replay(
-    client: &reqwest::Client,
+    outbound: &Outbound,
     settings: &AgentSettings,
     broadcast: &Broadcast,
     message: &jetstream::Message,
@@ -272,7 +268,7 @@ async fn replay(
             headers: broadcast.headers.clone(),
             body: broadcast.body.clone(),
         };
-        match send(client, &request, &broadcast.id).await {
+        match send(outbound, &request, &broadcast.id).await {
             Ok(status) if (200..300).contains(&status) => {
                 tracing::info!(broadcast_id = %broadcast.id, status, url = %url, "agent: delivered");
                 let _ = message.double_ack().await;
@@ -291,19 +287,34 @@ async fn replay(
     }
 }
 
-async fn send(client: &reqwest::Client, request: &Request, id: &str) -> Result<u16, String> {
+/// The agent's endpoint is the operator's (`KNOCKER_AGENT_ENDPOINT`): a trusted
+/// destination, though a redirect away from it passes the outbound policy.
+async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, String> {
     let method =
         reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|e| e.to_string())?;
-    let mut builder = client
-        .request(method, &request.url)
-        .header("x-knocker", VERSION)
-        .header("x-knocker-id", id);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-knocker", reqwest::header::HeaderValue::from_static(VERSION));
+    headers.insert(
+        "x-knocker-id",
+        reqwest::header::HeaderValue::from_str(id).map_err(|e| e.to_string())?,
+    );
     for (name, value) in &request.headers {
-        builder = builder.header(name.as_str(), value.as_slice());
+        if let (Ok(n), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+            reqwest::header::HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
     }
-    builder
-        .body(request.body.clone())
-        .send()
+    outbound
+        .send(crate::outbound::Request {
+            method,
+            url: request.url.clone(),
+            headers,
+            body: request.body.clone().into(),
+            timeout: Duration::from_secs(30),
+            trust: crate::job::Trust::Operator,
+        })
         .await
         .map(|r| r.status().as_u16())
         .map_err(|e| e.to_string())

@@ -24,7 +24,7 @@ use crate::clock::Millis;
 use crate::config::file::GroupConfig;
 use crate::job::receipt::header_list;
 use crate::job::spec::{split_headers, Submission};
-use crate::job::{Headers, Job, Kind, Request, State};
+use crate::job::{Headers, Job, Kind, Request, State, Trust};
 
 /// The header every broadcast copy carries: the loop guard's marker.
 pub const MARKER: &str = "x-knocker-broadcast";
@@ -110,7 +110,8 @@ pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) ->
                     headers: headers.clone(),
                     body: submission.body.clone(),
                 },
-                policy: delivery.policy(fanout.callback.clone(), now),
+                // Members are the operator's; the callback is the client's.
+                policy: delivery.policy(fanout.callback.clone(), Trust::Client, now),
                 config,
                 state: State::Pending,
                 attempts: Vec::new(),
@@ -119,6 +120,7 @@ pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) ->
                 finished_at: None,
                 // Per group and member: a member's copies go out one at a time, in order.
                 lane: Some(format!("broadcast:{}:{member}", fanout.group_name)),
+                trust: Trust::Operator,
             }
         })
         .collect()
@@ -137,9 +139,9 @@ pub fn receipt(id: &str, group: &str, jobs: &[Job]) -> Value {
         .iter()
         .map(|job| {
             json!({
-                "member": job.config.get("broadcast").and_then(|b| b.get("member")),
+                "member": job.config.get("broadcast").and_then(|b| b.get("member")).map(crate::redact::json),
                 "id": job.id,
-                "url": job.request.url,
+                "url": crate::redact::url(&job.request.url),
             })
         })
         .collect();
@@ -179,7 +181,7 @@ pub fn status(id: &str, jobs: &[Job]) -> Value {
         .map(|job| {
             let last = job.attempts.last();
             json!({
-                "member": job.config.get("broadcast").and_then(|b| b.get("member")),
+                "member": job.config.get("broadcast").and_then(|b| b.get("member")).map(crate::redact::json),
                 "id": job.id,
                 "state": job.state,
                 "attempts": job.attempts.len(),

@@ -1,14 +1,14 @@
 //! One delivery attempt over HTTP, and the one place that decides what a failure is.
 
-use std::collections::HashMap;
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::Mutex;
 use reqwest::header::{HeaderName, HeaderValue};
 
 use super::backoff::parse_retry_after;
 use crate::job::{Job, Kind, VERSION};
+use crate::outbound::{self, Failure, Outbound};
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,11 +20,30 @@ pub struct Outcome {
     /// `Retry-After` of a 429/503, in seconds.
     pub retry_after_s: Option<f64>,
     pub latency: Duration,
+    /// The attempt failed for want of a resource of this process (file descriptors),
+    /// not because of the target: it does not count.
+    pub local_shortage: bool,
 }
 
 impl Outcome {
     pub fn is_success(&self) -> bool {
         self.error.is_none() && (200..300).contains(&self.status)
+    }
+
+    /// The outbound policy refused the destination.
+    pub fn is_denied(&self) -> bool {
+        self.error.is_some() && self.status == code::DENIED
+    }
+
+    /// A failure without an HTTP answer.
+    pub fn failed(status: u16, error: String, latency: Duration) -> Self {
+        Self {
+            status,
+            error: Some(error),
+            retry_after_s: None,
+            latency,
+            local_shortage: false,
+        }
     }
 }
 
@@ -34,37 +53,9 @@ pub mod code {
     pub const NETWORK: u16 = 503;
     pub const TIMEOUT: u16 = 504;
     pub const PROTOCOL: u16 = 418;
-}
-
-/// HTTP clients, one per per-attempt timeout: `timeout` bounds the connect and each read
-/// as in Knocker 1.4.1, which reqwest sets per client. No cookie store: jobs share none.
-pub struct Clients {
-    max_redirects: usize,
-    by_timeout_ms: Mutex<HashMap<u64, reqwest::Client>>,
-}
-
-impl Clients {
-    pub fn new(max_redirects: u32) -> Self {
-        Self {
-            max_redirects: max_redirects as usize,
-            by_timeout_ms: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn get(&self, timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-        let key = timeout.as_millis() as u64;
-        if let Some(client) = self.by_timeout_ms.lock().get(&key) {
-            return Ok(client.clone());
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .read_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::limited(self.max_redirects))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()?;
-        self.by_timeout_ms.lock().insert(key, client.clone());
-        Ok(client)
-    }
+    /// The outbound policy refused the destination (a client-chosen hop to a denied
+    /// address, port or host): final, no retry.
+    pub const DENIED: u16 = 403;
 }
 
 /// The headers a job is sent with: ours first, then the forwarded ones.
@@ -89,7 +80,7 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 #[async_trait::async_trait]
-impl Transport for Clients {
+impl Transport for Outbound {
     async fn send(&self, job: &Job) -> Outcome {
         send(self, job).await
     }
@@ -97,7 +88,7 @@ impl Transport for Clients {
 
 /// Attempts by kind: email notifications over SMTP, everything else over HTTP.
 pub struct Dispatch {
-    pub http: Clients,
+    pub http: Arc<Outbound>,
     pub mail: crate::notify::email::Mailer,
 }
 
@@ -111,26 +102,17 @@ impl Transport for Dispatch {
     }
 }
 
-/// Sends the job's request once.
-pub async fn send(clients: &Clients, job: &Job) -> Outcome {
+/// Sends the job's request once, through the outbound policy when a client chose its URL.
+pub async fn send(outbound: &Outbound, job: &Job) -> Outcome {
     let started = Instant::now();
-    let fail = |status: u16, error: String| Outcome {
-        status,
-        error: Some(error),
-        retry_after_s: None,
-        latency: started.elapsed(),
-    };
-    if job.policy.timeout <= 0.0 {
+    let fail = |status: u16, error: String| Outcome::failed(status, error, started.elapsed());
+    let timeout = crate::outbound::timeout(job.policy.timeout);
+    if timeout.is_zero() {
         return fail(
             code::TIMEOUT,
             "timeout is 0: every attempt times out".into(),
         );
     }
-    let timeout = Duration::from_secs_f64(job.policy.timeout);
-    let client = match clients.get(timeout) {
-        Ok(client) => client,
-        Err(e) => return fail(code::PROTOCOL, format!("cannot build an HTTP client: {e}")),
-    };
     let Ok(method) = reqwest::Method::from_bytes(job.request.method.as_bytes()) else {
         return fail(
             code::PROTOCOL,
@@ -146,14 +128,18 @@ pub async fn send(clients: &Clients, job: &Job) -> Outcome {
             (Ok(n), Ok(v)) => {
                 headers.append(n, v);
             }
-            _ => tracing::warn!(job_id = %job.id, header = %name, "header not sendable; left out"),
+            _ => tracing::warn!(job_id = %job.id, header = ?name, "header not sendable; left out"),
         }
     }
-    let request = client
-        .request(method, &job.request.url)
-        .headers(headers)
-        .body(job.request.body.clone());
-    match request.send().await {
+    let request = outbound::Request {
+        method,
+        url: job.request.url.clone(),
+        headers,
+        body: bytes::Bytes::from(job.request.body.clone()),
+        timeout,
+        trust: job.trust,
+    };
+    match outbound.send(request).await {
         Ok(response) => {
             let status = response.status().as_u16();
             let retry_after_s = if status == 429 || status == 503 {
@@ -165,26 +151,57 @@ pub async fn send(clients: &Clients, job: &Job) -> Outcome {
             } else {
                 None
             };
-            drain(response).await;
+            drain(response, timeout).await;
             Outcome {
                 status,
                 error: None,
                 retry_after_s,
                 latency: started.elapsed(),
+                local_shortage: false,
             }
         }
-        Err(e) => {
-            let (status, reason) = classify(&e);
-            fail(status, reason)
+        Err(failure) => {
+            let (status, reason) = classify_failure(&failure);
+            Outcome {
+                local_shortage: is_local_shortage(&failure),
+                ..fail(status, reason)
+            }
         }
+    }
+}
+
+/// Out of descriptors or buffers in this process: EMFILE, ENFILE, ENOBUFS, ENOMEM.
+fn is_local_shortage(failure: &Failure) -> bool {
+    let Failure::Transport(e) = failure else {
+        return false;
+    };
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(23 | 24 | 105 | 12)) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Knocker's code for a request that got no answer.
+pub fn classify_failure(failure: &Failure) -> (u16, String) {
+    match failure {
+        Failure::Denied(_) => (code::DENIED, failure.to_string()),
+        Failure::Timeout(_) => (code::TIMEOUT, failure.to_string()),
+        Failure::TooManyRedirects(_) | Failure::BadUrl(_) => (code::PROTOCOL, failure.to_string()),
+        Failure::Transport(e) => classify(e),
     }
 }
 
 /// Reads a little of the response so the connection can be reused; a large body is
 /// not worth reading, the connection is dropped instead.
-async fn drain(mut response: reqwest::Response) {
+async fn drain(mut response: reqwest::Response, timeout: Duration) {
     let mut left: usize = 64 * 1024;
-    while let Ok(Some(chunk)) = response.chunk().await {
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(timeout, response.chunk()).await {
         match left.checked_sub(chunk.len()) {
             Some(rest) => left = rest,
             None => return,
@@ -210,7 +227,7 @@ pub fn classify(e: &reqwest::Error) -> (u16, String) {
         }
         source = s.source();
     }
-    let reason = error_chain(e);
+    let reason = crate::outbound::error_chain(e);
     if e.is_timeout() || io_kind == Some(std::io::ErrorKind::TimedOut) {
         return (code::TIMEOUT, reason);
     }
@@ -224,15 +241,4 @@ pub fn classify(e: &reqwest::Error) -> (u16, String) {
         return (code::PROTOCOL, reason);
     }
     (code::NETWORK, reason)
-}
-
-fn error_chain(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -57,6 +57,7 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
         finished_at: None,
         // A callback goes to another URL: it is never held up by its job's lane.
         lane: None,
+        trust: job.policy.callback_trust,
     })
 }
 
@@ -80,6 +81,7 @@ mod tests {
             callback: callback.map(Into::into),
             deadline: None,
             max_backoff_s: None,
+            callback_trust: crate::job::Trust::Operator,
         };
         job.config.insert("callback".into(), json!(callback));
         job.config.insert("id".into(), json!("j1"));
@@ -102,6 +104,7 @@ mod tests {
                 callback: None,
                 deadline: None,
                 max_backoff_s: None,
+                callback_trust: crate::job::Trust::Operator,
             }
         );
         let body: serde_json::Value = serde_json::from_slice(&cb.request.body).unwrap();

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Time;
 use crate::job::{Attempt, Job, Kind};
-use crate::store::{Next, Store};
+use crate::store::{ClaimHealth, Next, Store};
 use crate::telemetry::sentry::FailureReporter;
 use attempt::{Outcome, Transport};
 
@@ -36,6 +36,8 @@ pub struct Delivery {
     pub reporter: Option<Arc<FailureReporter>>,
     /// Attempts in flight per target host, at most `KNOCKER_HOST_CONCURRENCY`.
     pub hosts: HostLimits,
+    /// Told whether claims succeed (the ingress refuses submissions while they fail).
+    pub health: Arc<ClaimHealth>,
 }
 
 /// The per-target-host concurrency limit, so one slow host cannot hold up the others:
@@ -66,7 +68,7 @@ impl HostLimits {
             .collect()
     }
 
-    async fn acquire(&self, host: &str) {
+    async fn acquire<'a>(&'a self, host: &'a str) -> HostSlot<'a> {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -76,7 +78,7 @@ impl HostLimits {
                 let n = in_flight.entry(host.to_owned()).or_default();
                 if *n < self.limit {
                     *n += 1;
-                    return;
+                    return HostSlot { limits: self, host };
                 }
             }
             freed.await;
@@ -96,6 +98,18 @@ impl HostLimits {
     }
 }
 
+/// One attempt's turn at its host; the turn passes on when this is dropped.
+struct HostSlot<'a> {
+    limits: &'a HostLimits,
+    host: &'a str,
+}
+
+impl Drop for HostSlot<'_> {
+    fn drop(&mut self) {
+        self.limits.release(self.host);
+    }
+}
+
 /// The attempt record of a job failed by its maximum age.
 pub const EXPIRED: &str = "expired: the maximum age passed before this attempt";
 
@@ -104,6 +118,10 @@ const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// First and longest pause between tries to record an outcome the store refused.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(100);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// First and longest pause before sending again an attempt this process had no
+/// resources for (descriptors).
+const LOCAL_SHORTAGE_FIRST: Duration = Duration::from_millis(200);
+const LOCAL_SHORTAGE_MAX: Duration = Duration::from_secs(10);
 /// Longest sleep with nothing due (a wake-up comes sooner when a job arrives).
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -126,8 +144,12 @@ impl Delivery {
                 .claim_due(self.time.now_ms(), limit, &saturated)
                 .await
             {
-                Ok(jobs) => jobs,
+                Ok(jobs) => {
+                    self.health.claimed();
+                    jobs
+                }
                 Err(e) => {
+                    self.health.failed(&e);
                     tracing::error!(error = %e, "cannot read due jobs");
                     drop(first);
                     tokio::select! {
@@ -182,10 +204,12 @@ impl Delivery {
                 return;
             }
         }
-        self.hosts.acquire(job.host()).await;
         let at = self.time.now_ms();
-        let outcome = self.transport.send(&job).await;
-        self.hosts.release(job.host());
+        let outcome = {
+            // Released on every path, a panic included.
+            let _slot = self.hosts.acquire(job.host()).await;
+            self.send_when_resources_allow(&job).await
+        };
         let number = job.attempts.len() as u32 + 1;
         let now = self.time.now_ms();
         let next = self.next_step(&job, number, &outcome, now);
@@ -201,6 +225,26 @@ impl Delivery {
         };
         self.record(&job, record, next).await;
         self.wake.notify_one();
+    }
+
+    /// Sends the attempt; when it failed for want of a resource of this process (no file
+    /// descriptor, no buffer), sends it again after a pause instead of spending one of
+    /// the job's attempts: a shortage here delays deliveries, it never fails a job.
+    async fn send_when_resources_allow(&self, job: &Job) -> Outcome {
+        let mut pause = LOCAL_SHORTAGE_FIRST;
+        loop {
+            let outcome = self.transport.send(job).await;
+            if !outcome.local_shortage {
+                return outcome;
+            }
+            tracing::warn!(
+                job_id = %job.id, error = outcome.error.as_deref().unwrap_or(""),
+                retry_in_ms = pause.as_millis() as u64,
+                "no resources to send the attempt; trying again, the attempt is not counted"
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LOCAL_SHORTAGE_MAX);
+        }
     }
 
     /// A job claimed after its maximum age (the control plane was down, or it waited in
@@ -253,7 +297,8 @@ impl Delivery {
         if outcome.is_success() {
             return Next::Delivered;
         }
-        if number <= job.policy.retries {
+        // A destination the outbound policy refuses is refused again: no retry.
+        if number <= job.policy.retries && !outcome.is_denied() {
             let cap = job
                 .policy
                 .max_backoff_s
@@ -330,6 +375,7 @@ mod tests {
                 error: None,
                 retry_after_s: if failed { self.retry_after_s } else { None },
                 latency: Duration::ZERO,
+                local_shortage: false,
             }
         }
     }
@@ -342,6 +388,7 @@ mod tests {
             callback: callback.map(Into::into),
             deadline: None,
             max_backoff_s: None,
+            callback_trust: crate::job::Trust::Operator,
         };
         Job {
             policy,
@@ -387,6 +434,7 @@ mod tests {
             slots: Arc::new(Semaphore::new(4)),
             backoff_cap_s: cap,
             reporter: None,
+            health: Arc::default(),
             hosts: HostLimits::new(8),
         });
         let start = tokio::time::Instant::now();

@@ -16,6 +16,7 @@ use knocker_proto::v1::{Header, Mode, StreamReply, StreamSubmit, SubmitReply, Su
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Ingress;
@@ -30,10 +31,50 @@ pub struct GrpcIngress {
     shutdown: CancellationToken,
 }
 
-/// The tonic service, accepting messages up to the body limit plus room for headers.
-pub fn service(ingress: Arc<Ingress>, shutdown: CancellationToken) -> IngressServer<GrpcIngress> {
+/// The tonic service, accepting messages up to the body limit plus room for headers,
+/// from callers that present `KNOCKER_GRPC_TOKEN` (when it is set).
+pub fn service(
+    ingress: Arc<Ingress>,
+    shutdown: CancellationToken,
+) -> InterceptedService<IngressServer<GrpcIngress>, Authenticate> {
     let limit = ingress.settings.max_body_bytes.saturating_add(256 * 1024);
-    IngressServer::new(GrpcIngress { ingress, shutdown }).max_decoding_message_size(limit)
+    let auth = Authenticate {
+        token: ingress.settings.grpc_token.as_str().into(),
+    };
+    InterceptedService::new(
+        IngressServer::new(GrpcIngress { ingress, shutdown }).max_decoding_message_size(limit),
+        auth,
+    )
+}
+
+/// The gRPC door's caller check: `authorization: Bearer <KNOCKER_GRPC_TOKEN>`, compared
+/// in constant time; anything else is `UNAUTHENTICATED` before a message is read, so
+/// nothing is stored.
+#[derive(Clone)]
+pub struct Authenticate {
+    token: Arc<str>,
+}
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.token.is_empty() {
+            return Ok(request);
+        }
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if crate::api::same_secret(given, &self.token) {
+            Ok(request)
+        } else {
+            tracing::warn!("gRPC call refused: no valid KNOCKER_GRPC_TOKEN");
+            Err(Status::unauthenticated(
+                "authorization: a valid bearer token (the filter's grpc_token) is required",
+            ))
+        }
+    }
 }
 
 /// Submissions of one stream handled at once.

@@ -3,11 +3,23 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures_util::StreamExt as _;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use crate::config::Settings;
 
 use super::grpc::body_too_large;
 use super::{Ingress, Reply};
@@ -17,9 +29,100 @@ use crate::job::spec::Submission;
 /// a `Knocker-Host` header; the status URL goes through the submit path).
 pub fn router(ingress: Arc<Ingress>, monitors: Arc<crate::monitor::Monitors>) -> Router {
     let api = crate::api::router(Arc::clone(&ingress), monitors);
+    let limits = BodyLimits {
+        bytes: ingress.settings.max_body_bytes,
+        time: ingress.settings.body_timeout,
+    };
     Router::new()
         .fallback(move |state, peer, request: Request| dispatch(api.clone(), state, peer, request))
+        .layer(axum::middleware::from_fn_with_state(limits, read_body))
         .with_state(ingress)
+}
+
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    bytes: usize,
+    time: Duration,
+}
+
+/// Every request's body is read here, whole, within `KNOCKER_MAX_BODY_BYTES` (413) and
+/// `KNOCKER_BODY_TIMEOUT` (408): a client that stalls in its body does not hold a
+/// connection and a task for ever, on the submit path and the API alike.
+async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match tokio::time::timeout(limits.time, axum::body::to_bytes(body, limits.bytes))
+        .await
+    {
+        Err(_) => {
+            let reply = Reply::error(
+                408,
+                "body",
+                &format!(
+                    "The request body did not arrive within {:?} (KNOCKER_BODY_TIMEOUT).",
+                    limits.time
+                ),
+            );
+            return into_response(reply.with_header("connection", "close"));
+        }
+        Ok(Err(_)) => return into_response(Reply::error(413, "body", &body_too_large(limits.bytes))),
+        Ok(Ok(body)) => body,
+    };
+    next.run(Request::from_parts(parts, Body::from(body))).await
+}
+
+/// Serves the router on `listener` until `shutdown`, with the connection limits of
+/// [`super::conn`] and hyper's header deadline; then lets open requests finish (5 s at
+/// most).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.idle_timeout / 3);
+    let graceful = GracefulShutdown::new();
+    let incoming = super::conn::accept(
+        listener,
+        settings.max_connections as usize,
+        settings.idle_timeout,
+    );
+    tokio::pin!(incoming);
+    loop {
+        let next = tokio::select! {
+            next = incoming.next() => next,
+            () = shutdown.cancelled() => break,
+        };
+        let Some(Ok(io)) = next else { break };
+        let peer = io.peer();
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(request.map(Body::new))
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open 5 s after shutdown; closing them");
+    }
 }
 
 async fn dispatch(
@@ -33,7 +136,6 @@ async fn dispatch(
         && path != state.0.settings.status_url
         && !request.headers().contains_key("knocker-host");
     if is_api {
-        use tower::ServiceExt as _;
         return match api.oneshot(request).await {
             Ok(response) => response,
             Err(infallible) => match infallible {},
@@ -48,7 +150,7 @@ async fn submit(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let limit = ingress.settings.max_body_bytes;
+    let limit = ingress.settings.max_body_bytes; // read whole by `read_body` already
     let body = match axum::body::to_bytes(body, limit).await {
         Ok(body) => body,
         Err(_) => return into_response(Reply::error(413, "body", &body_too_large(limit))),

@@ -9,6 +9,7 @@
 //! once); commit, then the receipt (200).
 //! A failure to commit is a 503 with `Retry-After`, never a receipt.
 
+pub mod conn;
 pub mod grpc;
 pub mod http;
 
@@ -27,7 +28,7 @@ use crate::job::spec::{
     build_job, is_http_url, knocker_id, split_headers, Errors, Submission, BAD_URL,
 };
 use crate::job::{Job, VERSION};
-use crate::store::{Inserted, Store, StoreError};
+use crate::store::{ClaimHealth, Inserted, Store, StoreError};
 
 /// The response for the client, whichever ingress it came through.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,10 +95,15 @@ pub struct Ingress {
     pub groups: Arc<Groups>,
     /// Agent groups' broadcasts (NATS engine only).
     pub agents: Option<Arc<AgentBus>>,
+    /// Whether the store hands out due jobs: while it cannot, nothing is accepted.
+    pub claims: Arc<ClaimHealth>,
 }
 
 impl Ingress {
     pub async fn submit(&self, submission: Submission) -> Reply {
+        if let Some(reply) = refuse_unsafe(&submission) {
+            return reply;
+        }
         if let Some(rule) = &submission.rule {
             // A filter rule took the request over: no Knocker headers to read.
             let job = match build_rule_job(rule, &submission, self.time.now_ms(), new_id) {
@@ -138,15 +144,23 @@ impl Ingress {
     }
 
     /// Commits the job; the receipt (with `status`) only once it is stored.
+    ///
+    /// An id that is already stored is not stored again, and its receipt describes the
+    /// request just made, not the stored one: the same id reveals nothing of another
+    /// client's request (its headers, its target) to whoever sends it.
     async fn commit(&self, job: Job, status: u16) -> Reply {
+        if let Some(reply) = self.unclaimable() {
+            return reply;
+        }
+        let asked = receipt(&job);
         match self.store.insert(job).await {
             Ok(Inserted::Created(job)) => {
                 self.wake.notify_one();
                 tracing::debug!(job_id = %job.id, url = %job.request.url, "job accepted");
-                Reply::json(status, &receipt(&job)).with_header("knocker-id", job.id.clone())
+                Reply::json(status, &asked).with_header("knocker-id", job.id.clone())
             }
             Ok(Inserted::Existing(job)) => {
-                Reply::json(status, &receipt(&job)).with_header("knocker-id", job.id.clone())
+                Reply::json(status, &asked).with_header("knocker-id", job.id.clone())
             }
             Err(e) => {
                 tracing::error!(error = %e, "submission refused: the store cannot commit");
@@ -220,8 +234,14 @@ impl Ingress {
         // A resubmission gets the stored broadcast's receipt, whatever the group is now.
         match self.stored_broadcast(&id).await {
             Ok(stored) if !stored.is_empty() => {
-                return Reply::json(status, &broadcast::receipt(&id, group, &stored))
-                    .with_header("knocker-id", id);
+                // The members are the operator's; of the request, only what this one
+                // carried is shown (see `commit`).
+                let mut receipt = broadcast::receipt(&id, group, &stored);
+                let copy = broadcast::copy_headers(group, config, submission);
+                receipt["method"] = json!(submission.method);
+                receipt["headers"] = json!(crate::job::receipt::header_list(&copy));
+                receipt["body-length"] = json!(submission.body.len());
+                return Reply::json(status, &receipt).with_header("knocker-id", id);
             }
             Ok(_) => {}
             Err(e) => return store_unavailable(&e),
@@ -242,6 +262,9 @@ impl Ingress {
             callback,
             rule,
         };
+        if let Some(reply) = self.unclaimable() {
+            return reply;
+        }
         let jobs = broadcast::member_jobs(&fanout, submission, self.time.now_ms());
         match self.store.insert_all(jobs).await {
             Ok(inserted) => {
@@ -300,6 +323,15 @@ impl Ingress {
         }
     }
 
+    /// A 503 while the store cannot hand out due jobs (a damaged database): a job taken
+    /// now would wait for a repair, so the client is told to retry instead.
+    fn unclaimable(&self) -> Option<Reply> {
+        let why = self.claims.failing()?;
+        Some(store_unavailable(&StoreError::Unavailable(format!(
+            "the store cannot hand out jobs ({why})"
+        ))))
+    }
+
     /// The member jobs of broadcast `id`, in member order (empty when there is none).
     pub async fn stored_broadcast(&self, id: &str) -> Result<Vec<Job>, StoreError> {
         let jobs = self
@@ -333,6 +365,27 @@ impl Ingress {
             Err(e) => store_unavailable(&e),
         }
     }
+}
+
+/// A request whose method, path or headers hold what must never be stored or forwarded
+/// (control characters, names that are not HTTP tokens): a 400 naming the field.
+fn refuse_unsafe(submission: &Submission) -> Option<Reply> {
+    if let Some((field, why)) = crate::job::spec::unsafe_header(&submission.headers) {
+        return Some(Reply::error(400, &field, why));
+    }
+    let method_ok = !submission.method.is_empty()
+        && submission.method.bytes().all(|b| b.is_ascii_graphic());
+    if !method_ok {
+        return Some(Reply::error(400, "method", "Not a valid HTTP method."));
+    }
+    if submission.path.bytes().any(|b| b <= 0x20 || b == 0x7f) {
+        return Some(Reply::error(
+            400,
+            "path",
+            "Control characters and spaces are not allowed.",
+        ));
+    }
+    None
 }
 
 fn store_unavailable(e: &StoreError) -> Reply {

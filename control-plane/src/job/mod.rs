@@ -46,6 +46,21 @@ pub struct Job {
     /// it, its `next_attempt_at` is [`PARKED`].
     #[serde(default)]
     pub lane: Option<String>,
+    /// Who chose the URL: a client's choice passes the outbound policy on every hop.
+    #[serde(default)]
+    pub trust: Trust,
+}
+
+/// Who chose a destination. The operator's configuration (rule targets, group members,
+/// notifiers, monitors in the file) is trusted; a client's choice (`Knocker-Host`,
+/// `Knocker-Callback`, an API-made monitor) passes the outbound policy
+/// (`crate::outbound`). Jobs stored before this existed read as `Client`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trust {
+    #[default]
+    Client,
+    Operator,
 }
 
 /// `next_attempt_at` of a job waiting for its turn in an ordered lane.
@@ -98,6 +113,9 @@ pub struct Policy {
     /// Longest delay between attempts (seconds), below the global cap.
     #[serde(default)]
     pub max_backoff_s: Option<f64>,
+    /// Who chose `callback`.
+    #[serde(default)]
+    pub callback_trust: Trust,
 }
 
 /// One attempt's outcome.
@@ -168,6 +186,7 @@ pub(crate) fn test_job(id: &str, method: &str, url: &str) -> Job {
             callback: None,
             deadline: None,
             max_backoff_s: None,
+            callback_trust: Trust::Operator,
         },
         config: serde_json::Map::new(),
         state: State::Pending,
@@ -176,6 +195,7 @@ pub(crate) fn test_job(id: &str, method: &str, url: &str) -> Job {
         created_at: 0,
         finished_at: None,
         lane: None,
+        trust: Trust::Operator,
     }
 }
 

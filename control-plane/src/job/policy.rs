@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::Policy;
+use super::{Policy, Trust};
 use crate::clock::Millis;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -17,6 +17,11 @@ pub struct DeliveryPolicy {
     pub max_backoff_s: f64,
     pub timeout_s: f64,
 }
+
+/// The largest values a policy may hold, from any source (plugin config, TOML, gRPC).
+pub const MAX_AGE_S: u64 = 315_360_000;
+pub const MAX_BACKOFF_S: f64 = 86_400.0;
+pub const MAX_TIMEOUT_S: f64 = 3600.0;
 
 /// The defaults every configured policy starts from.
 pub const DEFAULT_MAX_AGE_S: u64 = 86_400;
@@ -48,22 +53,35 @@ impl DeliveryPolicy {
                 field("retries")
             ));
         }
+        if self.max_age_s > MAX_AGE_S {
+            return Err(format!(
+                "{} must be at most {MAX_AGE_S} seconds (ten years)",
+                field("max_age_s")
+            ));
+        }
         for (f, v) in [
             ("backoff_factor", self.backoff_factor),
             ("max_backoff_s", self.max_backoff_s),
         ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("{} must be a number ≥ 0", field(f)));
+            if !(v.is_finite() && (0.0..=MAX_BACKOFF_S).contains(&v)) {
+                return Err(format!(
+                    "{} must be a number from 0 to {MAX_BACKOFF_S}",
+                    field(f)
+                ));
             }
         }
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
-            return Err(format!("{} must be a number > 0", field("timeout_s")));
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= MAX_TIMEOUT_S)
+        {
+            return Err(format!(
+                "{} must be a number above 0 and at most {MAX_TIMEOUT_S}",
+                field("timeout_s")
+            ));
         }
         Ok(())
     }
 
     /// The job policy of something accepted at `now`.
-    pub fn policy(&self, callback: Option<String>, now: Millis) -> Policy {
+    pub fn policy(&self, callback: Option<String>, callback_trust: Trust, now: Millis) -> Policy {
         let max_age_ms = self.max_age_s.saturating_mul(1000);
         Policy {
             timeout: self.timeout_s,
@@ -72,6 +90,7 @@ impl DeliveryPolicy {
             callback,
             deadline: (max_age_ms > 0).then(|| now.saturating_add(max_age_ms)),
             max_backoff_s: Some(self.max_backoff_s),
+            callback_trust,
         }
     }
 
@@ -104,7 +123,7 @@ mod tests {
 
     #[test]
     fn a_maximum_age_becomes_a_deadline_and_unlimited_retries() {
-        let p = policy().policy(Some("http://cb/".into()), 1_000);
+        let p = policy().policy(Some("http://cb/".into()), Trust::Operator, 1_000);
         assert_eq!(p.deadline, Some(61_000));
         assert_eq!(p.retries, u32::MAX);
         assert_eq!(p.max_backoff_s, Some(5.0));
@@ -114,7 +133,7 @@ mod tests {
             retries: Some(3),
             ..policy()
         };
-        let p = bounded.policy(None, 1_000);
+        let p = bounded.policy(None, Trust::Operator, 1_000);
         assert_eq!((p.deadline, p.retries), (None, 3));
         let mut config = Map::new();
         bounded.describe(&mut config);
@@ -159,5 +178,14 @@ mod tests {
             assert!(e.contains(field), "{e}");
         }
         assert_eq!(policy().validate(at), Ok(()));
+        for (bad, field) in [
+            (DeliveryPolicy { timeout_s: 1e300, ..policy() }, "groups.g.timeout_s"),
+            (DeliveryPolicy { max_age_s: 300_000_000_000, ..policy() }, "groups.g.max_age_s"),
+            (DeliveryPolicy { backoff_factor: 1e300, ..policy() }, "groups.g.backoff_factor"),
+            (DeliveryPolicy { max_backoff_s: f64::INFINITY, ..policy() }, "groups.g.max_backoff_s"),
+        ] {
+            let e = bad.validate(at).unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use serde_json::{json, Map};
 
 use super::policy::DeliveryPolicy;
 use super::spec::{is_http_base_url, knocker_id, split_headers, Errors, Submission};
-use super::{Job, Kind, Request, State};
+use super::{Job, Kind, Request, State, Trust};
 use crate::clock::Millis;
 
 /// Why the filter handed the request over.
@@ -97,7 +97,9 @@ pub fn build_rule_job(
             headers: forwarded,
             body: submission.body.clone(),
         },
-        policy: rule.delivery.policy(rule.callback.clone(), now),
+        // The rule, its target and callback come from the operator's plugin config (the
+        // gRPC door only takes rule submissions from an authenticated filter).
+        policy: rule.delivery.policy(rule.callback.clone(), Trust::Operator, now),
         config,
         state: State::Pending,
         attempts: Vec::new(),
@@ -105,6 +107,7 @@ pub fn build_rule_job(
         created_at: now,
         finished_at: None,
         lane: rule.ordered.then(|| target.to_owned()),
+        trust: Trust::Operator,
     })
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use super::{Headers, Job, Kind, Policy, Request, State};
+use super::{Headers, Job, Kind, Policy, Request, State, Trust, CALLBACK_SUFFIX};
 use crate::clock::Millis;
 use crate::config::Settings;
 
@@ -148,8 +148,60 @@ pub fn knocker_id(raw: &BTreeMap<String, Vec<u8>>, errors: &mut Errors) -> Optio
             );
             None
         }
-        Some(Ok(id)) => Some(id.to_owned()),
+        Some(Ok(id)) => match reserved_id(id) {
+            Some(why) => {
+                errors.add("knocker-id", why);
+                None
+            }
+            None => Some(id.to_owned()),
+        },
     }
+}
+
+/// Why a client may not choose `id`: it holds a control character, or it lies in a
+/// namespace the control plane makes its own ids in — a job's failure callback
+/// (`<id>:callback`), a broadcast's members (`<id>.<n>`), monitor alerts
+/// (`monitor.…`) — so that nobody can take such an id first and swallow what it is for.
+pub fn reserved_id(id: &str) -> Option<String> {
+    if id.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Some("Control characters are not allowed.".into());
+    }
+    if id.ends_with(CALLBACK_SUFFIX) {
+        return Some(format!(
+            "Ids ending in `{CALLBACK_SUFFIX}` are reserved for failure callbacks."
+        ));
+    }
+    if id.starts_with("monitor.") {
+        return Some("Ids starting with `monitor.` are reserved for monitor alerts.".into());
+    }
+    if let Some((_, n)) = id.rsplit_once('.') {
+        if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(
+                "Ids ending in `.<number>` are reserved for the members of broadcasts.".into(),
+            );
+        }
+    }
+    None
+}
+
+/// The first header a client may not send as it is: a name that is not an HTTP token,
+/// or a value with a control character (tab aside) — nothing of the kind is stored or
+/// forwarded. Returns the field to name and why.
+pub fn unsafe_header(headers: &[(String, Vec<u8>)]) -> Option<(String, &'static str)> {
+    headers.iter().find_map(|(name, value)| {
+        let is_token = !name.is_empty()
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) || b == b':'
+            });
+        if !is_token {
+            let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
+            return Some((shown, "Not a valid header name."));
+        }
+        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Some((name.to_ascii_lowercase(), "Control characters are not allowed."));
+        }
+        None
+    })
 }
 
 /// Builds the job a submission asks for, or every reason it cannot.
@@ -276,6 +328,7 @@ pub fn build_job(
             callback,
             deadline: None,
             max_backoff_s: None,
+            callback_trust: Trust::Client,
         },
         config,
         state: State::Pending,
@@ -284,6 +337,7 @@ pub fn build_job(
         created_at: now,
         finished_at: None,
         lane: None,
+        trust: Trust::Client,
     })
 }
 
@@ -472,8 +526,11 @@ mod tests {
                 callback: None,
                 deadline: None,
                 max_backoff_s: None,
+                callback_trust: crate::job::Trust::Client,
             }
         );
+        // Knocker-Host and Knocker-Callback are the client's choice.
+        assert_eq!(job.trust, crate::job::Trust::Client);
         assert_eq!(job.config["host"], "t.example:8443");
         assert_eq!(job.config["timeout"].to_string(), "10.0");
         assert_eq!(job.config["callback"], Value::Null);
@@ -648,6 +705,25 @@ mod tests {
             errors(&[("knocker-host", "t"), ("knocker-id", &long)])["knocker-id"],
             ["Longer than maximum length 256."]
         );
+        for reserved in ["abc:callback", "abc.1", "x.y.22", "monitor.api.1.1.hook", "a\u{1}b"] {
+            let e = errors(&[("knocker-host", "t"), ("knocker-id", reserved)]);
+            assert!(e.contains_key("knocker-id"), "{reserved:?} was accepted");
+        }
+        for fine in ["order.abc", "v1.2a", "callback", "my-monitor.x", "2024-01-01"] {
+            assert!(submit(&[("knocker-host", "t"), ("knocker-id", fine)]).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn unsafe_headers_are_named() {
+        let h = |n: &str, v: &[u8]| vec![(n.to_owned(), v.to_vec())];
+        assert_eq!(unsafe_header(&h("x-a", b"ok\tfine")), None);
+        assert_eq!(
+            unsafe_header(&h("X-A", b"a\r\nx-injected: 1")),
+            Some(("x-a".into(), "Control characters are not allowed."))
+        );
+        assert_eq!(unsafe_header(&h("bad name", b"v")).unwrap().1, "Not a valid header name.");
+        assert_eq!(unsafe_header(&h("x", b"\x00")).unwrap().0, "x");
     }
 
     #[test]

@@ -9,37 +9,34 @@
 //! | `DELETE /knocker/monitors/{name}` | stop an API monitor and remove its history |
 //!
 //! Monitors from `KNOCKER_CONFIG` are shown but changed only in the file (`409`).
-//! Changes need the admin token when `KNOCKER_ADMIN_TOKEN` is set.
+//! Every call needs the admin token when `KNOCKER_ADMIN_TOKEN` is set.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{MonitorConfig, MonitorError, Monitors};
-use crate::api::{check_token, ApiError, ApiResult};
+use crate::api::{ApiError, ApiResult};
 
 #[derive(Clone)]
 struct Api {
     monitors: Arc<Monitors>,
-    token: Arc<str>,
 }
 
-pub fn router<S>(monitors: Arc<Monitors>, token: String) -> Router<S> {
+/// The admin token is checked by the API's router around these routes.
+pub fn router<S>(monitors: Arc<Monitors>) -> Router<S> {
     Router::new()
         .route("/knocker/monitors", get(list).post(create))
         .route(
             "/knocker/monitors/{name}",
             get(one).put(update).delete(delete),
         )
-        .with_state(Api {
-            monitors,
-            token: token.into(),
-        })
+        .with_state(Api { monitors })
 }
 
 impl From<MonitorError> for ApiError {
@@ -48,11 +45,13 @@ impl From<MonitorError> for ApiError {
             MonitorError::NotFound(_) => StatusCode::NOT_FOUND,
             MonitorError::Exists(_) | MonitorError::FromFile(_) => StatusCode::CONFLICT,
             MonitorError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MonitorError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             MonitorError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let field = match &e {
             MonitorError::Store(_) => "store",
             MonitorError::Invalid(_) => "monitor",
+            MonitorError::Limit(_) => "monitors",
             _ => "name",
         };
         ApiError::new(status, field, e.to_string())
@@ -97,10 +96,8 @@ fn definition(
 
 async fn create(
     State(api): State<Api>,
-    headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    check_token(&api.token, &headers)?;
     let (name, config) = definition(body)?;
     let name = name.ok_or_else(|| {
         ApiError::new(
@@ -119,11 +116,9 @@ async fn create(
 
 async fn update(
     State(api): State<Api>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult {
-    check_token(&api.token, &headers)?;
     let (body_name, config) = definition(body)?;
     if body_name.is_some_and(|n| n != name) {
         return Err(ApiError::new(
@@ -137,8 +132,7 @@ async fn update(
     Ok(Json(api.monitors.status(&name, true).await?))
 }
 
-async fn delete(State(api): State<Api>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult {
-    check_token(&api.token, &headers)?;
+async fn delete(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     api.monitors.delete(&name).await?;
     tracing::info!(monitor = %name, "monitor deleted");
     Ok(Json(json!({ "status": true, "deleted": name })))

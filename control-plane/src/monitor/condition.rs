@@ -119,13 +119,27 @@ impl Check {
                     Ok(json) => match json.pointer(pointer) {
                         None => Some(format!("json_pointer {pointer} not found")),
                         Some(got) if got == want => None,
-                        Some(got) => Some(format!("json_pointer {pointer} is {got}, not {want}")),
+                        Some(got) => Some(format!(
+                            "json_pointer {pointer} is {}, not {want}",
+                            quote(&got.to_string())
+                        )),
                     },
                 }
             }
             Self::ResponseTimeBelow(limit) => (seen.latency_ms >= *limit)
                 .then(|| format!("response time {} ms not below {limit} ms", seen.latency_ms)),
         }
+    }
+}
+
+/// Most characters of what a check read that a failed condition quotes: enough to see
+/// what was there, never a whole document (the result is stored and shown by the API).
+pub const QUOTE_CHARS: usize = 64;
+
+fn quote(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_CHARS) {
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+        None => text.to_owned(),
     }
 }
 
@@ -136,6 +150,16 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_condition_quotes_only_a_short_prefix_of_what_it_read() {
+        let doc = serde_json::json!({"secret": "x".repeat(10_000)}).to_string();
+        let check = Check::JsonPointer(String::new(), serde_json::json!("up"));
+        let seen = Observed { status: 200, body: doc.as_bytes(), latency_ms: 1 };
+        let why = check.failure(&seen).unwrap();
+        assert!(why.len() < 200, "{why}");
+        assert!(why.contains(&format!("({} bytes)", doc.len())), "{why}");
+    }
 
     fn check(toml_cond: &str) -> Check {
         let c: Condition = toml::from_str(toml_cond).unwrap();

@@ -35,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Time;
 use crate::notify::{self, NotifierConfig};
+use crate::job::Trust;
+use crate::outbound::Outbound;
 use crate::store::Store;
 use alert::Health;
 use condition::{Check, Condition};
@@ -91,8 +93,13 @@ fn default_success_threshold() -> u32 {
 /// How often a control plane reads the shared monitor definitions (NATS engine).
 const SYNC_EVERY: Duration = Duration::from_secs(2);
 
-/// Shortest interval between checks.
+/// Shortest interval between checks of a monitor in the file.
 pub const MIN_INTERVAL_S: f64 = 0.1;
+/// Shortest interval between checks of a monitor made through the API.
+pub const API_MIN_INTERVAL_S: f64 = 5.0;
+/// Longest interval between checks, and longest check.
+pub const MAX_INTERVAL_S: f64 = 86_400.0;
+pub const MAX_TIMEOUT_S: f64 = 3600.0;
 
 /// Monitor names: letters, digits, `-` and `_` (they are part of job ids and URLs).
 pub fn valid_name(name: &str) -> bool {
@@ -137,14 +144,20 @@ impl MonitorConfig {
                 ));
             }
         }
-        if !(self.interval_s.is_finite() && self.interval_s >= MIN_INTERVAL_S) {
+        if !(self.interval_s.is_finite()
+            && (MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&self.interval_s))
+        {
             return Err(format!(
-                "{} must be a number of seconds ≥ {MIN_INTERVAL_S}",
+                "{} must be a number of seconds from {MIN_INTERVAL_S} to {MAX_INTERVAL_S}",
                 field("interval_s")
             ));
         }
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
-            return Err(format!("{} must be a number > 0", field("timeout_s")));
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= MAX_TIMEOUT_S)
+        {
+            return Err(format!(
+                "{} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}",
+                field("timeout_s")
+            ));
         }
         if self.failure_threshold == 0 {
             return Err(format!("{} must be at least 1", field("failure_threshold")));
@@ -188,6 +201,8 @@ pub enum MonitorError {
     FromFile(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("at most {0} monitors can be made through the API (KNOCKER_MAX_MONITORS)")]
+    Limit(usize),
     #[error(transparent)]
     Store(#[from] anyhow::Error),
 }
@@ -205,7 +220,9 @@ pub struct Monitors {
     wake: Arc<Notify>,
     notifiers: Arc<BTreeMap<String, NotifierConfig>>,
     time: Time,
-    client: reqwest::Client,
+    outbound: Arc<Outbound>,
+    /// Most monitors the API may make (`KNOCKER_MAX_MONITORS`).
+    max_api: usize,
     running: Mutex<HashMap<String, Running>>,
     shutdown: CancellationToken,
 }
@@ -220,19 +237,18 @@ impl Monitors {
         notifiers: Arc<BTreeMap<String, NotifierConfig>>,
         from_file: BTreeMap<String, MonitorConfig>,
         time: Time,
+        outbound: Arc<Outbound>,
+        max_api: usize,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::limited(10))
-            .user_agent(concat!("knocker-monitor/", env!("CARGO_PKG_VERSION")))
-            .build()?;
         let monitors = Arc::new(Self {
             store,
             jobs,
             wake,
             notifiers,
             time,
-            client,
+            outbound,
+            max_api,
             running: Mutex::new(HashMap::new()),
             shutdown,
         });
@@ -329,7 +345,12 @@ impl Monitors {
         checks: Vec<Check>,
         stop: CancellationToken,
     ) {
-        let interval = Duration::from_secs_f64(config.interval_s);
+        let interval = crate::outbound::timeout(config.interval_s).max(Duration::from_millis(100));
+        // A monitor made through the API checks a URL a client chose.
+        let trust = match self.running.lock().get(&name).map(|r| r.source) {
+            Some(Source::File) => Trust::Operator,
+            _ => Trust::Client,
+        };
         tracing::info!(monitor = %name, url = %config.url, interval_s = config.interval_s, "monitor started");
         loop {
             let started = tokio::time::Instant::now();
@@ -348,7 +369,7 @@ impl Monitors {
                 }
             }
             let result = tokio::select! {
-                r = check::run(&self.client, &config, &checks, self.time.now_ms()) => r,
+                r = check::run(&self.outbound, trust, &config, &checks, self.time.now_ms()) => r,
                 () = stop.cancelled() => return,
             };
             if let Err(e) = self.observe(&name, &config, &result).await {
@@ -420,6 +441,11 @@ impl Monitors {
                 "name: `{name}` — use 1 to 64 letters, digits, `-` and `_`"
             )));
         }
+        if config.interval_s.is_finite() && config.interval_s < API_MIN_INTERVAL_S {
+            return Err(MonitorError::Invalid(format!(
+                "monitor.interval_s must be at least {API_MIN_INTERVAL_S} seconds for a monitor made through the API"
+            )));
+        }
         config
             .compile("monitor", &self.notifiers)
             .map_err(MonitorError::Invalid)
@@ -432,8 +458,15 @@ impl Monitors {
         config: MonitorConfig,
     ) -> Result<(), MonitorError> {
         let checks = self.validate(name, &config)?;
-        if self.running.lock().contains_key(name) {
-            return Err(MonitorError::Exists(name.to_owned()));
+        {
+            let running = self.running.lock();
+            if running.contains_key(name) {
+                return Err(MonitorError::Exists(name.to_owned()));
+            }
+            let made = running.values().filter(|r| r.source == Source::Api).count();
+            if made >= self.max_api {
+                return Err(MonitorError::Limit(self.max_api));
+            }
         }
         self.store.put(name, Source::Api, &config).await?;
         self.spawn(name, Source::Api, config, checks);
@@ -506,7 +539,7 @@ impl Monitors {
         let mut view = json!({
             "name": name,
             "source": source,
-            "url": config.url,
+            "url": crate::redact::url(&config.url),
             "method": config.method,
             "interval_s": config.interval_s,
             "health": state.health,
@@ -527,7 +560,7 @@ impl Monitors {
                     "reason": t.reason,
                 }))
                 .collect::<Vec<_>>());
-            view["config"] = json!(config);
+            view["config"] = crate::redact::json(&json!(config));
         }
         Ok(view)
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
@@ -137,12 +137,7 @@ impl Mailer {
     /// 503 for a transient or 418 for a permanent rejection), retried like any job.
     pub async fn send(&self, job: &Job) -> Outcome {
         let started = Instant::now();
-        let fail = |status: u16, error: String| Outcome {
-            status,
-            error: Some(error),
-            retry_after_s: None,
-            latency: started.elapsed(),
-        };
+        let fail = |status: u16, error: String| Outcome::failed(status, error, started.elapsed());
         let name = job
             .config
             .get("notifier")
@@ -175,6 +170,7 @@ impl Mailer {
                 error: None,
                 retry_after_s: None,
                 latency: started.elapsed(),
+                local_shortage: false,
             },
             Err(e) => {
                 let status = if e.is_timeout() {
@@ -228,7 +224,7 @@ fn transport(
     };
     let mut builder = builder
         .port(config.port())
-        .timeout(Some(Duration::from_secs_f64(timeout_s.max(0.1))));
+        .timeout(Some(crate::outbound::timeout(timeout_s.max(0.1))));
     if let Some(credentials) = config.credentials() {
         builder = builder.credentials(credentials);
     }

@@ -23,7 +23,7 @@ use crate::job::policy::{
     default_backoff_factor, default_max_age_s, default_max_backoff_s, default_timeout_s,
     DeliveryPolicy,
 };
-use crate::job::{Job, Kind, Request, State};
+use crate::job::{Job, Kind, Request, State, Trust};
 use crate::monitor::alert::{Health, Transition};
 use crate::monitor::store::CheckResult;
 
@@ -193,7 +193,9 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
                 id,
                 kind,
                 request,
-                policy: notifier.delivery().policy(notifier.callback.clone(), now),
+                policy: notifier
+                    .delivery()
+                    .policy(notifier.callback.clone(), Trust::Operator, now),
                 config,
                 state: State::Pending,
                 attempts: Vec::new(),
@@ -201,6 +203,7 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
                 created_at: now,
                 finished_at: None,
                 lane: None,
+                trust: Trust::Operator,
             })
         })
         .collect()

@@ -16,6 +16,7 @@ fn job(id: &str, host: &str, due: u64) -> Job {
         callback: Some("http://cb/".into()),
         deadline: None,
         max_backoff_s: None,
+        callback_trust: crate::job::Trust::Operator,
     };
     job.config = serde_json::json!({"id": id, "knocker-x": "y"})
         .as_object()

@@ -116,6 +116,31 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError>;
 }
 
+/// Whether the store can hand out due jobs now. The delivery loop says so after each
+/// claim; while it cannot, the ingress refuses submissions (503) rather than take jobs
+/// that would not be delivered.
+#[derive(Debug, Default)]
+pub struct ClaimHealth {
+    failing: parking_lot::Mutex<Option<String>>,
+}
+
+impl ClaimHealth {
+    pub fn claimed(&self) {
+        if self.failing.lock().take().is_some() {
+            tracing::info!("the store hands out due jobs again");
+        }
+    }
+
+    pub fn failed(&self, error: &StoreError) {
+        *self.failing.lock() = Some(error.to_string());
+    }
+
+    /// Why claims fail, while they do.
+    pub fn failing(&self) -> Option<String> {
+        self.failing.lock().clone()
+    }
+}
+
 #[cfg(test)]
 mod contract_tests;
 #[cfg(test)]

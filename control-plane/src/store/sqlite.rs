@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Inserted, Next, Stats, Store, StoreError};
 use crate::clock::Millis;
-use crate::job::{Attempt, Headers, Job, Kind, Policy, Request, State, PARKED};
+use crate::job::{Attempt, Headers, Job, Kind, Policy, Request, State, Trust, PARKED};
 
 /// Most requests committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- Jobs per state, kept in the same commits as the jobs: opening a store with a million
 -- jobs must not count them.
 CREATE TABLE IF NOT EXISTS counts (state INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+-- Stored jobs that could not be read, as they were, and why.
+CREATE TABLE IF NOT EXISTS quarantine (
+    id TEXT PRIMARY KEY, spec BLOB, attempts BLOB, reason TEXT NOT NULL, at INTEGER NOT NULL
+);
 ";
 
 const INDEXES: &str = "
@@ -85,6 +89,48 @@ struct Spec {
     config: String,
     deadline: Option<Millis>,
     max_backoff_s: Option<f64>,
+    trust: Trust,
+    callback_trust: Trust,
+}
+
+/// The spec before destinations carried their trust: read as chosen by a client, the
+/// safe side (the outbound policy applies to them).
+#[derive(Deserialize)]
+struct SpecV2 {
+    kind: Kind,
+    method: String,
+    url: String,
+    headers: Headers,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+    timeout: f64,
+    retries: u32,
+    backoff_factor: f64,
+    callback: Option<String>,
+    config: String,
+    deadline: Option<Millis>,
+    max_backoff_s: Option<f64>,
+}
+
+impl From<SpecV2> for Spec {
+    fn from(v2: SpecV2) -> Self {
+        Self {
+            kind: v2.kind,
+            method: v2.method,
+            url: v2.url,
+            headers: v2.headers,
+            body: v2.body,
+            timeout: v2.timeout,
+            retries: v2.retries,
+            backoff_factor: v2.backoff_factor,
+            callback: v2.callback,
+            config: v2.config,
+            deadline: v2.deadline,
+            max_backoff_s: v2.max_backoff_s,
+            trust: Trust::Client,
+            callback_trust: Trust::Client,
+        }
+    }
 }
 
 /// The spec as the first release stored it (before maximum ages and backoff caps);
@@ -119,15 +165,20 @@ impl From<SpecV1> for Spec {
             config: v1.config,
             deadline: None,
             max_backoff_s: None,
+            trust: Trust::Client,
+            callback_trust: Trust::Client,
         }
     }
 }
 
+/// Newest layout first: an older row is too short for a newer layout (postcard has no
+/// optional trailing fields), so the first that decodes is the row's own.
 fn decode_spec(bytes: &[u8]) -> Result<Spec, postcard::Error> {
     match postcard::from_bytes::<Spec>(bytes) {
         Ok(spec) => Ok(spec),
-        Err(e) => postcard::from_bytes::<SpecV1>(bytes)
+        Err(e) => postcard::from_bytes::<SpecV2>(bytes)
             .map(Spec::from)
+            .or_else(|_| postcard::from_bytes::<SpecV1>(bytes).map(Spec::from))
             .map_err(|_| e),
     }
 }
@@ -164,6 +215,8 @@ fn encode_spec(job: &Job) -> Result<Vec<u8>, StoreError> {
         config: serde_json::Value::Object(job.config.clone()).to_string(),
         deadline: job.policy.deadline,
         max_backoff_s: job.policy.max_backoff_s,
+        trust: job.trust,
+        callback_trust: job.policy.callback_trust,
     };
     postcard::to_stdvec(&spec)
         .map_err(|e| StoreError::Unavailable(format!("cannot encode job: {e}")))
@@ -202,6 +255,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
             callback: spec.callback,
             deadline: spec.deadline,
             max_backoff_s: spec.max_backoff_s,
+            callback_trust: spec.callback_trust,
         },
         config,
         state: state_from(row.get(1)?),
@@ -210,6 +264,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         created_at: row.get::<_, i64>(3)? as Millis,
         finished_at: row.get::<_, Option<i64>>(4)?.map(|v| v as Millis),
         lane: row.get(7)?,
+        trust: spec.trust,
     })
 }
 
@@ -355,7 +410,8 @@ impl SqliteStore {
             StoreError::Unavailable(format!("KNOCKER_DATA_DIR {}: {e}", dir.display()))
         })?;
         let path = dir.join("knocker.db");
-        let writer = open_connection(&path, &limits).map_err(sql_error)?;
+        let writer = open_connection(&path, &limits).map_err(|e| damaged(&path, &e.to_string()))?;
+        check_integrity(&writer, &path)?;
         writer.execute_batch(TABLES).map_err(sql_error)?;
         migrate(&writer).map_err(sql_error)?;
         writer.execute_batch(INDEXES).map_err(sql_error)?;
@@ -624,6 +680,85 @@ fn insert_row(tx: &Connection, job: &Job) -> rusqlite::Result<bool> {
 
 /// Gives an ordered lane its next job when none of its open jobs is active: the oldest
 /// parked one becomes due at `now`.
+/// Takes a job whose stored form cannot be read out of the queue: its bytes move to the
+/// `quarantine` table with the reason, and the row becomes a failed job whose one
+/// attempt record says why — visible in the API, never claimed again.
+fn quarantine(
+    tx: &Connection,
+    id: &str,
+    lane: Option<&str>,
+    reason: &str,
+    now: Millis,
+) -> rusqlite::Result<()> {
+    tracing::error!(job_id = ?id, reason, "a stored job cannot be read; it is quarantined as failed");
+    tx.execute(
+        "INSERT OR REPLACE INTO quarantine (id, spec, attempts, reason, at)
+         SELECT id, spec, attempts, ?2, ?3 FROM jobs WHERE id = ?1",
+        params![id, reason, now as i64],
+    )?;
+    let error = format!("{QUARANTINED}: {reason}");
+    let placeholder = Spec {
+        kind: Kind::Target,
+        method: String::new(),
+        url: String::new(),
+        headers: Vec::new(),
+        body: Vec::new(),
+        timeout: 0.0,
+        retries: 0,
+        backoff_factor: 0.0,
+        callback: None,
+        config: serde_json::json!({ "quarantined": error }).to_string(),
+        deadline: None,
+        max_backoff_s: None,
+        trust: Trust::Client,
+        callback_trust: Trust::Client,
+    };
+    let attempts = vec![Attempt {
+        at: now,
+        status: 0,
+        error: Some(error),
+        latency_ms: 0,
+    }];
+    tx.execute(
+        "UPDATE jobs SET state = 3, finished_at = ?2, spec = ?3, attempts = ?4 WHERE id = ?1",
+        params![
+            id,
+            now as i64,
+            postcard::to_stdvec(&placeholder).map_err(corrupt)?,
+            postcard::to_stdvec(&attempts).map_err(corrupt)?
+        ],
+    )?;
+    if let Some(lane) = lane {
+        wake_lane(tx, lane, now)?;
+    }
+    Ok(())
+}
+
+/// The attempt record of a quarantined job begins with this.
+pub const QUARANTINED: &str = "quarantined: the stored job cannot be read";
+
+/// `PRAGMA quick_check`: a damaged file is refused when it opens (naming it), not found
+/// out by a claim loop that fails for ever.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found: Vec<String> = conn
+        .prepare("PRAGMA quick_check(5)")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| damaged(path, &e.to_string()))?;
+    if found.len() == 1 && found[0] == "ok" {
+        Ok(())
+    } else {
+        Err(damaged(path, &found.join("; ")))
+    }
+}
+
+fn damaged(path: &Path, why: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the job database {} is damaged ({why}); restore it from a backup, or move it \
+         away to start empty",
+        path.display()
+    ))
+}
+
 fn wake_lane(tx: &Connection, lane: &str, now: Millis) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE jobs SET next_attempt_at = ?2
@@ -693,10 +828,24 @@ fn execute(
             sql.push_str(&format!(" ORDER BY next_attempt_at, seq LIMIT {limit}"));
             let mut values: Vec<rusqlite::types::Value> = vec![(*now as i64).into()];
             values.extend(skip_hosts.iter().map(|h| h.clone().into()));
-            let mut jobs: Vec<Job> = tx
+            // A row that cannot be read is taken out of the queue (quarantined), not
+            // left to fail every claim after it.
+            let rows: Vec<(String, Option<String>, rusqlite::Result<Job>)> = tx
                 .prepare_cached(&sql)?
-                .query_map(rusqlite::params_from_iter(values), job_from_row)?
+                .query_map(rusqlite::params_from_iter(values), |row| {
+                    Ok((row.get(0)?, row.get(7)?, job_from_row(row)))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
+            let mut jobs = Vec::with_capacity(rows.len());
+            for (id, lane, job) in rows {
+                match job {
+                    Ok(job) => jobs.push(job),
+                    Err(e) => {
+                        quarantine(tx, &id, lane.as_deref(), &e.to_string(), *now)?;
+                        deltas.moved(Some(State::Pending), Some(State::Failed));
+                    }
+                }
+            }
             let mut mark = tx.prepare_cached("UPDATE jobs SET state = 1 WHERE id = ?1")?;
             for job in &mut jobs {
                 mark.execute([&job.id])?;
@@ -956,5 +1105,48 @@ mod tests {
         assert_eq!((spec.url.as_str(), spec.retries), ("http://t/", 3));
         assert_eq!(spec.callback.as_deref(), Some("http://cb/"));
         assert_eq!((spec.deadline, spec.max_backoff_s), (None, None));
+        assert_eq!((spec.trust, spec.callback_trust), (Trust::Client, Trust::Client));
+    }
+
+    #[test]
+    fn specs_without_trust_decode_as_client_chosen_and_new_ones_keep_it() {
+        #[derive(Serialize)]
+        struct V2<'a> {
+            kind: Kind,
+            method: &'a str,
+            url: &'a str,
+            headers: Headers,
+            #[serde(with = "serde_bytes")]
+            body: &'a [u8],
+            timeout: f64,
+            retries: u32,
+            backoff_factor: f64,
+            callback: Option<&'a str>,
+            config: &'a str,
+            deadline: Option<Millis>,
+            max_backoff_s: Option<f64>,
+        }
+        let bytes = postcard::to_stdvec(&V2 {
+            kind: Kind::Target,
+            method: "POST",
+            url: "http://t/",
+            headers: vec![],
+            body: b"",
+            timeout: 2.0,
+            retries: 3,
+            backoff_factor: 0.5,
+            callback: None,
+            config: "{}",
+            deadline: Some(9),
+            max_backoff_s: Some(1.0),
+        })
+        .unwrap();
+        let spec = decode_spec(&bytes).unwrap();
+        assert_eq!((spec.deadline, spec.trust), (Some(9), Trust::Client));
+        let mut job = crate::job::test_job("j", "GET", "http://t/");
+        job.trust = Trust::Operator;
+        job.policy.callback_trust = Trust::Client;
+        let spec = decode_spec(&encode_spec(&job).unwrap()).unwrap();
+        assert_eq!((spec.trust, spec.callback_trust), (Trust::Operator, Trust::Client));
     }
 }

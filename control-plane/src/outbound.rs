@@ -1,0 +1,540 @@
+//! Outbound requests: the one door every request the control plane sends leaves by —
+//! job attempts, callbacks, broadcast copies, agent replays, webhooks, monitor checks —
+//! and the one policy each hop of them passes.
+//!
+//! A destination the operator wrote (a rule's target, a group member, a notifier, a
+//! monitor in the file) is trusted ([`Trust::Operator`]). One a client chose
+//! (`Knocker-Host`, `Knocker-Callback`, a monitor made through the API) and every
+//! redirect hop that leaves the trusted origin ([`Trust::Client`]) must pass
+//! [`OutboundPolicy`], checked on the address actually connected to: literal addresses
+//! before the request, names in the resolver (so a name that resolves to a denied
+//! address is denied too). By default that denies loopback, link-local (the cloud
+//! metadata addresses among them), unspecified, multicast and broadcast addresses, and
+//! this stack's own ports on this machine's addresses; `HOSTS_ONLY` applies to every
+//! such hop. `KNOCKER_OUTBOUND_ALLOW` opens ranges, `KNOCKER_OUTBOUND_DENY` closes more.
+//!
+//! Redirects are followed here, hop by hop, rather than inside the HTTP client, so that
+//! each hop is checked and the method and body rules are ours. One HTTP client per trust
+//! serves every attempt, whatever its timeout (timeouts are per request).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use reqwest::header::HeaderMap;
+use reqwest::{Method, Url};
+
+pub use crate::job::Trust;
+
+/// The `HOSTS_ONLY` allow-list: host names (with or without a port) a client may choose.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostsOnly(pub Vec<String>);
+
+impl HostsOnly {
+    /// True when the list is empty or holds `host` (an entry without a port allows every
+    /// port of that host; one with a port, that port only).
+    pub fn allows(&self, host_port: &str, host: &str) -> bool {
+        self.0.is_empty()
+            || self
+                .0
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host_port) || h.eq_ignore_ascii_case(host))
+    }
+}
+
+/// Why a hop was not sent. The text names the address and what would open it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+/// Ranges a client-chosen destination may not reach unless the operator opens them.
+const DEFAULT_DENIED: &[(&str, &str)] = &[
+    ("127.0.0.0/8", "a loopback address"),
+    ("::1/128", "a loopback address"),
+    ("0.0.0.0/8", "an unspecified (this-network) address"),
+    ("::/128", "an unspecified address"),
+    ("169.254.0.0/16", "a link-local address (cloud metadata lives there)"),
+    ("fe80::/10", "a link-local address"),
+    ("100.100.100.200/32", "a cloud metadata address"),
+    ("fd00:ec2::254/128", "a cloud metadata address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("ff00::/8", "a multicast address"),
+    ("255.255.255.255/32", "the broadcast address"),
+];
+
+/// The policy for client-chosen hops.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundPolicy {
+    pub hosts_only: HostsOnly,
+    /// Opened by the operator: these ranges are reachable even where the defaults deny.
+    pub allow: Vec<IpNet>,
+    /// Closed by the operator, on top of the defaults; wins over `allow`.
+    pub deny: Vec<IpNet>,
+    /// Ports of this stack (the control plane's own, Envoy's admin…): never reached on
+    /// this machine's addresses by a client-chosen hop.
+    pub protected_ports: Vec<u16>,
+    /// This machine's addresses (loopback and unspecified count as this machine too).
+    pub local: Vec<IpAddr>,
+}
+
+
+/// The address an IPv4-mapped or NAT64 IPv6 address stands for, else the address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let s = v6.segments();
+            // 64:ff9b::/96 (NAT64) carries an IPv4 address in its last 32 bits.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [.., a, b, c, d] = v6.octets();
+                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+            }
+            IpAddr::V6(v6)
+        }
+        v4 => v4,
+    }
+}
+
+impl OutboundPolicy {
+    /// This machine's interface addresses, read once at start-up.
+    pub fn local_addresses() -> Vec<IpAddr> {
+        match if_addrs::get_if_addrs() {
+            Ok(ifs) => ifs.into_iter().map(|i| i.ip()).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list this machine's addresses; protected ports are checked on loopback only");
+                Vec::new()
+            }
+        }
+    }
+
+    /// May a client-chosen hop connect to `ip`?
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Denied> {
+        let ip = canonical(ip);
+        if let Some(net) = self.deny.iter().find(|n| n.contains(&ip)) {
+            return Err(Denied(format!(
+                "{ip} is in {net}, which KNOCKER_OUTBOUND_DENY closes"
+            )));
+        }
+        if self.allow.iter().any(|n| n.contains(&ip)) {
+            return Ok(());
+        }
+        for (net, what) in DEFAULT_DENIED {
+            let net = IpNet::from_str(net).map_err(|e| Denied(e.to_string()))?;
+            if net.contains(&ip) {
+                return Err(Denied(format!(
+                    "{ip} is {what}, closed to client-chosen destinations (KNOCKER_OUTBOUND_ALLOW opens a range)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// May a client-chosen hop connect to `addr`: its range and, on this machine, its port?
+    pub fn check_addr(&self, addr: SocketAddr) -> Result<(), Denied> {
+        self.check_ip(addr.ip())?;
+        self.check_port(addr.ip(), addr.port())
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        ip.is_loopback() || ip.is_unspecified() || self.local.iter().any(|l| canonical(*l) == ip)
+    }
+
+    fn check_port(&self, ip: IpAddr, port: u16) -> Result<(), Denied> {
+        if self.protected_ports.contains(&port) && self.is_local(ip) {
+            return Err(Denied(format!(
+                "{} is a port of this stack on this machine, closed to client-chosen destinations",
+                SocketAddr::new(ip, port)
+            )));
+        }
+        Ok(())
+    }
+
+    /// `HOSTS_ONLY` for a client-chosen hop to `url`.
+    pub fn check_host(&self, url: &Url) -> Result<(), Denied> {
+        let host = url.host_str().unwrap_or_default();
+        let host_port = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        };
+        if self.hosts_only.allows(&host_port, host) {
+            Ok(())
+        } else {
+            Err(Denied(format!(
+                "host {host_port} is not in HOSTS_ONLY ({})",
+                self.hosts_only.0.join(", ")
+            )))
+        }
+    }
+
+    /// Every check that can be made before connecting: scheme, `HOSTS_ONLY`, a literal
+    /// address. Names are checked again when they resolve.
+    pub fn check_url(&self, url: &Url) -> Result<(), Denied> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Denied(format!("scheme {} is not http or https", url.scheme())));
+        }
+        self.check_host(url)?;
+        let port = url.port_or_known_default().unwrap_or(80);
+        match url.host() {
+            Some(url::Host::Ipv4(v4)) => self.check_addr(SocketAddr::new(IpAddr::V4(v4), port)),
+            Some(url::Host::Ipv6(v6)) => self.check_addr(SocketAddr::new(IpAddr::V6(v6), port)),
+            Some(url::Host::Domain(_)) => Ok(()),
+            None => Err(Denied("the URL has no host".into())),
+        }
+    }
+}
+
+/// The resolver of client-chosen hops: the system's lookup, keeping only addresses the
+/// policy allows; a name left with none is denied.
+struct GuardedResolver {
+    policy: Arc<OutboundPolicy>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = Arc::clone(&self.policy);
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .collect();
+            let mut denied = None;
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| match policy.check_ip(a.ip()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        denied.get_or_insert(e);
+                        false
+                    }
+                })
+                .collect();
+            match (allowed.is_empty(), denied) {
+                (true, Some(Denied(why))) => Err(Box::new(Denied(format!("{host} resolves to {why}")))
+                    as Box<dyn std::error::Error + Send + Sync>),
+                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// Why a request was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("denied: {0}")]
+    Denied(Denied),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{}", error_chain(.0))]
+    Transport(reqwest::Error),
+    #[error("too many redirects (more than {0})")]
+    TooManyRedirects(usize),
+    #[error("invalid URL {0}")]
+    BadUrl(String),
+}
+
+/// Longest per-request timeout, whatever a stored job says.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A timeout in seconds as a duration, clamped to what a request may take.
+pub fn timeout(seconds: f64) -> Duration {
+    if seconds.is_nan() || seconds <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(seconds).map_or(MAX_TIMEOUT, |d| d.min(MAX_TIMEOUT))
+}
+
+/// One request to send.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Bounds connecting and waiting for each answer's head, per hop.
+    pub timeout: Duration,
+    pub trust: Trust,
+}
+
+/// The HTTP clients and the policy.
+pub struct Outbound {
+    policy: Arc<OutboundPolicy>,
+    operator: reqwest::Client,
+    client: reqwest::Client,
+    max_redirects: usize,
+}
+
+/// Headers that do not follow a redirect to another origin.
+const CREDENTIALS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
+
+impl Outbound {
+    pub fn new(policy: OutboundPolicy, max_redirects: u32) -> Result<Self, reqwest::Error> {
+        let policy = Arc::new(policy);
+        let build = |guarded: bool| {
+            let builder = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(MAX_TIMEOUT)
+                .pool_idle_timeout(Duration::from_secs(30));
+            if guarded {
+                builder.dns_resolver(Arc::new(GuardedResolver {
+                    policy: Arc::clone(&policy),
+                }))
+            } else {
+                builder
+            }
+            .build()
+        };
+        Ok(Self {
+            operator: build(false)?,
+            client: build(true)?,
+            policy: Arc::clone(&policy),
+            max_redirects: max_redirects as usize,
+        })
+    }
+
+    pub fn policy(&self) -> &OutboundPolicy {
+        &self.policy
+    }
+
+    /// Sends the request, following redirects hop by hop; each hop that is not the
+    /// operator's own origin passes the policy.
+    pub async fn send(&self, request: Request) -> Result<reqwest::Response, Failure> {
+        let Request {
+            mut method,
+            url,
+            mut headers,
+            mut body,
+            timeout,
+            trust,
+        } = request;
+        let mut url = Url::parse(&url).map_err(|_| Failure::BadUrl(url.clone()))?;
+        let trusted_origin = (trust == Trust::Operator).then(|| url.origin());
+        let mut redirects = 0;
+        loop {
+            let hop_trust = match &trusted_origin {
+                Some(origin) if *origin == url.origin() => Trust::Operator,
+                _ => Trust::Client,
+            };
+            let client = match hop_trust {
+                Trust::Operator => &self.operator,
+                Trust::Client => {
+                    self.check_hop(&url).await.map_err(Failure::Denied)?;
+                    &self.client
+                }
+            };
+            let send = client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone())
+                .body(body.clone())
+                .send();
+            let response = match tokio::time::timeout(timeout, send).await {
+                Err(_) => return Err(Failure::Timeout(timeout)),
+                Ok(Err(e)) => return Err(classify_denied(e)),
+                Ok(Ok(r)) => r,
+            };
+            let status = response.status().as_u16();
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(str::to_owned);
+            let Some(location) = location.filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308))
+            else {
+                return Ok(response);
+            };
+            if redirects >= self.max_redirects {
+                return Err(Failure::TooManyRedirects(self.max_redirects));
+            }
+            redirects += 1;
+            let next = url
+                .join(&location)
+                .map_err(|_| Failure::BadUrl(location.clone()))?;
+            // 303, and 301/302 after a POST, become a GET without a body (as browsers do).
+            if status == 303 && method != Method::HEAD
+                || matches!(status, 301 | 302) && method == Method::POST
+            {
+                method = Method::GET;
+                body = Bytes::new();
+                headers.remove(reqwest::header::CONTENT_TYPE);
+                headers.remove(reqwest::header::CONTENT_LENGTH);
+            }
+            if next.origin() != url.origin() {
+                for name in CREDENTIALS {
+                    headers.remove(*name);
+                }
+            }
+            url = next;
+        }
+    }
+
+    /// The checks of a client-chosen hop that can be made before connecting; for a name
+    /// on a protected port, the addresses it has now (the resolver checks ranges again
+    /// when connecting).
+    async fn check_hop(&self, url: &Url) -> Result<(), Denied> {
+        self.policy.check_url(url)?;
+        if let (Some(url::Host::Domain(name)), Some(port)) = (url.host(), url.port_or_known_default())
+        {
+            if self.policy.protected_ports.contains(&port) {
+                if let Ok(addrs) = tokio::net::lookup_host((name, port)).await {
+                    for addr in addrs {
+                        self.policy.check_addr(addr)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A transport error whose cause is the resolver's denial is a denial.
+fn classify_denied(e: reqwest::Error) -> Failure {
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(denied) = s.downcast_ref::<Denied>() {
+            return Failure::Denied(denied.clone());
+        }
+        source = s.source();
+    }
+    Failure::Transport(e)
+}
+
+pub fn error_chain(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// CIDR lists as people write them: `127.0.0.0/8, ::1/128` (a bare address is /32 or /128).
+pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            IpNet::from_str(p)
+                .or_else(|_| IpAddr::from_str(p).map(IpNet::from))
+                .map_err(|_| format!("`{p}` is not an address range like 10.0.0.0/8 or ::1/128"))
+        })
+        .collect()
+}
+
+/// Port lists: `9901, 15000`.
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(format!("`{p}` is not a port (1–65535)")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> OutboundPolicy {
+        OutboundPolicy {
+            protected_ports: vec![9901, 8000],
+            local: vec!["10.1.2.3".parse().unwrap()],
+            ..OutboundPolicy::default()
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn default_denials_cover_loopback_metadata_and_friends_in_every_spelling() {
+        let p = policy();
+        for bad in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "169.254.169.254",
+            "fe80::1",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::7f00:1",
+        ] {
+            let e = p.check_ip(ip(bad)).unwrap_err();
+            assert!(e.0.contains("KNOCKER_OUTBOUND_ALLOW"), "{bad}: {e}");
+        }
+        for good in ["93.184.216.34", "10.0.0.1", "2606:4700::1111", "192.168.1.1"] {
+            assert_eq!(p.check_ip(ip(good)), Ok(()), "{good}");
+        }
+    }
+
+    #[test]
+    fn allow_opens_deny_closes_and_protected_ports_stay_closed_on_this_machine() {
+        let mut p = policy();
+        p.allow = parse_cidrs("127.0.0.0/8").unwrap();
+        p.deny = parse_cidrs("10.0.0.0/8, 127.0.0.5").unwrap();
+        assert_eq!(p.check_ip(ip("127.0.0.1")), Ok(()));
+        assert!(p.check_ip(ip("127.0.0.5")).unwrap_err().0.contains("KNOCKER_OUTBOUND_DENY"));
+        assert!(p.check_ip(ip("10.9.9.9")).is_err());
+        // Loopback is open, but not this stack's ports on it, nor on this machine's address.
+        assert_eq!(p.check_addr("127.0.0.1:8080".parse().unwrap()), Ok(()));
+        assert!(p.check_addr("127.0.0.1:9901".parse().unwrap()).is_err());
+        assert!(p.check_addr("[::ffff:127.0.0.1]:8000".parse().unwrap()).is_err());
+        p.deny.clear();
+        assert!(p.check_addr("10.1.2.3:9901".parse().unwrap()).is_err());
+        assert_eq!(p.check_addr("10.1.2.4:9901".parse().unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn urls_are_checked_by_scheme_hosts_only_and_literal_address() {
+        let mut p = policy();
+        let url = |s: &str| Url::parse(s).unwrap();
+        assert!(p.check_url(&url("http://127.0.0.1:9/")).is_err());
+        // The URL parser reads every spelling of an IPv4 address as one.
+        assert!(p.check_url(&url("http://2130706433/")).is_err());
+        assert!(p.check_url(&url("http://0x7f.1/")).is_err());
+        assert!(p.check_url(&url("http://[::1]/")).is_err());
+        assert!(p.check_url(&url("ftp://example.com/")).is_err());
+        assert_eq!(p.check_url(&url("https://example.com/x")), Ok(()));
+        p.hosts_only = HostsOnly(vec!["a.example".into(), "b.example:8080".into()]);
+        assert_eq!(p.check_url(&url("http://a.example:1234/")), Ok(()));
+        assert_eq!(p.check_url(&url("http://b.example:8080/")), Ok(()));
+        let e = p.check_url(&url("http://b.example:9090/")).unwrap_err();
+        assert!(e.0.contains("HOSTS_ONLY"), "{e}");
+        assert!(p.check_url(&url("http://c.example/")).is_err());
+    }
+
+    #[test]
+    fn timeouts_are_clamped_not_panics() {
+        assert_eq!(timeout(1e300), MAX_TIMEOUT);
+        assert_eq!(timeout(f64::INFINITY), MAX_TIMEOUT);
+        assert_eq!(timeout(f64::NAN), Duration::ZERO);
+        assert_eq!(timeout(-1.0), Duration::ZERO);
+        assert_eq!(timeout(1.5), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn lists_parse_with_errors_naming_the_item() {
+        assert_eq!(parse_cidrs("").unwrap(), vec![]);
+        assert_eq!(parse_cidrs("::1").unwrap().len(), 1);
+        assert!(parse_cidrs("10.0.0.0/33").unwrap_err().contains("10.0.0.0/33"));
+        assert_eq!(parse_ports("9901, 15000").unwrap(), vec![9901, 15000]);
+        assert!(parse_ports("0").is_err());
+        assert!(parse_ports("x").unwrap_err().contains("`x`"));
+    }
+}
