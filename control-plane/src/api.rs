@@ -298,10 +298,7 @@ async fn list(State(ingress): State<Arc<Ingress>>, Query(q): Query<ListQuery>) -
     ))
 }
 
-async fn replay_one(
-    State(ingress): State<Arc<Ingress>>,
-    Path(id): Path<String>,
-) -> ApiResult {
+async fn replay_one(State(ingress): State<Arc<Ingress>>, Path(id): Path<String>) -> ApiResult {
     let job = ingress
         .store
         .replay(&id, ingress.time.now_ms())
@@ -319,10 +316,7 @@ async fn replay_one(
     Ok(Json(view(&job)))
 }
 
-async fn replay_many(
-    State(ingress): State<Arc<Ingress>>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult {
+async fn replay_many(State(ingress): State<Arc<Ingress>>, Query(q): Query<ListQuery>) -> ApiResult {
     let state = match parse_state(q.state.as_deref())? {
         s @ (JobState::Failed | JobState::Delivered) => s,
         _ => {
@@ -348,10 +342,7 @@ async fn replay_many(
     Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
 }
 
-async fn delete(
-    State(ingress): State<Arc<Ingress>>,
-    Path(id): Path<String>,
-) -> ApiResult {
+async fn delete(State(ingress): State<Arc<Ingress>>, Path(id): Path<String>) -> ApiResult {
     if !ingress.store.delete(&id, ingress.time.now_ms()).await? {
         return Err(ApiError::no_job());
     }

@@ -14,7 +14,7 @@ pub struct Remote {
         global = true
     )]
     pub url: String,
-    /// Bearer token for replay and delete (the instance's KNOCKER_ADMIN_TOKEN).
+    /// Bearer token for every API call (the instance's KNOCKER_ADMIN_TOKEN).
     #[arg(
         long,
         env = "KNOCKER_ADMIN_TOKEN",

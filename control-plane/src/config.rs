@@ -193,6 +193,10 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
+    /// Shortest interval (seconds) between checks of a monitor made through the API.
+    #[arg(long, env = "KNOCKER_MONITOR_MIN_INTERVAL", value_name = "KNOCKER_MONITOR_MIN_INTERVAL", default_value_t = 5.0, value_parser = seconds_up_to_a_day)]
+    pub monitor_min_interval: f64,
+
     /// Monitors made through the API, at most.
     #[arg(long, env = "KNOCKER_MAX_MONITORS", value_name = "KNOCKER_MAX_MONITORS", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(0..=100_000))]
@@ -227,8 +231,9 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub monitor_history: u32,
 
-    /// DNS server (`ip:port`) for the members of DNS broadcast groups; the system's
-    /// resolver (`/etc/resolv.conf`) when unset.
+    /// DNS server (`ip:port`) for the members of DNS broadcast groups and the names of
+    /// outbound requests; the system's resolver (`/etc/hosts`, `/etc/resolv.conf`) when
+    /// unset.
     #[arg(long, env = "KNOCKER_DNS_SERVER", value_name = "KNOCKER_DNS_SERVER")]
     pub dns_server: Option<SocketAddr>,
 
@@ -537,7 +542,9 @@ mod tests {
 
     #[test]
     fn huge_numbers_are_refused_where_they_enter() {
-        assert!(seconds_up_to_an_hour("1e300").unwrap_err().contains("at most 3600"));
+        assert!(seconds_up_to_an_hour("1e300")
+            .unwrap_err()
+            .contains("at most 3600"));
         assert!(seconds_up_to_a_day("86401").is_err());
         assert_eq!(seconds_up_to_an_hour("60"), Ok(60.0));
         assert!(parse_positive_duration("0s").is_err());

@@ -55,6 +55,7 @@ use crate::config::file::FileConfig;
 use crate::config::Settings;
 use crate::delivery::attempt::Dispatch;
 use crate::outbound::{Outbound, OutboundPolicy};
+
 use crate::delivery::{Delivery, HostLimits};
 use crate::ingress::Ingress;
 use crate::monitor::shared::SharedStore;
@@ -119,6 +120,7 @@ pub async fn serve(
     let outbound = Arc::new(
         Outbound::new(
             settings.outbound_policy(OutboundPolicy::local_addresses()),
+            crate::outbound::Lookup::new(settings.dns_server).map_err(anyhow::Error::msg)?,
             settings.max_redirects,
         )
         .context("cannot build the HTTP client")?,
@@ -140,7 +142,12 @@ pub async fn serve(
         file.monitors,
         time.clone(),
         Arc::clone(&outbound),
-        settings.max_monitors as usize,
+        crate::monitor::ApiLimits {
+            max_monitors: settings.max_monitors as usize,
+            min_interval_s: settings
+                .monitor_min_interval
+                .max(crate::monitor::MIN_INTERVAL_S),
+        },
         shutdown.clone(),
     )
     .await?;

@@ -56,7 +56,10 @@ const DEFAULT_DENIED: &[(&str, &str)] = &[
     ("::1/128", "a loopback address"),
     ("0.0.0.0/8", "an unspecified (this-network) address"),
     ("::/128", "an unspecified address"),
-    ("169.254.0.0/16", "a link-local address (cloud metadata lives there)"),
+    (
+        "169.254.0.0/16",
+        "a link-local address (cloud metadata lives there)",
+    ),
     ("fe80::/10", "a link-local address"),
     ("100.100.100.200/32", "a cloud metadata address"),
     ("fd00:ec2::254/128", "a cloud metadata address"),
@@ -79,7 +82,6 @@ pub struct OutboundPolicy {
     /// This machine's addresses (loopback and unspecified count as this machine too).
     pub local: Vec<IpAddr>,
 }
-
 
 /// The address an IPv4-mapped or NAT64 IPv6 address stands for, else the address.
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -176,7 +178,10 @@ impl OutboundPolicy {
     /// address. Names are checked again when they resolve.
     pub fn check_url(&self, url: &Url) -> Result<(), Denied> {
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Denied(format!("scheme {} is not http or https", url.scheme())));
+            return Err(Denied(format!(
+                "scheme {} is not http or https",
+                url.scheme()
+            )));
         }
         self.check_host(url)?;
         let port = url.port_or_known_default().unwrap_or(80);
@@ -189,19 +194,92 @@ impl OutboundPolicy {
     }
 }
 
-/// The resolver of client-chosen hops: the system's lookup, keeping only addresses the
-/// policy allows; a name left with none is denied.
-struct GuardedResolver {
-    policy: Arc<OutboundPolicy>,
+/// How names become addresses: the system's lookup (`/etc/hosts`, `/etc/resolv.conf`),
+/// or the DNS server of `KNOCKER_DNS_SERVER` when one is set.
+pub enum Lookup {
+    System,
+    Server(hickory_resolver::TokioResolver),
 }
 
-impl reqwest::dns::Resolve for GuardedResolver {
+/// A resolver that asks `server` only (A and AAAA), caching no failure.
+pub fn dns_server_resolver(
+    server: SocketAddr,
+) -> hickory_resolver::ResolverBuilder<hickory_resolver::net::runtime::TokioRuntimeProvider> {
+    use hickory_resolver::config::{
+        ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
+    };
+    let mut udp = ConnectionConfig::udp();
+    udp.port = server.port();
+    let mut tcp = ConnectionConfig::tcp();
+    tcp.port = server.port();
+    let name_server = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
+    let mut builder = hickory_resolver::TokioResolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![name_server]),
+        hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+    );
+    let options = builder.options_mut();
+    options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    options.negative_max_ttl = Some(Duration::ZERO);
+    builder
+}
+
+impl Lookup {
+    pub fn new(dns_server: Option<SocketAddr>) -> Result<Self, String> {
+        match dns_server {
+            None => Ok(Self::System),
+            Some(server) => dns_server_resolver(server)
+                .build()
+                .map(Self::Server)
+                .map_err(|e| format!("cannot build the DNS resolver: {e}")),
+        }
+    }
+
+    async fn addresses(&self, host: &str) -> std::io::Result<Vec<IpAddr>> {
+        match self {
+            Self::System => Ok(tokio::net::lookup_host((host, 0))
+                .await?
+                .map(|a| a.ip())
+                .collect()),
+            Self::Server(resolver) => {
+                let fqdn = if host.ends_with('.') {
+                    host.to_owned()
+                } else {
+                    format!("{host}.")
+                };
+                let found = resolver
+                    .lookup_ip(fqdn.as_str())
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                Ok(found.iter().collect())
+            }
+        }
+    }
+}
+
+/// The resolver of both clients; for client-chosen hops it keeps only the addresses the
+/// policy allows, and a name left with none is denied.
+struct PolicyResolver {
+    lookup: Arc<Lookup>,
+    policy: Option<Arc<OutboundPolicy>>,
+}
+
+impl reqwest::dns::Resolve for PolicyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = Arc::clone(&self.policy);
+        let lookup = Arc::clone(&self.lookup);
+        let Some(policy) = self.policy.clone() else {
+            return Box::pin(async move {
+                let found = lookup.addresses(name.as_str()).await?;
+                Ok(Box::new(found.into_iter().map(|ip| SocketAddr::new(ip, 0)))
+                    as reqwest::dns::Addrs)
+            });
+        };
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+            let found: Vec<SocketAddr> = lookup
+                .addresses(&host)
                 .await?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, 0))
                 .collect();
             let mut denied = None;
             let allowed: Vec<SocketAddr> = found
@@ -215,8 +293,10 @@ impl reqwest::dns::Resolve for GuardedResolver {
                 })
                 .collect();
             match (allowed.is_empty(), denied) {
-                (true, Some(Denied(why))) => Err(Box::new(Denied(format!("{host} resolves to {why}")))
-                    as Box<dyn std::error::Error + Send + Sync>),
+                (true, Some(Denied(why))) => {
+                    Err(Box::new(Denied(format!("{host} resolves to {why}")))
+                        as Box<dyn std::error::Error + Send + Sync>)
+                }
                 _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
             }
         })
@@ -264,6 +344,7 @@ pub struct Request {
 /// The HTTP clients and the policy.
 pub struct Outbound {
     policy: Arc<OutboundPolicy>,
+    lookup: Arc<Lookup>,
     operator: reqwest::Client,
     client: reqwest::Client,
     max_redirects: usize,
@@ -273,26 +354,29 @@ pub struct Outbound {
 const CREDENTIALS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
 
 impl Outbound {
-    pub fn new(policy: OutboundPolicy, max_redirects: u32) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        policy: OutboundPolicy,
+        lookup: Lookup,
+        max_redirects: u32,
+    ) -> Result<Self, reqwest::Error> {
         let policy = Arc::new(policy);
-        let build = |guarded: bool| {
-            let builder = reqwest::Client::builder()
+        let lookup = Arc::new(lookup);
+        let build = |policy: Option<Arc<OutboundPolicy>>| {
+            reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(MAX_TIMEOUT)
-                .pool_idle_timeout(Duration::from_secs(30));
-            if guarded {
-                builder.dns_resolver(Arc::new(GuardedResolver {
-                    policy: Arc::clone(&policy),
+                .pool_idle_timeout(Duration::from_secs(30))
+                .dns_resolver(Arc::new(PolicyResolver {
+                    lookup: Arc::clone(&lookup),
+                    policy,
                 }))
-            } else {
-                builder
-            }
-            .build()
+                .build()
         };
         Ok(Self {
-            operator: build(false)?,
-            client: build(true)?,
-            policy: Arc::clone(&policy),
+            operator: build(None)?,
+            client: build(Some(Arc::clone(&policy)))?,
+            policy,
+            lookup,
             max_redirects: max_redirects as usize,
         })
     }
@@ -377,12 +461,13 @@ impl Outbound {
     /// when connecting).
     async fn check_hop(&self, url: &Url) -> Result<(), Denied> {
         self.policy.check_url(url)?;
-        if let (Some(url::Host::Domain(name)), Some(port)) = (url.host(), url.port_or_known_default())
+        if let (Some(url::Host::Domain(name)), Some(port)) =
+            (url.host(), url.port_or_known_default())
         {
             if self.policy.protected_ports.contains(&port) {
-                if let Ok(addrs) = tokio::net::lookup_host((name, port)).await {
-                    for addr in addrs {
-                        self.policy.check_addr(addr)?;
+                if let Ok(addrs) = self.lookup.addresses(name).await {
+                    for ip in addrs {
+                        self.policy.check_addr(SocketAddr::new(ip, port))?;
                     }
                 }
             }
@@ -478,7 +563,12 @@ mod tests {
             let e = p.check_ip(ip(bad)).unwrap_err();
             assert!(e.0.contains("KNOCKER_OUTBOUND_ALLOW"), "{bad}: {e}");
         }
-        for good in ["93.184.216.34", "10.0.0.1", "2606:4700::1111", "192.168.1.1"] {
+        for good in [
+            "93.184.216.34",
+            "10.0.0.1",
+            "2606:4700::1111",
+            "192.168.1.1",
+        ] {
             assert_eq!(p.check_ip(ip(good)), Ok(()), "{good}");
         }
     }
@@ -489,12 +579,18 @@ mod tests {
         p.allow = parse_cidrs("127.0.0.0/8").unwrap();
         p.deny = parse_cidrs("10.0.0.0/8, 127.0.0.5").unwrap();
         assert_eq!(p.check_ip(ip("127.0.0.1")), Ok(()));
-        assert!(p.check_ip(ip("127.0.0.5")).unwrap_err().0.contains("KNOCKER_OUTBOUND_DENY"));
+        assert!(p
+            .check_ip(ip("127.0.0.5"))
+            .unwrap_err()
+            .0
+            .contains("KNOCKER_OUTBOUND_DENY"));
         assert!(p.check_ip(ip("10.9.9.9")).is_err());
         // Loopback is open, but not this stack's ports on it, nor on this machine's address.
         assert_eq!(p.check_addr("127.0.0.1:8080".parse().unwrap()), Ok(()));
         assert!(p.check_addr("127.0.0.1:9901".parse().unwrap()).is_err());
-        assert!(p.check_addr("[::ffff:127.0.0.1]:8000".parse().unwrap()).is_err());
+        assert!(p
+            .check_addr("[::ffff:127.0.0.1]:8000".parse().unwrap())
+            .is_err());
         p.deny.clear();
         assert!(p.check_addr("10.1.2.3:9901".parse().unwrap()).is_err());
         assert_eq!(p.check_addr("10.1.2.4:9901".parse().unwrap()), Ok(()));
@@ -532,7 +628,9 @@ mod tests {
     fn lists_parse_with_errors_naming_the_item() {
         assert_eq!(parse_cidrs("").unwrap(), vec![]);
         assert_eq!(parse_cidrs("::1").unwrap().len(), 1);
-        assert!(parse_cidrs("10.0.0.0/33").unwrap_err().contains("10.0.0.0/33"));
+        assert!(parse_cidrs("10.0.0.0/33")
+            .unwrap_err()
+            .contains("10.0.0.0/33"));
         assert_eq!(parse_ports("9901, 15000").unwrap(), vec![9901, 15000]);
         assert!(parse_ports("0").is_err());
         assert!(parse_ports("x").unwrap_err().contains("`x`"));

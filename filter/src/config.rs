@@ -58,8 +58,18 @@ impl PluginConfig {
         if text.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self::default());
         }
-        let config: Self = serde_json::from_slice(text)
-            .map_err(|e| format!("invalid knocker plugin configuration: {e}"))?;
+        let mut json = serde_json::Deserializer::from_slice(text);
+        let config: Self = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                format!("invalid knocker plugin configuration: {}", e.inner())
+            } else {
+                format!(
+                    "invalid knocker plugin configuration: `{path}`: {}",
+                    e.inner()
+                )
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -79,11 +89,7 @@ impl PluginConfig {
                 self.timeout_ms
             ));
         }
-        if self
-            .grpc_token
-            .bytes()
-            .any(|b| !(b.is_ascii_graphic()))
-        {
+        if self.grpc_token.bytes().any(|b| !(b.is_ascii_graphic())) {
             return Err(
                 "invalid knocker plugin configuration: `grpc_token` must be printable ASCII without spaces"
                     .into(),

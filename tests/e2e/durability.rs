@@ -346,6 +346,7 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
     let failed = || async {
         let list: Value = client()
             .get(cp.url("/knocker/jobs?state=failed"))
+            .bearer_auth("s3cret")
             .send()
             .await
             .unwrap()
@@ -358,6 +359,7 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
 
     let job: Value = client()
         .get(cp.url("/knocker/jobs/r1"))
+        .bearer_auth("s3cret")
         .send()
         .await
         .unwrap()
@@ -370,6 +372,7 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
     assert_eq!(job["attempts_left"], 0);
     let page: Value = client()
         .get(cp.url("/knocker/jobs?state=failed&limit=2"))
+        .bearer_auth("s3cret")
         .send()
         .await
         .unwrap()
@@ -379,6 +382,7 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
     assert_eq!(page["next"], "r2");
     let bad: Value = client()
         .get(cp.url("/knocker/jobs?state=lost"))
+        .bearer_auth("s3cret")
         .send()
         .await
         .unwrap()
@@ -392,6 +396,7 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
     assert_eq!(
         client()
             .get(cp.url("/knocker/jobs/nope"))
+            .bearer_auth("s3cret")
             .send()
             .await
             .unwrap()
@@ -399,19 +404,29 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
         404
     );
 
-    // Mutations need the token.
+    // Every call needs the token, reads included.
     let denied = client()
         .post(cp.url("/knocker/jobs/r1/replay"))
         .send()
         .await
         .unwrap();
     assert_eq!(denied.status(), 401);
+    for path in [
+        "/knocker/jobs?state=failed",
+        "/knocker/jobs/r1",
+        "/knocker/groups",
+    ] {
+        let read = client().get(cp.url(path)).send().await.unwrap();
+        assert_eq!(read.status(), 401, "{path} without the token");
+    }
+    let (success, output) = cli(&cp, &["jobs", "list", "--state", "failed"], "");
+    assert!(!success && output.contains("401"), "{output}");
     let (success, output) = cli(&cp, &["jobs", "replay", "r1"], "wrong");
     assert!(!success && output.contains("401"), "{output}");
     assert_eq!(target.count(), 3, "nothing replayed without the token");
 
     ok.store(true, Ordering::SeqCst);
-    let (success, output) = cli(&cp, &["jobs", "list", "--state", "failed"], "");
+    let (success, output) = cli(&cp, &["jobs", "list", "--state", "failed"], "s3cret");
     assert!(
         success && output.contains("r1") && output.contains("failed"),
         "{output}"
@@ -423,6 +438,7 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
     let delivered = || async {
         let job: Value = client()
             .get(cp.url("/knocker/jobs/r1"))
+            .bearer_auth("s3cret")
             .send()
             .await
             .unwrap()
@@ -445,13 +461,14 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
     assert_eq!(
         client()
             .get(cp.url("/knocker/jobs/r2"))
+            .bearer_auth("s3cret")
             .send()
             .await
             .unwrap()
             .status(),
         404
     );
-    let (success, output) = cli(&cp, &["jobs", "get", "r3"], "");
+    let (success, output) = cli(&cp, &["jobs", "get", "r3"], "s3cret");
     assert!(success && output.contains("\"state\""), "{output}");
 }
 

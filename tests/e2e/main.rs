@@ -9,6 +9,7 @@ mod link;
 mod monitors;
 mod protocol;
 mod rules;
+mod security;
 mod settings;
 mod stack;
 
@@ -30,10 +31,15 @@ pub fn body(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-/// A GET answered with JSON (the API's answers).
+/// The admin token of the tests that set one (`KNOCKER_ADMIN_TOKEN`); a control plane
+/// without a token ignores it.
+pub const TOKEN: &str = "tok";
+
+/// A GET answered with JSON (the API's answers), with [`TOKEN`].
 pub async fn get_json(url: String) -> serde_json::Value {
     client()
         .get(url)
+        .bearer_auth(TOKEN)
         .send()
         .await
         .expect("GET")

@@ -189,7 +189,11 @@ async fn monitors_are_created_updated_and_deleted_through_the_api() {
         "[monitors.fixed]\nurl = \"http://{}/\"\ninterval_s = 5\n",
         target.host()
     ));
-    let cp = ControlPlane::start(&[("KNOCKER_CONFIG", &config), ("KNOCKER_ADMIN_TOKEN", "tok")]);
+    let cp = ControlPlane::start(&[
+        ("KNOCKER_CONFIG", &config),
+        ("KNOCKER_ADMIN_TOKEN", "tok"),
+        ("KNOCKER_MONITOR_MIN_INTERVAL", "0.2"),
+    ]);
     let send = |method: reqwest::Method, path: &str, body: Option<Value>| {
         let mut r = client().request(method, cp.url(path)).bearer_auth("tok");
         if let Some(b) = body {

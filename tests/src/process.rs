@@ -117,6 +117,9 @@ impl ControlPlane {
             .env("KNOCKER_GRPC_ADDR", format!("127.0.0.1:{}", self.grpc_port))
             .env("KNOCKER_DATA_DIR", self.dir.join("data"))
             .env("SCHEME", "http")
+            // Every target of these tests is on loopback, which client-chosen
+            // destinations may not reach by default; the security tests set it back.
+            .env("KNOCKER_OUTBOUND_ALLOW", "127.0.0.0/8")
             .env("LOG_LEVEL", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -293,7 +293,10 @@ async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, S
     let method =
         reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|e| e.to_string())?;
     let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("x-knocker", reqwest::header::HeaderValue::from_static(VERSION));
+    headers.insert(
+        "x-knocker",
+        reqwest::header::HeaderValue::from_static(VERSION),
+    );
     headers.insert(
         "x-knocker-id",
         reqwest::header::HeaderValue::from_str(id).map_err(|e| e.to_string())?,

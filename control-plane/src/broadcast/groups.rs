@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
-};
+use hickory_resolver::config::{LookupIpStrategy, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 
@@ -36,17 +34,7 @@ impl Groups {
     ) -> anyhow::Result<Self> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = match dns_server {
-            Some(server) => {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = server.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = server.port();
-                let name_server = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_name_servers(vec![name_server]),
-                    provider,
-                )
-            }
+            Some(server) => crate::outbound::dns_server_resolver(server),
             None => match TokioResolver::builder(TokioRuntimeProvider::default()) {
                 Ok(builder) => builder,
                 Err(e) => {

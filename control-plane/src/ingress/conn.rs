@@ -130,33 +130,30 @@ pub fn accept(
     idle: Duration,
 ) -> impl Stream<Item = io::Result<Guarded>> + Send {
     let slots = Arc::new(Semaphore::new(max));
-    futures_util::stream::unfold(
-        (listener, slots),
-        move |(listener, slots)| async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot accept a connection; pausing");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    tracing::warn!(%peer, max, "connection refused: KNOCKER_MAX_CONNECTIONS are open");
-                    drop(tcp);
+    futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection; pausing");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let guarded = Guarded {
-                    tcp,
-                    peer,
-                    idle,
-                    deadline: Box::pin(tokio::time::sleep(idle)),
-                    _slot: slot,
-                };
-                return Some((Ok(guarded), (listener, slots)));
-            }
-        },
-    )
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::warn!(%peer, max, "connection refused: KNOCKER_MAX_CONNECTIONS are open");
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let guarded = Guarded {
+                tcp,
+                peer,
+                idle,
+                deadline: Box::pin(tokio::time::sleep(idle)),
+                _slot: slot,
+            };
+            return Some((Ok(guarded), (listener, slots)));
+        }
+    })
 }

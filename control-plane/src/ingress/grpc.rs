@@ -148,7 +148,7 @@ impl IngressService for GrpcIngress {
 }
 
 /// One submission from the filter, whichever method carried it.
-async fn handle(ingress: &super::Ingress, mut r: SubmitRequest) -> SubmitReply {
+pub async fn handle(ingress: &super::Ingress, mut r: SubmitRequest) -> SubmitReply {
     if r.body.len() > ingress.settings.max_body_bytes {
         let reply = super::Reply::error(
             413,

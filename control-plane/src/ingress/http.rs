@@ -50,23 +50,24 @@ struct BodyLimits {
 /// connection and a task for ever, on the submit path and the API alike.
 async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let body = match tokio::time::timeout(limits.time, axum::body::to_bytes(body, limits.bytes))
-        .await
-    {
-        Err(_) => {
-            let reply = Reply::error(
-                408,
-                "body",
-                &format!(
-                    "The request body did not arrive within {:?} (KNOCKER_BODY_TIMEOUT).",
-                    limits.time
-                ),
-            );
-            return into_response(reply.with_header("connection", "close"));
-        }
-        Ok(Err(_)) => return into_response(Reply::error(413, "body", &body_too_large(limits.bytes))),
-        Ok(Ok(body)) => body,
-    };
+    let body =
+        match tokio::time::timeout(limits.time, axum::body::to_bytes(body, limits.bytes)).await {
+            Err(_) => {
+                let reply = Reply::error(
+                    408,
+                    "body",
+                    &format!(
+                        "The request body did not arrive within {:?} (KNOCKER_BODY_TIMEOUT).",
+                        limits.time
+                    ),
+                );
+                return into_response(reply.with_header("connection", "close"));
+            }
+            Ok(Err(_)) => {
+                return into_response(Reply::error(413, "body", &body_too_large(limits.bytes)))
+            }
+            Ok(Ok(body)) => body,
+        };
     next.run(Request::from_parts(parts, Body::from(body))).await
 }
 

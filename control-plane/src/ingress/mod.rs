@@ -373,8 +373,8 @@ fn refuse_unsafe(submission: &Submission) -> Option<Reply> {
     if let Some((field, why)) = crate::job::spec::unsafe_header(&submission.headers) {
         return Some(Reply::error(400, &field, why));
     }
-    let method_ok = !submission.method.is_empty()
-        && submission.method.bytes().all(|b| b.is_ascii_graphic());
+    let method_ok =
+        !submission.method.is_empty() && submission.method.bytes().all(|b| b.is_ascii_graphic());
     if !method_ok {
         return Some(Reply::error(400, "method", "Not a valid HTTP method."));
     }
@@ -408,7 +408,68 @@ pub fn new_id() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::new_id;
+    use super::*;
+
+    fn ingress() -> Ingress {
+        Ingress {
+            settings: Arc::new(Settings::defaults()),
+            store: Arc::new(crate::store::memory::MemoryStore::default()),
+            time: Time::system(),
+            wake: Arc::new(Notify::new()),
+            groups: Arc::new(Groups::new(Default::default(), None).unwrap()),
+            agents: None,
+            claims: Arc::default(),
+        }
+    }
+
+    fn submission(headers: &[(&str, &[u8])]) -> Submission {
+        Submission {
+            method: "POST".into(),
+            path: "/p".into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.to_vec()))
+                .collect(),
+            body: b"b".to_vec(),
+            remote: None,
+            authority: None,
+            rule: None,
+            broadcast_rule: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn while_the_store_cannot_claim_nothing_is_accepted() {
+        let ingress = ingress();
+        let knock = || submission(&[("knocker-host", b"t.example")]);
+        ingress.claims.failed(&StoreError::Unavailable(
+            "database disk image is malformed".into(),
+        ));
+        let refused = ingress.submit(knock()).await;
+        assert_eq!(refused.status, 503);
+        assert!(String::from_utf8_lossy(&refused.body).contains("malformed"));
+        assert_eq!(ingress.store.stats().await.unwrap().pending, 0);
+        ingress.claims.claimed();
+        assert_eq!(ingress.submit(knock()).await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn control_characters_are_refused_naming_the_field() {
+        let ingress = ingress();
+        let reply = ingress
+            .submit(submission(&[
+                ("knocker-host", b"t.example"),
+                ("x-a", b"a\r\nx-b: 1"),
+            ]))
+            .await;
+        assert_eq!(reply.status, 400);
+        assert!(String::from_utf8_lossy(&reply.body).contains("x-a"));
+        let mut bad_path = submission(&[("knocker-host", b"t.example")]);
+        bad_path.path = "/a b".into();
+        let reply = ingress.submit(bad_path).await;
+        assert_eq!(reply.status, 400);
+        assert!(String::from_utf8_lossy(&reply.body).contains("path"));
+    }
 
     #[test]
     fn new_ids_are_knocker_shaped_and_sort_in_creation_order() {

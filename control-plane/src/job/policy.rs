@@ -179,10 +179,34 @@ mod tests {
         }
         assert_eq!(policy().validate(at), Ok(()));
         for (bad, field) in [
-            (DeliveryPolicy { timeout_s: 1e300, ..policy() }, "groups.g.timeout_s"),
-            (DeliveryPolicy { max_age_s: 300_000_000_000, ..policy() }, "groups.g.max_age_s"),
-            (DeliveryPolicy { backoff_factor: 1e300, ..policy() }, "groups.g.backoff_factor"),
-            (DeliveryPolicy { max_backoff_s: f64::INFINITY, ..policy() }, "groups.g.max_backoff_s"),
+            (
+                DeliveryPolicy {
+                    timeout_s: 1e300,
+                    ..policy()
+                },
+                "groups.g.timeout_s",
+            ),
+            (
+                DeliveryPolicy {
+                    max_age_s: 300_000_000_000,
+                    ..policy()
+                },
+                "groups.g.max_age_s",
+            ),
+            (
+                DeliveryPolicy {
+                    backoff_factor: 1e300,
+                    ..policy()
+                },
+                "groups.g.backoff_factor",
+            ),
+            (
+                DeliveryPolicy {
+                    max_backoff_s: f64::INFINITY,
+                    ..policy()
+                },
+                "groups.g.max_backoff_s",
+            ),
         ] {
             let e = bad.validate(at).unwrap_err();
             assert!(e.contains(field), "{e}");

@@ -99,7 +99,9 @@ pub fn build_rule_job(
         },
         // The rule, its target and callback come from the operator's plugin config (the
         // gRPC door only takes rule submissions from an authenticated filter).
-        policy: rule.delivery.policy(rule.callback.clone(), Trust::Operator, now),
+        policy: rule
+            .delivery
+            .policy(rule.callback.clone(), Trust::Operator, now),
         config,
         state: State::Pending,
         attempts: Vec::new(),

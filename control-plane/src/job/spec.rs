@@ -190,15 +190,18 @@ pub fn reserved_id(id: &str) -> Option<String> {
 pub fn unsafe_header(headers: &[(String, Vec<u8>)]) -> Option<(String, &'static str)> {
     headers.iter().find_map(|(name, value)| {
         let is_token = !name.is_empty()
-            && name.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) || b == b':'
-            });
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) || b == b':');
         if !is_token {
             let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
             return Some((shown, "Not a valid header name."));
         }
         if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-            return Some((name.to_ascii_lowercase(), "Control characters are not allowed."));
+            return Some((
+                name.to_ascii_lowercase(),
+                "Control characters are not allowed.",
+            ));
         }
         None
     })
@@ -705,12 +708,27 @@ mod tests {
             errors(&[("knocker-host", "t"), ("knocker-id", &long)])["knocker-id"],
             ["Longer than maximum length 256."]
         );
-        for reserved in ["abc:callback", "abc.1", "x.y.22", "monitor.api.1.1.hook", "a\u{1}b"] {
+        for reserved in [
+            "abc:callback",
+            "abc.1",
+            "x.y.22",
+            "monitor.api.1.1.hook",
+            "a\u{1}b",
+        ] {
             let e = errors(&[("knocker-host", "t"), ("knocker-id", reserved)]);
             assert!(e.contains_key("knocker-id"), "{reserved:?} was accepted");
         }
-        for fine in ["order.abc", "v1.2a", "callback", "my-monitor.x", "2024-01-01"] {
-            assert!(submit(&[("knocker-host", "t"), ("knocker-id", fine)]).is_ok(), "{fine}");
+        for fine in [
+            "order.abc",
+            "v1.2a",
+            "callback",
+            "my-monitor.x",
+            "2024-01-01",
+        ] {
+            assert!(
+                submit(&[("knocker-host", "t"), ("knocker-id", fine)]).is_ok(),
+                "{fine}"
+            );
         }
     }
 
@@ -722,7 +740,10 @@ mod tests {
             unsafe_header(&h("X-A", b"a\r\nx-injected: 1")),
             Some(("x-a".into(), "Control characters are not allowed."))
         );
-        assert_eq!(unsafe_header(&h("bad name", b"v")).unwrap().1, "Not a valid header name.");
+        assert_eq!(
+            unsafe_header(&h("bad name", b"v")).unwrap().1,
+            "Not a valid header name."
+        );
         assert_eq!(unsafe_header(&h("x", b"\x00")).unwrap().0, "x");
     }
 

@@ -35,7 +35,13 @@ pub async fn run(
     let timeout = outbound::timeout(config.timeout_s);
     let answer = tokio::time::timeout(timeout, request(outbound, trust, config, timeout)).await;
     let (status, body) = match answer {
-        Err(_) => return failed(format!("no answer: timed out after {timeout:?}"), None, started),
+        Err(_) => {
+            return failed(
+                format!("no answer: timed out after {timeout:?}"),
+                None,
+                started,
+            )
+        }
         Ok(Err((reason, status))) => return failed(reason, status, started),
         Ok(Ok(answer)) => answer,
     };

@@ -155,7 +155,11 @@ mod tests {
     fn a_failed_condition_quotes_only_a_short_prefix_of_what_it_read() {
         let doc = serde_json::json!({"secret": "x".repeat(10_000)}).to_string();
         let check = Check::JsonPointer(String::new(), serde_json::json!("up"));
-        let seen = Observed { status: 200, body: doc.as_bytes(), latency_ms: 1 };
+        let seen = Observed {
+            status: 200,
+            body: doc.as_bytes(),
+            latency_ms: 1,
+        };
         let why = check.failure(&seen).unwrap();
         assert!(why.len() < 200, "{why}");
         assert!(why.contains(&format!("({} bytes)", doc.len())), "{why}");

@@ -34,8 +34,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Time;
-use crate::notify::{self, NotifierConfig};
 use crate::job::Trust;
+use crate::notify::{self, NotifierConfig};
 use crate::outbound::Outbound;
 use crate::store::Store;
 use alert::Health;
@@ -95,8 +95,12 @@ const SYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// Shortest interval between checks of a monitor in the file.
 pub const MIN_INTERVAL_S: f64 = 0.1;
-/// Shortest interval between checks of a monitor made through the API.
-pub const API_MIN_INTERVAL_S: f64 = 5.0;
+/// What monitors made through the API may be: how many, how often they check.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    pub max_monitors: usize,
+    pub min_interval_s: f64,
+}
 /// Longest interval between checks, and longest check.
 pub const MAX_INTERVAL_S: f64 = 86_400.0;
 pub const MAX_TIMEOUT_S: f64 = 3600.0;
@@ -221,8 +225,8 @@ pub struct Monitors {
     notifiers: Arc<BTreeMap<String, NotifierConfig>>,
     time: Time,
     outbound: Arc<Outbound>,
-    /// Most monitors the API may make (`KNOCKER_MAX_MONITORS`).
-    max_api: usize,
+    /// What the API may make.
+    api: ApiLimits,
     running: Mutex<HashMap<String, Running>>,
     shutdown: CancellationToken,
 }
@@ -238,7 +242,7 @@ impl Monitors {
         from_file: BTreeMap<String, MonitorConfig>,
         time: Time,
         outbound: Arc<Outbound>,
-        max_api: usize,
+        api: ApiLimits,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let monitors = Arc::new(Self {
@@ -248,7 +252,7 @@ impl Monitors {
             notifiers,
             time,
             outbound,
-            max_api,
+            api,
             running: Mutex::new(HashMap::new()),
             shutdown,
         });
@@ -441,9 +445,10 @@ impl Monitors {
                 "name: `{name}` — use 1 to 64 letters, digits, `-` and `_`"
             )));
         }
-        if config.interval_s.is_finite() && config.interval_s < API_MIN_INTERVAL_S {
+        if config.interval_s.is_finite() && config.interval_s < self.api.min_interval_s {
             return Err(MonitorError::Invalid(format!(
-                "monitor.interval_s must be at least {API_MIN_INTERVAL_S} seconds for a monitor made through the API"
+                "monitor.interval_s must be at least {} seconds for a monitor made through the API (KNOCKER_MONITOR_MIN_INTERVAL)",
+                self.api.min_interval_s
             )));
         }
         config
@@ -464,8 +469,8 @@ impl Monitors {
                 return Err(MonitorError::Exists(name.to_owned()));
             }
             let made = running.values().filter(|r| r.source == Source::Api).count();
-            if made >= self.max_api {
-                return Err(MonitorError::Limit(self.max_api));
+            if made >= self.api.max_monitors {
+                return Err(MonitorError::Limit(self.api.max_monitors));
             }
         }
         self.store.put(name, Source::Api, &config).await?;

@@ -1071,6 +1071,47 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_row_that_cannot_be_read_is_quarantined_not_a_stall_of_every_claim() {
+        let dir = std::env::temp_dir().join(format!("knocker-quarantine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let limits = Limits {
+            max_pending: 1000,
+            max_bytes: 0,
+        };
+        let store = SqliteStore::open(&dir, limits.clone()).unwrap();
+        for id in ["bad", "good"] {
+            store
+                .insert(crate::job::test_job(id, "POST", "http://t/"))
+                .await
+                .unwrap();
+        }
+        // Junk where the first job's spec was, written behind the store's back.
+        let raw = Connection::open(dir.join("knocker.db")).unwrap();
+        raw.execute("UPDATE jobs SET spec = x'ffffffff00' WHERE id = 'bad'", [])
+            .unwrap();
+        let claimed = store.claim_due(u64::MAX / 2, 10, &[]).await.unwrap();
+        assert_eq!(
+            claimed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["good"]
+        );
+        let bad = store.get("bad").await.unwrap().unwrap();
+        assert_eq!(bad.state, State::Failed);
+        let error = bad.attempts[0].error.as_deref().unwrap();
+        assert!(error.starts_with(QUARANTINED), "{error}");
+        assert!(bad.config["quarantined"].is_string());
+        let stats = store.stats().await.unwrap();
+        assert_eq!((stats.failed, stats.pending), (1, 0));
+        // The bytes are kept for whoever repairs it.
+        let kept: Vec<u8> = raw
+            .query_row("SELECT spec FROM quarantine WHERE id = 'bad'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(kept, vec![0xff, 0xff, 0xff, 0xff, 0x00]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn specs_of_the_first_release_still_decode() {
         // The first release's layout, field for field.
@@ -1105,7 +1146,10 @@ mod tests {
         assert_eq!((spec.url.as_str(), spec.retries), ("http://t/", 3));
         assert_eq!(spec.callback.as_deref(), Some("http://cb/"));
         assert_eq!((spec.deadline, spec.max_backoff_s), (None, None));
-        assert_eq!((spec.trust, spec.callback_trust), (Trust::Client, Trust::Client));
+        assert_eq!(
+            (spec.trust, spec.callback_trust),
+            (Trust::Client, Trust::Client)
+        );
     }
 
     #[test]
@@ -1147,6 +1191,9 @@ mod tests {
         job.trust = Trust::Operator;
         job.policy.callback_trust = Trust::Client;
         let spec = decode_spec(&encode_spec(&job).unwrap()).unwrap();
-        assert_eq!((spec.trust, spec.callback_trust), (Trust::Operator, Trust::Client));
+        assert_eq!(
+            (spec.trust, spec.callback_trust),
+            (Trust::Operator, Trust::Client)
+        );
     }
 }
