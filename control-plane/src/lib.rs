@@ -136,17 +136,21 @@ pub async fn serve(
     };
     let monitors = Monitors::start(
         monitor_store,
-        Arc::clone(&store),
-        Arc::clone(&wake),
-        Arc::clone(&notifiers),
+        crate::monitor::Queue {
+            jobs: Arc::clone(&store),
+            wake: Arc::clone(&wake),
+            notifiers: Arc::clone(&notifiers),
+            time: time.clone(),
+        },
         file.monitors,
-        time.clone(),
-        Arc::clone(&outbound),
-        crate::monitor::ApiLimits {
-            max_monitors: settings.max_monitors as usize,
-            min_interval_s: settings
-                .monitor_min_interval
-                .max(crate::monitor::MIN_INTERVAL_S),
+        crate::monitor::CheckSettings {
+            outbound: Arc::clone(&outbound),
+            api: crate::monitor::ApiLimits {
+                max_monitors: settings.max_monitors as usize,
+                min_interval_s: settings
+                    .monitor_min_interval
+                    .max(crate::monitor::MIN_INTERVAL_S),
+            },
         },
         shutdown.clone(),
     )

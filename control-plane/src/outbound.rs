@@ -198,7 +198,7 @@ impl OutboundPolicy {
 /// or the DNS server of `KNOCKER_DNS_SERVER` when one is set.
 pub enum Lookup {
     System,
-    Server(hickory_resolver::TokioResolver),
+    Server(Box<hickory_resolver::TokioResolver>),
 }
 
 /// A resolver that asks `server` only (A and AAAA), caching no failure.
@@ -229,7 +229,7 @@ impl Lookup {
             None => Ok(Self::System),
             Some(server) => dns_server_resolver(server)
                 .build()
-                .map(Self::Server)
+                .map(|r| Self::Server(Box::new(r)))
                 .map_err(|e| format!("cannot build the DNS resolver: {e}")),
         }
     }

@@ -95,6 +95,20 @@ const SYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// Shortest interval between checks of a monitor in the file.
 pub const MIN_INTERVAL_S: f64 = 0.1;
+/// Where a transition's notifications go: the job queue, its wake-up, the notifiers.
+pub struct Queue {
+    pub jobs: Arc<dyn Store>,
+    pub wake: Arc<Notify>,
+    pub notifiers: Arc<BTreeMap<String, NotifierConfig>>,
+    pub time: Time,
+}
+
+/// How checks are sent, and what the API may make.
+pub struct CheckSettings {
+    pub outbound: Arc<Outbound>,
+    pub api: ApiLimits,
+}
+
 /// What monitors made through the API may be: how many, how often they check.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
@@ -236,15 +250,18 @@ impl Monitors {
     /// the API are kept) and starts every monitor.
     pub async fn start(
         store: MonitorStore,
-        jobs: Arc<dyn Store>,
-        wake: Arc<Notify>,
-        notifiers: Arc<BTreeMap<String, NotifierConfig>>,
+        queue: Queue,
         from_file: BTreeMap<String, MonitorConfig>,
-        time: Time,
-        outbound: Arc<Outbound>,
-        api: ApiLimits,
+        checks: CheckSettings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
+        let Queue {
+            jobs,
+            wake,
+            notifiers,
+            time,
+        } = queue;
+        let CheckSettings { outbound, api } = checks;
         let monitors = Arc::new(Self {
             store,
             jobs,
