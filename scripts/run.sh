@@ -42,7 +42,11 @@ target/release/knocker echo --addr 127.0.0.1:8080 2>&1 | sed -u 's/^/[target] /'
 pids+=($!)
 target/release/knocker echo --addr 127.0.0.1:8081 2>&1 | sed -u 's/^/[target2] /' &
 pids+=($!)
-SCHEME="${SCHEME:-http}" target/release/knocker serve 2>&1 | sed -u 's/^/[knocker] /' &
+# The demo's targets are on loopback, which client-chosen destinations (Knocker-Host,
+# Knocker-Callback) may not reach by default: this demo opens it, on purpose. This
+# stack's own ports (8000, 9090, Envoy's admin 9901) stay closed to them.
+SCHEME="${SCHEME:-http}" KNOCKER_OUTBOUND_ALLOW="${KNOCKER_OUTBOUND_ALLOW:-127.0.0.0/8}" \
+  target/release/knocker serve 2>&1 | sed -u 's/^/[knocker] /' &
 pids+=($!)
 wait_port 8000; wait_port 9090; wait_port 8080; wait_port 8081
 .tools/venv/bin/envoy -c "$ENVOY_CONFIG" --concurrency 2 -l warning --base-id 7001 \

@@ -138,7 +138,7 @@ impl MonitorConfig {
         notifiers: &BTreeMap<String, NotifierConfig>,
     ) -> Result<Vec<Check>, String> {
         let field = |f: &str| format!("{at}.{f}");
-        if !crate::job::spec::is_http_url(&self.url) {
+        if !crate::job::spec::is_http_url(&self.url) || self.url.chars().any(char::is_control) {
             return Err(format!(
                 "{} `{}` is not an http:// or https:// URL",
                 field("url"),
