@@ -461,6 +461,80 @@ mod tests {
         (transport, store, start)
     }
 
+    /// Out of descriptors for the first `shortages` sends, then a 200.
+    struct ShortOfDescriptors {
+        shortages: usize,
+        calls: Mutex<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for ShortOfDescriptors {
+        async fn send(&self, _job: &Job) -> Outcome {
+            let mut calls = self.calls.lock();
+            *calls += 1;
+            if *calls <= self.shortages {
+                return Outcome {
+                    local_shortage: true,
+                    ..Outcome::failed(
+                        503,
+                        "Too many open files (os error 24)".into(),
+                        Duration::ZERO,
+                    )
+                };
+            }
+            Outcome {
+                status: 200,
+                error: None,
+                retry_after_s: None,
+                latency: Duration::ZERO,
+                local_shortage: false,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn running_out_of_descriptors_delays_a_job_without_spending_its_attempts() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let transport = Arc::new(ShortOfDescriptors {
+            shortages: 5,
+            calls: Mutex::new(0),
+        });
+        let delivery = Delivery {
+            store: Arc::clone(&store),
+            time: Time::system(),
+            transport: Arc::clone(&transport) as Arc<dyn Transport>,
+            wake: Arc::new(Notify::new()),
+            slots: Arc::new(Semaphore::new(4)),
+            backoff_cap_s: 1.0,
+            reporter: None,
+            health: Arc::default(),
+            hosts: HostLimits::new(1),
+        };
+        let mut job = test_job("j", "POST", "http://t/");
+        job.policy.retries = 0; // one attempt: a counted shortage would fail the job
+        store.insert(job).await.unwrap();
+        let claimed = store.claim_due(u64::MAX / 2, 1, &[]).await.unwrap();
+        delivery.deliver(claimed.into_iter().next().unwrap()).await;
+        let job = store.get("j").await.unwrap().unwrap();
+        assert_eq!(job.state, State::Delivered);
+        assert_eq!(job.attempts.len(), 1, "the shortages were not counted");
+        assert_eq!(*transport.calls.lock(), 6);
+        // The host's slot went back each time.
+        assert!(delivery.hosts.saturated().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_host_slot_is_released_even_when_the_attempt_panics() {
+        let hosts = Arc::new(HostLimits::new(1));
+        let h = Arc::clone(&hosts);
+        let task = tokio::spawn(async move {
+            let _slot = h.acquire("t:80").await;
+            panic!("an attempt that panics");
+        });
+        assert!(task.await.is_err());
+        assert!(hosts.saturated().is_empty(), "the slot leaked");
+    }
+
     fn offsets_ms(transport: &FakeTransport, start: tokio::time::Instant) -> Vec<u128> {
         transport
             .calls
