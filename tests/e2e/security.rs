@@ -108,6 +108,54 @@ async fn client_chosen_targets_cannot_reach_loopback_or_metadata_by_address_or_b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_member_is_trusted_but_its_redirect_away_is_not() {
+    // A group member on loopback (the operator's own: trusted, loopback or not) that
+    // redirects once to itself (same origin: still trusted) and then to another loopback
+    // port (a hop the member chose, not the operator: the policy applies).
+    let inside = Target::ok().await;
+    let away = format!("http://{}/inside", inside.host());
+    let member = Target::start(move |r, _| {
+        if r.target == "/page" {
+            Reply::status(307).with_header("location", "/page2")
+        } else {
+            Reply::status(307).with_header("location", &away)
+        }
+    })
+    .await;
+    let config = crate::write_config(&format!(
+        "[groups.g]\nmembers = [\"http://{}\"]\nretries = 0\nmax_age_s = 0\n",
+        member.host()
+    ));
+    let cp = strict(&[("KNOCKER_CONFIG", &config)]);
+    let copy = client()
+        .put(cp.url("/page"))
+        .header("Knocker-Broadcast", "g")
+        .header("Knocker-Id", "page")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(copy.status(), 200);
+    let job = finished(&cp, "page.0", "").await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = first_error(&job);
+    assert!(
+        error.starts_with("denied: ") && error.contains("loopback"),
+        "{error}"
+    );
+    // The member got the request and its same-origin hop; the loopback target nothing.
+    let got: Vec<String> = member.received().iter().map(|r| r.target.clone()).collect();
+    assert!(
+        got.contains(&"/page".to_owned()) && got.contains(&"/page2".to_owned()),
+        "{got:?}"
+    );
+    assert_eq!(
+        inside.count(),
+        0,
+        "the redirect away from the member was followed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_redirects_and_this_stacks_ports_are_checked_on_every_hop() {
     let outside = Target::ok().await;
     // The allowed host redirects a POST (307 keeps method and body) elsewhere.
