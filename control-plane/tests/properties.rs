@@ -33,20 +33,10 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-const KNOCKER_HEADERS: &[&str] = &[
-    "knocker-host",
-    "knocker-scheme",
-    "knocker-timeout",
-    "knocker-retries",
-    "knocker-backoff-factor",
-    "knocker-callback",
-    "knocker-id",
-];
-
 fn header() -> impl Strategy<Value = (String, Vec<u8>)> {
     (
         prop_oneof![
-            proptest::sample::select(KNOCKER_HEADERS).prop_map(str::to_owned),
+            proptest::sample::select(knocker::job::spec::KNOWN).prop_map(str::to_owned),
             "[a-zA-Z-]{1,12}",
             ".{0,8}",
         ],

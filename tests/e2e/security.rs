@@ -50,6 +50,21 @@ async fn finished(cp: &ControlPlane, id: &str, token: &str) -> Value {
     }
 }
 
+/// Envoy with `envoy/knocker.yaml` in front of `cp` (and `plugin`, the plugin config,
+/// when given).
+fn start_envoy(cp: &ControlPlane, upstream: &Target, plugin: Option<&str>) -> Envoy {
+    Envoy::start(
+        "knocker.yaml",
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port: upstream.port(),
+            plugin_config: plugin.map(str::to_owned),
+            ..EnvoyOptions::default()
+        },
+    )
+}
+
 fn first_error(job: &Value) -> String {
     job["attempts"][0]["error"]
         .as_str()
@@ -165,15 +180,7 @@ async fn callbacks_redirects_and_this_stacks_ports_are_checked_on_every_hop() {
     let failing = Target::start(|_, _| Reply::status(500)).await;
     let upstream = Target::ok().await;
     let probe_cp = ControlPlane::start(&[]);
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: probe_cp.grpc_port,
-            http_port: probe_cp.http_port,
-            upstream_port: upstream.port(),
-            ..EnvoyOptions::default()
-        },
-    );
+    let envoy = start_envoy(&probe_cp, &upstream, None);
     let admin = envoy.admin_port.to_string();
     // Loopback opened, as `make run` does; HOSTS_ONLY names two targets; Envoy's admin
     // port is one of this stack's ports.
@@ -237,15 +244,7 @@ async fn callbacks_redirects_and_this_stacks_ports_are_checked_on_every_hop() {
 async fn this_stacks_ports_stay_closed_when_loopback_is_open() {
     let upstream = Target::ok().await;
     let probe = ControlPlane::start(&[]);
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: probe.grpc_port,
-            http_port: probe.http_port,
-            upstream_port: upstream.port(),
-            ..EnvoyOptions::default()
-        },
-    );
+    let envoy = start_envoy(&probe, &upstream, None);
     let admin = envoy.admin_port.to_string();
     let cp = ControlPlane::start(&[("KNOCKER_PROTECTED_PORTS", &admin)]);
     let cases = [
@@ -340,15 +339,7 @@ async fn every_api_route_needs_the_token_and_envoy_does_not_expose_the_api() {
 
     // Through the shipped Envoy config the API is not routed at all.
     let upstream = Target::ok().await;
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: cp.grpc_port,
-            http_port: cp.http_port,
-            upstream_port: upstream.port(),
-            ..EnvoyOptions::default()
-        },
-    );
+    let envoy = start_envoy(&cp, &upstream, None);
     let jobs = client()
         .get(envoy.url("/knocker/jobs"))
         .send()
@@ -426,18 +417,12 @@ async fn the_grpc_door_refuses_forged_submissions_and_the_filter_authenticates()
 
     // The filter with the same secret in its plugin config gets through.
     let upstream = Target::ok().await;
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: cp.grpc_port,
-            http_port: cp.http_port,
-            upstream_port: upstream.port(),
-            plugin_config: Some(
-                r#"{"cluster":"knocker_control_plane","timeout_ms":2000,"grpc_token":"filter-secret"}"#
-                    .into(),
-            ),
-            ..EnvoyOptions::default()
-        },
+    let envoy = start_envoy(
+        &cp,
+        &upstream,
+        Some(
+            r#"{"cluster":"knocker_control_plane","timeout_ms":2000,"grpc_token":"filter-secret"}"#,
+        ),
     );
     let ok = client()
         .post(envoy.url("/through"))
@@ -449,15 +434,7 @@ async fn the_grpc_door_refuses_forged_submissions_and_the_filter_authenticates()
     assert_eq!(ok.status(), 200);
     target.wait_for(1, WAIT).await;
     // Without it, the filter's submissions are refused: 503, never a receipt.
-    let other = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: cp.grpc_port,
-            http_port: cp.http_port,
-            upstream_port: upstream.port(),
-            ..EnvoyOptions::default()
-        },
-    );
+    let other = start_envoy(&cp, &upstream, None);
     let refused = client()
         .post(other.url("/through"))
         .header("Knocker-Host", target.host())
@@ -756,15 +733,7 @@ async fn stalled_and_idle_connections_are_closed_in_time_on_both_doors() {
     // A live filter connection is not idle: Envoy answers the control plane's pings.
     let target = Target::ok().await;
     let upstream = Target::ok().await;
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: cp.grpc_port,
-            http_port: cp.http_port,
-            upstream_port: upstream.port(),
-            ..EnvoyOptions::default()
-        },
-    );
+    let envoy = start_envoy(&cp, &upstream, None);
     let send = || {
         client()
             .post(envoy.url("/live"))

@@ -40,6 +40,22 @@ impl Guarded {
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         self.deadline.as_mut().poll(cx).is_ready()
     }
+
+    /// A write that made progress moves the deadline; one that waits past it fails.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Ready(Ok(n)) => {
+                self.progress();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
 }
 
 fn idle_error() -> io::Error {
@@ -75,14 +91,8 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.tcp).poll_write(cx, data) {
-            Poll::Ready(Ok(n)) => {
-                self.progress();
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            other => other,
-        }
+        let result = Pin::new(&mut self.tcp).poll_write(cx, data);
+        self.wrote(cx, result)
     }
 
     fn poll_write_vectored(
@@ -90,14 +100,8 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                self.progress();
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            other => other,
-        }
+        let result = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.wrote(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -344,7 +344,8 @@ pub fn build_job(
     })
 }
 
-const KNOWN: &[&str] = &[
+/// The Knocker headers of the protocol (any other `knocker-*` is kept in the config).
+pub const KNOWN: &[&str] = &[
     "knocker-host",
     "knocker-scheme",
     "knocker-timeout",
