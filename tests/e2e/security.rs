@@ -651,7 +651,9 @@ async fn memory_stays_flat_across_distinct_timeouts() {
     }
     target.wait_for(N, Duration::from_secs(60)).await;
     let after = rss_kib(cp.pid().unwrap());
-    eprintln!("control plane RSS: {before} KiB after 100 jobs, {after} KiB after {N} distinct timeouts");
+    eprintln!(
+        "control plane RSS: {before} KiB after 100 jobs, {after} KiB after {N} distinct timeouts"
+    );
     // One HTTP client per timeout value grew this by ~125 KiB a value (~230 MiB here).
     assert!(
         after < before + 40 * 1024,

@@ -163,7 +163,7 @@ pub fn knocker_id(raw: &BTreeMap<String, Vec<u8>>, errors: &mut Errors) -> Optio
 /// (`<id>:callback`), a broadcast's members (`<id>.<n>`), monitor alerts
 /// (`monitor.…`) — so that nobody can take such an id first and swallow what it is for.
 pub fn reserved_id(id: &str) -> Option<String> {
-    if id.bytes().any(|b| b < 0x20 || b == 0x7f) {
+    if id.chars().any(char::is_control) {
         return Some("Control characters are not allowed.".into());
     }
     if id.ends_with(CALLBACK_SUFFIX) {
@@ -715,6 +715,7 @@ mod tests {
             "x.y.22",
             "monitor.api.1.1.hook",
             "a\u{1}b",
+            "a\u{85}b",
         ] {
             let e = errors(&[("knocker-host", "t"), ("knocker-id", reserved)]);
             assert!(e.contains_key("knocker-id"), "{reserved:?} was accepted");
