@@ -54,14 +54,13 @@ use crate::clock::Time;
 use crate::config::file::FileConfig;
 use crate::config::Settings;
 use crate::delivery::attempt::Dispatch;
-use crate::outbound::{Outbound, OutboundPolicy};
-
 use crate::delivery::{Delivery, HostLimits};
 use crate::ingress::Ingress;
 use crate::monitor::shared::SharedStore;
 use crate::monitor::store::{LocalStore, MonitorStore};
 use crate::monitor::Monitors;
 use crate::notify::email::Mailer;
+use crate::outbound::{Outbound, OutboundPolicy};
 use crate::store::memory::MemoryStore;
 use crate::store::nats::{NatsOptions, NatsStore};
 use crate::store::sqlite::{Limits, SqliteStore};
