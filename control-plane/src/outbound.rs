@@ -160,7 +160,9 @@ impl OutboundPolicy {
     /// `HOSTS_ONLY` for a client-chosen hop to `url`.
     pub fn check_host(&self, url: &Url) -> Result<(), Denied> {
         let host = url.host_str().unwrap_or_default();
-        let host_port = match url.port() {
+        // The URL parser drops a scheme's default port (`https://a:443/` is `https://a/`):
+        // an entry `a:443` must still match it.
+        let host_port = match url.port_or_known_default() {
             Some(p) => format!("{host}:{p}"),
             None => host.to_owned(),
         };
@@ -610,6 +612,10 @@ mod tests {
         p.hosts_only = HostsOnly(vec!["a.example".into(), "b.example:8080".into()]);
         assert_eq!(p.check_url(&url("http://a.example:1234/")), Ok(()));
         assert_eq!(p.check_url(&url("http://b.example:8080/")), Ok(()));
+        p.hosts_only = HostsOnly(vec!["s.example:443".into()]);
+        assert_eq!(p.check_url(&url("https://s.example:443/")), Ok(()));
+        assert!(p.check_url(&url("http://s.example/")).is_err());
+        p.hosts_only = HostsOnly(vec!["a.example".into(), "b.example:8080".into()]);
         let e = p.check_url(&url("http://b.example:9090/")).unwrap_err();
         assert!(e.0.contains("HOSTS_ONLY"), "{e}");
         assert!(p.check_url(&url("http://c.example/")).is_err());
