@@ -68,6 +68,17 @@ const DEFAULT_DENIED: &[(&str, &str)] = &[
     ("255.255.255.255/32", "the broadcast address"),
 ];
 
+/// [`DEFAULT_DENIED`] parsed, once.
+fn default_denied() -> &'static [(IpNet, &'static str)] {
+    static NETS: std::sync::LazyLock<Vec<(IpNet, &'static str)>> = std::sync::LazyLock::new(|| {
+        DEFAULT_DENIED
+            .iter()
+            .filter_map(|(net, what)| Some((IpNet::from_str(net).ok()?, *what)))
+            .collect()
+    });
+    &NETS
+}
+
 /// The policy for client-chosen hops.
 #[derive(Debug, Clone, Default)]
 pub struct OutboundPolicy {
@@ -125,8 +136,7 @@ impl OutboundPolicy {
         if self.allow.iter().any(|n| n.contains(&ip)) {
             return Ok(());
         }
-        for (net, what) in DEFAULT_DENIED {
-            let net = IpNet::from_str(net).map_err(|e| Denied(e.to_string()))?;
+        for (net, what) in default_denied() {
             if net.contains(&ip) {
                 return Err(Denied(format!(
                     "{ip} is {what}, closed to client-chosen destinations (KNOCKER_OUTBOUND_ALLOW opens a range)"
@@ -383,10 +393,6 @@ impl Outbound {
         })
     }
 
-    pub fn policy(&self) -> &OutboundPolicy {
-        &self.policy
-    }
-
     /// Sends the request, following redirects hop by hop; each hop that is not the
     /// operator's own origin passes the policy.
     pub async fn send(&self, request: Request) -> Result<reqwest::Response, Failure> {
@@ -619,6 +625,11 @@ mod tests {
         let e = p.check_url(&url("http://b.example:9090/")).unwrap_err();
         assert!(e.0.contains("HOSTS_ONLY"), "{e}");
         assert!(p.check_url(&url("http://c.example/")).is_err());
+    }
+
+    #[test]
+    fn every_default_range_parses() {
+        assert_eq!(default_denied().len(), DEFAULT_DENIED.len());
     }
 
     #[test]
