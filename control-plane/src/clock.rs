@@ -6,6 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Milliseconds since the Unix epoch: how times are stored.
 pub type Millis = u64;
 
+/// A stored time as the API and notifications show it: RFC 3339, UTC, milliseconds.
+pub fn rfc3339(ms: Millis) -> String {
+    const LAST: Millis = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.min(LAST))).to_string()
+}
+
 pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> Millis;
 }

@@ -1,18 +1,100 @@
-//! The control plane's configuration: one typed struct, validated once at start-up.
+//! The control plane's configuration, read and validated once at start-up, then handed
+//! out by subsystem: each part goes to the one that uses it, and nothing below this
+//! module reads it whole.
 //!
-//! Every setting is a command-line flag and an environment variable. The Knocker 1.4.1
-//! names (`SCHEME`, `TIMEOUT`, `RETRIES`, `HOSTS_ONLY`, …) are accepted as they are; our
-//! own settings are prefixed `KNOCKER_`. A value that cannot be parsed stops start-up
-//! with a message naming the variable.
-//!
-//! Groups (and, later, monitors) come from an optional TOML file, [`file`].
+//! - [`Settings`] — every flag and environment variable. The Knocker 1.4.1 names
+//!   (`SCHEME`, `TIMEOUT`, `RETRIES`, `HOSTS_ONLY`, …) are accepted as they are; our own
+//!   settings are prefixed `KNOCKER_`. A value that cannot be parsed stops start-up with
+//!   a message naming the variable.
+//! - [`file`] — the optional TOML file (`KNOCKER_CONFIG`): groups, monitors, notifiers.
+//! - [`Config`] — both, checked together and nested by subsystem ([`Settings::load`]).
 
 pub mod file;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
+
+use crate::broadcast::agents::AgentSettings;
+use crate::broadcast::groups::GroupConfig;
+use crate::delivery::email::EmailConfig;
+use crate::job::spec::Defaults;
+use crate::monitor::MonitorConfig;
+use crate::notify::NotifierConfig;
+use crate::outbound::OutboundPolicy;
+use crate::store::nats::NatsOptions;
+use crate::store::sqlite::Limits;
+use crate::store::Engine;
+use crate::telemetry::{LogConfig, SentryConfig};
+use file::FileConfig;
+
+/// Why the configuration cannot be used; the text names the variable or the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The configuration, nested by subsystem.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    /// Both doors' limits and the callers they admit.
+    pub doors: crate::ingress::Doors,
+    /// What a submission gets for the `Knocker-*` settings it leaves out.
+    pub defaults: Defaults,
+    /// The status URL's exact path.
+    pub status_url: String,
+    pub store: Engine,
+    /// How long finished jobs are kept.
+    pub retention: Duration,
+    pub delivery: crate::delivery::DeliveryConfig,
+    pub outbound: OutboundConfig,
+    pub broadcast: BroadcastConfig,
+    pub monitors: MonitorsConfig,
+    /// Notifiers by name (the file's `[notifiers.*]`).
+    pub notifiers: BTreeMap<String, NotifierConfig>,
+    /// Run as a broadcast agent (NATS engine).
+    pub agent: Option<AgentSettings>,
+    pub log: LogConfig,
+    pub sentry: SentryConfig,
+}
+
+/// How requests leave: the policy client-chosen hops pass (this machine's addresses
+/// are added at start), redirects, the DNS server.
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    pub policy: OutboundPolicy,
+    pub max_redirects: u32,
+    pub dns_server: Option<SocketAddr>,
+}
+
+/// Broadcast groups and where DNS groups are resolved.
+#[derive(Debug, Clone, Default)]
+pub struct BroadcastConfig {
+    pub groups: BTreeMap<String, GroupConfig>,
+    pub dns_server: Option<SocketAddr>,
+}
+
+/// Monitors: those of the file, the history kept, what the API may make.
+#[derive(Debug, Clone)]
+pub struct MonitorsConfig {
+    pub from_file: BTreeMap<String, MonitorConfig>,
+    pub history: usize,
+    pub api: crate::monitor::ApiLimits,
+}
+
+impl Config {
+    /// The SMTP settings of the email notifiers, by name (what the email transport needs).
+    pub fn mail_servers(&self) -> BTreeMap<String, EmailConfig> {
+        self.notifiers
+            .iter()
+            .filter_map(|(name, n)| Some((name.clone(), n.email.clone()?)))
+            .collect()
+    }
+}
 
 /// Settings of `knocker serve`.
 #[derive(Debug, Clone, Args)]
@@ -260,11 +342,133 @@ pub struct Settings {
     pub sentry_failed_requests: bool,
 }
 
-pub use crate::outbound::HostsOnly;
+pub use crate::hosts_only::HostsOnly;
 
 impl Settings {
+    /// Checks the settings together, reads the file, and nests the result by subsystem.
+    pub fn load(self) -> Result<Config, ConfigError> {
+        self.validate()?;
+        let file = match &self.config_file {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        self.nest(file)
+    }
+
+    /// [`Settings::load`] with the file already read.
+    pub fn nest(self, file: FileConfig) -> Result<Config, ConfigError> {
+        self.validate()?;
+        let store = match self.store.as_str() {
+            url if url.starts_with("nats://") => Engine::Nats(NatsOptions {
+                url: url.to_owned(),
+                max_pending: self.max_pending,
+                retention: self.retention,
+                ack_wait: self.nats_ack_wait,
+            }),
+            "memory" => Engine::Memory,
+            _ => Engine::Sqlite {
+                dir: self.data_dir.clone(),
+                limits: Limits {
+                    max_pending: self.max_pending,
+                    max_bytes: self.max_store_bytes,
+                },
+            },
+        };
+        if !matches!(store, Engine::Nats(_)) {
+            if let Some((name, _)) = file.groups.iter().find(|(_, g)| g.agents) {
+                return Err(ConfigError(format!(
+                    "groups.{name}.agents: agent groups need KNOCKER_STORE=nats://host:port"
+                )));
+            }
+        }
+        let agent = match (&self.agent_group, &self.agent_endpoint) {
+            (Some(group), Some(endpoint)) => Some(AgentSettings {
+                group: group.clone(),
+                endpoint: endpoint.clone(),
+                name: self
+                    .agent_name
+                    .clone()
+                    .unwrap_or_else(|| default_agent_name(endpoint)),
+                expiry: self.agent_expiry,
+                ack_wait: self.nats_ack_wait,
+            }),
+            _ => None,
+        };
+        Ok(Config {
+            http_addr: self.http_addr,
+            grpc_addr: self.grpc_addr,
+            doors: crate::ingress::Doors {
+                max_body_bytes: self.max_body_bytes,
+                header_timeout: self.header_timeout,
+                body_timeout: self.body_timeout,
+                idle_timeout: self.idle_timeout,
+                max_connections: self.max_connections as usize,
+                admin_token: self.admin_token.clone(),
+                grpc_token: self.grpc_token.clone(),
+            },
+            defaults: self.protocol_defaults(),
+            status_url: self.status_url.clone(),
+            store,
+            retention: self.retention,
+            delivery: crate::delivery::DeliveryConfig {
+                enabled: self.delivery,
+                concurrency: self.concurrency as usize,
+                host_concurrency: self.host_concurrency as usize,
+                backoff_cap_s: self.backoff_factor_max,
+            },
+            outbound: OutboundConfig {
+                policy: self.outbound_policy(Vec::new()),
+                max_redirects: self.max_redirects,
+                dns_server: self.dns_server,
+            },
+            broadcast: BroadcastConfig {
+                groups: file.groups,
+                dns_server: self.dns_server,
+            },
+            monitors: MonitorsConfig {
+                from_file: file.monitors,
+                history: self.monitor_history as usize,
+                api: crate::monitor::ApiLimits {
+                    max_monitors: self.max_monitors as usize,
+                    min_interval_s: self
+                        .monitor_min_interval
+                        .max(crate::monitor::MIN_INTERVAL_S),
+                },
+            },
+            notifiers: file.notifiers,
+            agent,
+            log: LogConfig {
+                file: self.log_file,
+                level: self.log_level,
+                json: self.log_format.eq_ignore_ascii_case("json"),
+            },
+            sentry: SentryConfig {
+                dsn: self.sentry_dsn,
+                report_failed_jobs: self.sentry_failed_requests,
+            },
+        })
+    }
+
+    /// The protocol's defaults and maxima (`SCHEME`, `TIMEOUT`, `RETRIES`, …).
+    pub fn protocol_defaults(&self) -> Defaults {
+        Defaults {
+            scheme: self.scheme.clone(),
+            hosts_only: self.hosts_only.clone(),
+            timeout: self.timeout,
+            timeout_max: self.timeout_max,
+            retries: self.retries,
+            retries_max: self.retries_max,
+            backoff_factor: self.backoff_factor,
+            backoff_factor_max: self.backoff_factor_max,
+        }
+    }
+
     /// Cross-field checks that single-value parsers cannot make.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check().map_err(ConfigError)
+    }
+
+    fn check(&self) -> Result<(), String> {
         if self.timeout > self.timeout_max {
             return Err(format!(
                 "TIMEOUT ({}) must not exceed TIMEOUT_MAX ({})",
@@ -329,13 +533,13 @@ impl Settings {
 
     /// The outbound policy for client-chosen destinations: the operator's ranges, and
     /// the ports of this stack (the control plane's own among them).
-    pub fn outbound_policy(&self, local: Vec<std::net::IpAddr>) -> crate::outbound::OutboundPolicy {
+    pub fn outbound_policy(&self, local: Vec<std::net::IpAddr>) -> OutboundPolicy {
         let mut protected_ports = self.protected_ports.0.clone();
         protected_ports.extend([self.http_addr.port(), self.grpc_addr.port()]);
         protected_ports.retain(|p| *p != 0);
         protected_ports.sort_unstable();
         protected_ports.dedup();
-        crate::outbound::OutboundPolicy {
+        OutboundPolicy {
             hosts_only: self.hosts_only.clone(),
             allow: self.outbound_allow.0.clone(),
             deny: self.outbound_deny.0.clone(),
@@ -355,6 +559,22 @@ impl Settings {
         // that need other values set the fields directly rather than the environment).
         <Wrapper as clap::Parser>::parse_from(["knocker"]).settings
     }
+}
+
+/// An agent's name when none is given: the host name and the endpoint's port, kept as
+/// letters, digits and `-`.
+fn default_agent_name(endpoint: &str) -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "agent".into());
+    let port = endpoint
+        .rsplit(':')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/');
+    format!("{}-{port}", host.trim())
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect()
 }
 
 /// Booleans as people write them: true/false/1/0/yes/no/on/off, any case.
@@ -537,7 +757,7 @@ mod tests {
         let mut s = Settings::defaults();
         assert_eq!(s.validate(), Ok(()));
         s.timeout = 100.0;
-        assert!(s.validate().unwrap_err().contains("TIMEOUT_MAX"));
+        assert!(s.validate().unwrap_err().0.contains("TIMEOUT_MAX"));
     }
 
     #[test]
@@ -555,11 +775,11 @@ mod tests {
     fn a_public_address_without_a_token_is_refused_unless_said_so() {
         let mut s = Settings::defaults();
         s.http_addr = "0.0.0.0:8000".parse().unwrap();
-        let e = s.validate().unwrap_err();
+        let e = s.validate().unwrap_err().0;
         assert!(e.contains("KNOCKER_ADMIN_TOKEN"), "{e}");
         s.admin_token = "t".into();
         s.grpc_addr = "10.0.0.1:9090".parse().unwrap();
-        assert!(s.validate().unwrap_err().contains("KNOCKER_GRPC_TOKEN"));
+        assert!(s.validate().unwrap_err().0.contains("KNOCKER_GRPC_TOKEN"));
         s.insecure_no_token = true;
         assert_eq!(s.validate(), Ok(()));
     }

@@ -107,10 +107,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    settings.validate().map_err(anyhow::Error::msg)?;
-    let _sentry = knocker::telemetry::sentry::init(&settings)?;
-    knocker::telemetry::init_logging(&settings)?;
-    let listeners = Listeners::bind(&settings).await?;
+    let config = settings.load()?;
+    let _sentry = knocker::telemetry::sentry::init(&config.sentry)?;
+    knocker::telemetry::init_logging(&config.log)?;
+    let listeners = Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -118,7 +118,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
-    knocker::serve(settings, listeners, Time::system(), shutdown).await
+    knocker::serve(config, listeners, Time::system(), shutdown).await
 }
 
 async fn wait_for_signal() {

@@ -27,23 +27,8 @@ use ipnet::IpNet;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, Url};
 
+pub use crate::hosts_only::HostsOnly;
 pub use crate::job::Trust;
-
-/// The `HOSTS_ONLY` allow-list: host names (with or without a port) a client may choose.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostsOnly(pub Vec<String>);
-
-impl HostsOnly {
-    /// True when the list is empty or holds `host` (an entry without a port allows every
-    /// port of that host; one with a port, that port only).
-    pub fn allows(&self, host_port: &str, host: &str) -> bool {
-        self.0.is_empty()
-            || self
-                .0
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(host_port) || h.eq_ignore_ascii_case(host))
-    }
-}
 
 /// Why a hop was not sent. The text names the address and what would open it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,16 +7,16 @@ use std::sync::Arc;
 use knocker::broadcast::groups::Groups;
 use knocker::clock::Time;
 use knocker::config::file::FileConfig;
-use knocker::config::Settings;
-use knocker::ingress::Ingress;
-use knocker::job::spec::{build_job, Submission};
+use knocker::job::spec::{build_job, Defaults, Submission};
 use knocker::store::memory::MemoryStore;
+use knocker::submit::Submitter;
 use proptest::prelude::*;
 use prost::Message as _;
 
-fn ingress() -> Ingress {
-    Ingress {
-        settings: Arc::new(Settings::defaults()),
+fn ingress() -> Submitter {
+    Submitter {
+        defaults: Defaults::default(),
+        status_url: "/knocker/status".into(),
         store: Arc::new(MemoryStore::default()),
         time: Time::system(),
         wake: Arc::default(),
@@ -70,7 +70,7 @@ proptest! {
     fn knocker_headers_build_a_bounded_job_or_errors_named_by_header(
         headers in proptest::collection::vec(header(), 0..8),
     ) {
-        let settings = Settings::defaults();
+        let settings = Defaults::default();
         let s = submission(headers, "/p?q".into(), "POST".into());
         match build_job(&settings, &s, 1000, || "id".into()) {
             Ok(job) => {
@@ -129,7 +129,7 @@ proptest! {
         bytes in proptest::collection::vec(any::<u8>(), 0..256),
     ) {
         if let Ok(request) = knocker_proto::v1::SubmitRequest::decode(bytes.as_slice()) {
-            let reply = runtime().block_on(knocker::ingress::grpc::handle(&ingress(), request));
+            let reply = runtime().block_on(knocker::ingress::grpc::handle(&ingress(), 1024 * 1024, request));
             prop_assert!((200..600).contains(&reply.status));
         }
     }
@@ -154,7 +154,7 @@ proptest! {
             }),
             ..Default::default()
         };
-        let reply = runtime().block_on(knocker::ingress::grpc::handle(&ingress(), request));
+        let reply = runtime().block_on(knocker::ingress::grpc::handle(&ingress(), 1024 * 1024, request));
         if reply.status == 400 {
             let body = String::from_utf8_lossy(&reply.body).into_owned();
             prop_assert!(

@@ -9,7 +9,103 @@ use hickory_resolver::config::{LookupIpStrategy, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 
-use crate::config::file::GroupConfig;
+use serde::Deserialize;
+
+use crate::job::policy::{unknown_fields, DeliveryPolicy};
+
+/// One broadcast group: its membership and the delivery policy of each member's copy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct GroupConfig {
+    /// Static members: base URLs (`scheme://host[:port][/prefix]`).
+    #[serde(default)]
+    pub members: Option<Vec<String>>,
+    /// DNS membership: every address this name resolves to, at fan-out time.
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// Agent membership (NATS engine): every control plane started with
+    /// `KNOCKER_AGENT_GROUP` set to this group's name.
+    #[serde(default)]
+    pub agents: bool,
+    /// DNS members' port and scheme.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_scheme")]
+    pub scheme: String,
+    /// Send the client's `Host` to every member instead of the member's own address.
+    #[serde(default)]
+    pub preserve_host: bool,
+    /// The delivery policy of each member's copy (`max_age_s`: how long a member that is
+    /// down is waited for — it then gets everything it missed, in order; `retries`,
+    /// `backoff_factor`, `max_backoff_s`, `timeout_s`).
+    #[serde(flatten)]
+    pub delivery: DeliveryPolicy,
+    /// Anything else is a mistake, named in the error (`deny_unknown_fields` does not
+    /// work beside `flatten`).
+    #[serde(flatten)]
+    unknown: BTreeMap<String, toml::Value>,
+}
+
+fn default_scheme() -> String {
+    "http".into()
+}
+
+impl GroupConfig {
+    pub fn validate(&self, name: &str) -> Result<(), String> {
+        let field = |f: &str| format!("groups.{name}.{f}");
+        unknown_fields(&self.unknown, &format!("groups.{name}"))?;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "group name `{name}`: use letters, digits, `-` and `_`"
+            ));
+        }
+        let kinds = [self.members.is_some(), self.dns.is_some(), self.agents];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(format!(
+                "groups.{name}: needs one of `members` (base URLs), `dns` (a name) or \
+                 `agents = true`"
+            ));
+        }
+        match (&self.members, &self.dns) {
+            (Some(_), Some(_)) | (None, None) => {
+                if self.port.is_some() {
+                    return Err(format!("{} applies to DNS groups only", field("port")));
+                }
+            }
+            (Some(members), None) => {
+                if members.is_empty() {
+                    return Err(format!("{} must not be empty", field("members")));
+                }
+                for (i, m) in members.iter().enumerate() {
+                    if !crate::job::spec::is_http_base_url(m) {
+                        return Err(format!(
+                            "{}[{i}] `{m}` is not an http:// or https:// base URL",
+                            field("members")
+                        ));
+                    }
+                }
+                if self.port.is_some() {
+                    return Err(format!("{} applies to DNS groups only", field("port")));
+                }
+            }
+            (None, Some(dns)) => {
+                if dns.trim().is_empty() || dns.contains(['/', ':', ' ']) {
+                    return Err(format!("{} `{dns}` is not a DNS name", field("dns")));
+                }
+                if !matches!(self.port, Some(1..)) {
+                    return Err(format!("{} (1–65535) is needed with `dns`", field("port")));
+                }
+            }
+        }
+        if self.scheme != "http" && self.scheme != "https" {
+            return Err(format!("{} must be http or https", field("scheme")));
+        }
+        self.delivery.validate(field)
+    }
+}
 
 /// Why a group has no members to send to.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

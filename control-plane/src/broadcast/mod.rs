@@ -21,10 +21,10 @@ pub mod groups;
 use serde_json::{json, Map, Value};
 
 use crate::clock::Millis;
-use crate::config::file::GroupConfig;
 use crate::job::receipt::header_list;
 use crate::job::spec::{split_headers, Submission};
 use crate::job::{Headers, Job, Kind, Request, State, Trust};
+use groups::GroupConfig;
 
 /// The header every broadcast copy carries: the loop guard's marker.
 pub const MARKER: &str = "x-knocker-broadcast";
@@ -77,7 +77,7 @@ pub fn copy_headers(group_name: &str, group: &GroupConfig, submission: &Submissi
 pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) -> Vec<Job> {
     let path = submission.absolute_path();
     let g = fanout.group;
-    let delivery = g.delivery();
+    let delivery = g.delivery;
     let headers = copy_headers(fanout.group_name, g, submission);
     fanout
         .members

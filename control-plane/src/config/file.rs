@@ -37,10 +37,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::job::policy::{
-    default_backoff_factor, default_max_age_s, default_max_backoff_s, default_timeout_s,
-    DeliveryPolicy,
-};
+use super::ConfigError;
+use crate::broadcast::groups::GroupConfig;
 use crate::monitor::MonitorConfig;
 use crate::notify::NotifierConfig;
 
@@ -55,53 +53,14 @@ pub struct FileConfig {
     pub notifiers: BTreeMap<String, NotifierConfig>,
 }
 
-/// One broadcast group: its membership and the delivery policy of each member's copy.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GroupConfig {
-    /// Static members: base URLs (`scheme://host[:port][/prefix]`).
-    #[serde(default)]
-    pub members: Option<Vec<String>>,
-    /// DNS membership: every address this name resolves to, at fan-out time.
-    #[serde(default)]
-    pub dns: Option<String>,
-    /// Agent membership (NATS engine): every control plane started with
-    /// `KNOCKER_AGENT_GROUP` set to this group's name.
-    #[serde(default)]
-    pub agents: bool,
-    /// DNS members' port and scheme.
-    #[serde(default)]
-    pub port: Option<u16>,
-    #[serde(default = "default_scheme")]
-    pub scheme: String,
-    /// Send the client's `Host` to every member instead of the member's own address.
-    #[serde(default)]
-    pub preserve_host: bool,
-    /// A member that is down is waited for this long (it then gets everything it missed,
-    /// in order); 0 for no age limit, then `retries` is needed.
-    #[serde(default = "default_max_age_s")]
-    pub max_age_s: u64,
-    /// Attempts after the first; unlimited within the maximum age when absent.
-    #[serde(default)]
-    pub retries: Option<u32>,
-    #[serde(default = "default_backoff_factor")]
-    pub backoff_factor: f64,
-    #[serde(default = "default_max_backoff_s")]
-    pub max_backoff_s: f64,
-    #[serde(default = "default_timeout_s")]
-    pub timeout_s: f64,
-}
-
-fn default_scheme() -> String {
-    "http".into()
-}
-
 impl FileConfig {
     /// Reads and validates the file; the error names the file and the field.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("KNOCKER_CONFIG {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("KNOCKER_CONFIG {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let at = |e: &dyn std::fmt::Display| {
+            ConfigError(format!("KNOCKER_CONFIG {}: {e}", path.display()))
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+        Self::parse(&text).map_err(|e| at(&e))
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -129,74 +88,6 @@ impl FileConfig {
     }
 }
 
-impl GroupConfig {
-    fn validate(&self, name: &str) -> Result<(), String> {
-        let field = |f: &str| format!("groups.{name}.{f}");
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(format!(
-                "group name `{name}`: use letters, digits, `-` and `_`"
-            ));
-        }
-        let kinds = [self.members.is_some(), self.dns.is_some(), self.agents];
-        if kinds.iter().filter(|k| **k).count() != 1 {
-            return Err(format!(
-                "groups.{name}: needs one of `members` (base URLs), `dns` (a name) or \
-                 `agents = true`"
-            ));
-        }
-        match (&self.members, &self.dns) {
-            (Some(_), Some(_)) | (None, None) => {
-                if self.port.is_some() {
-                    return Err(format!("{} applies to DNS groups only", field("port")));
-                }
-            }
-            (Some(members), None) => {
-                if members.is_empty() {
-                    return Err(format!("{} must not be empty", field("members")));
-                }
-                for (i, m) in members.iter().enumerate() {
-                    if !crate::job::spec::is_http_base_url(m) {
-                        return Err(format!(
-                            "{}[{i}] `{m}` is not an http:// or https:// base URL",
-                            field("members")
-                        ));
-                    }
-                }
-                if self.port.is_some() {
-                    return Err(format!("{} applies to DNS groups only", field("port")));
-                }
-            }
-            (None, Some(dns)) => {
-                if dns.trim().is_empty() || dns.contains(['/', ':', ' ']) {
-                    return Err(format!("{} `{dns}` is not a DNS name", field("dns")));
-                }
-                if !matches!(self.port, Some(1..)) {
-                    return Err(format!("{} (1–65535) is needed with `dns`", field("port")));
-                }
-            }
-        }
-        if self.scheme != "http" && self.scheme != "https" {
-            return Err(format!("{} must be http or https", field("scheme")));
-        }
-        self.delivery().validate(field)
-    }
-
-    /// The delivery policy of each member's copy.
-    pub fn delivery(&self) -> DeliveryPolicy {
-        DeliveryPolicy {
-            max_age_s: self.max_age_s,
-            retries: self.retries,
-            backoff_factor: self.backoff_factor,
-            max_backoff_s: self.max_backoff_s,
-            timeout_s: self.timeout_s,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,11 +109,11 @@ mod tests {
         let caches = &c.groups["caches"];
         assert_eq!(caches.members.as_ref().map(Vec::len), Some(2));
         assert!(caches.preserve_host);
-        assert_eq!(caches.max_age_s, 86_400);
+        assert_eq!(caches.delivery.max_age_s, 86_400);
         let web = &c.groups["web"];
         assert_eq!(web.dns.as_deref(), Some("web.test"));
         assert_eq!((web.port, web.scheme.as_str()), (Some(8080), "http"));
-        assert_eq!(web.max_age_s, 60);
+        assert_eq!(web.delivery.max_age_s, 60);
         assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());
         let agents = FileConfig::parse("[groups.edge]\nagents = true\n").unwrap();
         assert!(agents.groups["edge"].agents);

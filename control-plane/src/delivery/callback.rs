@@ -64,7 +64,7 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::attempt::wire_headers;
+    use crate::delivery::http::wire_headers;
     use crate::job::test_job;
 
     fn job(callback: Option<&str>) -> Job {

@@ -1,7 +1,10 @@
 //! Delivery: takes due jobs from the store, sends each attempt, and records what comes
 //! next — delivered, retry later (backoff), or failed (callback job, Sentry report).
 //!
-//! - [`attempt`] — one HTTP attempt and the failure classification.
+//! - [`transport`] — a transport per job kind, in one registry: [`http`] (targets and
+//!   callbacks, and the failure classification) and [`email`] (SMTP).
+//! - [`attempt`] — what an attempt came to ([`attempt::Outcome`]), whatever carried it.
+//! - [`observe`] — who hears of every attempt: the log, Sentry, metrics.
 //! - [`backoff`] — the retry schedule.
 //! - [`callback`] — the failure callback job.
 //!
@@ -10,6 +13,10 @@
 pub mod attempt;
 pub mod backoff;
 pub mod callback;
+pub mod email;
+pub mod http;
+pub mod observe;
+pub mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +25,25 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Time;
-use crate::job::{Attempt, Job, Kind};
+use crate::job::{Attempt, Job};
 use crate::store::{ClaimHealth, Next, Store};
-use crate::telemetry::sentry::FailureReporter;
-use attempt::{Outcome, Transport};
+use attempt::Outcome;
+use observe::Observer;
+use transport::Transport;
+
+/// How the delivery loop runs (`KNOCKER_DELIVERY`, `KNOCKER_CONCURRENCY`,
+/// `KNOCKER_HOST_CONCURRENCY`, `RETRIES_BACKOFF_FACTOR_MAX`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeliveryConfig {
+    /// Off: jobs are accepted and stored, not delivered.
+    pub enabled: bool,
+    /// Attempts in flight at once, across all targets.
+    pub concurrency: usize,
+    /// Attempts in flight at once to one target host.
+    pub host_concurrency: usize,
+    /// Caps every retry delay (seconds).
+    pub backoff_cap_s: f64,
+}
 
 pub struct Delivery {
     pub store: Arc<dyn Store>,
@@ -33,7 +55,8 @@ pub struct Delivery {
     pub slots: Arc<Semaphore>,
     /// `RETRIES_BACKOFF_FACTOR_MAX`: caps every delay.
     pub backoff_cap_s: f64,
-    pub reporter: Option<Arc<FailureReporter>>,
+    /// Hear of every attempt's outcome ([`observe::Log`] first).
+    pub observers: Vec<Arc<dyn Observer>>,
     /// Attempts in flight per target host, at most `KNOCKER_HOST_CONCURRENCY`.
     pub hosts: HostLimits,
     /// Told whether claims succeed (the ingress refuses submissions while they fail).
@@ -213,9 +236,15 @@ impl Delivery {
         let number = job.attempts.len() as u32 + 1;
         let now = self.time.now_ms();
         let next = self.next_step(&job, number, &outcome, now);
-        log_attempt(&job, number, &outcome, &next, now);
-        if let (Next::Failed { .. }, Some(reporter)) = (&next, &self.reporter) {
-            reporter.job_failed(&job, &outcome);
+        let attempted = observe::Attempted {
+            job: &job,
+            number,
+            outcome: &outcome,
+            next: &next,
+            now,
+        };
+        for observer in &self.observers {
+            observer.attempted(&attempted);
         }
         let record = Attempt {
             at,
@@ -322,35 +351,11 @@ impl Delivery {
     }
 }
 
-fn log_attempt(job: &Job, number: u32, outcome: &Outcome, next: &Next, now: u64) {
-    let latency_ms = outcome.latency.as_millis() as u64;
-    let error = outcome.error.as_deref().unwrap_or("");
-    let kind = format!("{:?}", job.kind).to_lowercase();
-    match next {
-        Next::Delivered => tracing::info!(
-            job_id = %job.id, kind, url = %job.request.url, attempt = number, status = outcome.status,
-            latency_ms, "delivered"
-        ),
-        Next::Retry { at } => tracing::info!(
-            job_id = %job.id, kind, url = %job.request.url, attempt = number, status = outcome.status,
-            error, latency_ms, retry_in_ms = at.saturating_sub(now), "attempt failed; will retry"
-        ),
-        Next::Failed { .. } if job.kind == Kind::Callback => tracing::error!(
-            job_id = %job.knocker_id(), kind, url = %job.request.url, attempt = number, status = outcome.status,
-            error, latency_ms, "callback failed after its last attempt; the failure report is lost"
-        ),
-        Next::Failed { callback } => tracing::warn!(
-            job_id = %job.id, kind, url = %job.request.url, attempt = number, status = outcome.status,
-            error, latency_ms, callback = callback.is_some(), "attempt failed; no attempts left"
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::{Clock as _, FixedJitter, TokioClock};
-    use crate::job::{test_job, Policy, State};
+    use crate::job::{test_job, Kind, Policy, State};
     use crate::store::memory::MemoryStore;
     use parking_lot::Mutex;
 
@@ -433,7 +438,7 @@ mod tests {
             wake: Arc::new(Notify::new()),
             slots: Arc::new(Semaphore::new(4)),
             backoff_cap_s: cap,
-            reporter: None,
+            observers: Vec::new(),
             health: Arc::default(),
             hosts: HostLimits::new(8),
         });
@@ -506,7 +511,7 @@ mod tests {
             wake: Arc::new(Notify::new()),
             slots: Arc::new(Semaphore::new(4)),
             backoff_cap_s: 1.0,
-            reporter: None,
+            observers: Vec::new(),
             health: Arc::default(),
             hosts: HostLimits::new(1),
         };

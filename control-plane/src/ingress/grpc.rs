@@ -19,13 +19,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Ingress;
+use super::{body_too_large, Doors};
 use crate::job::policy::DeliveryPolicy;
 use crate::job::rule::{RuleMode, RuleSubmission};
 use crate::job::spec::{BroadcastRule, Submission};
+use crate::submit::{Reply, Submitter};
 
 pub struct GrpcIngress {
-    ingress: Arc<Ingress>,
+    ingress: Arc<Submitter>,
+    max_body_bytes: usize,
     /// Ends the open streams (after their replies) so that a graceful shutdown is not
     /// held up by streams the filters would keep open for ever.
     shutdown: CancellationToken,
@@ -34,15 +36,21 @@ pub struct GrpcIngress {
 /// The tonic service, accepting messages up to the body limit plus room for headers,
 /// from callers that present `KNOCKER_GRPC_TOKEN` (when it is set).
 pub fn service(
-    ingress: Arc<Ingress>,
+    ingress: Arc<Submitter>,
+    doors: &Doors,
     shutdown: CancellationToken,
 ) -> InterceptedService<IngressServer<GrpcIngress>, Authenticate> {
-    let limit = ingress.settings.max_body_bytes.saturating_add(256 * 1024);
+    let limit = doors.max_body_bytes.saturating_add(256 * 1024);
     let auth = Authenticate {
-        token: ingress.settings.grpc_token.as_str().into(),
+        token: doors.grpc_token.as_str().into(),
+    };
+    let grpc = GrpcIngress {
+        ingress,
+        max_body_bytes: doors.max_body_bytes,
+        shutdown,
     };
     InterceptedService::new(
-        IngressServer::new(GrpcIngress { ingress, shutdown }).max_decoding_message_size(limit),
+        IngressServer::new(grpc).max_decoding_message_size(limit),
         auth,
     )
 }
@@ -66,7 +74,7 @@ impl tonic::service::Interceptor for Authenticate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if crate::api::same_secret(given, &self.token) {
+        if crate::token::same_secret(given, &self.token) {
             Ok(request)
         } else {
             tracing::warn!("gRPC call refused: no valid KNOCKER_GRPC_TOKEN");
@@ -89,7 +97,7 @@ impl IngressService for GrpcIngress {
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
         Ok(Response::new(
-            handle(&self.ingress, request.into_inner()).await,
+            handle(&self.ingress, self.max_body_bytes, request.into_inner()).await,
         ))
     }
 
@@ -103,6 +111,7 @@ impl IngressService for GrpcIngress {
         let (tx, rx) = mpsc::channel::<Result<StreamReply, Status>>(STREAM_IN_FLIGHT);
         let ingress = Arc::clone(&self.ingress);
         let shutdown = self.shutdown.clone();
+        let max_body_bytes = self.max_body_bytes;
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
             loop {
@@ -124,8 +133,8 @@ impl IngressService for GrpcIngress {
                 let (ingress, tx) = (Arc::clone(&ingress), tx.clone());
                 tokio::spawn(async move {
                     let reply = match submit.request {
-                        Some(request) => handle(&ingress, request).await,
-                        None => to_proto(super::Reply::error(
+                        Some(request) => handle(&ingress, max_body_bytes, request).await,
+                        None => to_proto(Reply::error(
                             400,
                             "request",
                             "A stream submission needs its request.",
@@ -148,14 +157,13 @@ impl IngressService for GrpcIngress {
 }
 
 /// One submission from the filter, whichever method carried it.
-pub async fn handle(ingress: &super::Ingress, mut r: SubmitRequest) -> SubmitReply {
-    if r.body.len() > ingress.settings.max_body_bytes {
-        let reply = super::Reply::error(
-            413,
-            "body",
-            &body_too_large(ingress.settings.max_body_bytes),
-        );
-        return to_proto(reply);
+pub async fn handle(
+    ingress: &Submitter,
+    max_body_bytes: usize,
+    mut r: SubmitRequest,
+) -> SubmitReply {
+    if r.body.len() > max_body_bytes {
+        return to_proto(Reply::error(413, "body", &body_too_large(max_body_bytes)));
     }
     let (rule, broadcast_rule) = match rule_submission(&mut r) {
         Ok(Taken::Knocker) => (None, None),
@@ -189,12 +197,12 @@ enum Taken {
 
 /// The rule part of a filter submission; a 400 naming the field when the mode and the
 /// policy do not fit together.
-fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, super::Reply> {
+fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, Reply> {
     let mode = match Mode::try_from(r.mode) {
         Ok(Mode::Knocker | Mode::Unspecified) => return Ok(Taken::Knocker),
         Ok(mode) => mode,
         Err(_) => {
-            return Err(super::Reply::error(
+            return Err(Reply::error(
                 400,
                 "mode",
                 &format!("Mode {} is not supported by this control plane.", r.mode),
@@ -202,7 +210,7 @@ fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, super::Reply> {
         }
     };
     let Some(policy) = r.policy.take() else {
-        return Err(super::Reply::error(
+        return Err(Reply::error(
             400,
             "policy",
             "A rule submission needs the rule's delivery policy.",
@@ -211,7 +219,7 @@ fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, super::Reply> {
     let rule = std::mem::take(&mut r.rule);
     let mode = match mode {
         Mode::Broadcast if policy.group.is_empty() => {
-            return Err(super::Reply::error(
+            return Err(Reply::error(
                 400,
                 "policy.group",
                 "A broadcast rule needs a group.",
@@ -243,11 +251,7 @@ fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, super::Reply> {
     }))
 }
 
-pub fn body_too_large(limit: usize) -> String {
-    format!("Request body is larger than the limit of {limit} bytes.")
-}
-
-fn to_proto(reply: super::Reply) -> SubmitReply {
+fn to_proto(reply: Reply) -> SubmitReply {
     SubmitReply {
         status: u32::from(reply.status),
         headers: reply

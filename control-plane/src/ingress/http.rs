@@ -19,19 +19,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use crate::config::Settings;
-
-use super::grpc::body_too_large;
-use super::{Ingress, Reply};
+use super::{body_too_large, Doors};
 use crate::job::spec::Submission;
+use crate::submit::{Reply, Submitter};
 
 /// Every request is a Knocker submission, except `/knocker/…` API calls (those without
-/// a `Knocker-Host` header; the status URL goes through the submit path).
-pub fn router(ingress: Arc<Ingress>, monitors: Arc<crate::monitor::Monitors>) -> Router {
-    let api = crate::api::router(Arc::clone(&ingress), monitors);
+/// a `Knocker-Host` header; the status URL goes through the submit path), which go to
+/// `api`.
+pub fn router(ingress: Arc<Submitter>, api: Router, doors: &Doors) -> Router {
     let limits = BodyLimits {
-        bytes: ingress.settings.max_body_bytes,
-        time: ingress.settings.body_timeout,
+        bytes: doors.max_body_bytes,
+        time: doors.body_timeout,
     };
     Router::new()
         .fallback(move |state, peer, request: Request| dispatch(api.clone(), state, peer, request))
@@ -50,51 +48,43 @@ struct BodyLimits {
 /// connection and a task for ever, on the submit path and the API alike.
 async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let body =
-        match tokio::time::timeout(limits.time, axum::body::to_bytes(body, limits.bytes)).await {
-            Err(_) => {
-                let reply = Reply::error(
-                    408,
-                    "body",
-                    &format!(
-                        "The request body did not arrive within {:?} (KNOCKER_BODY_TIMEOUT).",
-                        limits.time
-                    ),
-                );
-                return into_response(reply.with_header("connection", "close"));
-            }
-            Ok(Err(_)) => {
-                return into_response(Reply::error(413, "body", &body_too_large(limits.bytes)))
-            }
-            Ok(Ok(body)) => body,
-        };
+    let body = match tokio::time::timeout(limits.time, axum::body::to_bytes(body, limits.bytes))
+        .await
+    {
+        Err(_) => {
+            let reply = Reply::error(
+                408,
+                "body",
+                &format!(
+                    "The request body did not arrive within {:?} (KNOCKER_BODY_TIMEOUT).",
+                    limits.time
+                ),
+            );
+            return Reply::into_response(reply.with_header("connection", "close"));
+        }
+        Ok(Err(_)) => {
+            return Reply::into_response(Reply::error(413, "body", &body_too_large(limits.bytes)))
+        }
+        Ok(Ok(body)) => body,
+    };
     next.run(Request::from_parts(parts, Body::from(body))).await
 }
 
 /// Serves the router on `listener` until `shutdown`, with the connection limits of
 /// [`super::conn`] and hyper's header deadline; then lets open requests finish (5 s at
 /// most).
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    settings: &Settings,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, app: Router, doors: &Doors, shutdown: CancellationToken) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout);
+        .header_read_timeout(doors.header_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(settings.idle_timeout / 3);
+        .keep_alive_interval(doors.idle_timeout / 3);
     let graceful = GracefulShutdown::new();
-    let incoming = super::conn::accept(
-        listener,
-        settings.max_connections as usize,
-        settings.idle_timeout,
-    );
+    let incoming = super::conn::accept(listener, doors.max_connections, doors.idle_timeout);
     tokio::pin!(incoming);
     loop {
         let next = tokio::select! {
@@ -128,13 +118,13 @@ pub async fn serve(
 
 async fn dispatch(
     api: Router,
-    state: State<Arc<Ingress>>,
+    state: State<Arc<Submitter>>,
     peer: ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
     let path = request.uri().path();
     let is_api = path.starts_with("/knocker/")
-        && path != state.0.settings.status_url
+        && path != state.0.status_url
         && !request.headers().contains_key("knocker-host");
     if is_api {
         return match api.oneshot(request).await {
@@ -146,15 +136,15 @@ async fn dispatch(
 }
 
 async fn submit(
-    State(ingress): State<Arc<Ingress>>,
+    State(ingress): State<Arc<Submitter>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let limit = ingress.settings.max_body_bytes; // read whole by `read_body` already
-    let body = match axum::body::to_bytes(body, limit).await {
+    // Read whole, within the limits, by `read_body` already.
+    let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(body) => body,
-        Err(_) => return into_response(Reply::error(413, "body", &body_too_large(limit))),
+        Err(e) => return Reply::into_response(Reply::error(400, "body", &e.to_string())),
     };
     let submission = Submission {
         method: parts.method.as_str().to_owned(),
@@ -179,15 +169,5 @@ async fn submit(
         rule: None,
         broadcast_rule: None,
     };
-    into_response(ingress.submit(submission).await)
-}
-
-pub fn into_response(reply: Reply) -> Response {
-    let mut builder = Response::builder().status(reply.status);
-    for (name, value) in &reply.headers {
-        builder = builder.header(name, value);
-    }
-    builder.body(Body::from(reply.body)).unwrap_or_else(|_| {
-        (http::StatusCode::INTERNAL_SERVER_ERROR, "invalid response").into_response()
-    })
+    Reply::into_response(ingress.submit(submission).await)
 }

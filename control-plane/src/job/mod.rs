@@ -15,6 +15,7 @@ pub mod policy;
 pub mod receipt;
 pub mod rule;
 pub mod spec;
+pub mod submission;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,7 +67,7 @@ pub enum Trust {
 /// `next_attempt_at` of a job waiting for its turn in an ordered lane.
 pub const PARKED: Millis = i64::MAX as Millis;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// The request a client submitted, to its target.

@@ -2,20 +2,51 @@
 //! notifier: a maximum age or a number of retries, the backoff, the per-attempt timeout.
 //! One place checks it and turns it into a job's [`Policy`].
 
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::{Policy, Trust};
 use crate::clock::Millis;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The one type of a configured delivery policy: a broadcast group and a notifier
+/// flatten it into their TOML tables, a filter rule's arrives in its gRPC submission.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 pub struct DeliveryPolicy {
     /// Give up this long after acceptance; 0 for no age limit.
+    #[serde(default = "default_max_age_s")]
     pub max_age_s: u64,
     /// Attempts after the first; `None`: as many as the maximum age allows.
+    #[serde(default)]
     pub retries: Option<u32>,
+    #[serde(default = "default_backoff_factor")]
     pub backoff_factor: f64,
+    #[serde(default = "default_max_backoff_s")]
     pub max_backoff_s: f64,
+    #[serde(default = "default_timeout_s")]
     pub timeout_s: f64,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        Self {
+            max_age_s: DEFAULT_MAX_AGE_S,
+            retries: None,
+            backoff_factor: DEFAULT_BACKOFF_FACTOR,
+            max_backoff_s: DEFAULT_MAX_BACKOFF_S,
+            timeout_s: DEFAULT_TIMEOUT_S,
+        }
+    }
+}
+
+/// A table that flattens a [`DeliveryPolicy`] cannot also deny unknown fields (serde
+/// does not support both); it collects them instead, and this names the first.
+pub fn unknown_fields<V>(unknown: &BTreeMap<String, V>, table: &str) -> Result<(), String> {
+    match unknown.keys().next() {
+        Some(key) => Err(format!("{table}: unknown field `{key}`")),
+        None => Ok(()),
+    }
 }
 
 /// The largest values a policy may hold, from any source (plugin config, TOML, gRPC).
@@ -29,16 +60,16 @@ pub const DEFAULT_BACKOFF_FACTOR: f64 = 0.5;
 pub const DEFAULT_MAX_BACKOFF_S: f64 = 60.0;
 pub const DEFAULT_TIMEOUT_S: f64 = 10.0;
 
-pub fn default_max_age_s() -> u64 {
+fn default_max_age_s() -> u64 {
     DEFAULT_MAX_AGE_S
 }
-pub fn default_backoff_factor() -> f64 {
+fn default_backoff_factor() -> f64 {
     DEFAULT_BACKOFF_FACTOR
 }
-pub fn default_max_backoff_s() -> f64 {
+fn default_max_backoff_s() -> f64 {
     DEFAULT_MAX_BACKOFF_S
 }
-pub fn default_timeout_s() -> f64 {
+fn default_timeout_s() -> f64 {
     DEFAULT_TIMEOUT_S
 }
 

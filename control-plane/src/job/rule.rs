@@ -4,42 +4,11 @@
 
 use serde_json::{json, Map};
 
-use super::policy::DeliveryPolicy;
-use super::spec::{is_http_base_url, knocker_id, split_headers, Errors, Submission};
+use super::spec::{is_http_base_url, knocker_id, split_headers, Errors};
+
+pub use super::submission::{RuleMode, RuleSubmission, Submission};
 use super::{Job, Kind, Request, State, Trust};
 use crate::clock::Millis;
-
-/// Why the filter handed the request over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuleMode {
-    /// Stored and answered at once; delivered to the target.
-    Capture,
-    /// Its upstream failed; delivered to the target instead of failing the caller.
-    Fallback,
-}
-
-impl RuleMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Capture => "capture",
-            Self::Fallback => "fallback",
-        }
-    }
-}
-
-/// The rule part of a submission.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RuleSubmission {
-    pub name: String,
-    pub mode: RuleMode,
-    /// Base URL; the request's path and query are appended.
-    pub target: String,
-    pub delivery: DeliveryPolicy,
-    pub callback: Option<String>,
-    pub ordered: bool,
-    /// Fallback: the upstream's status, 0 for a reset or timeout.
-    pub upstream_status: u32,
-}
 
 /// Builds the job, or every reason it cannot (fields named `rule.<field>`, or the
 /// `knocker-id` header).
@@ -116,6 +85,7 @@ pub fn build_rule_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::policy::DeliveryPolicy;
 
     pub(crate) fn capture(target: &str) -> RuleSubmission {
         RuleSubmission {

@@ -8,44 +8,9 @@ use serde_json::{json, Map, Value};
 
 use super::{Headers, Job, Kind, Policy, Request, State, Trust, CALLBACK_SUFFIX};
 use crate::clock::Millis;
-use crate::config::Settings;
+use crate::hosts_only::HostsOnly;
 
-/// A request as either ingress received it.
-#[derive(Debug, Clone, Default)]
-pub struct Submission {
-    pub method: String,
-    /// The path with its raw query, byte for byte as received.
-    pub path: String,
-    /// Headers in arrival order; names in any case.
-    pub headers: Headers,
-    pub body: Vec<u8>,
-    /// The downstream peer, when known.
-    pub remote: Option<String>,
-    /// The request's authority (`Host`), when known.
-    pub authority: Option<String>,
-    /// Set when a filter rule (not `Knocker-*` headers) took the request over.
-    pub rule: Option<super::rule::RuleSubmission>,
-    /// Set when a filter rule in `broadcast` mode took the request over.
-    pub broadcast_rule: Option<BroadcastRule>,
-}
-
-impl Submission {
-    /// The path with its query, starting with `/`.
-    pub fn absolute_path(&self) -> String {
-        if self.path.starts_with('/') {
-            self.path.clone()
-        } else {
-            format!("/{}", self.path)
-        }
-    }
-}
-
-/// A filter rule in `broadcast` mode: its name and the group it fans out to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BroadcastRule {
-    pub rule: String,
-    pub group: String,
-}
+pub use super::submission::{BroadcastRule, Submission};
 
 /// Validation errors: lower-case header name → messages.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -207,9 +172,40 @@ pub fn unsafe_header(headers: &[(String, Vec<u8>)]) -> Option<(String, &'static 
     })
 }
 
+/// What a submission gets for each `Knocker-*` setting it leaves out, and the most it may
+/// ask for: Knocker 1.4.1's `SCHEME`, `TIMEOUT(_MAX)`, `RETRIES(_MAX)`,
+/// `RETRIES_BACKOFF_FACTOR(_MAX)` and `HOSTS_ONLY`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    pub scheme: String,
+    pub hosts_only: HostsOnly,
+    pub timeout: f64,
+    pub timeout_max: f64,
+    pub retries: u32,
+    pub retries_max: u32,
+    pub backoff_factor: f64,
+    pub backoff_factor_max: f64,
+}
+
+impl Default for Defaults {
+    /// Knocker 1.4.1's.
+    fn default() -> Self {
+        Self {
+            scheme: "https".into(),
+            hosts_only: HostsOnly::default(),
+            timeout: 10.0,
+            timeout_max: 60.0,
+            retries: 2,
+            retries_max: 10,
+            backoff_factor: 0.5,
+            backoff_factor_max: 600.0,
+        }
+    }
+}
+
 /// Builds the job a submission asks for, or every reason it cannot.
 pub fn build_job(
-    settings: &Settings,
+    defaults: &Defaults,
     submission: &Submission,
     now: Millis,
     new_id: impl FnOnce() -> String,
@@ -242,47 +238,47 @@ pub fn build_job(
         },
     };
     if let Some((host_port, bare)) = &host {
-        if !settings.hosts_only.allows(host_port, bare) {
+        if !defaults.hosts_only.allows(host_port, bare) {
             errors.add(
                 "knocker-host",
                 format!(
                     "Host '{host_port}' is not in allowed hosts: {}",
-                    settings.hosts_only.0.join(", ")
+                    defaults.hosts_only.0.join(", ")
                 ),
             );
         }
     }
 
     let scheme = match text("knocker-scheme", &mut errors) {
-        None => settings.scheme.clone(),
+        None => defaults.scheme.clone(),
         Some(s) if s == "http" || s == "https" => s,
         Some(_) => {
             errors.add("knocker-scheme", BAD_SCHEME);
-            settings.scheme.clone()
+            defaults.scheme.clone()
         }
     };
 
     let timeout = text("knocker-timeout", &mut errors)
         .and_then(|v| {
-            float_in_range(&v, settings.timeout_max, true)
+            float_in_range(&v, defaults.timeout_max, true)
                 .map_err(|e| errors.add("knocker-timeout", e))
                 .ok()
         })
-        .unwrap_or(settings.timeout);
+        .unwrap_or(defaults.timeout);
     let retries = text("knocker-retries", &mut errors)
         .and_then(|v| {
-            integer_in_range(&v, settings.retries_max)
+            integer_in_range(&v, defaults.retries_max)
                 .map_err(|e| errors.add("knocker-retries", e))
                 .ok()
         })
-        .unwrap_or(settings.retries);
+        .unwrap_or(defaults.retries);
     let backoff_factor = text("knocker-backoff-factor", &mut errors)
         .and_then(|v| {
-            float_in_range(&v, settings.backoff_factor_max, false)
+            float_in_range(&v, defaults.backoff_factor_max, false)
                 .map_err(|e| errors.add("knocker-backoff-factor", e))
                 .ok()
         })
-        .unwrap_or(settings.backoff_factor);
+        .unwrap_or(defaults.backoff_factor);
 
     let callback = text("knocker-callback", &mut errors).and_then(|v| {
         if is_http_url(&v) {
@@ -479,13 +475,9 @@ fn python_number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HostsOnly;
 
-    fn settings() -> Settings {
-        let mut s = Settings::defaults();
-        s.hosts_only = HostsOnly::default();
-        s.scheme = "https".into();
-        s
+    fn settings() -> Defaults {
+        Defaults::default()
     }
 
     fn submit(headers: &[(&str, &str)]) -> Result<Job, Errors> {

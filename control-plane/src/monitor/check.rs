@@ -5,7 +5,7 @@ use std::time::Instant;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::condition::{Check, Observed};
-use super::store::CheckResult;
+use super::history::CheckResult;
 use super::MonitorConfig;
 use crate::clock::Millis;
 use crate::job::Trust;
@@ -92,7 +92,7 @@ async fn request(
         trust,
     };
     let mut response = outbound.send(request).await.map_err(|failure| {
-        let (_, reason) = crate::delivery::attempt::classify_failure(&failure);
+        let (_, reason) = crate::delivery::http::classify_failure(&failure);
         (format!("no answer: {reason}"), None)
     })?;
     let status = response.status().as_u16();
@@ -108,7 +108,7 @@ async fn request(
             }
             Ok(None) => break,
             Err(e) => {
-                let (_, reason) = crate::delivery::attempt::classify(&e);
+                let (_, reason) = crate::delivery::http::classify(&e);
                 return Err((format!("body unreadable: {reason}"), Some(status)));
             }
         }

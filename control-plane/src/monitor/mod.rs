@@ -17,9 +17,10 @@
 //! repeats one (the stored state says it was sent) nor forgets a resolution.
 
 pub mod alert;
-pub mod api;
 pub mod check;
 pub mod condition;
+pub mod history;
+pub mod local;
 pub mod shared;
 pub mod store;
 
@@ -40,7 +41,8 @@ use crate::outbound::Outbound;
 use crate::store::Store;
 use alert::Health;
 use condition::{Check, Condition};
-use store::{MonitorStore, Source};
+use history::Source;
+use store::MonitorStore;
 
 /// A monitor's definition (a `[monitors.<name>]` table, or the JSON body of the API).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -410,7 +412,7 @@ impl Monitors {
         &self,
         name: &str,
         config: &MonitorConfig,
-        result: &store::CheckResult,
+        result: &history::CheckResult,
     ) -> anyhow::Result<()> {
         let mut state = self.store.state(name).await?;
         if state.since == 0 {
@@ -441,8 +443,12 @@ impl Monitors {
                     monitor: name,
                     since: state.since,
                     url: &config.url,
-                    transition: t,
-                    result,
+                    down: t.to == Health::Down,
+                    number: t.number,
+                    at: result.at,
+                    status: result.status,
+                    latency_ms: result.latency_ms,
+                    reason: result.failed_condition.as_deref(),
                     checks,
                 };
                 let jobs = notify::jobs(&event, &notifiers, self.time.now_ms());
@@ -549,9 +555,9 @@ impl Monitors {
             .results(name, if detail { usize::MAX >> 1 } else { 1 })
             .await?;
         let uptime = self.store.uptime(name, self.time.now_ms()).await?;
-        let result_json = |r: &store::CheckResult| {
+        let result_json = |r: &history::CheckResult| {
             json!({
-                "at": crate::api::time(r.at),
+                "at": crate::clock::rfc3339(r.at),
                 "ok": r.ok,
                 "status": r.status,
                 "latency_ms": r.latency_ms,
@@ -577,7 +583,7 @@ impl Monitors {
                 .iter()
                 .map(|t| json!({
                     "number": t.number,
-                    "at": crate::api::time(t.at),
+                    "at": crate::clock::rfc3339(t.at),
                     "health": t.health,
                     "reason": t.reason,
                 }))

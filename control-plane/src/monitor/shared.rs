@@ -16,7 +16,7 @@ use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 
 use super::alert::{AlertState, Transition};
-use super::store::{CheckResult, Source, TransitionRecord, Uptime, HOUR_MS, MONTH_HOURS};
+use super::history::{CheckResult, Source, TransitionRecord, Uptime, HOUR_MS, MONTH_HOURS};
 use super::MonitorConfig;
 use crate::clock::Millis;
 use crate::store::nats::open_bucket;

@@ -11,26 +11,19 @@
 //! monitor's state began): a check recorded twice (a crash between the two commits)
 //! stores its notifications once, and a monitor created again never reuses an id.
 
-pub mod email;
-
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::{json, Map};
 
 use crate::clock::Millis;
-use crate::job::policy::{
-    default_backoff_factor, default_max_age_s, default_max_backoff_s, default_timeout_s,
-    DeliveryPolicy,
-};
+use crate::delivery::email;
+use crate::job::policy::{unknown_fields, DeliveryPolicy};
 use crate::job::{Job, Kind, Request, State, Trust};
-use crate::monitor::alert::{Health, Transition};
-use crate::monitor::store::CheckResult;
 
 /// A notifier from the configuration file: a webhook or an email, and the delivery
 /// policy of what it sends.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NotifierConfig {
     /// POST a JSON report here.
     #[serde(default)]
@@ -44,21 +37,19 @@ pub struct NotifierConfig {
     /// Where a webhook's failure report goes after its last attempt.
     #[serde(default)]
     pub callback: Option<String>,
-    #[serde(default = "default_max_age_s")]
-    pub max_age_s: u64,
-    #[serde(default)]
-    pub retries: Option<u32>,
-    #[serde(default = "default_backoff_factor")]
-    pub backoff_factor: f64,
-    #[serde(default = "default_max_backoff_s")]
-    pub max_backoff_s: f64,
-    #[serde(default = "default_timeout_s")]
-    pub timeout_s: f64,
+    /// How what it sends is delivered: `max_age_s`, `retries`, `backoff_factor`,
+    /// `max_backoff_s`, `timeout_s`.
+    #[serde(flatten)]
+    pub delivery: DeliveryPolicy,
+    /// Anything else is a mistake, named in the error.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, toml::Value>,
 }
 
 impl NotifierConfig {
     pub fn validate(&self, name: &str) -> Result<(), String> {
         let field = |f: &str| format!("notifiers.{name}.{f}");
+        unknown_fields(&self.unknown, &format!("notifiers.{name}"))?;
         match (&self.webhook, &self.email) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err(format!(
@@ -96,17 +87,7 @@ impl NotifierConfig {
                 return Err(format!("{} `{h}` is not a valid header", field("headers")));
             }
         }
-        self.delivery().validate(field)
-    }
-
-    fn delivery(&self) -> DeliveryPolicy {
-        DeliveryPolicy {
-            max_age_s: self.max_age_s,
-            retries: self.retries,
-            backoff_factor: self.backoff_factor,
-            max_backoff_s: self.max_backoff_s,
-            timeout_s: self.timeout_s,
-        }
+        self.delivery.validate(field)
     }
 
     /// What it sends to (validated: exactly one of them).
@@ -124,48 +105,57 @@ enum Channel<'a> {
     Email(&'a email::EmailConfig),
 }
 
-/// What happened, for the notification's text.
+/// What happened, for the notification's text: an endpoint went down or came back up.
+/// Self-contained, so anything that watches endpoints can send one.
+#[derive(Debug, Clone, Copy)]
 pub struct Event<'a> {
     pub monitor: &'a str,
     /// When the monitor's state began (part of the notification ids).
     pub since: u64,
     pub url: &'a str,
-    pub transition: Transition,
-    pub result: &'a CheckResult,
+    /// Down, or up again.
+    pub down: bool,
+    /// The transition's number, counted per monitor (part of the notification ids).
+    pub number: u64,
+    /// The check that caused it: when, its HTTP status, its latency, why it failed.
+    pub at: Millis,
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub reason: Option<&'a str>,
     /// Consecutive failed (down) or good (up) checks that led to it.
     pub checks: u32,
 }
 
 impl Event<'_> {
     fn word(&self) -> &'static str {
-        match self.transition.to {
-            Health::Down => "down",
-            Health::Up => "resolved",
+        if self.down {
+            "down"
+        } else {
+            "resolved"
         }
     }
 
     fn status(&self) -> &'static str {
-        match self.transition.to {
-            Health::Down => "down",
-            Health::Up => "up",
+        if self.down {
+            "down"
+        } else {
+            "up"
         }
     }
 
     fn summary(&self) -> String {
-        match self.transition.to {
-            Health::Down => format!(
+        if self.down {
+            format!(
                 "{} is DOWN: {} ({} failed checks in a row)",
                 self.monitor,
-                self.result
-                    .failed_condition
-                    .as_deref()
-                    .unwrap_or("check failed"),
+                self.reason.unwrap_or("check failed"),
                 self.checks
-            ),
-            Health::Up => format!(
+            )
+        } else {
+            format!(
                 "{} is UP again ({} good checks in a row)",
                 self.monitor, self.checks
-            ),
+            )
         }
     }
 }
@@ -177,7 +167,7 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
         .filter_map(|(name, notifier)| {
             let id = format!(
                 "monitor.{}.{}.{}.{name}",
-                event.monitor, event.since, event.transition.number
+                event.monitor, event.since, event.number
             );
             let (kind, request) = match notifier.channel()? {
                 Channel::Webhook(url) => (Kind::Target, webhook(event, notifier, url)),
@@ -194,7 +184,7 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
                 kind,
                 request,
                 policy: notifier
-                    .delivery()
+                    .delivery
                     .policy(notifier.callback.clone(), Trust::Operator, now),
                 config,
                 state: State::Pending,
@@ -215,11 +205,11 @@ fn webhook(event: &Event<'_>, notifier: &NotifierConfig, url: &str) -> Request {
         "event": event.word(),
         "status": event.status(),
         "url": event.url,
-        "reason": event.result.failed_condition,
-        "http_status": event.result.status,
+        "reason": event.reason,
+        "http_status": event.status,
         "checks": event.checks,
-        "transition": event.transition.number,
-        "at": crate::api::time(event.result.at),
+        "transition": event.number,
+        "at": crate::clock::rfc3339(event.at),
         "message": event.summary(),
     });
     let mut headers: Vec<(String, Vec<u8>)> = notifier
@@ -237,10 +227,7 @@ fn webhook(event: &Event<'_>, notifier: &NotifierConfig, url: &str) -> Request {
 }
 
 fn mail_message(event: &Event<'_>) -> email::Message {
-    let headline = match event.transition.to {
-        Health::Down => "DOWN",
-        Health::Up => "RESOLVED",
-    };
+    let headline = if event.down { "DOWN" } else { "RESOLVED" };
     email::Message {
         subject: format!("[Knocker] {headline}: {}", event.monitor),
         text: format!(
@@ -248,13 +235,12 @@ fn mail_message(event: &Event<'_>) -> email::Message {
             event.summary(),
             event.monitor,
             event.url,
-            crate::api::time(event.result.at),
+            crate::clock::rfc3339(event.at),
             event
-                .result
                 .status
                 .map_or_else(|| "no answer".to_owned(), |s| s.to_string()),
-            event.result.latency_ms,
-            event.transition.number,
+            event.latency_ms,
+            event.number,
         ),
     }
 }
@@ -287,22 +273,16 @@ mod tests {
         let notifiers = notifiers();
         let list: Vec<(&str, &NotifierConfig)> =
             notifiers.iter().map(|(n, c)| (n.as_str(), c)).collect();
-        let result = CheckResult {
-            at: 1_000,
-            ok: false,
-            status: Some(503),
-            latency_ms: 12,
-            failed_condition: Some("status 503 not in 200–299".into()),
-        };
         let event = Event {
             monitor: "api",
             since: 77,
             url: "http://t/health",
-            transition: Transition {
-                to: Health::Down,
-                number: 3,
-            },
-            result: &result,
+            down: true,
+            number: 3,
+            at: 1_000,
+            status: Some(503),
+            latency_ms: 12,
+            reason: Some("status 503 not in 200–299"),
             checks: 2,
         };
         let jobs = jobs(&event, &list, 5_000);

@@ -14,10 +14,65 @@ pub mod memory;
 pub mod nats;
 pub mod sqlite;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::job::{Attempt, Job, State};
+
+/// Which engine keeps the jobs: chosen once, from `KNOCKER_STORE`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Engine {
+    /// The embedded default, in `dir` (`KNOCKER_DATA_DIR`).
+    Sqlite {
+        dir: PathBuf,
+        limits: sqlite::Limits,
+    },
+    /// NATS JetStream, shared by every control plane on it.
+    Nats(nats::NatsOptions),
+    /// In memory: not durable (tests, benchmarks of the rest).
+    Memory,
+}
+
+impl Engine {
+    /// Opens (or connects to) the engine.
+    pub async fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
+        Ok(match self {
+            Engine::Nats(options) => {
+                let store = nats::NatsStore::open(options.clone()).await?;
+                tracing::info!(url = %options.url, "job store: NATS JetStream");
+                Arc::new(store)
+            }
+            Engine::Memory => {
+                tracing::warn!("KNOCKER_STORE=memory: jobs are lost when the process stops");
+                Arc::new(memory::MemoryStore::default())
+            }
+            Engine::Sqlite { dir, limits } => {
+                let store = sqlite::SqliteStore::open(dir, *limits)?;
+                tracing::info!(path = %store.path().display(), "job store open");
+                Arc::new(store)
+            }
+        })
+    }
+
+    /// The NATS server's URL, for the parts that share it (agents, monitors).
+    pub fn nats_url(&self) -> Option<&str> {
+        match self {
+            Engine::Nats(options) => Some(&options.url),
+            _ => None,
+        }
+    }
+
+    /// Where files of this control plane go; `None` when nothing is kept on disk.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Engine::Sqlite { dir, .. } => Some(dir),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -53,7 +53,7 @@ const CONSUMER: &str = "knocker-delivery";
 const PULL_WAIT: Duration = Duration::from_millis(50);
 
 /// How the engine is set up.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NatsOptions {
     pub url: String,
     /// Jobs waiting or in flight above which submissions are refused (503).

@@ -30,7 +30,7 @@ use crate::job::{Attempt, Headers, Job, Kind, Policy, Request, State, Trust, PAR
 pub const MAX_BATCH: usize = 1024;
 
 /// Limits of the embedded store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Pending + in-flight jobs above which submissions are refused (503).
     pub max_pending: u64,
@@ -1079,7 +1079,7 @@ mod tests {
             max_pending: 1000,
             max_bytes: 0,
         };
-        let store = SqliteStore::open(&dir, limits.clone()).unwrap();
+        let store = SqliteStore::open(&dir, limits).unwrap();
         for id in ["bad", "good"] {
             store
                 .insert(crate::job::test_job(id, "POST", "http://t/"))

@@ -9,28 +9,35 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
 
-use crate::config::Settings;
+pub use sentry::SentryConfig;
+
+/// Where logs go and how they look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `-` for stderr, else a file appended to (`LOG_FILE`).
+    pub file: String,
+    /// A `tracing` level: error, warn, info, debug, trace (`LOG_LEVEL`).
+    pub level: String,
+    /// One JSON object a line rather than text (`LOG_FORMAT=json`).
+    pub json: bool,
+}
 
 /// Installs the global subscriber. `RUST_LOG`, when set, refines `LOG_LEVEL`.
-pub fn init_logging(settings: &Settings) -> anyhow::Result<()> {
+pub fn init_logging(settings: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!(
-            "{},h2=warn,hyper=warn,tower=warn",
-            settings.log_level
-        ))
+        EnvFilter::new(format!("{},h2=warn,hyper=warn,tower=warn", settings.level))
     });
-    let writer = if settings.log_file == "-" {
+    let writer = if settings.file == "-" {
         fmt::writer::BoxMakeWriter::new(std::io::stderr)
     } else {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&settings.log_file)
-            .map_err(|e| anyhow::anyhow!("LOG_FILE {}: {e}", settings.log_file))?;
+            .open(&settings.file)
+            .map_err(|e| anyhow::anyhow!("LOG_FILE {}: {e}", settings.file))?;
         fmt::writer::BoxMakeWriter::new(Mutex::new(file))
     };
-    let json = settings.log_format.eq_ignore_ascii_case("json");
-    let fmt_layer = if json {
+    let fmt_layer = if settings.json {
         fmt::layer()
             .json()
             .flatten_event(true)

@@ -1,18 +1,28 @@
 //! Sentry: with `SENTRY_DSN` set, errors (error-level log events and panics) are
 //! reported; with `SENTRY_FAILED_REQUESTS=true`, so is every job that finally failed.
 
-use crate::config::Settings;
 use crate::delivery::attempt::Outcome;
+use crate::delivery::observe::{Attempted, Observer};
 use crate::job::Job;
+use crate::store::Next;
+
+/// `SENTRY_DSN` and `SENTRY_FAILED_REQUESTS`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentryConfig {
+    /// Empty: no Sentry.
+    pub dsn: String,
+    /// Report every job that finally failed.
+    pub report_failed_jobs: bool,
+}
 
 /// Starts the Sentry client; keep the guard alive for the life of the process (it
 /// flushes pending events when dropped). `None` without a DSN.
-pub fn init(settings: &Settings) -> anyhow::Result<Option<sentry::ClientInitGuard>> {
-    if settings.sentry_dsn.trim().is_empty() {
+pub fn init(config: &SentryConfig) -> anyhow::Result<Option<sentry::ClientInitGuard>> {
+    if config.dsn.trim().is_empty() {
         return Ok(None);
     }
-    let dsn: sentry::types::Dsn = settings
-        .sentry_dsn
+    let dsn: sentry::types::Dsn = config
+        .dsn
         .trim()
         .parse()
         .map_err(|e| anyhow::anyhow!("SENTRY_DSN is not a valid DSN: {e}"))?;
@@ -38,9 +48,17 @@ where
         .and_then(sentry_tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR))
 }
 
-/// Reports jobs that finally failed (`SENTRY_FAILED_REQUESTS`).
+/// Reports jobs that finally failed (`SENTRY_FAILED_REQUESTS`): an attempt observer.
 #[derive(Debug, Default)]
 pub struct FailureReporter;
+
+impl Observer for FailureReporter {
+    fn attempted(&self, a: &Attempted<'_>) {
+        if let Next::Failed { .. } = a.next {
+            self.job_failed(a.job, a.outcome);
+        }
+    }
+}
 
 impl FailureReporter {
     pub fn job_failed(&self, job: &Job, outcome: &Outcome) {

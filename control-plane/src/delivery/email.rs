@@ -1,4 +1,5 @@
-//! Email over SMTP: plain, STARTTLS or implicit TLS, with optional authentication.
+//! The email transport: SMTP, plain, STARTTLS or implicit TLS, with optional
+//! authentication.
 //!
 //! An email job holds the message (subject and text) and the notifier's name; the
 //! server, sender, recipients and credentials are read from the configuration when the
@@ -6,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr as _;
-use std::sync::Arc;
 use std::time::Instant;
 
 use lettre::message::header::ContentType;
@@ -15,8 +15,8 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport as _, Tokio1Executor};
 use serde::Deserialize;
 
-use super::NotifierConfig;
-use crate::delivery::attempt::{code, Outcome};
+use super::attempt::{code, Outcome};
+use super::transport::Transport;
 use crate::job::{Job, Request};
 
 /// How the connection to the SMTP server is protected.
@@ -122,14 +122,15 @@ pub fn request(config: &EmailConfig, message: &Message) -> Request {
     }
 }
 
-/// Sends email jobs with the notifiers' settings.
+/// Sends email jobs with the SMTP settings of the notifier each names.
 pub struct Mailer {
-    notifiers: Arc<BTreeMap<String, NotifierConfig>>,
+    servers: BTreeMap<String, EmailConfig>,
 }
 
 impl Mailer {
-    pub fn new(notifiers: Arc<BTreeMap<String, NotifierConfig>>) -> Self {
-        Self { notifiers }
+    /// `servers`: the email notifiers' settings, by notifier name.
+    pub fn new(servers: BTreeMap<String, EmailConfig>) -> Self {
+        Self { servers }
     }
 
     /// One attempt: accepted by the server is a success (reported as 200); a refused
@@ -143,7 +144,7 @@ impl Mailer {
             .get("notifier")
             .and_then(|v| v.as_str())
             .unwrap_or_default();
-        let Some(config) = self.notifiers.get(name).and_then(|n| n.email.as_ref()) else {
+        let Some(config) = self.servers.get(name) else {
             return fail(
                 code::PROTOCOL,
                 format!("email notifier `{name}` is no longer configured"),
@@ -188,6 +189,13 @@ impl Mailer {
                 )
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Mailer {
+    async fn send(&self, job: &Job) -> Outcome {
+        Mailer::send(self, job).await
     }
 }
 

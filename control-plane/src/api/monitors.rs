@@ -20,8 +20,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{MonitorConfig, MonitorError, Monitors};
-use crate::api::{ApiError, ApiResult};
+use super::{ApiError, ApiResult};
+use crate::monitor::{MonitorConfig, MonitorError, Monitors};
 
 #[derive(Clone)]
 struct Api {

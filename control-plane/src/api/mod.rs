@@ -1,0 +1,114 @@
+//! The admin API under `/knocker/`, on the HTTP door: its router is composed here, from
+//! one file per resource. Every call, reads included, needs
+//! `Authorization: Bearer <KNOCKER_ADMIN_TOKEN>` when that is set (the status URL is not
+//! part of the API). Secrets are redacted in what it shows ([`crate::redact`]). Errors
+//! have the Knocker shape and name the field ([`ApiError`]).
+//!
+//! | call | what |
+//! | --- | --- |
+//! | `GET /knocker/jobs/{id}` | a job: state, attempts, next attempt |
+//! | `GET /knocker/jobs?state=failed&limit=100&after=<id>` | jobs in a state, oldest first; `next` is the cursor |
+//! | `POST /knocker/jobs/{id}/replay` | a delivered or failed job, attempted again now |
+//! | `POST /knocker/jobs/replay?state=failed&limit=1000` | bulk replay |
+//! | `DELETE /knocker/jobs/{id}` | remove a job |
+//! | `GET /knocker/broadcasts/{id}` | a broadcast: each member's job and its state |
+//! | `GET /knocker/groups` | the broadcast groups and their members now |
+//! | `/knocker/monitors…` | monitors: see [`monitors`] |
+
+pub mod broadcasts;
+pub mod jobs;
+pub mod monitors;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde_json::Value;
+
+use crate::monitor::Monitors;
+use crate::store::StoreError;
+use crate::submit::{Reply, Submitter};
+use crate::token::{bearer, same_secret};
+
+/// The whole API: every resource's routes, the admin token around all of them.
+pub fn router(submit: Arc<Submitter>, monitors: Arc<Monitors>, admin_token: &str) -> Router {
+    Router::new()
+        .merge(jobs::router(Arc::clone(&submit)))
+        .merge(broadcasts::router(submit))
+        .merge(monitors::router(monitors))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "path", "No such API endpoint.")
+        })
+        // Every call, reads included: job lists hold other clients' requests.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::<str>::from(admin_token),
+            require_token,
+        ))
+}
+
+/// Most jobs one list or bulk replay call handles.
+pub const MAX_PAGE: usize = 1000;
+
+/// An API error: the status and the field it names, answered in the Knocker error
+/// shape ([`Reply::error`]).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    field: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        Reply::error(self.status.as_u16(), self.field, &self.message).into_response()
+    }
+}
+
+pub type ApiResult = Result<Json<Value>, ApiError>;
+
+/// The admin token on every API call (the status URL is not routed here).
+async fn require_token(
+    State(token): State<Arc<str>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check_token(&token, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `Authorization: Bearer <token>` when `token` (KNOCKER_ADMIN_TOKEN) is set.
+fn check_token(token: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    if token.is_empty() {
+        return Ok(());
+    }
+    let given = bearer(headers.get("authorization").and_then(|v| v.to_str().ok()));
+    if given.is_some_and(|g| same_secret(g, token)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authorization",
+            "A valid bearer token is required (KNOCKER_ADMIN_TOKEN).",
+        ))
+    }
+}

@@ -1,0 +1,56 @@
+//! Who hears of every attempt: an [`Observer`] is told each outcome and what comes next,
+//! after the attempt and before it is recorded. The log ([`Log`]) is one; Sentry's
+//! failure reports (`telemetry::sentry`) and metrics plug in the same way, so the
+//! delivery loop knows none of them.
+
+use super::attempt::Outcome;
+use crate::clock::Millis;
+use crate::job::{Job, Kind};
+use crate::store::Next;
+
+/// One attempt as observers see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempted<'a> {
+    pub job: &'a Job,
+    /// 1 for the first attempt.
+    pub number: u32,
+    pub outcome: &'a Outcome,
+    /// Delivered, a retry at a time, or failed (with its callback, if any).
+    pub next: &'a Next,
+    pub now: Millis,
+}
+
+pub trait Observer: Send + Sync + 'static {
+    fn attempted(&self, attempt: &Attempted<'_>);
+}
+
+/// Every attempt, one log line: info when delivered or retried, a warning when the
+/// job failed, an error when a failure callback failed (its report is lost).
+#[derive(Debug, Default)]
+pub struct Log;
+
+impl Observer for Log {
+    fn attempted(&self, a: &Attempted<'_>) {
+        let latency_ms = a.outcome.latency.as_millis() as u64;
+        let error = a.outcome.error.as_deref().unwrap_or("");
+        let kind = format!("{:?}", a.job.kind).to_lowercase();
+        match a.next {
+            Next::Delivered => tracing::info!(
+                job_id = %a.job.id, kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                latency_ms, "delivered"
+            ),
+            Next::Retry { at } => tracing::info!(
+                job_id = %a.job.id, kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                error, latency_ms, retry_in_ms = at.saturating_sub(a.now), "attempt failed; will retry"
+            ),
+            Next::Failed { .. } if a.job.kind == Kind::Callback => tracing::error!(
+                job_id = %a.job.knocker_id(), kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                error, latency_ms, "callback failed after its last attempt; the failure report is lost"
+            ),
+            Next::Failed { callback } => tracing::warn!(
+                job_id = %a.job.id, kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                error, latency_ms, callback = callback.is_some(), "attempt failed; no attempts left"
+            ),
+        }
+    }
+}
