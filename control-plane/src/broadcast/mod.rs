@@ -23,7 +23,7 @@ use serde_json::{json, Map, Value};
 use crate::clock::Millis;
 use crate::job::receipt::header_list;
 use crate::job::spec::{split_headers, Submission};
-use crate::job::{Headers, Job, Kind, Request, State, Trust};
+use crate::job::{Headers, Job, Kind, Request, Trust};
 use groups::GroupConfig;
 
 /// The header every broadcast copy carries: the loop guard's marker.
@@ -101,27 +101,19 @@ pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) ->
             config.insert("id".into(), json!(member_job_id(fanout.id, index)));
             config.insert("callback".into(), json!(fanout.callback));
             delivery.describe(&mut config);
-            Job {
-                id: member_job_id(fanout.id, index),
-                kind: Kind::Target,
-                request: Request {
-                    method: submission.method.clone(),
-                    url: format!("{member}{path}"),
-                    headers: headers.clone(),
-                    body: submission.body.clone(),
-                },
-                // Members are the operator's; the callback is the client's.
-                policy: delivery.policy(fanout.callback.clone(), Trust::Client, now),
-                config,
-                state: State::Pending,
-                attempts: Vec::new(),
-                next_attempt_at: now,
-                created_at: now,
-                finished_at: None,
+            let request = Request {
+                method: submission.method.clone(),
+                url: format!("{member}{path}"),
+                headers: headers.clone(),
+                body: submission.body.clone(),
+            };
+            // Members are the operator's; the callback is the client's.
+            let policy = delivery.policy(fanout.callback.clone(), Trust::Client, now);
+            let id = member_job_id(fanout.id, index);
+            Job::new_pending(id, Kind::Target, request, policy, Trust::Operator, now)
+                .with_config(config)
                 // Per group and member: a member's copies go out one at a time, in order.
-                lane: Some(format!("broadcast:{}:{member}", fanout.group_name)),
-                trust: Trust::Operator,
-            }
+                .in_lane(Some(format!("broadcast:{}:{member}", fanout.group_name)))
         })
         .collect()
 }

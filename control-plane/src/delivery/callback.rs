@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use crate::clock::Millis;
-use crate::job::{Job, Kind, Policy, Request, State, CALLBACK_SUFFIX};
+use crate::job::{Job, Kind, Policy, Request, CALLBACK_SUFFIX};
 
 /// The callback job for `job`, failed with `status_code`; `None` without a callback URL
 /// or when `job` is itself a callback.
@@ -31,41 +31,39 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
         .cloned()
         .collect();
     headers.push(("content-type".to_owned(), b"application/json".to_vec()));
-    Some(Job {
-        id: format!("{}{CALLBACK_SUFFIX}", job.id),
-        kind: Kind::Callback,
-        request: Request {
-            method: "POST".into(),
-            url,
-            headers,
-            body: body.to_string().into_bytes(),
-        },
-        policy: Policy {
-            callback: None,
-            // A job with a maximum age gives its callback the same age, from now.
-            deadline: job
-                .policy
-                .deadline
-                .map(|d| now + d.saturating_sub(job.created_at)),
-            ..job.policy.clone()
-        },
-        config: job.config.clone(),
-        state: State::Pending,
-        attempts: Vec::new(),
-        next_attempt_at: now,
-        created_at: now,
-        finished_at: None,
-        // A callback goes to another URL: it is never held up by its job's lane.
-        lane: None,
-        trust: job.policy.callback_trust,
-    })
+    let request = Request {
+        method: "POST".into(),
+        url,
+        headers,
+        body: body.to_string().into_bytes(),
+    };
+    let policy = Policy {
+        callback: None,
+        // A job with a maximum age gives its callback the same age, from now.
+        deadline: job
+            .policy
+            .deadline
+            .map(|d| now + d.saturating_sub(job.created_at)),
+        ..job.policy.clone()
+    };
+    // A callback goes to another URL: it is never held up by its job's lane.
+    let id = format!("{}{CALLBACK_SUFFIX}", job.id);
+    let callback = Job::new_pending(
+        id,
+        Kind::Callback,
+        request,
+        policy,
+        job.policy.callback_trust,
+        now,
+    );
+    Some(callback.with_config(job.config.clone()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::delivery::http::wire_headers;
-    use crate::job::test_job;
+    use crate::job::{test_job, State};
 
     fn job(callback: Option<&str>) -> Job {
         let mut job = test_job("j1", "PUT", "http://t/x?y");

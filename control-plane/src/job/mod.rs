@@ -133,6 +133,46 @@ pub struct Attempt {
 }
 
 impl Job {
+    /// A new job: pending, due at `now`, no attempts yet, in no lane, with an empty
+    /// config (see [`Job::with_config`], [`Job::in_lane`]). Every job is made here.
+    pub fn new_pending(
+        id: String,
+        kind: Kind,
+        request: Request,
+        policy: Policy,
+        trust: Trust,
+        now: Millis,
+    ) -> Self {
+        Self {
+            id,
+            kind,
+            request,
+            policy,
+            config: serde_json::Map::new(),
+            state: State::Pending,
+            attempts: Vec::new(),
+            next_attempt_at: now,
+            created_at: now,
+            finished_at: None,
+            lane: None,
+            trust,
+        }
+    }
+
+    /// The receipt's `config` object.
+    #[must_use]
+    pub fn with_config(mut self, config: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Delivered in order with the other jobs of `lane`, one at a time.
+    #[must_use]
+    pub fn in_lane(mut self, lane: Option<String>) -> Self {
+        self.lane = lane;
+        self
+    }
+
     /// The id targets see in `x-knocker-id`: a callback carries its job's id.
     pub fn knocker_id(&self) -> &str {
         match self.kind {
@@ -171,33 +211,22 @@ pub fn authority(url: &str) -> &str {
 /// A pending job to `url` with a neutral policy, for tests: set the fields a test needs.
 #[cfg(test)]
 pub(crate) fn test_job(id: &str, method: &str, url: &str) -> Job {
-    Job {
-        id: id.into(),
-        kind: Kind::Target,
-        request: Request {
-            method: method.into(),
-            url: url.into(),
-            headers: vec![],
-            body: vec![],
-        },
-        policy: Policy {
-            timeout: 1.0,
-            retries: 0,
-            backoff_factor: 0.0,
-            callback: None,
-            deadline: None,
-            max_backoff_s: None,
-            callback_trust: Trust::Operator,
-        },
-        config: serde_json::Map::new(),
-        state: State::Pending,
-        attempts: vec![],
-        next_attempt_at: 0,
-        created_at: 0,
-        finished_at: None,
-        lane: None,
-        trust: Trust::Operator,
-    }
+    let request = Request {
+        method: method.into(),
+        url: url.into(),
+        headers: vec![],
+        body: vec![],
+    };
+    let policy = Policy {
+        timeout: 1.0,
+        retries: 0,
+        backoff_factor: 0.0,
+        callback: None,
+        deadline: None,
+        max_backoff_s: None,
+        callback_trust: Trust::Operator,
+    };
+    Job::new_pending(id.into(), Kind::Target, request, policy, Trust::Operator, 0)
 }
 
 /// Bodies are bytes; JSON holds them as base64.

@@ -7,7 +7,7 @@ use serde_json::{json, Map};
 use super::spec::{is_http_base_url, knocker_id, split_headers, Errors};
 
 pub use super::submission::{RuleMode, RuleSubmission, Submission};
-use super::{Job, Kind, Request, State, Trust};
+use super::{Job, Kind, Request, Trust};
 use crate::clock::Millis;
 
 /// Builds the job, or every reason it cannot (fields named `rule.<field>`, or the
@@ -57,29 +57,22 @@ pub fn build_rule_job(
             json!((rule.upstream_status > 0).then_some(rule.upstream_status)),
         );
     }
-    Ok(Job {
-        id,
-        kind: Kind::Target,
-        request: Request {
-            method: submission.method.clone(),
-            url: format!("{target}{}", submission.absolute_path()),
-            headers: forwarded,
-            body: submission.body.clone(),
-        },
-        // The rule, its target and callback come from the operator's plugin config (the
-        // gRPC door only takes rule submissions from an authenticated filter).
-        policy: rule
-            .delivery
-            .policy(rule.callback.clone(), Trust::Operator, now),
-        config,
-        state: State::Pending,
-        attempts: Vec::new(),
-        next_attempt_at: now,
-        created_at: now,
-        finished_at: None,
-        lane: rule.ordered.then(|| target.to_owned()),
-        trust: Trust::Operator,
-    })
+    let request = Request {
+        method: submission.method.clone(),
+        url: format!("{target}{}", submission.absolute_path()),
+        headers: forwarded,
+        body: submission.body.clone(),
+    };
+    // The rule, its target and callback come from the operator's plugin config (the
+    // gRPC door only takes rule submissions from an authenticated filter).
+    let policy = rule
+        .delivery
+        .policy(rule.callback.clone(), Trust::Operator, now);
+    Ok(
+        Job::new_pending(id, Kind::Target, request, policy, Trust::Operator, now)
+            .with_config(config)
+            .in_lane(rule.ordered.then(|| target.to_owned())),
+    )
 }
 
 #[cfg(test)]

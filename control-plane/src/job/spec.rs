@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use super::{Headers, Job, Kind, Policy, Request, State, Trust, CALLBACK_SUFFIX};
+use super::{Headers, Job, Kind, Policy, Request, Trust, CALLBACK_SUFFIX};
 use crate::clock::Millis;
 use crate::hosts_only::HostsOnly;
 
@@ -311,33 +311,22 @@ pub fn build_job(
     }
 
     let path = submission.absolute_path();
-    Ok(Job {
-        id,
-        kind: Kind::Target,
-        request: Request {
-            method: submission.method.clone(),
-            url: format!("{scheme}://{host_port}{path}"),
-            headers: forwarded,
-            body: submission.body.clone(),
-        },
-        policy: Policy {
-            timeout,
-            retries,
-            backoff_factor,
-            callback,
-            deadline: None,
-            max_backoff_s: None,
-            callback_trust: Trust::Client,
-        },
-        config,
-        state: State::Pending,
-        attempts: Vec::new(),
-        next_attempt_at: now,
-        created_at: now,
-        finished_at: None,
-        lane: None,
-        trust: Trust::Client,
-    })
+    let request = Request {
+        method: submission.method.clone(),
+        url: format!("{scheme}://{host_port}{path}"),
+        headers: forwarded,
+        body: submission.body.clone(),
+    };
+    let policy = Policy {
+        timeout,
+        retries,
+        backoff_factor,
+        callback,
+        deadline: None,
+        max_backoff_s: None,
+        callback_trust: Trust::Client,
+    };
+    Ok(Job::new_pending(id, Kind::Target, request, policy, Trust::Client, now).with_config(config))
 }
 
 /// The Knocker headers of the protocol (any other `knocker-*` is kept in the config).

@@ -19,7 +19,7 @@ use serde_json::{json, Map};
 use crate::clock::Millis;
 use crate::delivery::email;
 use crate::job::policy::{unknown_fields, DeliveryPolicy};
-use crate::job::{Job, Kind, Request, State, Trust};
+use crate::job::{Job, Kind, Request, Trust};
 
 /// A notifier from the configuration file: a webhook or an email, and the delivery
 /// policy of what it sends.
@@ -179,22 +179,13 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
             config.insert("event".into(), json!(event.word()));
             config.insert("notifier".into(), json!(name));
             config.insert("callback".into(), json!(notifier.callback));
-            Some(Job {
-                id,
-                kind,
-                request,
-                policy: notifier
-                    .delivery
-                    .policy(notifier.callback.clone(), Trust::Operator, now),
-                config,
-                state: State::Pending,
-                attempts: Vec::new(),
-                next_attempt_at: now,
-                created_at: now,
-                finished_at: None,
-                lane: None,
-                trust: Trust::Operator,
-            })
+            let policy = notifier
+                .delivery
+                .policy(notifier.callback.clone(), Trust::Operator, now);
+            Some(
+                Job::new_pending(id, kind, request, policy, Trust::Operator, now)
+                    .with_config(config),
+            )
         })
         .collect()
 }
