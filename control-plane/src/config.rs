@@ -29,12 +29,25 @@ use crate::store::nats::NatsOptions;
 use crate::store::sqlite::Limits;
 use crate::store::Engine;
 use crate::telemetry::{LogConfig, SentryConfig};
+use crate::validate::Invalid;
 use file::FileConfig;
 
 /// Why the configuration cannot be used; the text names the variable or the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl From<Invalid> for ConfigError {
+    fn from(e: Invalid) -> Self {
+        Self(e.0)
+    }
+}
 
 /// The configuration, nested by subsystem.
 #[derive(Debug, Clone)]
@@ -465,27 +478,23 @@ impl Settings {
 
     /// Cross-field checks that single-value parsers cannot make.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.check().map_err(ConfigError)
-    }
-
-    fn check(&self) -> Result<(), String> {
         if self.timeout > self.timeout_max {
-            return Err(format!(
+            return Err(ConfigError(format!(
                 "TIMEOUT ({}) must not exceed TIMEOUT_MAX ({})",
                 self.timeout, self.timeout_max
-            ));
+            )));
         }
         if self.retries > self.retries_max {
-            return Err(format!(
+            return Err(ConfigError(format!(
                 "RETRIES ({}) must not exceed RETRIES_MAX ({})",
                 self.retries, self.retries_max
-            ));
+            )));
         }
         if self.backoff_factor > self.backoff_factor_max {
-            return Err(format!(
+            return Err(ConfigError(format!(
                 "RETRIES_BACKOFF_FACTOR ({}) must not exceed RETRIES_BACKOFF_FACTOR_MAX ({})",
                 self.backoff_factor, self.backoff_factor_max
-            ));
+            )));
         }
         if !self.insecure_no_token {
             for (addr, token, var) in [
@@ -493,28 +502,34 @@ impl Settings {
                 (self.grpc_addr, &self.grpc_token, "KNOCKER_GRPC_TOKEN"),
             ] {
                 if !addr.ip().is_loopback() && token.is_empty() {
-                    return Err(format!(
+                    return Err(ConfigError(format!(
                         "{var} is empty but {addr} is not a loopback address: anyone who reaches it \
                          could use it. Set {var}, or KNOCKER_INSECURE_NO_TOKEN=true if the network \
                          in front keeps callers out"
-                    ));
+                    )));
                 }
             }
         }
         if self.max_body_bytes == 0 {
-            return Err("KNOCKER_MAX_BODY_BYTES must be greater than 0".into());
+            return Err(ConfigError::new(
+                "KNOCKER_MAX_BODY_BYTES must be greater than 0",
+            ));
         }
         if self.agent_group.is_some() != self.agent_endpoint.is_some() {
-            return Err("KNOCKER_AGENT_GROUP and KNOCKER_AGENT_ENDPOINT go together".into());
+            return Err(ConfigError::new(
+                "KNOCKER_AGENT_GROUP and KNOCKER_AGENT_ENDPOINT go together",
+            ));
         }
         if self.agent_group.is_some() && !self.store.starts_with("nats://") {
-            return Err("KNOCKER_AGENT_GROUP needs KNOCKER_STORE=nats://host:port".into());
+            return Err(ConfigError::new(
+                "KNOCKER_AGENT_GROUP needs KNOCKER_STORE=nats://host:port",
+            ));
         }
         if let Some(endpoint) = &self.agent_endpoint {
             if !crate::job::spec::is_http_base_url(endpoint) {
-                return Err(format!(
+                return Err(ConfigError(format!(
                     "KNOCKER_AGENT_ENDPOINT `{endpoint}` is not an http:// or https:// base URL"
-                ));
+                )));
             }
         }
         for (var, value) in [
@@ -525,7 +540,9 @@ impl Settings {
                 .as_deref()
                 .is_some_and(|v| !crate::monitor::valid_name(v))
             {
-                return Err(format!("{var}: use 1 to 64 letters, digits, `-` and `_`"));
+                return Err(ConfigError(format!(
+                    "{var}: use 1 to 64 letters, digits, `-` and `_`"
+                )));
             }
         }
         Ok(())
@@ -578,115 +595,119 @@ fn default_agent_name(endpoint: &str) -> String {
 }
 
 /// Booleans as people write them: true/false/1/0/yes/no/on/off, any case.
-pub fn parse_bool(s: &str) -> Result<bool, String> {
+pub fn parse_bool(s: &str) -> Result<bool, ConfigError> {
     match s.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" | "" => Ok(false),
-        _ => Err(format!(
+        _ => Err(ConfigError(format!(
             "`{s}` is not a boolean (true/false/1/0/yes/no/on/off)"
-        )),
+        ))),
     }
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+fn parse_duration(s: &str) -> Result<std::time::Duration, ConfigError> {
     humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration like 7d, 12h, 30m: {e}"))
+        .map_err(|e| ConfigError(format!("`{s}` is not a duration like 7d, 12h, 30m: {e}")))
 }
 
 /// Address ranges (a `Vec` wrapped so clap takes the whole list as one value).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cidrs(pub Vec<ipnet::IpNet>);
-fn parse_cidr_list(s: &str) -> Result<Cidrs, String> {
-    crate::outbound::parse_cidrs(s).map(Cidrs)
+fn parse_cidr_list(s: &str) -> Result<Cidrs, ConfigError> {
+    Ok(Cidrs(crate::outbound::parse_cidrs(s)?))
 }
 /// Ports, taken as one value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ports(pub Vec<u16>);
-fn parse_port_list(s: &str) -> Result<Ports, String> {
-    crate::outbound::parse_ports(s).map(Ports)
+fn parse_port_list(s: &str) -> Result<Ports, ConfigError> {
+    Ok(Ports(crate::outbound::parse_ports(s)?))
 }
 
-fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, ConfigError> {
     let d = parse_duration(s)?;
     if d.is_zero() || d > std::time::Duration::from_secs(86_400) {
-        return Err(format!("`{s}` must be more than 0 and at most a day"));
+        return Err(ConfigError(format!(
+            "`{s}` must be more than 0 and at most a day"
+        )));
     }
     Ok(d)
 }
 
-fn seconds_up_to_an_hour(s: &str) -> Result<f64, String> {
+fn seconds_up_to_an_hour(s: &str) -> Result<f64, ConfigError> {
     seconds_up_to(s, 3600.0)
 }
 
-fn seconds_up_to_a_day(s: &str) -> Result<f64, String> {
+fn seconds_up_to_a_day(s: &str) -> Result<f64, ConfigError> {
     seconds_up_to(s, 86_400.0)
 }
 
-fn seconds_up_to(s: &str, max: f64) -> Result<f64, String> {
+fn seconds_up_to(s: &str, max: f64) -> Result<f64, ConfigError> {
     let v = non_negative_float(s)?;
     if v > max {
-        return Err(format!("`{s}` must be at most {max} seconds"));
+        return Err(ConfigError(format!("`{s}` must be at most {max} seconds")));
     }
     Ok(v)
 }
 
-fn non_negative_float(s: &str) -> Result<f64, String> {
+fn non_negative_float(s: &str) -> Result<f64, ConfigError> {
     let v: f64 = s
         .trim()
         .parse()
-        .map_err(|_| format!("`{s}` is not a number"))?;
+        .map_err(|_| ConfigError(format!("`{s}` is not a number")))?;
     if !v.is_finite() || v < 0.0 {
-        return Err(format!("`{s}` must be a finite number ≥ 0"));
+        return Err(ConfigError(format!("`{s}` must be a finite number ≥ 0")));
     }
     Ok(v)
 }
 
-fn parse_store(s: &str) -> Result<String, String> {
+fn parse_store(s: &str) -> Result<String, ConfigError> {
     let t = s.trim();
     if t == "sqlite" || t == "memory" {
         return Ok(t.to_owned());
     }
     match t.strip_prefix("nats://") {
         Some(rest) if !rest.is_empty() && !rest.contains(['/', ' ']) => Ok(t.to_owned()),
-        _ => Err(format!("`{s}` must be sqlite, memory or nats://host:port")),
+        _ => Err(ConfigError(format!(
+            "`{s}` must be sqlite, memory or nats://host:port"
+        ))),
     }
 }
 
-fn parse_scheme(s: &str) -> Result<String, String> {
+fn parse_scheme(s: &str) -> Result<String, ConfigError> {
     match s.trim().to_ascii_lowercase().as_str() {
         "http" => Ok("http".into()),
         "https" => Ok("https".into()),
-        _ => Err(format!("`{s}` must be http or https")),
+        _ => Err(ConfigError(format!("`{s}` must be http or https"))),
     }
 }
 
-fn parse_path(s: &str) -> Result<String, String> {
+fn parse_path(s: &str) -> Result<String, ConfigError> {
     if s.starts_with('/') {
         Ok(s.to_owned())
     } else {
-        Err(format!("`{s}` must start with /"))
+        Err(ConfigError(format!("`{s}` must start with /")))
     }
 }
 
-fn parse_log_level(s: &str) -> Result<String, String> {
+fn parse_log_level(s: &str) -> Result<String, ConfigError> {
     match s.trim().to_ascii_lowercase().as_str() {
         "critical" | "error" => Ok("error".into()),
         "warning" | "warn" => Ok("warn".into()),
         "info" => Ok("info".into()),
         "debug" => Ok("debug".into()),
         "trace" => Ok("trace".into()),
-        _ => Err(format!(
+        _ => Err(ConfigError(format!(
             "`{s}` must be one of error, warning, info, debug, trace"
-        )),
+        ))),
     }
 }
 
 /// `HOSTS_ONLY`: a JSON array of strings, or a comma-separated list.
-pub fn parse_hosts_only(s: &str) -> Result<HostsOnly, String> {
+pub fn parse_hosts_only(s: &str) -> Result<HostsOnly, ConfigError> {
     let t = s.trim();
     let hosts: Vec<String> = if t.starts_with('[') {
         serde_json::from_str::<Vec<String>>(t)
-            .map_err(|e| format!("`{s}` is not a JSON array of strings: {e}"))?
+            .map_err(|e| ConfigError(format!("`{s}` is not a JSON array of strings: {e}")))?
     } else {
         t.split(',').map(str::to_owned).collect()
     };
@@ -764,6 +785,7 @@ mod tests {
     fn huge_numbers_are_refused_where_they_enter() {
         assert!(seconds_up_to_an_hour("1e300")
             .unwrap_err()
+            .0
             .contains("at most 3600"));
         assert!(seconds_up_to_a_day("86401").is_err());
         assert_eq!(seconds_up_to_an_hour("60"), Ok(60.0));

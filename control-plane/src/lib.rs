@@ -11,7 +11,7 @@
 //! build's tests otherwise):
 //!
 //! 1. **Foundations** — [`clock`] (injected time, RFC 3339), [`hosts_only`], [`redact`],
-//!    [`token`].
+//!    [`token`], [`validate`] (the error a refused configuration value becomes).
 //! 2. **The job model** — [`job`]: a job, its policy ([`job::policy::DeliveryPolicy`],
 //!    the one configured policy type), the protocol's header rules ([`job::spec`]),
 //!    filter rules ([`job::rule`]), receipts.
@@ -50,5 +50,6 @@ pub mod store;
 pub mod submit;
 pub mod telemetry;
 pub mod token;
+pub mod validate;
 
 pub use server::{serve, Listeners};

@@ -29,6 +29,12 @@ use reqwest::{Method, Url};
 
 pub use crate::hosts_only::HostsOnly;
 pub use crate::job::Trust;
+use crate::validate::Invalid;
+
+/// The DNS resolver of `KNOCKER_DNS_SERVER` cannot be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot build the DNS resolver: {0}")]
+pub struct ResolverError(String);
 
 /// Why a hop was not sent. The text names the address and what would open it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -221,13 +227,13 @@ pub fn dns_server_resolver(
 }
 
 impl Lookup {
-    pub fn new(dns_server: Option<SocketAddr>) -> Result<Self, String> {
+    pub fn new(dns_server: Option<SocketAddr>) -> Result<Self, ResolverError> {
         match dns_server {
             None => Ok(Self::System),
             Some(server) => dns_server_resolver(server)
                 .build()
                 .map(|r| Self::Server(Box::new(r)))
-                .map_err(|e| format!("cannot build the DNS resolver: {e}")),
+                .map_err(|e| ResolverError(e.to_string())),
         }
     }
 
@@ -493,26 +499,30 @@ pub fn error_chain(e: &reqwest::Error) -> String {
 }
 
 /// CIDR lists as people write them: `127.0.0.0/8, ::1/128` (a bare address is /32 or /128).
-pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
+pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, Invalid> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
             IpNet::from_str(p)
                 .or_else(|_| IpAddr::from_str(p).map(IpNet::from))
-                .map_err(|_| format!("`{p}` is not an address range like 10.0.0.0/8 or ::1/128"))
+                .map_err(|_| {
+                    Invalid(format!(
+                        "`{p}` is not an address range like 10.0.0.0/8 or ::1/128"
+                    ))
+                })
         })
         .collect()
 }
 
 /// Port lists: `9901, 15000`.
-pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, Invalid> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| match p.parse::<u16>() {
             Ok(port) if port > 0 => Ok(port),
-            _ => Err(format!("`{p}` is not a port (1–65535)")),
+            _ => Err(Invalid(format!("`{p}` is not a port (1–65535)"))),
         })
         .collect()
 }
@@ -632,9 +642,10 @@ mod tests {
         assert_eq!(parse_cidrs("::1").unwrap().len(), 1);
         assert!(parse_cidrs("10.0.0.0/33")
             .unwrap_err()
+            .0
             .contains("10.0.0.0/33"));
         assert_eq!(parse_ports("9901, 15000").unwrap(), vec![9901, 15000]);
         assert!(parse_ports("0").is_err());
-        assert!(parse_ports("x").unwrap_err().contains("`x`"));
+        assert!(parse_ports("x").unwrap_err().0.contains("`x`"));
     }
 }

@@ -81,7 +81,7 @@ pub async fn serve(
     let outbound = Arc::new(
         Outbound::new(
             policy,
-            Lookup::new(config.outbound.dns_server).map_err(anyhow::Error::msg)?,
+            Lookup::new(config.outbound.dns_server)?,
             config.outbound.max_redirects,
         )
         .context("cannot build the HTTP client")?,

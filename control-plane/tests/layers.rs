@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("hosts_only", 0, "foundations"),
     ("redact", 0, "foundations"),
     ("token", 0, "foundations"),
+    ("validate", 0, "foundations"),
     ("job", 1, "the job model"),
     ("store", 2, "storage and the way out"),
     ("outbound", 2, "storage and the way out"),

@@ -116,11 +116,11 @@ proptest! {
             num(timeout), max_age.min(i64::MAX as u64), num(backoff)
         );
         if let Err(e) = FileConfig::parse(&group) {
-            prop_assert!(e.contains("groups.g"), "{}", e);
+            prop_assert!(e.0.contains("groups.g"), "{}", e);
         }
         let monitor = format!("[monitors.m]\nurl = \"http://a/\"\ninterval_s = {}\ntimeout_s = {}\n", num(interval), num(timeout));
         if let Err(e) = FileConfig::parse(&monitor) {
-            prop_assert!(e.contains("monitors.m") || e.contains("interval_s") || e.contains("timeout_s"), "{}", e);
+            prop_assert!(e.0.contains("monitors.m") || e.0.contains("interval_s") || e.0.contains("timeout_s"), "{}", e);
         }
     }
 

@@ -289,9 +289,9 @@ async fn replay(
 
 /// The agent's endpoint is the operator's (`KNOCKER_AGENT_ENDPOINT`): a trusted
 /// destination, though a redirect away from it passes the outbound policy.
-async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, String> {
-    let method =
-        reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|e| e.to_string())?;
+async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, ReplayError> {
+    let method = reqwest::Method::from_bytes(request.method.as_bytes())
+        .map_err(|_| ReplayError::Unsendable("method"))?;
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         "x-knocker",
@@ -299,7 +299,7 @@ async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, S
     );
     headers.insert(
         "x-knocker-id",
-        reqwest::header::HeaderValue::from_str(id).map_err(|e| e.to_string())?,
+        reqwest::header::HeaderValue::from_str(id).map_err(|_| ReplayError::Unsendable("id"))?,
     );
     for (name, value) in &request.headers {
         if let (Ok(n), Ok(v)) = (
@@ -320,5 +320,15 @@ async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, S
         })
         .await
         .map(|r| r.status().as_u16())
-        .map_err(|e| e.to_string())
+        .map_err(ReplayError::Send)
+}
+
+/// Why a broadcast did not reach the agent's endpoint.
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    /// The broadcast's method or id cannot be sent in an HTTP request.
+    #[error("the broadcast's {0} cannot be sent")]
+    Unsendable(&'static str),
+    #[error(transparent)]
+    Send(crate::outbound::Failure),
 }

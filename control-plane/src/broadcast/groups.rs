@@ -11,7 +11,9 @@ use hickory_resolver::TokioResolver;
 
 use serde::Deserialize;
 
-use crate::job::policy::{unknown_fields, DeliveryPolicy};
+use crate::job::policy::DeliveryPolicy;
+use crate::validate::unknown_fields;
+use crate::validate::Invalid;
 
 /// One broadcast group: its membership and the delivery policy of each member's copy.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -50,7 +52,7 @@ fn default_scheme() -> String {
 }
 
 impl GroupConfig {
-    pub fn validate(&self, name: &str) -> Result<(), String> {
+    pub fn validate(&self, name: &str) -> Result<(), Invalid> {
         let field = |f: &str| format!("groups.{name}.{f}");
         unknown_fields(&self.unknown, &format!("groups.{name}"))?;
         if name.is_empty()
@@ -58,50 +60,65 @@ impl GroupConfig {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "group name `{name}`: use letters, digits, `-` and `_`"
-            ));
+            )));
         }
         let kinds = [self.members.is_some(), self.dns.is_some(), self.agents];
         if kinds.iter().filter(|k| **k).count() != 1 {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "groups.{name}: needs one of `members` (base URLs), `dns` (a name) or \
                  `agents = true`"
-            ));
+            )));
         }
         match (&self.members, &self.dns) {
             (Some(_), Some(_)) | (None, None) => {
                 if self.port.is_some() {
-                    return Err(format!("{} applies to DNS groups only", field("port")));
+                    return Err(Invalid(format!(
+                        "{} applies to DNS groups only",
+                        field("port")
+                    )));
                 }
             }
             (Some(members), None) => {
                 if members.is_empty() {
-                    return Err(format!("{} must not be empty", field("members")));
+                    return Err(Invalid(format!("{} must not be empty", field("members"))));
                 }
                 for (i, m) in members.iter().enumerate() {
                     if !crate::job::spec::is_http_base_url(m) {
-                        return Err(format!(
+                        return Err(Invalid(format!(
                             "{}[{i}] `{m}` is not an http:// or https:// base URL",
                             field("members")
-                        ));
+                        )));
                     }
                 }
                 if self.port.is_some() {
-                    return Err(format!("{} applies to DNS groups only", field("port")));
+                    return Err(Invalid(format!(
+                        "{} applies to DNS groups only",
+                        field("port")
+                    )));
                 }
             }
             (None, Some(dns)) => {
                 if dns.trim().is_empty() || dns.contains(['/', ':', ' ']) {
-                    return Err(format!("{} `{dns}` is not a DNS name", field("dns")));
+                    return Err(Invalid(format!(
+                        "{} `{dns}` is not a DNS name",
+                        field("dns")
+                    )));
                 }
                 if !matches!(self.port, Some(1..)) {
-                    return Err(format!("{} (1–65535) is needed with `dns`", field("port")));
+                    return Err(Invalid(format!(
+                        "{} (1–65535) is needed with `dns`",
+                        field("port")
+                    )));
                 }
             }
         }
         if self.scheme != "http" && self.scheme != "https" {
-            return Err(format!("{} must be http or https", field("scheme")));
+            return Err(Invalid(format!(
+                "{} must be http or https",
+                field("scheme")
+            )));
         }
         self.delivery.validate(field)
     }

@@ -41,6 +41,7 @@ use super::ConfigError;
 use crate::broadcast::groups::GroupConfig;
 use crate::monitor::MonitorConfig;
 use crate::notify::NotifierConfig;
+use crate::validate::Invalid;
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,24 +64,24 @@ impl FileConfig {
         Self::parse(&text).map_err(|e| at(&e))
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
+        let config: Self = toml::from_str(text).map_err(|e| Invalid(e.to_string()))?;
         for (name, group) in &config.groups {
             group.validate(name)?;
         }
         for (name, notifier) in &config.notifiers {
             if !crate::monitor::valid_name(name) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "notifier name `{name}`: use letters, digits, `-` and `_`"
-                ));
+                )));
             }
             notifier.validate(name)?;
         }
         for (name, monitor) in &config.monitors {
             if !crate::monitor::valid_name(name) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "monitor name `{name}`: use letters, digits, `-` and `_`"
-                ));
+                )));
             }
             monitor.compile(&format!("monitors.{name}"), &config.notifiers)?;
         }
@@ -159,7 +160,7 @@ mod tests {
             ("[groups.\"a b\"]\ndns = \"x\"\nport = 1", "a b"),
         ] {
             let e = FileConfig::parse(text).unwrap_err();
-            assert!(e.contains(field), "{text:?}: {e}");
+            assert!(e.0.contains(field), "{text:?}: {e}");
         }
     }
 }

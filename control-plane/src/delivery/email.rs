@@ -18,6 +18,7 @@ use serde::Deserialize;
 use super::attempt::{code, Outcome};
 use super::transport::Transport;
 use crate::job::{Job, Request};
+use crate::validate::Invalid;
 
 /// How the connection to the SMTP server is protected.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -62,30 +63,35 @@ impl EmailConfig {
         })
     }
 
-    pub fn validate(&self, at: &str) -> Result<(), String> {
+    pub fn validate(&self, at: &str) -> Result<(), Invalid> {
         if self.host.trim().is_empty() || self.host.contains(['/', ' ']) {
-            return Err(format!("{at}.host `{}` is not a host name", self.host));
+            return Err(Invalid(format!(
+                "{at}.host `{}` is not a host name",
+                self.host
+            )));
         }
         Mailbox::from_str(&self.from)
-            .map_err(|e| format!("{at}.from `{}` is not an address: {e}", self.from))?;
+            .map_err(|e| Invalid(format!("{at}.from `{}` is not an address: {e}", self.from)))?;
         if self.to.is_empty() {
-            return Err(format!("{at}.to must list at least one address"));
+            return Err(Invalid(format!("{at}.to must list at least one address")));
         }
         for (i, to) in self.to.iter().enumerate() {
             Mailbox::from_str(to)
-                .map_err(|e| format!("{at}.to[{i}] `{to}` is not an address: {e}"))?;
+                .map_err(|e| Invalid(format!("{at}.to[{i}] `{to}` is not an address: {e}")))?;
         }
         if self.password.is_some() && self.password_env.is_some() {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{at}.password and {at}.password_env: one or the other"
-            ));
+            )));
         }
         if (self.password.is_some() || self.password_env.is_some()) && self.username.is_none() {
-            return Err(format!("{at}.username is needed with a password"));
+            return Err(Invalid(format!("{at}.username is needed with a password")));
         }
         if let Some(var) = &self.password_env {
             if std::env::var_os(var).is_none() {
-                return Err(format!("{at}.password_env: the variable {var} is not set"));
+                return Err(Invalid(format!(
+                    "{at}.password_env: the variable {var} is not set"
+                )));
             }
         }
         Ok(())
@@ -159,7 +165,7 @@ impl Mailer {
             .unwrap_or_default();
         let message = match build(config, &subject, &job.request.body, job.knocker_id()) {
             Ok(m) => m,
-            Err(e) => return fail(code::PROTOCOL, e),
+            Err(e) => return fail(code::PROTOCOL, e.to_string()),
         };
         let transport = match transport(config, job.policy.timeout) {
             Ok(t) => t,
@@ -204,13 +210,13 @@ fn build(
     subject: &str,
     text: &[u8],
     id: &str,
-) -> Result<lettre::Message, String> {
+) -> Result<lettre::Message, Invalid> {
     let mut builder = lettre::Message::builder()
-        .from(Mailbox::from_str(&config.from).map_err(|e| format!("from: {e}"))?)
+        .from(Mailbox::from_str(&config.from).map_err(|e| Invalid(format!("from: {e}")))?)
         .subject(subject)
         .header(ContentType::TEXT_PLAIN);
     for to in &config.to {
-        builder = builder.to(Mailbox::from_str(to).map_err(|e| format!("to: {e}"))?);
+        builder = builder.to(Mailbox::from_str(to).map_err(|e| Invalid(format!("to: {e}")))?);
     }
     // The same id on every attempt: a server (or a reader) can tell a retry from a
     // second alert.
@@ -218,7 +224,7 @@ fn build(
     builder = builder.message_id(Some(format!("<{}@{}>", id, domain.trim_end_matches('>'))));
     builder
         .body(String::from_utf8_lossy(text).into_owned())
-        .map_err(|e| format!("cannot build the message: {e}"))
+        .map_err(|e| Invalid(format!("cannot build the message: {e}")))
 }
 
 fn transport(
@@ -275,13 +281,13 @@ mod tests {
             ),
         ] {
             let e = config(extra).validate("notifiers.mail.email").unwrap_err();
-            assert!(e.contains(field), "{extra}: {e}");
+            assert!(e.0.contains(field), "{extra}: {e}");
         }
         let mut bad = config("");
         bad.to = vec!["not an address".into()];
-        assert!(bad.validate("n").unwrap_err().contains("n.to[0]"));
+        assert!(bad.validate("n").unwrap_err().0.contains("n.to[0]"));
         bad.to = vec![];
-        assert!(bad.validate("n").unwrap_err().contains("n.to"));
+        assert!(bad.validate("n").unwrap_err().0.contains("n.to"));
         assert_eq!(
             config("username = \"u\"\npassword = \"p\"").validate("n"),
             Ok(())

@@ -2,13 +2,12 @@
 //! notifier: a maximum age or a number of retries, the backoff, the per-attempt timeout.
 //! One place checks it and turns it into a job's [`Policy`].
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::{Policy, Trust};
 use crate::clock::Millis;
+use crate::validate::Invalid;
 
 /// The one type of a configured delivery policy: a broadcast group and a notifier
 /// flatten it into their TOML tables, a filter rule's arrives in its gRPC submission.
@@ -40,15 +39,6 @@ impl Default for DeliveryPolicy {
     }
 }
 
-/// A table that flattens a [`DeliveryPolicy`] cannot also deny unknown fields (serde
-/// does not support both); it collects them instead, and this names the first.
-pub fn unknown_fields<V>(unknown: &BTreeMap<String, V>, table: &str) -> Result<(), String> {
-    match unknown.keys().next() {
-        Some(key) => Err(format!("{table}: unknown field `{key}`")),
-        None => Ok(()),
-    }
-}
-
 /// The largest values a policy may hold, from any source (plugin config, TOML, gRPC).
 pub const MAX_AGE_S: u64 = 315_360_000;
 pub const MAX_BACKOFF_S: f64 = 86_400.0;
@@ -76,37 +66,37 @@ fn default_timeout_s() -> f64 {
 impl DeliveryPolicy {
     /// Checks the values; `field` names a field where the policy lives (e.g.
     /// `groups.web.max_age_s`) so the error says where to look.
-    pub fn validate(&self, field: impl Fn(&str) -> String) -> Result<(), String> {
+    pub fn validate(&self, field: impl Fn(&str) -> String) -> Result<(), Invalid> {
         if self.max_age_s == 0 && self.retries.is_none() {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} is 0 (no age limit), so {} must be given",
                 field("max_age_s"),
                 field("retries")
-            ));
+            )));
         }
         if self.max_age_s > MAX_AGE_S {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} must be at most {MAX_AGE_S} seconds (ten years)",
                 field("max_age_s")
-            ));
+            )));
         }
         for (f, v) in [
             ("backoff_factor", self.backoff_factor),
             ("max_backoff_s", self.max_backoff_s),
         ] {
             if !(v.is_finite() && (0.0..=MAX_BACKOFF_S).contains(&v)) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "{} must be a number from 0 to {MAX_BACKOFF_S}",
                     field(f)
-                ));
+                )));
             }
         }
         if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= MAX_TIMEOUT_S)
         {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} must be a number above 0 and at most {MAX_TIMEOUT_S}",
                 field("timeout_s")
-            ));
+            )));
         }
         Ok(())
     }
@@ -205,7 +195,7 @@ mod tests {
                 "groups.g.timeout_s",
             ),
         ] {
-            let e = bad.validate(at).unwrap_err();
+            let e = bad.validate(at).unwrap_err().0;
             assert!(e.contains(field), "{e}");
         }
         assert_eq!(policy().validate(at), Ok(()));
@@ -239,7 +229,7 @@ mod tests {
                 "groups.g.max_backoff_s",
             ),
         ] {
-            let e = bad.validate(at).unwrap_err();
+            let e = bad.validate(at).unwrap_err().0;
             assert!(e.contains(field), "{e}");
         }
     }

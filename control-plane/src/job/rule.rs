@@ -35,7 +35,7 @@ pub fn build_rule_job(
         }
     }
     if let Err(e) = rule.delivery.validate(|f| format!("rule.{f}")) {
-        errors.add("rule", e);
+        errors.add("rule", e.0);
     }
     let (raw, forwarded) = split_headers(&submission.headers);
     let id = knocker_id(&raw, &mut errors);

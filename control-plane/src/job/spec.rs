@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 use super::{Headers, Job, Kind, Policy, Request, Trust, CALLBACK_SUFFIX};
 use crate::clock::Millis;
 use crate::hosts_only::HostsOnly;
+use crate::validate::Invalid;
 
 pub use super::submission::{BroadcastRule, Submission};
 
@@ -261,21 +262,21 @@ pub fn build_job(
     let timeout = text("knocker-timeout", &mut errors)
         .and_then(|v| {
             float_in_range(&v, defaults.timeout_max, true)
-                .map_err(|e| errors.add("knocker-timeout", e))
+                .map_err(|e| errors.add("knocker-timeout", e.0))
                 .ok()
         })
         .unwrap_or(defaults.timeout);
     let retries = text("knocker-retries", &mut errors)
         .and_then(|v| {
             integer_in_range(&v, defaults.retries_max)
-                .map_err(|e| errors.add("knocker-retries", e))
+                .map_err(|e| errors.add("knocker-retries", e.0))
                 .ok()
         })
         .unwrap_or(defaults.retries);
     let backoff_factor = text("knocker-backoff-factor", &mut errors)
         .and_then(|v| {
             float_in_range(&v, defaults.backoff_factor_max, false)
-                .map_err(|e| errors.add("knocker-backoff-factor", e))
+                .map_err(|e| errors.add("knocker-backoff-factor", e.0))
                 .ok()
         })
         .unwrap_or(defaults.backoff_factor);
@@ -410,10 +411,13 @@ pub fn is_http_url(value: &str) -> bool {
 }
 
 /// Python's float(): surrounding white space allowed, `nan`/`inf` recognised (and refused).
-fn float_in_range(value: &str, max: f64, max_as_float: bool) -> Result<f64, String> {
-    let v: f64 = value.trim().parse().map_err(|_| NOT_A_NUMBER.to_owned())?;
+fn float_in_range(value: &str, max: f64, max_as_float: bool) -> Result<f64, Invalid> {
+    let v: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| Invalid::new(NOT_A_NUMBER))?;
     if !v.is_finite() {
-        return Err(SPECIAL_NUMBER.to_owned());
+        return Err(Invalid::new(SPECIAL_NUMBER));
     }
     if !(0.0..=max).contains(&v) {
         let max = if max_as_float {
@@ -421,21 +425,21 @@ fn float_in_range(value: &str, max: f64, max_as_float: bool) -> Result<f64, Stri
         } else {
             python_number(max)
         };
-        return Err(range_message(&max));
+        return Err(Invalid(range_message(&max)));
     }
     Ok(v)
 }
 
 /// Python's int() on a string: no fraction, no exponent.
-fn integer_in_range(value: &str, max: u32) -> Result<u32, String> {
+fn integer_in_range(value: &str, max: u32) -> Result<u32, Invalid> {
     let t = value.trim();
     let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(NOT_AN_INTEGER.to_owned());
+        return Err(Invalid::new(NOT_AN_INTEGER));
     }
     match t.parse::<i64>() {
         Ok(v) if (0..=i64::from(max)).contains(&v) => Ok(v as u32),
-        _ => Err(range_message(&max.to_string())), // out of range, or too many digits
+        _ => Err(Invalid(range_message(&max.to_string()))), // out of range, or too many digits
     }
 }
 

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::validate::Invalid;
+
 /// One condition, as written in the configuration (exactly one field set).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +52,7 @@ pub struct Observed<'a> {
 
 impl Condition {
     /// Compiles the condition; the error says what is wrong with it (`at` names it).
-    pub fn compile(&self, at: &str) -> Result<Check, String> {
+    pub fn compile(&self, at: &str) -> Result<Check, Invalid> {
         let set = [
             self.status.is_some(),
             self.status_range.is_some(),
@@ -63,33 +65,37 @@ impl Condition {
         .filter(|s| **s)
         .count();
         if set != 1 {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{at}: one of status, status_range, body_contains, body_regex, json_pointer \
                  (with equals), response_time_below_ms per condition"
-            ));
+            )));
         }
         if self.equals.is_some() != self.json_pointer.is_some() {
-            return Err(format!("{at}: json_pointer and equals go together"));
+            return Err(Invalid(format!(
+                "{at}: json_pointer and equals go together"
+            )));
         }
         Ok(if let Some(statuses) = &self.status {
             if statuses.is_empty() {
-                return Err(format!("{at}.status: must not be empty"));
+                return Err(Invalid(format!("{at}.status: must not be empty")));
             }
             Check::Status(statuses.clone())
         } else if let Some([low, high]) = self.status_range {
             if low > high {
-                return Err(format!("{at}.status_range: [low, high] with low ≤ high"));
+                return Err(Invalid(format!(
+                    "{at}.status_range: [low, high] with low ≤ high"
+                )));
             }
             Check::StatusRange(low, high)
         } else if let Some(text) = &self.body_contains {
             Check::BodyContains(text.clone())
         } else if let Some(pattern) = &self.body_regex {
             Check::BodyRegex(
-                regex::Regex::new(pattern).map_err(|e| format!("{at}.body_regex: {e}"))?,
+                regex::Regex::new(pattern).map_err(|e| Invalid(format!("{at}.body_regex: {e}")))?,
             )
         } else if let (Some(pointer), Some(value)) = (&self.json_pointer, &self.equals) {
             if !pointer.is_empty() && !pointer.starts_with('/') {
-                return Err(format!("{at}.json_pointer: must start with `/`"));
+                return Err(Invalid(format!("{at}.json_pointer: must start with `/`")));
             }
             Check::JsonPointer(pointer.clone(), value.clone())
         } else {
@@ -258,7 +264,10 @@ mod tests {
         ] {
             let c: Condition = toml::from_str(text).unwrap();
             let e = c.compile("monitors.api.conditions[1]").unwrap_err();
-            assert!(e.starts_with("monitors.api.conditions[1]"), "{text:?}: {e}");
+            assert!(
+                e.0.starts_with("monitors.api.conditions[1]"),
+                "{text:?}: {e}"
+            );
         }
         assert!(toml::from_str::<Condition>("stat = 1").is_err());
     }

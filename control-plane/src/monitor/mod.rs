@@ -39,6 +39,7 @@ use crate::job::Trust;
 use crate::notify::{self, NotifierConfig};
 use crate::outbound::Outbound;
 use crate::store::Store;
+use crate::validate::Invalid;
 use alert::Health;
 use condition::{Check, Condition};
 use history::Source;
@@ -138,57 +139,63 @@ impl MonitorConfig {
         &self,
         at: &str,
         notifiers: &BTreeMap<String, NotifierConfig>,
-    ) -> Result<Vec<Check>, String> {
+    ) -> Result<Vec<Check>, Invalid> {
         let field = |f: &str| format!("{at}.{f}");
         if !crate::job::spec::is_http_url(&self.url) || self.url.chars().any(char::is_control) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} `{}` is not an http:// or https:// URL",
                 field("url"),
                 self.url
-            ));
+            )));
         }
         if reqwest::Method::from_bytes(self.method.as_bytes()).is_err() {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} `{}` is not a method",
                 field("method"),
                 self.method
-            ));
+            )));
         }
         for (name, value) in &self.headers {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err()
                 || http::HeaderValue::from_str(value).is_err()
             {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "{} `{name}` is not a valid header",
                     field("headers")
-                ));
+                )));
             }
         }
         if !(self.interval_s.is_finite()
             && (MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&self.interval_s))
         {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} must be a number of seconds from {MIN_INTERVAL_S} to {MAX_INTERVAL_S}",
                 field("interval_s")
-            ));
+            )));
         }
         if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= MAX_TIMEOUT_S)
         {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}",
                 field("timeout_s")
-            ));
+            )));
         }
         if self.failure_threshold == 0 {
-            return Err(format!("{} must be at least 1", field("failure_threshold")));
+            return Err(Invalid(format!(
+                "{} must be at least 1",
+                field("failure_threshold")
+            )));
         }
         if self.success_threshold == 0 {
-            return Err(format!("{} must be at least 1", field("success_threshold")));
+            return Err(Invalid(format!(
+                "{} must be at least 1",
+                field("success_threshold")
+            )));
         }
         for (i, name) in self.notify.iter().enumerate() {
             if !notifiers.contains_key(name) {
                 let known: Vec<&str> = notifiers.keys().map(String::as_str).collect();
-                return Err(format!(
+                return Err(Invalid(format!(
                     "{}[{i}]: no notifier `{name}` (configured: {})",
                     field("notify"),
                     if known.is_empty() {
@@ -196,7 +203,7 @@ impl MonitorConfig {
                     } else {
                         known.join(", ")
                     }
-                ));
+                )));
             }
         }
         if self.conditions.is_empty() {
@@ -219,8 +226,8 @@ pub enum MonitorError {
     Exists(String),
     #[error("monitor '{0}' is defined in KNOCKER_CONFIG; change it there")]
     FromFile(String),
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
     #[error("at most {0} monitors can be made through the API (KNOCKER_MAX_MONITORS)")]
     Limit(usize),
     #[error(transparent)]
@@ -464,15 +471,15 @@ impl Monitors {
 
     fn validate(&self, name: &str, config: &MonitorConfig) -> Result<Vec<Check>, MonitorError> {
         if !valid_name(name) {
-            return Err(MonitorError::Invalid(format!(
+            return Err(MonitorError::Invalid(Invalid(format!(
                 "name: `{name}` — use 1 to 64 letters, digits, `-` and `_`"
-            )));
+            ))));
         }
         if config.interval_s.is_finite() && config.interval_s < self.api.min_interval_s {
-            return Err(MonitorError::Invalid(format!(
+            return Err(MonitorError::Invalid(Invalid(format!(
                 "monitor.interval_s must be at least {} seconds for a monitor made through the API (KNOCKER_MONITOR_MIN_INTERVAL)",
                 self.api.min_interval_s
-            )));
+            ))));
         }
         config
             .compile("monitor", &self.notifiers)
@@ -642,7 +649,7 @@ mod tests {
         ] {
             let c: MonitorConfig = toml::from_str(text).unwrap();
             let e = c.compile("monitors.api", &notifiers()).unwrap_err();
-            assert!(e.contains(field), "{text}: {e}");
+            assert!(e.0.contains(field), "{text}: {e}");
         }
         assert!(toml::from_str::<MonitorConfig>("url = \"http://t\"\nintervl = 1").is_err());
         assert!(valid_name("api-1_x") && !valid_name("a.b") && !valid_name(""));

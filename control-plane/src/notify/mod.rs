@@ -18,8 +18,10 @@ use serde_json::{json, Map};
 
 use crate::clock::Millis;
 use crate::delivery::email;
-use crate::job::policy::{unknown_fields, DeliveryPolicy};
+use crate::job::policy::DeliveryPolicy;
 use crate::job::{Job, Kind, Request, Trust};
+use crate::validate::unknown_fields;
+use crate::validate::Invalid;
 
 /// A notifier from the configuration file: a webhook or an email, and the delivery
 /// policy of what it sends.
@@ -47,44 +49,47 @@ pub struct NotifierConfig {
 }
 
 impl NotifierConfig {
-    pub fn validate(&self, name: &str) -> Result<(), String> {
+    pub fn validate(&self, name: &str) -> Result<(), Invalid> {
         let field = |f: &str| format!("notifiers.{name}.{f}");
         unknown_fields(&self.unknown, &format!("notifiers.{name}"))?;
         match (&self.webhook, &self.email) {
             (Some(_), Some(_)) | (None, None) => {
-                return Err(format!(
+                return Err(Invalid(format!(
                 "notifiers.{name}: needs `webhook` (a URL) or `email` (SMTP settings), one of them"
-            ))
+            )))
             }
             (Some(url), None) if !crate::job::spec::is_http_url(url) => {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "{} `{url}` is not an http:// or https:// URL",
                     field("webhook")
-                ))
+                )))
             }
             (None, Some(email)) => email.validate(&field("email"))?,
             _ => {}
         }
         if self.email.is_some() && (self.callback.is_some() || !self.headers.is_empty()) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} and {} apply to webhooks only",
                 field("callback"),
                 field("headers")
-            ));
+            )));
         }
         if let Some(cb) = &self.callback {
             if !crate::job::spec::is_http_url(cb) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "{} `{cb}` is not an http:// or https:// URL",
                     field("callback")
-                ));
+                )));
             }
         }
         for (h, v) in &self.headers {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err()
                 || http::HeaderValue::from_str(v).is_err()
             {
-                return Err(format!("{} `{h}` is not a valid header", field("headers")));
+                return Err(Invalid(format!(
+                    "{} `{h}` is not a valid header",
+                    field("headers")
+                )));
             }
         }
         self.delivery.validate(field)
@@ -318,7 +323,7 @@ mod tests {
         ] {
             let n: NotifierConfig = toml::from_str(text).unwrap();
             let e = n.validate("n").unwrap_err();
-            assert!(e.contains(field), "{text}: {e}");
+            assert!(e.0.contains(field), "{text}: {e}");
         }
     }
 }

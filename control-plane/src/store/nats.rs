@@ -239,7 +239,7 @@ impl NatsStore {
             .map_err(unavailable)?
             .await
             .map_err(|e| {
-                if e.to_string().contains("maximum messages") {
+                if is_stream_full(&e) {
                     StoreError::Full(self.options.max_pending)
                 } else {
                     unavailable(e)
@@ -432,6 +432,20 @@ async fn keep_alive(held: std::sync::Weak<Mutex<HashMap<String, Held>>>, ack_wai
             let _ = m.ack_with(AckKind::Progress).await;
         }
     }
+}
+
+/// The work stream refused a message for its message limit (`KNOCKER_MAX_PENDING`,
+/// discard-new): the server answers with the stream-store-failed error code, whose
+/// description is its `ErrMaxMsgs` (the limit has no code of its own). Any other store
+/// failure — a full disk — is not back-pressure but the store being unavailable.
+fn is_stream_full(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|js| {
+            js.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED
+                && js.to_string().contains("maximum messages")
+        })
 }
 
 #[async_trait]
