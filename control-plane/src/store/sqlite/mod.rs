@@ -1,0 +1,319 @@
+//! The embedded store: one SQLite file under `KNOCKER_DATA_DIR`, crash-safe.
+//!
+//! - WAL journal with `synchronous=FULL`: a commit returns after the WAL is fsync'd, so
+//!   a job whose insert returned survives a crash or power loss.
+//! - One writer thread owns the write connection. Requests (insert, claim, finish, …)
+//!   queue up while it commits; it takes everything waiting (up to [`MAX_BATCH`]) into
+//!   one transaction: many submissions share one fsync (group commit).
+//! - Reads (lookups, lists, next due time) go through a second connection; WAL lets
+//!   them run beside the writer.
+//! - Jobs live on disk: the scheduler asks for what is due, so a million pending jobs
+//!   need no million in RAM.
+//! - Each job's record carries its layout's version ([`record`]): a database of an
+//!   earlier release opens and delivers.
+//! - On open, jobs left in flight by a crash become pending again (at-least-once; they
+//!   keep their id, so targets see the same `x-knocker-id`).
+//!
+//! Files: [`schema`] (tables, opening, upgrades, integrity), [`record`] (a job's stored
+//! form), [`writer`] (the writer thread, group commit, counts, recovery), and here the
+//! [`Store`] implementation and its reads.
+
+mod record;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Inserted, Next, Stats, Store, StoreError};
+use crate::clock::Millis;
+use crate::job::{Attempt, Job, State, PARKED};
+use record::{job_from_row, state_code, COLUMNS};
+use schema::{check_integrity, damaged, migrate, open_connection, INDEXES, TABLES};
+use writer::{checkpoint_loop, load, recover, write_loop, Command, Counts, Reply};
+
+pub use writer::QUARANTINED;
+
+/// Most requests committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+/// Limits of the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Pending + in-flight jobs above which submissions are refused (503).
+    pub max_pending: u64,
+    /// Size cap of the database file; 0 for none. Over it, commits fail (503).
+    pub max_bytes: u64,
+}
+
+fn sql_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+pub struct SqliteStore {
+    commands: mpsc::UnboundedSender<Command>,
+    reader: Arc<Mutex<Connection>>,
+    counts: Arc<Counts>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) `<dir>/knocker.db`, recovers jobs left in flight, and starts
+    /// the writer thread.
+    pub fn open(dir: &Path, limits: Limits) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("KNOCKER_DATA_DIR {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("knocker.db");
+        let writer = open_connection(&path, &limits).map_err(|e| damaged(&path, &e.to_string()))?;
+        check_integrity(&writer, &path)?;
+        writer.execute_batch(TABLES).map_err(sql_error)?;
+        migrate(&writer).map_err(sql_error)?;
+        writer.execute_batch(INDEXES).map_err(sql_error)?;
+        let counts = Arc::new(Counts::default());
+        let recovered = recover(&writer, &counts).map_err(sql_error)?;
+        if recovered > 0 {
+            tracing::warn!(
+                jobs = recovered,
+                "jobs in flight at the last stop are pending again"
+            );
+        }
+        // WAL checkpoints: a background connection copies the log into the database
+        // file every CHECKPOINT_EVERY (PASSIVE, beside the writer), so that the writer's
+        // own automatic checkpoint (SQLite's default, every 1000 pages) finds little left
+        // to copy. Only the writer's checkpoint lets the log restart from the beginning;
+        // without it the WAL file grows for as long as writes continue.
+        let checkpointer = open_connection(&path, &limits).map_err(sql_error)?;
+        std::thread::Builder::new()
+            .name("knocker-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer))
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the store checkpointer: {e}"))
+            })?;
+        let reader = open_connection(&path, &limits).map_err(sql_error)?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let writer_counts = Arc::clone(&counts);
+        std::thread::Builder::new()
+            .name("knocker-store-writer".into())
+            .spawn(move || write_loop(writer, rx, &writer_counts, &limits))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the store writer: {e}")))?;
+        Ok(Self {
+            commands,
+            reader: Arc::new(Mutex::new(reader)),
+            counts,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || f(&reader.lock()).map_err(sql_error))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store reader failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
+        self.ask(|reply| Command::Insert(Box::new(job), reply))
+            .await
+    }
+
+    async fn insert_all(&self, jobs: Vec<Job>) -> Result<Vec<Inserted>, StoreError> {
+        self.ask(|reply| Command::InsertAll(jobs, reply)).await
+    }
+
+    async fn find_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Job>, StoreError> {
+        // Ids with the prefix form one range of the unique index: [prefix, prefix + 1).
+        let mut end = prefix.as_bytes().to_vec();
+        let Some(last) = end.pop() else {
+            return Err(StoreError::Unavailable("empty id prefix".into()));
+        };
+        let lower = prefix.to_owned();
+        let upper = if last == u8::MAX {
+            None
+        } else {
+            end.push(last + 1);
+            String::from_utf8(end).ok()
+        };
+        self.read(move |c| {
+            let upper = upper.unwrap_or_else(|| format!("{lower}\u{10FFFF}"));
+            let mut jobs: Vec<(i64, Job)> = c
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS}, seq FROM jobs WHERE id >= ?1 AND id < ?2 LIMIT ?3"
+                ))?
+                .query_map(params![lower, upper, limit as i64], |row| {
+                    Ok((row.get(8)?, job_from_row(row)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            jobs.retain(|(_, job)| job.id.starts_with(&lower));
+            jobs.sort_by_key(|(seq, _)| *seq);
+            Ok(jobs.into_iter().map(|(_, job)| job).collect())
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now: Millis,
+        limit: usize,
+        skip_hosts: &[String],
+    ) -> Result<Vec<Job>, StoreError> {
+        let skip_hosts = skip_hosts.to_vec();
+        self.ask(|reply| Command::Claim {
+            now,
+            limit,
+            skip_hosts,
+            reply,
+        })
+        .await
+    }
+
+    async fn finish_attempt(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<(), StoreError> {
+        let job = Box::new(job.clone());
+        self.ask(|reply| Command::Finish {
+            job,
+            attempt,
+            next,
+            reply,
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| load(c, &id)).await
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT next_attempt_at FROM jobs WHERE state = 0 AND next_attempt_at < ?1
+                 ORDER BY next_attempt_at LIMIT 1",
+            )?
+            .query_row([PARKED as i64], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|v| v.map(|v| v as Millis))
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        Ok(self.counts.stats())
+    }
+
+    async fn list(
+        &self,
+        state: State,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let after = after.map(str::to_owned);
+        self.read(move |c| {
+            let after_seq: i64 = match &after {
+                Some(id) => c
+                    .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")?
+                    .query_row([id], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(i64::MAX),
+                None => 0,
+            };
+            // The state is inlined (our own integer) so that SQLite can use the partial
+            // index on failed jobs, which it cannot prove for a bound parameter.
+            let code = state_code(state);
+            c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE state = {code} AND seq > ?1 ORDER BY seq LIMIT ?2"
+            ))?
+            .query_map(params![after_seq, limit as i64], job_from_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn replay(&self, id: &str, now: Millis) -> Result<Option<Job>, StoreError> {
+        let id = id.to_owned();
+        self.ask(|reply| Command::Replay { id, now, reply }).await
+    }
+
+    async fn delete(&self, id: &str, now: Millis) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.ask(|reply| Command::Delete { id, now, reply }).await
+    }
+
+    async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError> {
+        self.ask(|reply| Command::Purge { before, reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_row_that_cannot_be_read_is_quarantined_not_a_stall_of_every_claim() {
+        let dir = std::env::temp_dir().join(format!("knocker-quarantine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let limits = Limits {
+            max_pending: 1000,
+            max_bytes: 0,
+        };
+        let store = SqliteStore::open(&dir, limits).unwrap();
+        for id in ["bad", "good"] {
+            store
+                .insert(crate::job::test_job(id, "POST", "http://t/"))
+                .await
+                .unwrap();
+        }
+        // Junk where the first job's spec was, written behind the store's back.
+        let raw = Connection::open(dir.join("knocker.db")).unwrap();
+        raw.execute("UPDATE jobs SET spec = x'ffffffff00' WHERE id = 'bad'", [])
+            .unwrap();
+        let claimed = store.claim_due(u64::MAX / 2, 10, &[]).await.unwrap();
+        assert_eq!(
+            claimed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["good"]
+        );
+        let bad = store.get("bad").await.unwrap().unwrap();
+        assert_eq!(bad.state, State::Failed);
+        let error = bad.attempts[0].error.as_deref().unwrap();
+        assert!(error.starts_with(QUARANTINED), "{error}");
+        assert!(bad.config["quarantined"].is_string());
+        let stats = store.stats().await.unwrap();
+        assert_eq!((stats.failed, stats.pending), (1, 0));
+        // The bytes are kept for whoever repairs it.
+        let kept: Vec<u8> = raw
+            .query_row("SELECT spec FROM quarantine WHERE id = 'bad'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(kept, vec![0xff, 0xff, 0xff, 0xff, 0x00]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,92 @@
+//! The job database's tables and indexes, how a connection to it is opened, the
+//! upgrade of an earlier release's tables, and the integrity check at open.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::super::StoreError;
+use super::Limits;
+
+pub(super) const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT    NOT NULL UNIQUE,
+    state           INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    finished_at     INTEGER,
+    host            TEXT    NOT NULL,
+    spec            BLOB    NOT NULL,
+    attempts        BLOB    NOT NULL,
+    lane            TEXT
+);
+-- Jobs per state, kept in the same commits as the jobs: opening a store with a million
+-- jobs must not count them.
+CREATE TABLE IF NOT EXISTS counts (state INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+-- Stored jobs that could not be read, as they were, and why.
+CREATE TABLE IF NOT EXISTS quarantine (
+    id TEXT PRIMARY KEY, spec BLOB, attempts BLOB, reason TEXT NOT NULL, at INTEGER NOT NULL
+);
+";
+
+pub(super) const INDEXES: &str = "
+-- Partial indexes: a new (pending) job touches only jobs_due besides the keys.
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt_at, seq, host) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (seq) WHERE state = 3;
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
+CREATE INDEX IF NOT EXISTS jobs_in_flight ON jobs (seq) WHERE state = 1;
+-- Open jobs of ordered lanes, in arrival order.
+CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (lane, seq) WHERE lane IS NOT NULL AND state <= 1;
+";
+
+pub(super) fn open_connection(path: &Path, limits: &Limits) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -32_768)?; // 32 MiB
+    if limits.max_bytes > 0 {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        conn.pragma_update(
+            None,
+            "max_page_count",
+            (limits.max_bytes as i64 / page_size).max(1),
+        )?;
+    }
+    Ok(conn)
+}
+
+/// Brings a database of an earlier release up to the current tables.
+pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_lane = conn
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'lane'")?
+        .exists([])?;
+    if !has_lane {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN lane TEXT")?;
+    }
+    Ok(())
+}
+
+/// `PRAGMA quick_check`: a damaged file is refused when it opens (naming it), not found
+/// out by a claim loop that fails for ever.
+pub(super) fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found: Vec<String> = conn
+        .prepare("PRAGMA quick_check(5)")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| damaged(path, &e.to_string()))?;
+    if found.len() == 1 && found[0] == "ok" {
+        Ok(())
+    } else {
+        Err(damaged(path, &found.join("; ")))
+    }
+}
+
+pub(super) fn damaged(path: &Path, why: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the job database {} is damaged ({why}); restore it from a backup, or move it \
+         away to start empty",
+        path.display()
+    ))
+}

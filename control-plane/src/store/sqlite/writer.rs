@@ -1,0 +1,555 @@
+//! The writer thread: it owns the write connection and commits every change. Requests
+//! queue up while it commits; it takes everything waiting (up to [`super::MAX_BATCH`])
+//! into one transaction, so many submissions share one fsync (group commit). Also the
+//! live counts by state, the recovery of jobs left in flight, the WAL checkpoints and
+//! the quarantine of rows that cannot be read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::{corrupt, encode_spec, job_from_row, state_code, state_from, COLUMNS};
+use super::{Limits, MAX_BATCH};
+use crate::clock::Millis;
+use crate::job::{Attempt, Job, State, PARKED};
+use crate::store::{Inserted, Next, Stats, StoreError};
+
+/// Live counts by state, kept by the writer after each commit.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    pending: AtomicU64,
+    in_flight: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counts {
+    fn slot(&self, state: State) -> &AtomicU64 {
+        match state {
+            State::Pending => &self.pending,
+            State::InFlight => &self.in_flight,
+            State::Delivered => &self.delivered,
+            State::Failed => &self.failed,
+        }
+    }
+
+    pub(super) fn stats(&self) -> Stats {
+        Stats {
+            pending: self.pending.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// State changes of one batch, applied to [`Counts`] only once it is committed.
+#[derive(Default)]
+struct Deltas([i64; 4]);
+
+impl Deltas {
+    /// `n` jobs more (or fewer, when negative) in `state`.
+    fn add(&mut self, state: State, n: i64) {
+        self.0[state_code(state) as usize] += n;
+    }
+
+    /// One job moved from a state (none: it is new) to another (none: it is gone).
+    fn moved(&mut self, from: Option<State>, to: Option<State>) {
+        if let Some(f) = from {
+            self.add(f, -1);
+        }
+        if let Some(t) = to {
+            self.add(t, 1);
+        }
+    }
+
+    /// Adds the changes to the `counts` table (inside the batch's transaction).
+    fn store(&self, tx: &Connection) -> rusqlite::Result<()> {
+        let mut update = tx.prepare_cached("UPDATE counts SET n = n + ?2 WHERE state = ?1")?;
+        for (state, delta) in self.0.iter().enumerate() {
+            if *delta != 0 {
+                update.execute(params![state as i64, delta])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, counts: &Counts) {
+        for (i, delta) in self.0.iter().enumerate() {
+            let slot = counts.slot(state_from(i as i64));
+            if *delta >= 0 {
+                slot.fetch_add(*delta as u64, Ordering::Relaxed);
+            } else {
+                slot.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Command {
+    Insert(Box<Job>, Reply<Inserted>),
+    InsertAll(Vec<Job>, Reply<Vec<Inserted>>),
+    Claim {
+        now: Millis,
+        limit: usize,
+        skip_hosts: Vec<String>,
+        reply: Reply<Vec<Job>>,
+    },
+    Finish {
+        job: Box<Job>,
+        attempt: Attempt,
+        next: Next,
+        reply: Reply<()>,
+    },
+    Replay {
+        id: String,
+        now: Millis,
+        reply: Reply<Option<Job>>,
+    },
+    Delete {
+        id: String,
+        now: Millis,
+        reply: Reply<bool>,
+    },
+    Purge {
+        before: Millis,
+        reply: Reply<u64>,
+    },
+}
+
+/// Makes jobs left in flight pending again and loads the counts by state (computing them
+/// once if the table is empty). Returns how many jobs were recovered.
+pub(super) fn recover(conn: &Connection, counts: &Counts) -> rusqlite::Result<usize> {
+    let tx = conn.unchecked_transaction()?;
+    let stored: i64 = tx.query_row("SELECT count(*) FROM counts", [], |r| r.get(0))?;
+    if stored == 0 {
+        tx.execute(
+            "INSERT INTO counts (state, n) SELECT state, count(*) FROM jobs GROUP BY state",
+            [],
+        )?;
+        for state in 0..4 {
+            tx.execute(
+                "INSERT OR IGNORE INTO counts (state, n) VALUES (?1, 0)",
+                [state],
+            )?;
+        }
+    }
+    let recovered = tx.execute("UPDATE jobs SET state = 0 WHERE state = 1", [])?;
+    if recovered > 0 {
+        let mut deltas = Deltas::default();
+        deltas.add(State::InFlight, -(recovered as i64));
+        deltas.add(State::Pending, recovered as i64);
+        deltas.store(&tx)?;
+    }
+    {
+        let mut stmt = tx.prepare("SELECT state, n FROM counts")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (state, n) = row?;
+            counts
+                .slot(state_from(state))
+                .store(n.max(0) as u64, Ordering::Relaxed);
+        }
+    }
+    tx.commit()?;
+    Ok(recovered)
+}
+
+/// How often the WAL is copied into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// PASSIVE checkpoints run beside the writer without blocking it. The loop ends when the
+/// store is gone (the database cannot be opened by this connection any more) — in
+/// practice with the process.
+pub(super) fn checkpoint_loop(conn: &Connection) {
+    loop {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
+    }
+}
+
+/// A command's own refusal (not the batch's): the rest of the batch still commits.
+enum Refusal {
+    Full(u64),
+}
+
+pub(super) fn write_loop(
+    mut conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    counts: &Counts,
+    limits: &Limits,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let mut deltas = Deltas::default();
+        let outcome = (|| -> rusqlite::Result<Vec<Outcome>> {
+            let tx = conn.transaction()?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for command in &batch {
+                outcomes.push(execute(&tx, command, counts, limits, &mut deltas)?);
+            }
+            deltas.store(&tx)?;
+            tx.commit()?;
+            Ok(outcomes)
+        })();
+        match outcome {
+            Ok(outcomes) => {
+                deltas.apply(counts);
+                for (command, outcome) in batch.into_iter().zip(outcomes) {
+                    outcome.send(command);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = batch.len(), "the store could not commit; the batch is refused");
+                for command in batch {
+                    Outcome::Failed(e.to_string()).send(command);
+                }
+            }
+        }
+    }
+}
+
+/// The result of one command inside a batch, sent once the batch is committed.
+enum Outcome {
+    /// `Ok(None)`: created (the job is moved out of the command); `Ok(Some)`: existing.
+    Inserted(Result<Option<Job>, Refusal>),
+    /// The same, per job of an `InsertAll`.
+    InsertedAll(Result<Vec<Option<Job>>, Refusal>),
+    Claimed(Vec<Job>),
+    Finished,
+    Replayed(Option<Job>),
+    Deleted(bool),
+    Purged(u64),
+    Failed(String),
+}
+
+impl Outcome {
+    fn send(self, command: Command) {
+        let failed = |e: &str| StoreError::Unavailable(e.to_owned());
+        match (command, self) {
+            (Command::Insert(job, reply), Self::Inserted(r)) => {
+                let _ = reply.send(match r {
+                    Ok(None) => Ok(Inserted::Created(*job)),
+                    Ok(Some(existing)) => Ok(Inserted::Existing(existing)),
+                    Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
+                });
+            }
+            (Command::InsertAll(jobs, reply), Self::InsertedAll(r)) => {
+                let _ = reply.send(match r {
+                    Ok(existing) => Ok(jobs
+                        .into_iter()
+                        .zip(existing)
+                        .map(|(job, existing)| match existing {
+                            None => Inserted::Created(job),
+                            Some(stored) => Inserted::Existing(stored),
+                        })
+                        .collect()),
+                    Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
+                });
+            }
+            (Command::Claim { reply, .. }, Self::Claimed(jobs)) => drop(reply.send(Ok(jobs))),
+            (Command::Finish { reply, .. }, Self::Finished) => drop(reply.send(Ok(()))),
+            (Command::Replay { reply, .. }, Self::Replayed(job)) => drop(reply.send(Ok(job))),
+            (Command::Delete { reply, .. }, Self::Deleted(existed)) => {
+                drop(reply.send(Ok(existed)))
+            }
+            (Command::Purge { reply, .. }, Self::Purged(n)) => drop(reply.send(Ok(n))),
+            (command, Self::Failed(e)) => match command {
+                Command::Insert(_, r) => drop(r.send(Err(failed(&e)))),
+                Command::InsertAll(_, r) => drop(r.send(Err(failed(&e)))),
+                Command::Claim { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Finish { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Replay { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Delete { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Purge { reply, .. } => drop(reply.send(Err(failed(&e)))),
+            },
+            _ => {}
+        }
+    }
+}
+
+pub(super) fn load(tx: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
+    tx.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([id], job_from_row)
+        .optional()
+}
+
+/// Inserts a new pending job; one joining an ordered lane with open jobs waits parked.
+fn insert_row(tx: &Connection, job: &Job) -> rusqlite::Result<bool> {
+    let spec = encode_spec(job).map_err(corrupt)?;
+    let mut due = job.next_attempt_at;
+    if let Some(lane) = &job.lane {
+        let busy = tx
+            .prepare_cached("SELECT 1 FROM jobs WHERE lane = ?1 AND state <= 1 LIMIT 1")?
+            .exists([lane])?;
+        if busy {
+            due = PARKED;
+        }
+    }
+    let changed = tx
+        .prepare_cached(
+            "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts, lane)
+             VALUES (?1, 0, ?2, ?3, ?4, ?5, x'', ?6) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            job.id,
+            due as i64,
+            job.created_at as i64,
+            job.host(),
+            spec,
+            job.lane
+        ])?;
+    Ok(changed == 1)
+}
+
+/// Takes a job whose stored form cannot be read out of the queue: its bytes move to the
+/// `quarantine` table with the reason, and the row becomes a failed job whose one
+/// attempt record says why — visible in the API, never claimed again.
+fn quarantine(
+    tx: &Connection,
+    id: &str,
+    lane: Option<&str>,
+    reason: &str,
+    now: Millis,
+) -> rusqlite::Result<()> {
+    tracing::error!(job_id = ?id, reason, "a stored job cannot be read; it is quarantined as failed");
+    tx.execute(
+        "INSERT OR REPLACE INTO quarantine (id, spec, attempts, reason, at)
+         SELECT id, spec, attempts, ?2, ?3 FROM jobs WHERE id = ?1",
+        params![id, reason, now as i64],
+    )?;
+    let error = format!("{QUARANTINED}: {reason}");
+    // What is left in its place: an empty request whose config says why.
+    let mut config = serde_json::Map::new();
+    config.insert(
+        "quarantined".into(),
+        serde_json::Value::String(error.clone()),
+    );
+    let placeholder = Job::new_pending(
+        id.to_owned(),
+        crate::job::Kind::Target,
+        crate::job::Request {
+            method: String::new(),
+            url: String::new(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        },
+        crate::job::Policy {
+            timeout: 0.0,
+            retries: 0,
+            backoff_factor: 0.0,
+            callback: None,
+            deadline: None,
+            max_backoff_s: None,
+            callback_trust: crate::job::Trust::Client,
+        },
+        crate::job::Trust::Client,
+        now,
+    )
+    .with_config(config);
+    let attempts = vec![Attempt {
+        at: now,
+        status: 0,
+        error: Some(error),
+        latency_ms: 0,
+    }];
+    tx.execute(
+        "UPDATE jobs SET state = 3, finished_at = ?2, spec = ?3, attempts = ?4 WHERE id = ?1",
+        params![
+            id,
+            now as i64,
+            encode_spec(&placeholder).map_err(corrupt)?,
+            postcard::to_stdvec(&attempts).map_err(corrupt)?
+        ],
+    )?;
+    if let Some(lane) = lane {
+        wake_lane(tx, lane, now)?;
+    }
+    Ok(())
+}
+
+/// The attempt record of a quarantined job begins with this.
+pub const QUARANTINED: &str = "quarantined: the stored job cannot be read";
+
+/// Gives an ordered lane its next job when none of its open jobs is active: the oldest
+/// parked one becomes due at `now`.
+fn wake_lane(tx: &Connection, lane: &str, now: Millis) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE jobs SET next_attempt_at = ?2
+         WHERE seq = (SELECT min(seq) FROM jobs WHERE lane = ?1 AND state <= 1 AND state = 0)
+           AND NOT EXISTS (SELECT 1 FROM jobs
+                           WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)",
+    )?
+    .execute(params![lane, now as i64, PARKED as i64])?;
+    Ok(())
+}
+
+fn execute(
+    tx: &Connection,
+    command: &Command,
+    counts: &Counts,
+    limits: &Limits,
+    deltas: &mut Deltas,
+) -> rusqlite::Result<Outcome> {
+    let open = i128::from(counts.pending.load(Ordering::Relaxed))
+        + i128::from(counts.in_flight.load(Ordering::Relaxed))
+        + i128::from(deltas.0[0])
+        + i128::from(deltas.0[1]);
+    Ok(match command {
+        Command::InsertAll(jobs, _) => {
+            if open + jobs.len() as i128 > i128::from(limits.max_pending) {
+                return Ok(Outcome::InsertedAll(Err(Refusal::Full(open.max(0) as u64))));
+            }
+            let mut existing = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                if insert_row(tx, job)? {
+                    deltas.moved(None, Some(State::Pending));
+                    existing.push(None);
+                } else {
+                    existing.push(load(tx, &job.id)?);
+                }
+            }
+            Outcome::InsertedAll(Ok(existing))
+        }
+        Command::Insert(job, _) => {
+            if open >= i128::from(limits.max_pending) {
+                // Full — but a resubmission of a stored job still gets its receipt.
+                return Ok(Outcome::Inserted(match load(tx, &job.id)? {
+                    Some(existing) => Ok(Some(existing)),
+                    None => Err(Refusal::Full(open.max(0) as u64)),
+                }));
+            }
+            if insert_row(tx, job)? {
+                deltas.moved(None, Some(State::Pending));
+                Outcome::Inserted(Ok(None))
+            } else {
+                let existing = load(tx, &job.id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+                Outcome::Inserted(Ok(Some(existing)))
+            }
+        }
+        Command::Claim {
+            now,
+            limit,
+            skip_hosts,
+            ..
+        } => {
+            let mut sql =
+                format!("SELECT {COLUMNS} FROM jobs WHERE state = 0 AND next_attempt_at <= ?1");
+            if !skip_hosts.is_empty() {
+                let marks = vec!["?"; skip_hosts.len()].join(", ");
+                sql.push_str(&format!(" AND host NOT IN ({marks})"));
+            }
+            sql.push_str(&format!(" ORDER BY next_attempt_at, seq LIMIT {limit}"));
+            let mut values: Vec<rusqlite::types::Value> = vec![(*now as i64).into()];
+            values.extend(skip_hosts.iter().map(|h| h.clone().into()));
+            // A row that cannot be read is taken out of the queue (quarantined), not
+            // left to fail every claim after it.
+            let rows: Vec<(String, Option<String>, rusqlite::Result<Job>)> = tx
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(values), |row| {
+                    Ok((row.get(0)?, row.get(7)?, job_from_row(row)))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut jobs = Vec::with_capacity(rows.len());
+            for (id, lane, job) in rows {
+                match job {
+                    Ok(job) => jobs.push(job),
+                    Err(e) => {
+                        quarantine(tx, &id, lane.as_deref(), &e.to_string(), *now)?;
+                        deltas.moved(Some(State::Pending), Some(State::Failed));
+                    }
+                }
+            }
+            let mut mark = tx.prepare_cached("UPDATE jobs SET state = 1 WHERE id = ?1")?;
+            for job in &mut jobs {
+                mark.execute([&job.id])?;
+                job.state = State::InFlight;
+                deltas.moved(Some(State::Pending), Some(State::InFlight));
+            }
+            Outcome::Claimed(jobs)
+        }
+        Command::Finish {
+            job, attempt, next, ..
+        } => {
+            let mut attempts = job.attempts.clone();
+            attempts.push(attempt.clone());
+            let attempts = postcard::to_stdvec(&attempts).map_err(corrupt)?;
+            let (state, next_at, finished_at) = match next {
+                Next::Delivered => (State::Delivered, job.next_attempt_at, Some(attempt.at)),
+                Next::Retry { at } => (State::Pending, *at, None),
+                Next::Failed { .. } => (State::Failed, job.next_attempt_at, Some(attempt.at)),
+            };
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = ?2, next_attempt_at = ?3, finished_at = ?4, attempts = ?5
+                     WHERE id = ?1 AND state = 1",
+                )?
+                .execute(params![job.id, state_code(state), next_at as i64, finished_at.map(|f| f as i64), attempts])?;
+            if changed == 1 {
+                deltas.moved(Some(State::InFlight), Some(state));
+                if let Next::Failed { callback: Some(cb) } = next {
+                    if insert_row(tx, cb)? {
+                        deltas.moved(None, Some(State::Pending));
+                    }
+                }
+                if let (Some(lane), Some(at)) = (&job.lane, finished_at) {
+                    wake_lane(tx, lane, at)?;
+                }
+            }
+            Outcome::Finished
+        }
+        Command::Replay { id, now, .. } => {
+            let Some(before) = load(tx, id)? else {
+                return Ok(Outcome::Replayed(None));
+            };
+            if before.is_finished() {
+                // A job of an ordered lane queues up parked behind the lane's open jobs.
+                let due = if before.lane.is_some() { PARKED } else { *now };
+                tx.prepare_cached("UPDATE jobs SET state = 0, next_attempt_at = ?2, finished_at = NULL WHERE id = ?1")?
+                    .execute(params![id, due as i64])?;
+                deltas.moved(Some(before.state), Some(State::Pending));
+                if let Some(lane) = &before.lane {
+                    wake_lane(tx, lane, *now)?;
+                }
+            }
+            Outcome::Replayed(load(tx, id)?)
+        }
+        Command::Delete { id, now, .. } => {
+            let found: Option<(i64, Option<String>)> = tx
+                .prepare_cached("SELECT state, lane FROM jobs WHERE id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((state, lane)) = &found {
+                tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                    .execute([id])?;
+                deltas.moved(Some(state_from(*state)), None);
+                if let Some(lane) = lane {
+                    wake_lane(tx, lane, *now)?;
+                }
+            }
+            Outcome::Deleted(found.is_some())
+        }
+        Command::Purge { before, .. } => {
+            let mut removed = 0u64;
+            for state in [State::Delivered, State::Failed] {
+                let n = tx
+                    .prepare_cached("DELETE FROM jobs WHERE state = ?1 AND finished_at < ?2")?
+                    .execute(params![state_code(state), *before as i64])?;
+                deltas.add(state, -(n as i64));
+                removed += n as u64;
+            }
+            Outcome::Purged(removed)
+        }
+    })
+}
