@@ -1,8 +1,21 @@
-//! The behaviour every engine must have, run against each of them.
+//! The behaviour every engine must have, run against each of them: memory, SQLite and
+//! NATS (a real nats-server on a loopback port).
+//!
+//! NATS schedules in real time (the server redelivers a retried message when it is
+//! due), so its times here are the real clock's plus the same small offsets, its claims
+//! are retried until the expected jobs arrive (bounded), and where the engines differ by
+//! design the difference is stated: it claims in arrival order rather than earliest
+//! first, `next_due` only says "soon", and its finished buckets expire entries
+//! themselves (`purge_finished` has nothing to do). Engine-specific behaviour — a
+//! SQLite reopen, the NATS lanes' cluster-wide consumers — has its own tests.
+
+use std::time::Duration;
 
 use super::memory::MemoryStore;
+use super::nats_tests::NatsServer;
 use super::sqlite::{Limits, SqliteStore};
 use super::{Inserted, Next, Stats, Store, StoreError};
+use crate::clock::{Clock as _, SystemClock};
 use crate::job::{test_job, Attempt, Job, Kind, Policy, State};
 
 fn job(id: &str, host: &str, due: u64) -> Job {
@@ -49,22 +62,86 @@ fn limits() -> Limits {
     }
 }
 
-async fn engines(name: &str) -> Vec<(&'static str, Box<dyn Store>)> {
+/// One engine under test.
+struct Engine {
+    name: &'static str,
+    store: Box<dyn Store>,
+    /// Its times: 0 for the engines that take `now` as given, the real clock for NATS.
+    t0: u64,
+    /// NATS: real-time scheduling, arrival order, self-expiring finished entries.
+    nats: Option<NatsServer>,
+}
+
+impl Engine {
+    fn at(&self, offset: u64) -> u64 {
+        self.t0 + offset
+    }
+
+    /// Claims until `expected` jobs came (NATS redelivers in real time; the others
+    /// answer at once), at most 5 s; then the ids, in the order they came.
+    async fn claim(&self, now: u64, limit: usize, skip: &[String], expected: usize) -> Vec<Job> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut claimed = Vec::new();
+        loop {
+            let more = self
+                .store
+                .claim_due(now, limit - claimed.len(), skip)
+                .await
+                .unwrap();
+            claimed.extend(more);
+            if self.nats.is_none()
+                || claimed.len() >= expected
+                || std::time::Instant::now() > deadline
+            {
+                return claimed;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Ids as claimed: in order for the engines that promise earliest first, sorted for
+    /// NATS (arrival order).
+    fn ids(&self, jobs: &[Job]) -> Vec<String> {
+        let mut ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        if self.nats.is_some() {
+            ids.sort();
+        }
+        ids
+    }
+}
+
+async fn engines(name: &str) -> Vec<Engine> {
+    let nats = NatsServer::start(name);
+    let nats_store = nats.store(Duration::from_secs(30)).await;
     vec![
-        ("memory", Box::new(MemoryStore::default())),
-        (
-            "sqlite",
-            Box::new(SqliteStore::open(&temp_dir(name), limits()).unwrap()),
-        ),
+        Engine {
+            name: "memory",
+            store: Box::new(MemoryStore::default()),
+            t0: 0,
+            nats: None,
+        },
+        Engine {
+            name: "sqlite",
+            store: Box::new(SqliteStore::open(&temp_dir(name), limits()).unwrap()),
+            t0: 0,
+            nats: None,
+        },
+        Engine {
+            name: "nats",
+            store: Box::new(nats_store),
+            t0: SystemClock.now_ms(),
+            nats: Some(nats),
+        },
     ]
 }
 
 #[tokio::test]
 async fn insert_is_idempotent_by_id() {
-    for (engine, store) in engines("insert").await {
-        let first = store.insert(job("a", "h", 10)).await.unwrap();
+    for e in engines("insert").await {
+        let (engine, store) = (e.name, &e.store);
+        let first = store.insert(job("a", "h", e.at(10))).await.unwrap();
         assert!(matches!(first, Inserted::Created(_)), "{engine}");
-        let mut again = job("a", "other", 99);
+        let mut again = job("a", "other", e.at(99));
         again.request.body = b"different".to_vec();
         match store.insert(again).await.unwrap() {
             Inserted::Existing(existing) => {
@@ -88,15 +165,16 @@ async fn insert_is_idempotent_by_id() {
         );
         assert_eq!(
             store.get("a").await.unwrap().unwrap(),
-            job("a", "h", 10),
+            job("a", "h", e.at(10)),
             "{engine}: round trip"
         );
     }
 }
 
 #[tokio::test]
-async fn claims_due_jobs_in_order_skipping_saturated_hosts() {
-    for (engine, store) in engines("claim").await {
+async fn claims_due_jobs_skipping_saturated_hosts_each_once() {
+    for e in engines("claim").await {
+        let (engine, store) = (e.name, &e.store);
         for (id, host, due) in [
             ("late", "h1", 50),
             ("b", "h2", 20),
@@ -104,28 +182,32 @@ async fn claims_due_jobs_in_order_skipping_saturated_hosts() {
             ("c", "slow", 15),
             ("d", "h1", 20),
         ] {
-            store.insert(job(id, host, due)).await.unwrap();
+            store.insert(job(id, host, e.at(due))).await.unwrap();
         }
-        assert_eq!(store.next_due().await.unwrap(), Some(10), "{engine}");
-        let claimed = store.claim_due(30, 10, &["slow".to_owned()]).await.unwrap();
-        let ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
+        if e.nats.is_none() {
+            assert_eq!(store.next_due().await.unwrap(), Some(10), "{engine}");
+        }
+        let slow = ["slow".to_owned()];
+        let claimed = e.claim(e.at(30), 10, &slow, 3).await;
         assert_eq!(
-            ids,
+            e.ids(&claimed),
             ["a", "b", "d"],
-            "{engine}: due, in order, without the saturated host"
+            "{engine}: due (earliest first where promised), without the saturated host"
         );
         assert!(claimed.iter().all(|j| j.state == State::InFlight));
         assert!(
             store
-                .claim_due(30, 10, &["slow".to_owned()])
+                .claim_due(e.at(30), 10, &slow)
                 .await
                 .unwrap()
                 .is_empty(),
             "{engine}: claimed once"
         );
-        let limited = store.claim_due(100, 1, &[]).await.unwrap();
-        assert_eq!(limited.len(), 1);
-        assert_eq!(limited[0].id, "c", "{engine}");
+        let limited = e.claim(e.at(100), 1, &[], 1).await;
+        assert_eq!(limited.len(), 1, "{engine}");
+        if e.nats.is_none() {
+            assert_eq!(limited[0].id, "c", "{engine}: the earliest");
+        }
         assert_eq!(
             store.stats().await.unwrap(),
             Stats {
@@ -140,21 +222,23 @@ async fn claims_due_jobs_in_order_skipping_saturated_hosts() {
 
 #[tokio::test]
 async fn finishing_records_attempts_and_commits_the_callback_with_the_failure() {
-    for (engine, store) in engines("finish").await {
-        store.insert(job("r", "h", 0)).await.unwrap();
-        store.insert(job("f", "h", 0)).await.unwrap();
-        let claimed = store.claim_due(0, 10, &[]).await.unwrap();
-        let (r, f) = (&claimed[0], &claimed[1]);
+    for e in engines("finish").await {
+        let (engine, store) = (e.name, &e.store);
+        store.insert(job("r", "h", e.at(0))).await.unwrap();
+        store.insert(job("f", "h", e.at(0))).await.unwrap();
+        let claimed = e.claim(e.at(0), 10, &[], 2).await;
+        let r = claimed.iter().find(|j| j.id == "r").unwrap();
+        let f = claimed.iter().find(|j| j.id == "f").unwrap();
         store
-            .finish_attempt(r, attempt(1, 500), Next::Retry { at: 100 })
+            .finish_attempt(r, attempt(e.at(1), 500), Next::Retry { at: e.at(100) })
             .await
             .unwrap();
-        let mut callback = job("f:callback", "cb", 7);
+        let mut callback = job("f:callback", "cb", e.at(7));
         callback.kind = Kind::Callback;
         store
             .finish_attempt(
                 f,
-                attempt(2, 503),
+                attempt(e.at(2), 503),
                 Next::Failed {
                     callback: Some(Box::new(callback)),
                 },
@@ -165,13 +249,13 @@ async fn finishing_records_attempts_and_commits_the_callback_with_the_failure() 
         let r = store.get("r").await.unwrap().unwrap();
         assert_eq!(
             (r.state, r.next_attempt_at, r.attempts.clone()),
-            (State::Pending, 100, vec![attempt(1, 500)]),
+            (State::Pending, e.at(100), vec![attempt(e.at(1), 500)]),
             "{engine}"
         );
         let f = store.get("f").await.unwrap().unwrap();
         assert_eq!(
             (f.state, f.finished_at),
-            (State::Failed, Some(2)),
+            (State::Failed, Some(e.at(2))),
             "{engine}"
         );
         let cb = store.get("f:callback").await.unwrap().unwrap();
@@ -181,7 +265,7 @@ async fn finishing_records_attempts_and_commits_the_callback_with_the_failure() 
             "{engine}"
         );
 
-        let again = store.claim_due(100, 10, &[]).await.unwrap();
+        let again = e.claim(e.at(100), 10, &[], 2).await;
         assert_eq!(again.len(), 2, "{engine}: the retry and the callback");
         let r = again.iter().find(|j| j.id == "r").unwrap();
         assert_eq!(
@@ -190,14 +274,14 @@ async fn finishing_records_attempts_and_commits_the_callback_with_the_failure() 
             "{engine}: a claimed job carries its history"
         );
         store
-            .finish_attempt(r, attempt(101, 200), Next::Delivered)
+            .finish_attempt(r, attempt(e.at(101), 200), Next::Delivered)
             .await
             .unwrap();
         let r = store.get("r").await.unwrap().unwrap();
         assert_eq!(r.state, State::Delivered);
         assert_eq!(
             r.attempts,
-            vec![attempt(1, 500), attempt(101, 200)],
+            vec![attempt(e.at(1), 500), attempt(e.at(101), 200)],
             "{engine}"
         );
         assert_eq!(
@@ -215,18 +299,21 @@ async fn finishing_records_attempts_and_commits_the_callback_with_the_failure() 
 
 #[tokio::test]
 async fn list_replay_delete_and_purge() {
-    for (engine, store) in engines("admin").await {
+    for e in engines("admin").await {
+        let (engine, store) = (e.name, &e.store);
         for i in 0..5 {
-            store.insert(job(&format!("j{i}"), "h", 0)).await.unwrap();
+            let mut j = job(&format!("j{i}"), "h", e.at(0));
+            j.created_at = e.at(i); // arrival order, on every engine
+            store.insert(j).await.unwrap();
         }
-        for j in store.claim_due(0, 10, &[]).await.unwrap() {
+        for j in e.claim(e.at(0), 10, &[], 5).await {
             let next = if j.id == "j2" {
                 Next::Delivered
             } else {
                 Next::Failed { callback: None }
             };
             store
-                .finish_attempt(&j, attempt(10, 500), next)
+                .finish_attempt(&j, attempt(e.at(10), 500), next)
                 .await
                 .unwrap();
         }
@@ -242,40 +329,46 @@ async fn list_replay_delete_and_purge() {
             "{engine}: oldest first, paginated"
         );
 
-        let replayed = store.replay("j0", 50).await.unwrap().unwrap();
+        let replayed = store.replay("j0", e.at(50)).await.unwrap().unwrap();
         assert_eq!(
             (replayed.state, replayed.next_attempt_at),
-            (State::Pending, 50),
+            (State::Pending, e.at(50)),
             "{engine}"
         );
         assert_eq!(replayed.attempts.len(), 1, "{engine}: history kept");
-        assert!(store.replay("nope", 50).await.unwrap().is_none());
-        let claimed = store.claim_due(50, 10, &[]).await.unwrap();
-        assert_eq!(claimed.len(), 1);
-        let untouched = store.replay("j0", 60).await.unwrap().unwrap();
+        assert!(store.replay("nope", e.at(50)).await.unwrap().is_none());
+        let claimed = e.claim(e.at(50), 10, &[], 1).await;
+        assert_eq!(claimed.len(), 1, "{engine}");
+        let untouched = store.replay("j0", e.at(60)).await.unwrap().unwrap();
         assert_eq!(
             untouched.state,
             State::InFlight,
             "{engine}: an unfinished job is left alone"
         );
 
-        assert!(store.delete("j1", 0).await.unwrap());
-        assert!(!store.delete("j1", 0).await.unwrap());
-        assert!(store.get("j1").await.unwrap().is_none());
+        assert!(store.delete("j1", e.at(0)).await.unwrap(), "{engine}");
+        assert!(!store.delete("j1", e.at(0)).await.unwrap(), "{engine}");
+        assert!(store.get("j1").await.unwrap().is_none(), "{engine}");
 
-        assert_eq!(
-            store.purge_finished(11).await.unwrap(),
-            3,
-            "{engine}: j2, j3, j4 finished at 10"
-        );
-        assert_eq!(store.purge_finished(11).await.unwrap(), 0);
+        if e.nats.is_none() {
+            assert_eq!(
+                store.purge_finished(e.at(11)).await.unwrap(),
+                3,
+                "{engine}: j2, j3, j4 finished at 10"
+            );
+            assert_eq!(store.purge_finished(e.at(11)).await.unwrap(), 0);
+        }
+        // NATS: the finished buckets expire entries at KNOCKER_RETENTION themselves.
+        let finished = if e.nats.is_some() { (1, 2) } else { (0, 0) };
         assert_eq!(
             store.stats().await.unwrap(),
             Stats {
                 in_flight: 1,
+                delivered: finished.0,
+                failed: finished.1,
                 ..Stats::default()
             },
-            "{engine}"
+            "{engine}: moved and deleted jobs are not counted"
         );
     }
 }
@@ -403,7 +496,13 @@ async fn claim_ids(store: &dyn Store, now: u64) -> Vec<String> {
 
 #[tokio::test]
 async fn ordered_lanes_deliver_one_job_at_a_time_in_arrival_order() {
-    for (engine, store) in engines("lanes").await {
+    // NATS lanes are server-side consumers with their own real-time test (nats_tests).
+    for e in engines("lanes")
+        .await
+        .into_iter()
+        .filter(|e| e.nats.is_none())
+    {
+        let (engine, store) = (e.name, &e.store);
         for id in ["a1", "a2", "a3"] {
             store.insert(laned(id, "A", 10)).await.unwrap();
         }
@@ -476,7 +575,8 @@ async fn sqlite_lanes_survive_a_reopen() {
 
 #[tokio::test]
 async fn insert_all_commits_together_and_find_prefix_returns_arrival_order() {
-    for (engine, store) in engines("insert-all").await {
+    for e in engines("insert-all").await {
+        let (engine, store) = (e.name, &e.store);
         store.insert(job("b.1", "h", 0)).await.unwrap();
         let jobs: Vec<Job> = (0..12).map(|i| job(&format!("b.{i}"), "h", 0)).collect();
         let inserted = store.insert_all(jobs).await.unwrap();

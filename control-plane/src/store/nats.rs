@@ -434,6 +434,32 @@ async fn keep_alive(held: std::sync::Weak<Mutex<HashMap<String, Held>>>, ack_wai
     }
 }
 
+/// Jobs in the order they arrived: by acceptance time, then by their work message's
+/// place in the stream (jobs accepted together — a broadcast's members — share a time;
+/// their ids would sort `b.10` before `b.2`).
+fn in_arrival_order(mut records: Vec<Record>) -> impl Iterator<Item = Job> {
+    records.sort_by(|a, b| {
+        let order = |r: &Record| (r.job.created_at, r.msg_seq.unwrap_or(u64::MAX));
+        order(a)
+            .cmp(&order(b))
+            .then_with(|| a.job.id.cmp(&b.job.id))
+    });
+    records.into_iter().map(|r| r.job)
+}
+
+/// Removes a key and every message it had, leaving no delete marker behind: the
+/// finished buckets are counted by their messages ([`Store::stats`]), so a marker would
+/// count as a job.
+async fn remove(bucket: &kv::Store, id: &str) -> Result<(), StoreError> {
+    bucket
+        .stream
+        .purge()
+        .filter(format!("{}{}", bucket.prefix, key(id)))
+        .await
+        .map(|_| ())
+        .map_err(unavailable)
+}
+
 /// The work stream refused a message for its message limit (`KNOCKER_MAX_PENDING`,
 /// discard-new): the server answers with the stream-store-failed error code, whose
 /// description is its `ErrMaxMsgs` (the limit has no code of its own). Any other store
@@ -515,14 +541,12 @@ impl Store for NatsStore {
                 }
                 if let Some(id) = id_of(&k) {
                     if let Some((record, _)) = self.read(bucket, &id).await? {
-                        found.push(record.job);
+                        found.push(record);
                     }
                 }
             }
         }
-        found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        found.truncate(limit);
-        Ok(found)
+        Ok(in_arrival_order(found).take(limit).collect())
     }
 
     async fn claim_due(
@@ -710,12 +734,12 @@ impl Store for NatsStore {
             if let Some(id) = id_of(&k) {
                 if let Some((record, _)) = self.read(bucket, &id).await? {
                     if record.job.state == state {
-                        jobs.push(record.job);
+                        jobs.push(record);
                     }
                 }
             }
         }
-        jobs.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let jobs: Vec<Job> = in_arrival_order(jobs).collect();
         let start = after
             .and_then(|a| jobs.iter().position(|j| j.id == a))
             .map_or(0, |i| i + 1);
@@ -737,7 +761,7 @@ impl Store for NatsStore {
                 };
                 record.msg_seq = None;
                 self.write(&self.jobs, &record).await?;
-                bucket.purge(key(id)).await.map_err(unavailable)?;
+                remove(bucket, id).await?;
                 let msg_id = format!("{id}#replay{}", record.job.attempts.len());
                 return Ok(Some(self.enqueue(record, msg_id).await?));
             }
@@ -749,7 +773,7 @@ impl Store for NatsStore {
         let mut existed = false;
         for bucket in [&self.jobs, &self.delivered, &self.failed] {
             if self.read(bucket, id).await?.is_some() {
-                bucket.purge(key(id)).await.map_err(unavailable)?;
+                remove(bucket, id).await?;
                 existed = true;
             }
         }
