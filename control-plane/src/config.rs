@@ -365,12 +365,17 @@ impl Settings {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        self.nest(file)
+        self.nested(file)
     }
 
     /// [`Settings::load`] with the file already read.
     pub fn nest(self, file: FileConfig) -> Result<Config, ConfigError> {
         self.validate()?;
+        self.nested(file)
+    }
+
+    /// The settings (validated) and the file, by subsystem.
+    fn nested(self, file: FileConfig) -> Result<Config, ConfigError> {
         let store = match self.store.as_str() {
             url if url.starts_with("nats://") => Engine::Nats(NatsOptions {
                 url: url.to_owned(),

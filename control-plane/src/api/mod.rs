@@ -51,34 +51,26 @@ pub fn router(submit: Arc<Submitter>, monitors: Arc<Monitors>, admin_token: &str
 /// Most jobs one list or bulk replay call handles.
 pub const MAX_PAGE: usize = 1000;
 
-/// An API error: the status and the field it names, answered in the Knocker error
-/// shape ([`Reply::error`]).
+/// An API error: the status and the field it names, in the Knocker error shape
+/// ([`Reply::error`]; a store error as every door answers it, [`Reply::store_unavailable`]).
 #[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    field: &'static str,
-    message: String,
-}
+pub struct ApiError(Reply);
 
 impl ApiError {
     pub fn new(status: StatusCode, field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            field,
-            message: message.into(),
-        }
+        Self(Reply::error(status.as_u16(), field, &message.into()))
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string())
+        Self(Reply::store_unavailable(&e, None))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        Reply::error(self.status.as_u16(), self.field, &self.message).into_response()
+        self.0.into_response()
     }
 }
 

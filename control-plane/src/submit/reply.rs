@@ -79,13 +79,21 @@ impl axum::response::IntoResponse for Reply {
     }
 }
 
+impl Reply {
+    /// The one answer to a store that cannot commit or read: 503 naming `store`, with
+    /// `Retry-After`; `then` says what it meant for the call.
+    pub fn store_unavailable(e: &StoreError, then: Option<&str>) -> Self {
+        let message = match then {
+            Some(then) => format!("{e}. {then}"),
+            None => e.to_string(),
+        };
+        Reply::error(503, "store", &message)
+    }
+}
+
 impl From<&StoreError> for Reply {
-    /// A store that cannot commit or read: 503, nothing accepted, come back later.
+    /// A submission the store could not commit: nothing accepted, come back later.
     fn from(e: &StoreError) -> Self {
-        Reply::error(
-            503,
-            "store",
-            &format!("{e}. Nothing was accepted; retry later."),
-        )
+        Reply::store_unavailable(e, Some("Nothing was accepted; retry later."))
     }
 }
