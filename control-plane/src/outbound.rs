@@ -34,7 +34,7 @@ use crate::validate::Invalid;
 /// The DNS resolver of `KNOCKER_DNS_SERVER` cannot be set up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot build the DNS resolver: {0}")]
-pub struct ResolverError(String);
+pub struct ResolverError(pub(crate) String);
 
 /// Why a hop was not sent. The text names the address and what would open it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -12,6 +12,7 @@ use hickory_resolver::TokioResolver;
 use serde::Deserialize;
 
 use crate::job::policy::DeliveryPolicy;
+use crate::outbound::ResolverError;
 use crate::validate::unknown_fields;
 use crate::validate::Invalid;
 
@@ -144,7 +145,7 @@ impl Groups {
     pub fn new(
         groups: BTreeMap<String, GroupConfig>,
         dns_server: Option<SocketAddr>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ResolverError> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = match dns_server {
             Some(server) => crate::outbound::dns_server_resolver(server),
@@ -168,9 +169,7 @@ impl Groups {
         // Membership is read at fan-out time: never answer from a stale cache longer
         // than the record's own TTL, and do not let a failed lookup stick.
         options.negative_max_ttl = Some(std::time::Duration::ZERO);
-        let resolver = builder
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the DNS resolver: {e}"))?;
+        let resolver = builder.build().map_err(|e| ResolverError(e.to_string()))?;
         Ok(Self { groups, resolver })
     }
 

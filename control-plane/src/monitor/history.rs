@@ -45,3 +45,26 @@ pub struct Uptime {
 
 pub(crate) const HOUR_MS: Millis = 3_600_000;
 pub(crate) const MONTH_HOURS: i64 = 30 * 24;
+
+/// Why the monitors' store cannot answer: its SQLite file or its NATS buckets (the text
+/// says which, and what failed).
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorStoreError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("monitor store: cannot encode or decode: {0}")]
+    Codec(#[from] serde_json::Error),
+    /// The NATS buckets are opened like the job store's.
+    #[error(transparent)]
+    Buckets(#[from] crate::store::StoreError),
+}
+
+pub type StoreResult<T> = Result<T, MonitorStoreError>;
+
+/// A [`MonitorStoreError`] from a format string.
+macro_rules! store_error {
+    ($($arg:tt)*) => {
+        $crate::monitor::history::MonitorStoreError::Failed(format!($($arg)*))
+    };
+}
+pub(crate) use store_error;

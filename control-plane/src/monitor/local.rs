@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::alert::{AlertState, Health, Transition};
+use super::history::{store_error, MonitorStoreError, StoreResult};
 use super::history::{CheckResult, Source, TransitionRecord, Uptime, HOUR_MS, MONTH_HOURS};
 use super::MonitorConfig;
 use crate::clock::Millis;
@@ -63,8 +64,8 @@ pub struct LocalStore {
     history: usize,
 }
 
-fn sql(e: rusqlite::Error) -> anyhow::Error {
-    anyhow::anyhow!("monitor store: {e}")
+fn sql(e: rusqlite::Error) -> MonitorStoreError {
+    store_error!("monitor store: {e}")
 }
 
 fn health_text(h: Health) -> &'static str {
@@ -84,11 +85,11 @@ fn health_from(text: &str) -> Health {
 
 impl LocalStore {
     /// `dir`: the data directory; `None` keeps everything in memory.
-    pub fn open(dir: Option<&Path>, history: usize) -> anyhow::Result<Self> {
+    pub fn open(dir: Option<&Path>, history: usize) -> StoreResult<Self> {
         let conn = match dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir)
-                    .map_err(|e| anyhow::anyhow!("KNOCKER_DATA_DIR {}: {e}", dir.display()))?;
+                    .map_err(|e| store_error!("KNOCKER_DATA_DIR {}: {e}", dir.display()))?;
                 let conn = Connection::open(dir.join("monitors.db")).map_err(sql)?;
                 conn.pragma_update(None, "journal_mode", "WAL")
                     .map_err(sql)?;
@@ -110,15 +111,15 @@ impl LocalStore {
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> anyhow::Result<T> {
+    ) -> StoreResult<T> {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || f(&mut conn.lock()).map_err(sql))
             .await
-            .map_err(|e| anyhow::anyhow!("monitor store: {e}"))?
+            .map_err(|e| store_error!("monitor store: {e}"))?
     }
 
     /// Every stored definition with its source.
-    pub async fn definitions(&self) -> anyhow::Result<Vec<(String, Source, MonitorConfig)>> {
+    pub async fn definitions(&self) -> StoreResult<Vec<(String, Source, MonitorConfig)>> {
         let rows: Vec<(String, String, String)> = self
             .run(|c| {
                 c.prepare("SELECT name, source, definition FROM monitors ORDER BY name")?
@@ -129,7 +130,7 @@ impl LocalStore {
         rows.into_iter()
             .map(|(name, source, json)| {
                 let config = serde_json::from_str(&json)
-                    .map_err(|e| anyhow::anyhow!("monitor {name}: stored definition: {e}"))?;
+                    .map_err(|e| store_error!("monitor {name}: stored definition: {e}"))?;
                 let source = if source == "file" {
                     Source::File
                 } else {
@@ -141,12 +142,7 @@ impl LocalStore {
     }
 
     /// Stores a definition (replacing one of the same name).
-    pub async fn put(
-        &self,
-        name: &str,
-        source: Source,
-        config: &MonitorConfig,
-    ) -> anyhow::Result<()> {
+    pub async fn put(&self, name: &str, source: Source, config: &MonitorConfig) -> StoreResult<()> {
         let name = name.to_owned();
         let source = match source {
             Source::File => "file",
@@ -165,7 +161,7 @@ impl LocalStore {
     }
 
     /// Removes a monitor and everything recorded about it. Returns whether it existed.
-    pub async fn remove(&self, name: &str) -> anyhow::Result<bool> {
+    pub async fn remove(&self, name: &str) -> StoreResult<bool> {
         let name = name.to_owned();
         self.run(move |c| {
             let tx = c.transaction()?;
@@ -179,7 +175,7 @@ impl LocalStore {
         .await
     }
 
-    pub async fn state(&self, name: &str) -> anyhow::Result<AlertState> {
+    pub async fn state(&self, name: &str) -> StoreResult<AlertState> {
         let name = name.to_owned();
         let row = self
             .run(move |c| {
@@ -211,7 +207,7 @@ impl LocalStore {
         result: &CheckResult,
         state: &AlertState,
         transition: Option<Transition>,
-    ) -> anyhow::Result<()> {
+    ) -> StoreResult<()> {
         let name = name.to_owned();
         let result = result.clone();
         let state = state.clone();
@@ -284,7 +280,7 @@ impl LocalStore {
     }
 
     /// The last results, newest first.
-    pub async fn results(&self, name: &str, limit: usize) -> anyhow::Result<Vec<CheckResult>> {
+    pub async fn results(&self, name: &str, limit: usize) -> StoreResult<Vec<CheckResult>> {
         let name = name.to_owned();
         self.run(move |c| {
             c.prepare(
@@ -306,7 +302,7 @@ impl LocalStore {
     }
 
     /// The transitions, newest first.
-    pub async fn transitions(&self, name: &str) -> anyhow::Result<Vec<TransitionRecord>> {
+    pub async fn transitions(&self, name: &str) -> StoreResult<Vec<TransitionRecord>> {
         let name = name.to_owned();
         self.run(move |c| {
             c.prepare(
@@ -327,7 +323,7 @@ impl LocalStore {
     }
 
     /// Uptime over the last 24 h, 7 d and 30 d, counted by the hour up to `now`.
-    pub async fn uptime(&self, name: &str, now: Millis) -> anyhow::Result<Uptime> {
+    pub async fn uptime(&self, name: &str, now: Millis) -> StoreResult<Uptime> {
         let name = name.to_owned();
         let hour = (now / HOUR_MS) as i64;
         self.run(move |c| {

@@ -42,7 +42,7 @@ use crate::store::Store;
 use crate::validate::Invalid;
 use alert::Health;
 use condition::{Check, Condition};
-use history::Source;
+use history::{store_error, MonitorStoreError, Source, StoreResult};
 use store::MonitorStore;
 
 /// A monitor's definition (a `[monitors.<name>]` table, or the JSON body of the API).
@@ -231,7 +231,7 @@ pub enum MonitorError {
     #[error("at most {0} monitors can be made through the API (KNOCKER_MAX_MONITORS)")]
     Limit(usize),
     #[error(transparent)]
-    Store(#[from] anyhow::Error),
+    Store(#[from] MonitorStoreError),
 }
 
 struct Running {
@@ -263,7 +263,7 @@ impl Monitors {
         from_file: BTreeMap<String, MonitorConfig>,
         checks: CheckSettings,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Arc<Self>> {
+    ) -> StoreResult<Arc<Self>> {
         let Queue {
             jobs,
             wake,
@@ -311,7 +311,7 @@ impl Monitors {
     }
 
     /// Runs what the store defines: starts new and changed monitors, stops removed ones.
-    async fn sync(self: &Arc<Self>) -> anyhow::Result<()> {
+    async fn sync(self: &Arc<Self>) -> StoreResult<()> {
         let defined = self.store.definitions().await?;
         let gone: Vec<String> = {
             let running = self.running.lock();
@@ -420,7 +420,7 @@ impl Monitors {
         name: &str,
         config: &MonitorConfig,
         result: &history::CheckResult,
-    ) -> anyhow::Result<()> {
+    ) -> StoreResult<()> {
         let mut state = self.store.state(name).await?;
         if state.since == 0 {
             state.since = result.at;
@@ -462,7 +462,7 @@ impl Monitors {
                 self.jobs
                     .insert_all(jobs)
                     .await
-                    .map_err(|e| anyhow::anyhow!("cannot queue the notifications: {e}"))?;
+                    .map_err(|e| store_error!("cannot queue the notifications: {e}"))?;
                 self.wake.notify_one();
             }
         }

@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 
 use super::alert::{AlertState, Transition};
+use super::history::{store_error, MonitorStoreError, StoreResult};
 use super::history::{CheckResult, Source, TransitionRecord, Uptime, HOUR_MS, MONTH_HOURS};
 use super::MonitorConfig;
 use crate::clock::Millis;
@@ -48,12 +49,12 @@ pub struct SharedStore {
     owner: String,
 }
 
-fn err(e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("monitor store (NATS): {e}")
+fn err(e: impl std::fmt::Display) -> MonitorStoreError {
+    store_error!("monitor store (NATS): {e}")
 }
 
 impl SharedStore {
-    pub async fn open(url: &str, history: usize) -> anyhow::Result<Self> {
+    pub async fn open(url: &str, history: usize) -> StoreResult<Self> {
         let client = async_nats::ConnectOptions::new()
             .name("knocker-monitors")
             .connect(url)
@@ -69,7 +70,7 @@ impl SharedStore {
         })
     }
 
-    pub async fn definitions(&self) -> anyhow::Result<Vec<(String, Source, MonitorConfig)>> {
+    pub async fn definitions(&self) -> StoreResult<Vec<(String, Source, MonitorConfig)>> {
         use futures_util::StreamExt as _;
         let mut out = Vec::new();
         let mut keys = self.definitions.keys().await.map_err(err)?;
@@ -85,12 +86,7 @@ impl SharedStore {
         Ok(out)
     }
 
-    pub async fn put(
-        &self,
-        name: &str,
-        source: Source,
-        config: &MonitorConfig,
-    ) -> anyhow::Result<()> {
+    pub async fn put(&self, name: &str, source: Source, config: &MonitorConfig) -> StoreResult<()> {
         let value = serde_json::to_vec(&Definition {
             source,
             config: config.clone(),
@@ -102,7 +98,7 @@ impl SharedStore {
         Ok(())
     }
 
-    pub async fn remove(&self, name: &str) -> anyhow::Result<bool> {
+    pub async fn remove(&self, name: &str) -> StoreResult<bool> {
         let existed = self.definitions.get(name).await.map_err(err)?.is_some();
         for bucket in [&self.definitions, &self.state, &self.leases] {
             bucket.purge(name).await.map_err(err)?;
@@ -110,14 +106,14 @@ impl SharedStore {
         Ok(existed)
     }
 
-    async fn doc(&self, name: &str) -> anyhow::Result<Doc> {
+    async fn doc(&self, name: &str) -> StoreResult<Doc> {
         Ok(match self.state.get(name).await.map_err(err)? {
             Some(value) if !value.is_empty() => serde_json::from_slice(&value).map_err(err)?,
             _ => Doc::default(),
         })
     }
 
-    pub async fn state(&self, name: &str) -> anyhow::Result<AlertState> {
+    pub async fn state(&self, name: &str) -> StoreResult<AlertState> {
         Ok(self.doc(name).await?.state)
     }
 
@@ -127,7 +123,7 @@ impl SharedStore {
         result: &CheckResult,
         state: &AlertState,
         transition: Option<Transition>,
-    ) -> anyhow::Result<()> {
+    ) -> StoreResult<()> {
         let mut doc = self.doc(name).await?;
         doc.state = state.clone();
         doc.results.push_front(result.clone());
@@ -151,7 +147,7 @@ impl SharedStore {
         Ok(())
     }
 
-    pub async fn results(&self, name: &str, limit: usize) -> anyhow::Result<Vec<CheckResult>> {
+    pub async fn results(&self, name: &str, limit: usize) -> StoreResult<Vec<CheckResult>> {
         Ok(self
             .doc(name)
             .await?
@@ -161,11 +157,11 @@ impl SharedStore {
             .collect())
     }
 
-    pub async fn transitions(&self, name: &str) -> anyhow::Result<Vec<TransitionRecord>> {
+    pub async fn transitions(&self, name: &str) -> StoreResult<Vec<TransitionRecord>> {
         Ok(self.doc(name).await?.transitions.into_iter().collect())
     }
 
-    pub async fn uptime(&self, name: &str, now: Millis) -> anyhow::Result<Uptime> {
+    pub async fn uptime(&self, name: &str, now: Millis) -> StoreResult<Uptime> {
         let doc = self.doc(name).await?;
         let hour = (now / HOUR_MS) as i64;
         let share = |hours: i64| {
@@ -183,7 +179,7 @@ impl SharedStore {
     }
 
     /// Whether this control plane holds (or now takes) the monitor's lease.
-    pub async fn lease(&self, name: &str) -> anyhow::Result<bool> {
+    pub async fn lease(&self, name: &str) -> StoreResult<bool> {
         match self.leases.entry(name).await.map_err(err)? {
             Some(entry)
                 if matches!(entry.operation, kv::Operation::Put) && !entry.value.is_empty() =>

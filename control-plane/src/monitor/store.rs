@@ -3,7 +3,7 @@
 //! shares ([`SharedStore`]). Both answer the same calls.
 
 use super::alert::{AlertState, Transition};
-use super::history::{CheckResult, Source, TransitionRecord, Uptime};
+use super::history::{CheckResult, Source, StoreResult, TransitionRecord, Uptime};
 use super::MonitorConfig;
 use crate::clock::Millis;
 
@@ -28,21 +28,16 @@ macro_rules! delegate {
 }
 
 impl MonitorStore {
-    pub async fn definitions(&self) -> anyhow::Result<Vec<(String, Source, MonitorConfig)>> {
+    pub async fn definitions(&self) -> StoreResult<Vec<(String, Source, MonitorConfig)>> {
         delegate!(self, s => s.definitions().await)
     }
-    pub async fn put(
-        &self,
-        name: &str,
-        source: Source,
-        config: &MonitorConfig,
-    ) -> anyhow::Result<()> {
+    pub async fn put(&self, name: &str, source: Source, config: &MonitorConfig) -> StoreResult<()> {
         delegate!(self, s => s.put(name, source, config).await)
     }
-    pub async fn remove(&self, name: &str) -> anyhow::Result<bool> {
+    pub async fn remove(&self, name: &str) -> StoreResult<bool> {
         delegate!(self, s => s.remove(name).await)
     }
-    pub async fn state(&self, name: &str) -> anyhow::Result<AlertState> {
+    pub async fn state(&self, name: &str) -> StoreResult<AlertState> {
         delegate!(self, s => s.state(name).await)
     }
     pub async fn record(
@@ -51,22 +46,22 @@ impl MonitorStore {
         result: &CheckResult,
         state: &AlertState,
         transition: Option<Transition>,
-    ) -> anyhow::Result<()> {
+    ) -> StoreResult<()> {
         delegate!(self, s => s.record(name, result, state, transition).await)
     }
-    pub async fn results(&self, name: &str, limit: usize) -> anyhow::Result<Vec<CheckResult>> {
+    pub async fn results(&self, name: &str, limit: usize) -> StoreResult<Vec<CheckResult>> {
         delegate!(self, s => s.results(name, limit).await)
     }
-    pub async fn transitions(&self, name: &str) -> anyhow::Result<Vec<TransitionRecord>> {
+    pub async fn transitions(&self, name: &str) -> StoreResult<Vec<TransitionRecord>> {
         delegate!(self, s => s.transitions(name).await)
     }
-    pub async fn uptime(&self, name: &str, now: Millis) -> anyhow::Result<Uptime> {
+    pub async fn uptime(&self, name: &str, now: Millis) -> StoreResult<Uptime> {
         delegate!(self, s => s.uptime(name, now).await)
     }
 
     /// Whether this control plane runs the monitor's next check: always with the local
     /// store; with the shared one, while it holds the monitor's lease.
-    pub async fn lease(&self, name: &str) -> anyhow::Result<bool> {
+    pub async fn lease(&self, name: &str) -> StoreResult<bool> {
         match self {
             Self::Local(_) => Ok(true),
             Self::Shared(s) => s.lease(name).await,
