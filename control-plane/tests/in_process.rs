@@ -309,3 +309,134 @@ async fn serve_on_port_zero_accepts_delivers_and_stops_when_told() {
         .unwrap()
         .unwrap();
 }
+
+fn rule_request(
+    mode: knocker_proto::v1::Mode,
+    policy: Option<knocker_proto::v1::RulePolicy>,
+) -> knocker_proto::v1::SubmitRequest {
+    knocker_proto::v1::SubmitRequest {
+        method: "PUT".into(),
+        authority: "api.internal".into(),
+        path: "/v1/items/9?x=1".into(),
+        headers: vec![knocker_proto::v1::Header {
+            name: b"x-item".to_vec(),
+            value: b"9".to_vec(),
+        }],
+        body: b"item".to_vec(),
+        mode: mode as i32,
+        rule: "items".into(),
+        policy,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_grpc_mapping_turns_rule_submissions_into_jobs_and_bad_ones_into_named_errors() {
+    use knocker_proto::v1::{Mode, RulePolicy};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let submit = submitter(Arc::clone(&store));
+    let policy = RulePolicy {
+        target: "http://backend.internal:8080".into(),
+        retries: Some(5),
+        max_age_s: 600,
+        backoff_factor: 0.25,
+        max_backoff_s: 30.0,
+        timeout_s: 3.0,
+        callback: "http://cb.internal/failed".into(),
+        ordered: true,
+        ..Default::default()
+    };
+
+    // A capture rule: 202, the job built from the rule's policy, in the target's lane.
+    let reply = knocker::ingress::grpc::handle(
+        &submit,
+        1024,
+        rule_request(Mode::Capture, Some(policy.clone())),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let id = reply
+        .headers
+        .iter()
+        .find(|h| h.name == b"knocker-id")
+        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+        .expect("the receipt names the job");
+    let job = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        job.request.url,
+        "http://backend.internal:8080/v1/items/9?x=1"
+    );
+    assert_eq!(job.request.method, "PUT");
+    assert_eq!((job.policy.retries, job.policy.timeout), (5, 3.0));
+    assert_eq!(job.policy.max_backoff_s, Some(30.0));
+    assert_eq!(
+        job.policy.callback.as_deref(),
+        Some("http://cb.internal/failed")
+    );
+    assert_eq!(job.lane.as_deref(), Some("http://backend.internal:8080"));
+    assert_eq!(job.trust, knocker::job::Trust::Operator);
+
+    // What does not fit is refused, naming the field, before anything is stored.
+    let field = |reply: &knocker_proto::v1::SubmitReply| {
+        let body = json(&reply.body);
+        body["errors"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let reply =
+        knocker::ingress::grpc::handle(&submit, 1024, rule_request(Mode::Capture, None)).await;
+    assert_eq!(
+        (reply.status, field(&reply)),
+        (400, vec!["policy".to_owned()])
+    );
+    let reply = knocker::ingress::grpc::handle(
+        &submit,
+        1024,
+        rule_request(Mode::Broadcast, Some(policy.clone())),
+    )
+    .await;
+    assert_eq!(
+        (reply.status, field(&reply)),
+        (400, vec!["policy.group".to_owned()])
+    );
+    let mut unknown = rule_request(Mode::Capture, Some(policy.clone()));
+    unknown.mode = 42;
+    let reply = knocker::ingress::grpc::handle(&submit, 1024, unknown).await;
+    assert_eq!(
+        (reply.status, field(&reply)),
+        (400, vec!["mode".to_owned()])
+    );
+    let bad_target = RulePolicy {
+        target: "ftp://x".into(),
+        ..policy.clone()
+    };
+    let reply = knocker::ingress::grpc::handle(
+        &submit,
+        1024,
+        rule_request(Mode::Capture, Some(bad_target)),
+    )
+    .await;
+    assert_eq!(
+        (reply.status, field(&reply)),
+        (400, vec!["rule.target".to_owned()])
+    );
+    let reply =
+        knocker::ingress::grpc::handle(&submit, 3, rule_request(Mode::Capture, Some(policy))).await;
+    assert_eq!(
+        (reply.status, field(&reply)),
+        (413, vec!["body".to_owned()])
+    );
+    assert_eq!(
+        store.stats().await.unwrap().pending,
+        1,
+        "only the first was stored"
+    );
+}
