@@ -123,6 +123,9 @@ async fn a_database_of_the_release_before_versioned_records_opens_and_delivers()
         deadline: None,
         max_backoff_s: None,
         callback_trust: Trust::Client,
+        retry: knocker::job::retry::RetryRules::default(),
+        source: Some("rule:after".into()),
+        rate: None,
     };
     let now = Time::system().now_ms();
     let new = Job::new_pending(

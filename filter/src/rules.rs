@@ -105,7 +105,61 @@ pub struct Delivery {
     /// One delivery in flight per target, in arrival order.
     #[serde(default)]
     pub ordered: bool,
+    /// Retry delays in seconds (the last one repeated) instead of the backoff factor.
+    #[serde(default)]
+    pub schedule_s: Vec<f64>,
+    /// Only these delivery statuses are retried (`410`, `"5xx"`, `"500-504"`).
+    #[serde(default)]
+    pub retry_on: Option<Vec<Status>>,
+    /// These delivery statuses end the job at once (default `[410]`).
+    #[serde(default)]
+    pub stop_on: Option<Vec<Status>>,
+    /// Attempts a second the target takes on average.
+    #[serde(default)]
+    pub rate_per_s: Option<f64>,
+    /// Attempts at once after a quiet spell (default: the rate, at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
+
+/// A status in a delivery policy: a code (`410`) or text (`"5xx"`, `"500-504"`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Status {
+    Code(u32),
+    Text(String),
+}
+
+impl Status {
+    fn text(&self) -> String {
+        match self {
+            Status::Code(c) => c.to_string(),
+            Status::Text(t) => t.trim().to_owned(),
+        }
+    }
+
+    /// A code between 100 and 599, a class `1xx`..`5xx`, or a range `lo-hi` of codes.
+    fn is_valid(&self) -> bool {
+        let code = |s: &str| s.parse::<u32>().is_ok_and(|c| (100..=599).contains(&c));
+        let t = self.text();
+        if let Some(class) = t.strip_suffix("xx").or_else(|| t.strip_suffix("XX")) {
+            return class.parse::<u32>().is_ok_and(|c| (1..=5).contains(&c));
+        }
+        match t.split_once('-') {
+            Some((lo, hi)) => {
+                code(lo.trim())
+                    && code(hi.trim())
+                    && lo.trim().parse::<u32>().ok() <= hi.trim().parse::<u32>().ok()
+            }
+            None => code(&t),
+        }
+    }
+}
+
+/// The largest rate and burst a rule may ask for.
+pub const MAX_RATE_PER_S: f64 = 100_000.0;
+pub const MAX_BURST: u32 = 100_000;
+pub const MAX_SCHEDULE_STEPS: usize = 100;
 
 /// The largest values a delivery policy may hold (the control plane refuses larger).
 pub const MAX_AGE_S: u64 = 315_360_000;
@@ -129,6 +183,12 @@ fn default_timeout_s() -> f64 {
 pub const DEFAULT_RETRY_ON: [u32; 3] = [502, 503, 504];
 /// Body kept for a fallback rule by default.
 pub const DEFAULT_BUFFER_LIMIT_BYTES: usize = 1024 * 1024;
+
+fn status_list(statuses: &[Status]) -> knocker_proto::v1::StatusList {
+    knocker_proto::v1::StatusList {
+        statuses: statuses.iter().map(Status::text).collect(),
+    }
+}
 
 /// The request attributes rules look at.
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +241,11 @@ impl Rule {
                 callback: d.callback.clone().unwrap_or_default(),
                 ordered: d.ordered,
                 group,
+                schedule_s: d.schedule_s.clone(),
+                retry_on: d.retry_on.as_deref().map(status_list),
+                stop_on: d.stop_on.as_deref().map(status_list),
+                rate_per_s: d.rate_per_s.unwrap_or_default(),
+                burst: d.burst.unwrap_or_default(),
             },
             None => RulePolicy {
                 group,
@@ -191,6 +256,61 @@ impl Rule {
 
     /// Checks one rule; the error names the rule and the field.
     pub fn validate(&self, index: usize) -> Result<(), String> {
+        self.validate_fields(index)?;
+        let Some(d) = &self.delivery else {
+            return Ok(());
+        };
+        let at = |field: &str| format!("`rules[{index}].{field}` (rule `{}`)", self.name);
+        if d.schedule_s.len() > MAX_SCHEDULE_STEPS {
+            return Err(format!(
+                "{} has more than {MAX_SCHEDULE_STEPS} steps",
+                at("delivery.schedule_s")
+            ));
+        }
+        if let Some(i) = d
+            .schedule_s
+            .iter()
+            .position(|s| !s.is_finite() || !(0.0..=MAX_BACKOFF_S).contains(s))
+        {
+            return Err(format!(
+                "{} must be a number of seconds from 0 to {MAX_BACKOFF_S}",
+                at(&format!("delivery.schedule_s[{i}]"))
+            ));
+        }
+        for (field, list) in [("retry_on", &d.retry_on), ("stop_on", &d.stop_on)] {
+            if let Some(i) = list.iter().flatten().position(|s| !s.is_valid()) {
+                return Err(format!(
+                    "{}: use a status (`410`), a class (`5xx`) or a range (`500-504`) between 100 and 599",
+                    at(&format!("delivery.{field}[{i}]"))
+                ));
+            }
+        }
+        match (d.rate_per_s, d.burst) {
+            (None, Some(_)) => {
+                return Err(format!(
+                    "{} needs {}",
+                    at("delivery.burst"),
+                    at("delivery.rate_per_s")
+                ))
+            }
+            (Some(r), _) if !(r.is_finite() && r > 0.0 && r <= MAX_RATE_PER_S) => {
+                return Err(format!(
+                    "{} must be a number above 0 and at most {MAX_RATE_PER_S}",
+                    at("delivery.rate_per_s")
+                ))
+            }
+            (_, Some(b)) if !(1..=MAX_BURST).contains(&b) => {
+                return Err(format!(
+                    "{} must be from 1 to {MAX_BURST}",
+                    at("delivery.burst")
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn validate_fields(&self, index: usize) -> Result<(), String> {
         let at = |field: &str| format!("`rules[{index}].{field}` (rule `{}`)", self.name);
         if self.name.trim().is_empty() {
             return Err(format!("`rules[{index}].name` must not be empty"));
@@ -419,6 +539,26 @@ mod tests {
         assert_eq!(p.timeout_s, 2.0);
         assert_eq!(p.callback, "http://cb/");
         assert!(p.ordered);
+        assert!(p.schedule_s.is_empty() && p.retry_on.is_none() && p.stop_on.is_none());
+        assert_eq!((p.rate_per_s, p.burst), (0.0, 0));
+        let r = rule(
+            r#"{"name":"o","mode":"capture","delivery":{"target":"http://t",
+                "schedule_s":[5,300,1800],"retry_on":["5xx",429],"stop_on":[],
+                "rate_per_s":2.5,"burst":4}}"#,
+        );
+        assert_eq!(r.validate(0), Ok(()));
+        let p = r.policy();
+        assert_eq!(p.schedule_s, [5.0, 300.0, 1800.0]);
+        assert_eq!(
+            p.retry_on.map(|l| l.statuses),
+            Some(vec!["5xx".into(), "429".into()])
+        );
+        assert_eq!(
+            p.stop_on.map(|l| l.statuses),
+            Some(vec![]),
+            "[]: nothing is final"
+        );
+        assert_eq!((p.rate_per_s, p.burst), (2.5, 4));
     }
 
     #[test]
@@ -475,6 +615,34 @@ mod tests {
             (
                 r#"{"name":" ","mode":"capture","delivery":{"target":"http://t"}}"#,
                 "name",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","schedule_s":[1,-1]}}"#,
+                "delivery.schedule_s[1]",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","retry_on":["5xx","6xx"]}}"#,
+                "delivery.retry_on[1]",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","stop_on":[99]}}"#,
+                "delivery.stop_on[0]",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","stop_on":["504-500"]}}"#,
+                "delivery.stop_on[0]",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","rate_per_s":0}}"#,
+                "delivery.rate_per_s",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","burst":3}}"#,
+                "delivery.rate_per_s",
+            ),
+            (
+                r#"{"name":"a","mode":"capture","delivery":{"target":"http://t","rate_per_s":1,"burst":0}}"#,
+                "delivery.burst",
             ),
         ];
         for (json, field) in cases {

@@ -77,7 +77,7 @@ pub fn copy_headers(group_name: &str, group: &GroupConfig, submission: &Submissi
 pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) -> Vec<Job> {
     let path = submission.absolute_path();
     let g = fanout.group;
-    let delivery = g.delivery;
+    let delivery = &g.delivery;
     let headers = copy_headers(fanout.group_name, g, submission);
     fanout
         .members
@@ -108,7 +108,12 @@ pub fn member_jobs(fanout: &Fanout<'_>, submission: &Submission, now: Millis) ->
                 body: submission.body.clone(),
             };
             // Members are the operator's; the callback is the client's.
-            let policy = delivery.policy(fanout.callback.clone(), Trust::Client, now);
+            let policy = delivery.policy(
+                format!("group:{}", fanout.group_name),
+                fanout.callback.clone(),
+                Trust::Client,
+                now,
+            );
             let id = member_job_id(fanout.id, index);
             Job::new_pending(id, Kind::Target, request, policy, Trust::Operator, now)
                 .with_config(config)

@@ -14,6 +14,16 @@ pub fn delay_s(k: u32, factor: f64, cap: f64, jitter: f64, retry_after_s: Option
     }
 }
 
+/// Seconds to wait after a failed attempt whose delay an explicit schedule gives: the
+/// step as configured (the schedule is the operator's choice, not capped); a longer
+/// `Retry-After` wins, within `cap`.
+pub fn scheduled_s(step: f64, cap: f64, retry_after_s: Option<f64>) -> f64 {
+    match retry_after_s {
+        Some(ra) if ra > step => ra.min(cap).max(step),
+        _ => step,
+    }
+}
+
 /// A `Retry-After` value: delta-seconds or an HTTP date, as seconds from `now`.
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<f64> {
     let v = value.trim();
@@ -49,6 +59,14 @@ mod tests {
         assert_eq!(delay_s(1, 0.5, 600.0, 0.0, Some(5.0)), 5.0);
         assert_eq!(delay_s(3, 4.0, 600.0, 0.0, Some(5.0)), 16.0);
         assert_eq!(delay_s(1, 0.5, 10.0, 0.0, Some(3600.0)), 10.0);
+    }
+
+    #[test]
+    fn a_scheduled_step_is_kept_and_a_longer_retry_after_wins_within_the_cap() {
+        assert_eq!(scheduled_s(1800.0, 60.0, None), 1800.0);
+        assert_eq!(scheduled_s(5.0, 60.0, Some(30.0)), 30.0);
+        assert_eq!(scheduled_s(5.0, 60.0, Some(3600.0)), 60.0);
+        assert_eq!(scheduled_s(300.0, 60.0, Some(3600.0)), 300.0);
     }
 
     #[test]

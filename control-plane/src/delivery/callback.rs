@@ -44,6 +44,8 @@ pub fn callback_job(job: &Job, status_code: u16, now: Millis) -> Option<Job> {
             .policy
             .deadline
             .map(|d| now + d.saturating_sub(job.created_at)),
+        // Its source's rate limits the source's target, not the callback's.
+        rate: None,
         ..job.policy.clone()
     };
     // A callback goes to another URL: it is never held up by its job's lane.
@@ -80,6 +82,9 @@ mod tests {
             deadline: None,
             max_backoff_s: None,
             callback_trust: crate::job::Trust::Operator,
+            retry: crate::job::retry::RetryRules::default(),
+            source: None,
+            rate: None,
         };
         job.config.insert("callback".into(), json!(callback));
         job.config.insert("id".into(), json!("j1"));
@@ -103,6 +108,9 @@ mod tests {
                 deadline: None,
                 max_backoff_s: None,
                 callback_trust: crate::job::Trust::Operator,
+                retry: crate::job::retry::RetryRules::default(),
+                source: None,
+                rate: None,
             }
         );
         let body: serde_json::Value = serde_json::from_slice(&cb.request.body).unwrap();

@@ -326,19 +326,24 @@ impl Delivery {
         if outcome.is_success() {
             return Next::Delivered;
         }
-        // A destination the outbound policy refuses is refused again: no retry.
-        if number <= job.policy.retries && !outcome.is_denied() {
+        // A destination the outbound policy refuses is refused again, and a status the
+        // job's rules call final (410 by default) ends it: no retry.
+        let retryable = !outcome.is_denied() && job.policy.retry.retries(outcome.status);
+        if number <= job.policy.retries && retryable {
             let cap = job
                 .policy
                 .max_backoff_s
                 .map_or(self.backoff_cap_s, |m| m.min(self.backoff_cap_s));
-            let delay = backoff::delay_s(
-                number,
-                job.policy.backoff_factor,
-                cap,
-                self.time.jitter.sample(),
-                outcome.retry_after_s,
-            );
+            let delay = match job.policy.retry.scheduled_delay_s(number) {
+                Some(step) => backoff::scheduled_s(step, cap, outcome.retry_after_s),
+                None => backoff::delay_s(
+                    number,
+                    job.policy.backoff_factor,
+                    cap,
+                    self.time.jitter.sample(),
+                    outcome.retry_after_s,
+                ),
+            };
             let at = now + (delay * 1000.0).round() as u64;
             // No attempt starts after the maximum age.
             if job.policy.deadline.is_none_or(|deadline| at < deadline) {
@@ -394,6 +399,9 @@ mod tests {
             deadline: None,
             max_backoff_s: None,
             callback_trust: crate::job::Trust::Operator,
+            retry: crate::job::retry::RetryRules::default(),
+            source: None,
+            rate: None,
         };
         Job {
             policy,
@@ -564,6 +572,60 @@ mod tests {
         assert_eq!(job.state, State::Delivered);
         let statuses: Vec<u16> = job.attempts.iter().map(|a| a.status).collect();
         assert_eq!(statuses, [500, 500, 500, 200]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_explicit_schedule_replaces_the_factor_and_repeats_its_last_step() {
+        let transport = FakeTransport {
+            failures: 4,
+            status: 500,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        };
+        let mut job = job(4, 1.0, None);
+        job.policy.retry.schedule_s = vec![5.0, 300.0, 600.0];
+        // Neither the job's backoff cap nor the global one shortens a configured step.
+        job.policy.max_backoff_s = Some(60.0);
+        let (transport, store, start) = run(job, transport, 0.9, 120.0).await;
+        assert_eq!(
+            offsets_ms(&transport, start),
+            [0, 5_000, 305_000, 905_000, 1_505_000]
+        );
+        assert_eq!(
+            store.get("j").await.unwrap().unwrap().state,
+            State::Delivered
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_and_statuses_outside_retry_on_end_the_job_at_once() {
+        for (status, retry_on, attempts) in [
+            (410, None, 1),
+            (404, Some(&["5xx", "429"][..]), 1),
+            (503, Some(&["5xx", "429"][..]), 4),
+            (404, None, 4),
+        ] {
+            let transport = FakeTransport {
+                failures: usize::MAX,
+                status,
+                retry_after_s: None,
+                calls: Mutex::default(),
+            };
+            let mut job = job(3, 0.1, Some("http://cb/"));
+            job.policy.retry.retry_on =
+                retry_on.map(|r| crate::job::retry::Statuses::parse(r, "retry_on").unwrap());
+            let (transport, store, _) = run(job, transport, 0.0, 600.0).await;
+            let targets = transport
+                .calls
+                .lock()
+                .iter()
+                .filter(|c| c.2 == Kind::Target)
+                .count();
+            assert_eq!(targets, attempts, "{status} with {retry_on:?}");
+            assert_eq!(store.get("j").await.unwrap().unwrap().state, State::Failed);
+            let cb = store.get("j:callback").await.unwrap().unwrap();
+            assert_eq!(cb.state, State::Delivered, "the failure is reported");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{body_too_large, Doors};
 use crate::job::policy::DeliveryPolicy;
+use crate::job::retry::StatusEntry;
 use crate::job::rule::{RuleMode, RuleSubmission};
 use crate::job::spec::{BroadcastRule, Submission};
 use crate::submit::{Reply, Submitter};
@@ -244,11 +245,20 @@ fn rule_submission(r: &mut SubmitRequest) -> Result<Taken, Reply> {
             backoff_factor: policy.backoff_factor,
             max_backoff_s: policy.max_backoff_s,
             timeout_s: policy.timeout_s,
+            schedule_s: Some(policy.schedule_s).filter(|s| !s.is_empty()),
+            retry_on: policy.retry_on.map(status_entries),
+            stop_on: policy.stop_on.map(status_entries),
+            rate_per_s: Some(policy.rate_per_s).filter(|r| *r != 0.0),
+            burst: Some(policy.burst).filter(|b| *b != 0),
         },
         callback: Some(policy.callback).filter(|c| !c.is_empty()),
         ordered: policy.ordered,
         upstream_status: r.upstream_status,
     }))
+}
+
+fn status_entries(list: knocker_proto::v1::StatusList) -> Vec<StatusEntry> {
+    list.statuses.into_iter().map(StatusEntry::Text).collect()
 }
 
 fn to_proto(reply: Reply) -> SubmitReply {

@@ -13,6 +13,7 @@
 
 pub mod policy;
 pub mod receipt;
+pub mod retry;
 pub mod rule;
 pub mod spec;
 pub mod submission;
@@ -117,6 +118,33 @@ pub struct Policy {
     /// Who chose `callback`.
     #[serde(default)]
     pub callback_trust: Trust,
+    /// Which failures are retried and when: a configured schedule, statuses.
+    #[serde(default)]
+    pub retry: retry::RetryRules,
+    /// The rule, group or notifier it came from (`rule:orders`, `group:caches`,
+    /// `notifier:ops`): names its signing secrets.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The rate its source allows its target.
+    #[serde(default)]
+    pub rate: Option<Rate>,
+}
+
+/// A rate limit: `per_s` attempts a second on average, bursts of up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rate {
+    pub per_s: f64,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// The lower of two limits.
+    pub fn min(self, other: Rate) -> Rate {
+        Rate {
+            per_s: self.per_s.min(other.per_s),
+            burst: self.burst.min(other.burst),
+        }
+    }
 }
 
 /// One attempt's outcome.
@@ -225,6 +253,9 @@ pub(crate) fn test_job(id: &str, method: &str, url: &str) -> Job {
         deadline: None,
         max_backoff_s: None,
         callback_trust: Trust::Operator,
+        retry: retry::RetryRules::default(),
+        source: None,
+        rate: None,
     };
     Job::new_pending(id.into(), Kind::Target, request, policy, Trust::Operator, 0)
 }

@@ -65,9 +65,12 @@ pub fn build_rule_job(
     };
     // The rule, its target and callback come from the operator's plugin config (the
     // gRPC door only takes rule submissions from an authenticated filter).
-    let policy = rule
-        .delivery
-        .policy(rule.callback.clone(), Trust::Operator, now);
+    let policy = rule.delivery.policy(
+        format!("rule:{}", rule.name),
+        rule.callback.clone(),
+        Trust::Operator,
+        now,
+    );
     Ok(
         Job::new_pending(id, Kind::Target, request, policy, Trust::Operator, now)
             .with_config(config)
@@ -91,6 +94,7 @@ mod tests {
                 backoff_factor: 0.5,
                 max_backoff_s: 5.0,
                 timeout_s: 2.0,
+                ..DeliveryPolicy::default()
             },
             callback: None,
             ordered: true,

@@ -326,6 +326,9 @@ pub fn build_job(
         deadline: None,
         max_backoff_s: None,
         callback_trust: Trust::Client,
+        retry: crate::job::retry::RetryRules::default(),
+        source: None,
+        rate: None,
     };
     Ok(Job::new_pending(id, Kind::Target, request, policy, Trust::Client, now).with_config(config))
 }
@@ -516,6 +519,9 @@ mod tests {
                 deadline: None,
                 max_backoff_s: None,
                 callback_trust: crate::job::Trust::Client,
+                retry: crate::job::retry::RetryRules::default(),
+                source: None,
+                rate: None,
             }
         );
         // Knocker-Host and Knocker-Callback are the client's choice.

@@ -184,9 +184,12 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
             config.insert("event".into(), json!(event.word()));
             config.insert("notifier".into(), json!(name));
             config.insert("callback".into(), json!(notifier.callback));
-            let policy = notifier
-                .delivery
-                .policy(notifier.callback.clone(), Trust::Operator, now);
+            let policy = notifier.delivery.policy(
+                format!("notifier:{name}"),
+                notifier.callback.clone(),
+                Trust::Operator,
+                now,
+            );
             Some(
                 Job::new_pending(id, kind, request, policy, Trust::Operator, now)
                     .with_config(config),

@@ -30,6 +30,9 @@ fn job(id: &str, host: &str, due: u64) -> Job {
         deadline: None,
         max_backoff_s: None,
         callback_trust: crate::job::Trust::Operator,
+        retry: crate::job::retry::RetryRules::default(),
+        source: None,
+        rate: None,
     };
     job.config = serde_json::json!({"id": id, "knocker-x": "y"})
         .as_object()

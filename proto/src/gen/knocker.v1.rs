@@ -72,6 +72,27 @@ pub struct RulePolicy {
     /// own delivery policy applies and the fields above are unused.
     #[prost(string, tag = "9")]
     pub group: ::prost::alloc::string::String,
+    /// Retry delays in seconds, the last one repeated, instead of backoff_factor.
+    #[prost(double, repeated, tag = "10")]
+    pub schedule_s: ::prost::alloc::vec::Vec<f64>,
+    /// Only these statuses are retried ("5xx", "429", "500-504"); unset: every failure.
+    #[prost(message, optional, tag = "11")]
+    pub retry_on: ::core::option::Option<StatusList>,
+    /// These statuses end the job at once; unset: 410.
+    #[prost(message, optional, tag = "12")]
+    pub stop_on: ::core::option::Option<StatusList>,
+    /// Attempts a second the rule's target takes on average; 0 for no limit.
+    #[prost(double, tag = "13")]
+    pub rate_per_s: f64,
+    /// Attempts at once after a quiet spell; 0: the rate, at least 1.
+    #[prost(uint32, tag = "14")]
+    pub burst: u32,
+}
+/// Statuses, each a code ("410"), a class ("5xx") or a range ("500-504").
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatusList {
+    #[prost(string, repeated, tag = "1")]
+    pub statuses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// What the filter sends to the client.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::super::StoreError;
 use crate::clock::Millis;
-use crate::job::{Attempt, Headers, Job, Kind, Policy, Request, State, Trust};
+use crate::job::retry::RetryRules;
+use crate::job::{Attempt, Headers, Job, Kind, Policy, Rate, Request, State, Trust};
 
 pub(super) const COLUMNS: &str =
     "id, state, next_attempt_at, created_at, finished_at, spec, attempts, lane";
@@ -31,6 +32,55 @@ pub(super) struct Spec {
     max_backoff_s: Option<f64>,
     trust: Trust,
     callback_trust: Trust,
+    retry: RetryRules,
+    source: Option<String>,
+    rate: Option<Rate>,
+}
+
+/// The spec before retry rules, sources and rates (layouts 3 and 4): read with the
+/// default rules (every failure but 410 retried, the factor's schedule).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SpecV4 {
+    kind: Kind,
+    method: String,
+    url: String,
+    headers: Headers,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+    timeout: f64,
+    retries: u32,
+    backoff_factor: f64,
+    callback: Option<String>,
+    config: String,
+    deadline: Option<Millis>,
+    max_backoff_s: Option<f64>,
+    trust: Trust,
+    callback_trust: Trust,
+}
+
+impl From<SpecV4> for Spec {
+    fn from(v4: SpecV4) -> Self {
+        Self {
+            kind: v4.kind,
+            method: v4.method,
+            url: v4.url,
+            headers: v4.headers,
+            body: v4.body,
+            timeout: v4.timeout,
+            retries: v4.retries,
+            backoff_factor: v4.backoff_factor,
+            callback: v4.callback,
+            config: v4.config,
+            deadline: v4.deadline,
+            max_backoff_s: v4.max_backoff_s,
+            trust: v4.trust,
+            callback_trust: v4.callback_trust,
+            retry: RetryRules::default(),
+            source: None,
+            rate: None,
+        }
+    }
 }
 
 /// The spec before destinations carried their trust: read as chosen by a client, the
@@ -69,6 +119,9 @@ impl From<SpecV2> for Spec {
             max_backoff_s: v2.max_backoff_s,
             trust: Trust::Client,
             callback_trust: Trust::Client,
+            retry: RetryRules::default(),
+            source: None,
+            rate: None,
         }
     }
 }
@@ -107,6 +160,9 @@ impl From<SpecV1> for Spec {
             max_backoff_s: None,
             trust: Trust::Client,
             callback_trust: Trust::Client,
+            retry: RetryRules::default(),
+            source: None,
+            rate: None,
         }
     }
 }
@@ -116,9 +172,10 @@ impl From<SpecV1> for Spec {
 const TAG: u8 = 0xFF;
 
 /// The layout written now. Versions 1 to 3 are the untagged layouts of earlier releases
-/// ([`SpecV1`], [`SpecV2`], then [`Spec`]'s fields); 4 is [`Spec`] behind the tag. A new
-/// layout gets the next number, a struct for the old one and a line in [`decode_spec`].
-pub(super) const RECORD_VERSION: u8 = 4;
+/// ([`SpecV1`], [`SpecV2`], then [`SpecV4`]'s fields); 4 is [`SpecV4`] behind the tag;
+/// 5 is [`Spec`] (retry rules, source, rate). A new layout gets the next number, a
+/// struct for the old one and a line in [`decode_spec`].
+pub(super) const RECORD_VERSION: u8 = 5;
 
 /// Why a stored record cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +198,10 @@ pub(super) fn decode_spec(bytes: &[u8]) -> Result<Spec, RecordError> {
             .map_err(|source| RecordError::Decode { version, source })
     };
     match bytes {
-        [TAG, 4, rest @ ..] => decode(4, rest),
+        [TAG, 5, rest @ ..] => decode(5, rest),
+        [TAG, 4, rest @ ..] => postcard::from_bytes::<SpecV4>(rest)
+            .map(Spec::from)
+            .map_err(|source| RecordError::Decode { version: 4, source }),
         [TAG, version, ..] => Err(RecordError::Newer(*version)),
         _ => decode_untagged(bytes),
     }
@@ -151,8 +211,8 @@ pub(super) fn decode_spec(bytes: &[u8]) -> Result<Spec, RecordError> {
 /// too short for a newer layout — postcard has no optional trailing fields — so the
 /// first that decodes is the row's own).
 fn decode_untagged(bytes: &[u8]) -> Result<Spec, RecordError> {
-    match postcard::from_bytes::<Spec>(bytes) {
-        Ok(spec) => Ok(spec),
+    match postcard::from_bytes::<SpecV4>(bytes) {
+        Ok(spec) => Ok(spec.into()),
         Err(e) => postcard::from_bytes::<SpecV2>(bytes)
             .map(Spec::from)
             .or_else(|_| postcard::from_bytes::<SpecV1>(bytes).map(Spec::from))
@@ -197,6 +257,9 @@ pub(super) fn encode_spec(job: &Job) -> Result<Vec<u8>, StoreError> {
         max_backoff_s: job.policy.max_backoff_s,
         trust: job.trust,
         callback_trust: job.policy.callback_trust,
+        retry: job.policy.retry.clone(),
+        source: job.policy.source.clone(),
+        rate: job.policy.rate,
     };
     postcard::to_extend(&spec, vec![TAG, RECORD_VERSION])
         .map_err(|e| StoreError::Unavailable(format!("cannot encode job: {e}")))
@@ -236,6 +299,9 @@ pub(super) fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
             deadline: spec.deadline,
             max_backoff_s: spec.max_backoff_s,
             callback_trust: spec.callback_trust,
+            retry: spec.retry,
+            source: spec.source,
+            rate: spec.rate,
         },
         config,
         state: state_from(row.get(1)?),
@@ -347,11 +413,43 @@ mod tests {
         let spec = decode_spec(&record).unwrap();
         assert_eq!((spec.url.as_str(), spec.retries), ("http://t/p", 7));
         assert_eq!(spec.body, b"body");
-        // The layout before the tag (the same fields, untagged): still read.
-        let untagged = postcard::to_stdvec(&spec).unwrap();
+        // Layout 4 (before retry rules), and the same fields untagged (layout 3).
+        let v4 = SpecV4 {
+            kind: spec.kind,
+            method: spec.method,
+            url: spec.url,
+            headers: spec.headers,
+            body: spec.body,
+            timeout: spec.timeout,
+            retries: spec.retries,
+            backoff_factor: spec.backoff_factor,
+            callback: spec.callback,
+            config: spec.config,
+            deadline: spec.deadline,
+            max_backoff_s: spec.max_backoff_s,
+            trust: spec.trust,
+            callback_trust: spec.callback_trust,
+        };
+        let untagged = postcard::to_stdvec(&v4).unwrap();
+        let tagged = postcard::to_extend(&v4, vec![TAG, 4]).unwrap();
         assert!(untagged[0] <= 2, "an untagged row begins with its kind");
-        let spec = decode_spec(&untagged).unwrap();
-        assert_eq!((spec.url.as_str(), spec.retries), ("http://t/p", 7));
+        for old in [untagged, tagged] {
+            let spec = decode_spec(&old).unwrap();
+            assert_eq!((spec.url.as_str(), spec.retries), ("http://t/p", 7));
+            assert_eq!(spec.retry, RetryRules::default(), "410 ends it, as now");
+            assert_eq!((spec.source, spec.rate), (None, None));
+        }
+        // What layout 5 adds survives the round trip.
+        job.policy.source = Some("rule:orders".into());
+        job.policy.rate = Some(Rate {
+            per_s: 2.0,
+            burst: 4,
+        });
+        job.policy.retry.schedule_s = vec![5.0, 300.0];
+        let spec = decode_spec(&encode_spec(&job).unwrap()).unwrap();
+        assert_eq!(spec.source.as_deref(), Some("rule:orders"));
+        assert_eq!(spec.rate, job.policy.rate);
+        assert_eq!(spec.retry.schedule_s, [5.0, 300.0]);
     }
 
     #[test]
@@ -362,6 +460,6 @@ mod tests {
         assert!(matches!(e, RecordError::Newer(v) if v == RECORD_VERSION + 1));
         assert!(e.to_string().contains("newer than this release"), "{e}");
         let e = decode_spec(&[TAG, RECORD_VERSION, 0xff]).err().unwrap();
-        assert!(matches!(e, RecordError::Decode { version: 4, .. }), "{e}");
+        assert!(matches!(e, RecordError::Decode { version: 5, .. }), "{e}");
     }
 }
