@@ -10,6 +10,8 @@
 //! - [`Config`] — both, checked together and nested by subsystem ([`Settings::load`]).
 
 pub mod file;
+pub mod signing;
+pub mod targets;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -73,6 +75,12 @@ pub struct Config {
     pub agent: Option<AgentSettings>,
     pub log: LogConfig,
     pub sentry: SentryConfig,
+    /// Signing secrets, read at start-up (never logged).
+    pub signing: std::sync::Arc<crate::delivery::signing::Signing>,
+    /// Target health and rate limits.
+    pub targets: crate::delivery::targets::TargetSettings,
+    /// Notifiers told of `target.paused` / `target.resumed`.
+    pub target_notify: Vec<String>,
 }
 
 /// How requests leave: the policy client-chosen hops pass (this machine's addresses
@@ -297,6 +305,17 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub max_monitors: u32,
 
+    /// Signing secrets for the operator's destinations without their own (`whsec_…`
+    /// or `whsk_…`, space-separated; the first signs alongside the others, so a new one
+    /// is added before the old one is removed). More in the file's `[signing]`.
+    #[arg(
+        long,
+        env = "KNOCKER_SIGNING_SECRETS",
+        value_name = "KNOCKER_SIGNING_SECRETS",
+        hide_env_values = true
+    )]
+    pub signing_secrets: Option<String>,
+
     /// A TOML file with broadcast groups, monitors and notifiers (see `config::file`);
     /// none by default.
     #[arg(long = "config", env = "KNOCKER_CONFIG", value_name = "KNOCKER_CONFIG")]
@@ -412,6 +431,10 @@ impl Settings {
             }),
             _ => None,
         };
+        let signing = file
+            .signing
+            .load(self.signing_secrets.as_deref(), |n| std::env::var(n).ok())?;
+        let targets = file.targets.settings(&|n| file.notifiers.contains_key(n))?;
         Ok(Config {
             http_addr: self.http_addr,
             grpc_addr: self.grpc_addr,
@@ -464,6 +487,9 @@ impl Settings {
                 dsn: self.sentry_dsn,
                 report_failed_jobs: self.sentry_failed_requests,
             },
+            signing: std::sync::Arc::new(signing),
+            targets,
+            target_notify: file.targets.notify,
         })
     }
 

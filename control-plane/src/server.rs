@@ -15,9 +15,11 @@ use crate::broadcast::groups::Groups;
 use crate::clock::Time;
 use crate::config::Config;
 use crate::delivery::email::Mailer;
+use crate::delivery::http::Http;
 use crate::delivery::observe::{Log, Observer};
+use crate::delivery::targets::Targets;
 use crate::delivery::transport::Transports;
-use crate::delivery::{Delivery, HostLimits};
+use crate::delivery::Delivery;
 use crate::ingress;
 use crate::job::{Kind, VERSION};
 use crate::monitor::shared::SharedStore;
@@ -114,9 +116,14 @@ pub async fn serve(
 
     let claims = Arc::new(ClaimHealth::default());
     // One transport per job kind; a new kind of delivery is one more line here.
+    let http = Arc::new(Http {
+        outbound: Arc::clone(&outbound),
+        signing: Arc::clone(&config.signing),
+        time: time.clone(),
+    });
     let transports = Transports::default()
-        .with(Kind::Target, Arc::clone(&outbound) as _)
-        .with(Kind::Callback, Arc::clone(&outbound) as _)
+        .with(Kind::Target, Arc::clone(&http) as _)
+        .with(Kind::Callback, http)
         .with(Kind::Email, Arc::new(Mailer::new(config.mail_servers())));
     let mut observers: Vec<Arc<dyn Observer>> = vec![Arc::new(Log)];
     if config.sentry.report_failed_jobs {
@@ -130,7 +137,10 @@ pub async fn serve(
         slots: Arc::new(Semaphore::new(config.delivery.concurrency)),
         backoff_cap_s: config.delivery.backoff_cap_s,
         observers,
-        hosts: HostLimits::new(config.delivery.host_concurrency),
+        targets: Arc::new(Targets::new(
+            config.targets.clone(),
+            config.delivery.host_concurrency,
+        )),
         health: Arc::clone(&claims),
     });
     let submit = Arc::new(Submitter {

@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use knocker::clock::Time;
 use knocker::delivery::attempt::Outcome;
+use knocker::delivery::targets::{TargetSettings, Targets};
 use knocker::delivery::transport::Transport;
-use knocker::delivery::{Delivery, HostLimits};
+use knocker::delivery::Delivery;
 use knocker::job::{Job, Kind, Policy, Request, State, Trust};
 use knocker::store::sqlite::{Limits, SqliteStore};
 use knocker::store::Store;
@@ -148,7 +149,7 @@ async fn a_database_of_the_release_before_versioned_records_opens_and_delivers()
         slots: Arc::new(Semaphore::new(16)),
         backoff_cap_s: 600.0,
         observers: Vec::new(),
-        hosts: HostLimits::new(16),
+        targets: Arc::new(Targets::new(TargetSettings::default(), 16)),
         health: Arc::default(),
     });
     let shutdown = CancellationToken::new();

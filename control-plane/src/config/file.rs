@@ -30,6 +30,9 @@
 //! send_on_resolved = true
 //! ```
 //!
+//! Signing secrets (`[signing]`, see `config::signing`) and target health and rate
+//! limits (`[targets]`, see `config::targets`) live here too.
+//!
 //! Errors name the file and the field (`groups.web.port`, `monitors.api.notify[1]`).
 
 use std::collections::BTreeMap;
@@ -37,6 +40,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::signing::SigningConfig;
+use super::targets::TargetsConfig;
 use super::ConfigError;
 use crate::broadcast::groups::GroupConfig;
 use crate::monitor::MonitorConfig;
@@ -52,6 +57,12 @@ pub struct FileConfig {
     pub monitors: BTreeMap<String, MonitorConfig>,
     #[serde(default)]
     pub notifiers: BTreeMap<String, NotifierConfig>,
+    /// Where signing secrets are read from (`config::signing`).
+    #[serde(default)]
+    pub signing: SigningConfig,
+    /// Target health and rate limits (`config::targets`).
+    #[serde(default)]
+    pub targets: TargetsConfig,
 }
 
 impl FileConfig {
@@ -85,6 +96,14 @@ impl FileConfig {
             }
             monitor.compile(&format!("monitors.{name}"), &config.notifiers)?;
         }
+        config
+            .signing
+            .check_names(&|g| config.groups.contains_key(g), &|n| {
+                config.notifiers.contains_key(n)
+            })?;
+        config
+            .targets
+            .settings(&|n| config.notifiers.contains_key(n))?;
         Ok(config)
     }
 }

@@ -9,7 +9,9 @@ use reqwest::header::{HeaderName, HeaderValue};
 
 use super::attempt::{code, Outcome};
 use super::backoff::parse_retry_after;
+use super::signing::Signing;
 use super::transport::Transport;
+use crate::clock::Time;
 use crate::job::{Job, Kind, VERSION};
 use crate::outbound::{self, Failure, Outbound};
 
@@ -28,15 +30,30 @@ pub fn wire_headers(job: &Job) -> Vec<(String, Vec<u8>)> {
     headers
 }
 
+/// Targets, callbacks and webhooks: through the one door out, signed when a secret
+/// applies (see [`super::signing`]).
+pub struct Http {
+    pub outbound: std::sync::Arc<Outbound>,
+    pub signing: std::sync::Arc<Signing>,
+    pub time: Time,
+}
+
 #[async_trait::async_trait]
-impl Transport for Outbound {
+impl Transport for Http {
     async fn send(&self, job: &Job) -> Outcome {
-        send(self, job).await
+        let signed = self.signing.headers(job, self.time.now_ms() / 1000);
+        send(
+            &self.outbound,
+            job,
+            signed.as_ref().map_or(&[][..], |h| &h[..]),
+        )
+        .await
     }
 }
 
-/// Sends the job's request once, through the outbound policy when a client chose its URL.
-pub async fn send(outbound: &Outbound, job: &Job) -> Outcome {
+/// Sends the job's request once, through the outbound policy when a client chose its
+/// URL, with `extra` headers in front (a signature).
+pub async fn send(outbound: &Outbound, job: &Job, extra: &[(&'static str, String)]) -> Outcome {
     let started = Instant::now();
     let fail = |status: u16, error: String| Outcome::failed(status, error, started.elapsed());
     let timeout = outbound::timeout(job.policy.timeout);
@@ -52,8 +69,18 @@ pub async fn send(outbound: &Outbound, job: &Job) -> Outcome {
             format!("invalid method {:?}", job.request.method),
         );
     };
-    let mut headers = reqwest::header::HeaderMap::with_capacity(job.request.headers.len() + 3);
+    let mut headers =
+        reqwest::header::HeaderMap::with_capacity(job.request.headers.len() + 3 + extra.len());
+    for (name, value) in extra {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
     for (name, value) in wire_headers(job) {
+        // Our signature replaces a forwarded one (unsigned, a forwarded one passes as is).
+        if extra.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_bytes(&value),

@@ -5,6 +5,8 @@
 //!   callbacks, and the failure classification) and [`email`] (SMTP).
 //! - [`attempt`] — what an attempt came to ([`attempt::Outcome`]), whatever carried it.
 //! - [`observe`] — who hears of every attempt: the log, Sentry, metrics.
+//! - [`signing`] — Standard Webhooks signatures, made at send time.
+//! - [`targets`] — target health (circuits), rate limits, per-target concurrency.
 //! - [`backoff`] — the retry schedule.
 //! - [`callback`] — the failure callback job.
 //!
@@ -16,6 +18,8 @@ pub mod callback;
 pub mod email;
 pub mod http;
 pub mod observe;
+pub mod signing;
+pub mod targets;
 pub mod transport;
 
 use std::sync::Arc;
@@ -29,6 +33,7 @@ use crate::job::{Attempt, Job};
 use crate::store::{ClaimHealth, Next, Store};
 use attempt::Outcome;
 use observe::Observer;
+use targets::{Admit, Change, Slot, Targets};
 use transport::Transport;
 
 /// How the delivery loop runs (`KNOCKER_DELIVERY`, `KNOCKER_CONCURRENCY`,
@@ -57,80 +62,11 @@ pub struct Delivery {
     pub backoff_cap_s: f64,
     /// Hear of every attempt's outcome ([`observe::Log`] first).
     pub observers: Vec<Arc<dyn Observer>>,
-    /// Attempts in flight per target host, at most `KNOCKER_HOST_CONCURRENCY`.
-    pub hosts: HostLimits,
+    /// Per target: health (circuit), rate, attempts in flight (at most
+    /// `KNOCKER_HOST_CONCURRENCY`).
+    pub targets: Arc<Targets>,
     /// Told whether claims succeed (the ingress refuses submissions while they fail).
     pub health: Arc<ClaimHealth>,
-}
-
-/// The per-target-host concurrency limit, so one slow host cannot hold up the others:
-/// saturated hosts are left out when claiming due jobs, and an attempt waits for its
-/// host's turn (only jobs claimed in the same batch ever wait).
-pub struct HostLimits {
-    limit: usize,
-    in_flight: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
-    freed: Notify,
-}
-
-impl HostLimits {
-    pub fn new(limit: usize) -> Self {
-        Self {
-            limit: limit.max(1),
-            in_flight: parking_lot::Mutex::default(),
-            freed: Notify::new(),
-        }
-    }
-
-    /// Hosts at their limit.
-    pub fn saturated(&self) -> Vec<String> {
-        self.in_flight
-            .lock()
-            .iter()
-            .filter(|(_, n)| **n >= self.limit)
-            .map(|(h, _)| h.clone())
-            .collect()
-    }
-
-    async fn acquire<'a>(&'a self, host: &'a str) -> HostSlot<'a> {
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            {
-                let mut in_flight = self.in_flight.lock();
-                let n = in_flight.entry(host.to_owned()).or_default();
-                if *n < self.limit {
-                    *n += 1;
-                    return HostSlot { limits: self, host };
-                }
-            }
-            freed.await;
-        }
-    }
-
-    fn release(&self, host: &str) {
-        let mut in_flight = self.in_flight.lock();
-        if let Some(n) = in_flight.get_mut(host) {
-            *n -= 1;
-            if *n == 0 {
-                in_flight.remove(host);
-            }
-        }
-        drop(in_flight);
-        self.freed.notify_waiters();
-    }
-}
-
-/// One attempt's turn at its host; the turn passes on when this is dropped.
-struct HostSlot<'a> {
-    limits: &'a HostLimits,
-    host: &'a str,
-}
-
-impl Drop for HostSlot<'_> {
-    fn drop(&mut self) {
-        self.limits.release(self.host);
-    }
 }
 
 /// The attempt record of a job failed by its maximum age.
@@ -161,12 +97,9 @@ impl Delivery {
                 () = shutdown.cancelled() => break,
             };
             let limit = 1 + self.slots.available_permits();
-            let saturated = self.hosts.saturated();
-            let jobs = match self
-                .store
-                .claim_due(self.time.now_ms(), limit, &saturated)
-                .await
-            {
+            let now = self.time.now_ms();
+            let caps = self.targets.caps(now);
+            let jobs = match self.store.claim_due(now, limit, &caps).await {
                 Ok(jobs) => {
                     self.health.claimed();
                     jobs
@@ -183,13 +116,20 @@ impl Delivery {
             };
             if jobs.is_empty() {
                 drop(first);
-                let wait = match self.store.next_due().await {
-                    Ok(Some(at)) => self.time.until(at).min(IDLE),
-                    Ok(None) => IDLE,
+                let now = self.time.now_ms();
+                // Due jobs a target cannot take now wait for it (a slot, its rate, its
+                // circuit), not for the next due time, which has passed.
+                let mut wait = match self.store.next_due().await {
+                    Ok(Some(at)) if at > now => self.time.until(at).min(IDLE),
+                    Ok(_) => IDLE,
                     Err(_) => STORE_ERROR_PAUSE,
                 };
+                if let Some(at) = self.targets.next_change(now) {
+                    wait = wait.min(self.time.until(at));
+                }
                 tokio::select! {
                     () = self.wake.notified() => {}
+                    () = self.targets.changed().notified() => {}
                     () = tokio::time::sleep(wait) => {}
                     () = shutdown.cancelled() => break,
                 }
@@ -205,9 +145,20 @@ impl Delivery {
                         Err(_) => break,
                     },
                 };
+                // In claim order, so rate-limited turns follow arrival.
+                let admitted = self.targets.admit(&job, self.time.now_ms()).await;
                 let me = Arc::clone(&self);
                 tokio::spawn(async move {
-                    me.deliver(job).await;
+                    match admitted {
+                        Admit::At { at, slot, .. } => {
+                            let wait = me.time.until(at);
+                            if !wait.is_zero() {
+                                tokio::time::sleep(wait).await;
+                            }
+                            me.deliver(job, slot).await;
+                        }
+                        Admit::Park => me.release(&job).await,
+                    }
                     drop(permit);
                 });
             }
@@ -218,8 +169,8 @@ impl Delivery {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.slots.acquire_many(all)).await;
     }
 
-    /// One attempt of `job`, and its outcome recorded.
-    pub async fn deliver(&self, job: Job) {
+    /// One attempt of `job`, holding its target's `slot`, and its outcome recorded.
+    pub async fn deliver(&self, job: Job, slot: Slot) {
         if let Some(deadline) = job.policy.deadline {
             let now = self.time.now_ms();
             if now >= deadline {
@@ -228,13 +179,14 @@ impl Delivery {
             }
         }
         let at = self.time.now_ms();
-        let outcome = {
-            // Released on every path, a panic included.
-            let _slot = self.hosts.acquire(job.host()).await;
-            self.send_when_resources_allow(&job).await
-        };
+        let outcome = self.send_when_resources_allow(&job).await;
+        // The target's slot is free again (on every path, a panic included).
+        drop(slot);
         let number = job.attempts.len() as u32 + 1;
         let now = self.time.now_ms();
+        if let Some(change) = self.targets.record(&job, &outcome, now) {
+            self.target_changed(&change).await;
+        }
         let next = self.next_step(&job, number, &outcome, now);
         let attempted = observe::Attempted {
             job: &job,
@@ -254,6 +206,34 @@ impl Delivery {
         };
         self.record(&job, record, next).await;
         self.wake.notify_one();
+    }
+
+    /// A circuit opened or closed: shared with the other control planes, heard by the
+    /// observers (the log, `target.paused` / `target.resumed` notifications).
+    pub async fn target_changed(&self, change: &Change) {
+        let (target, circuit) = match change {
+            Change::Paused { target, .. } | Change::Resumed { target, .. } => {
+                (target, self.targets.circuit(target))
+            }
+        };
+        self.targets.board.publish(target, &circuit).await;
+        for observer in &self.observers {
+            observer.target_changed(change);
+        }
+    }
+
+    /// Gives back a job whose target is parked, retrying while the store cannot
+    /// commit (like [`Self::record`]).
+    async fn release(&self, job: &Job) {
+        let mut wait = RECORD_RETRY_FIRST;
+        while let Err(e) = self.store.release(job).await {
+            tracing::error!(
+                job_id = %job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
+                "cannot give back a job of a parked target; retrying"
+            );
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RECORD_RETRY_MAX);
+        }
     }
 
     /// Sends the attempt; when it failed for want of a resource of this process (no file
@@ -362,7 +342,9 @@ mod tests {
     use crate::clock::{Clock as _, FixedJitter, TokioClock};
     use crate::job::{test_job, Kind, Policy, State};
     use crate::store::memory::MemoryStore;
+    use crate::store::HostCaps;
     use parking_lot::Mutex;
+    use targets::TargetSettings;
 
     /// Fails the first `failures` attempts with `status` (and `retry_after_s`), then
     /// succeeds; records when each attempt happened and for which job.
@@ -448,7 +430,14 @@ mod tests {
             backoff_cap_s: cap,
             observers: Vec::new(),
             health: Arc::default(),
-            hosts: HostLimits::new(8),
+            // Circuits stay closed here: the schedule alone is under test.
+            targets: Arc::new(Targets::new(
+                TargetSettings {
+                    failure_threshold: 0,
+                    ..TargetSettings::default()
+                },
+                8,
+            )),
         });
         let start = tokio::time::Instant::now();
         let now = clock.now_ms();
@@ -521,31 +510,26 @@ mod tests {
             backoff_cap_s: 1.0,
             observers: Vec::new(),
             health: Arc::default(),
-            hosts: HostLimits::new(1),
+            targets: Arc::new(Targets::new(TargetSettings::default(), 1)),
         };
         let mut job = test_job("j", "POST", "http://t/");
         job.policy.retries = 0; // one attempt: a counted shortage would fail the job
         store.insert(job).await.unwrap();
-        let claimed = store.claim_due(u64::MAX / 2, 1, &[]).await.unwrap();
-        delivery.deliver(claimed.into_iter().next().unwrap()).await;
+        let claimed = store
+            .claim_due(u64::MAX / 2, 1, &HostCaps::default())
+            .await
+            .unwrap();
+        let job = claimed.into_iter().next().unwrap();
+        let Admit::At { slot, .. } = delivery.targets.admit(&job, 0).await else {
+            panic!("not admitted")
+        };
+        delivery.deliver(job, slot).await;
         let job = store.get("j").await.unwrap().unwrap();
         assert_eq!(job.state, State::Delivered);
         assert_eq!(job.attempts.len(), 1, "the shortages were not counted");
         assert_eq!(*transport.calls.lock(), 6);
-        // The host's slot went back each time.
-        assert!(delivery.hosts.saturated().is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_host_slot_is_released_even_when_the_attempt_panics() {
-        let hosts = Arc::new(HostLimits::new(1));
-        let h = Arc::clone(&hosts);
-        let task = tokio::spawn(async move {
-            let _slot = h.acquire("t:80").await;
-            panic!("an attempt that panics");
-        });
-        assert!(task.await.is_err());
-        assert!(hosts.saturated().is_empty(), "the slot leaked");
+        // The host's slot went back.
+        assert_eq!(delivery.targets.caps(0).get("t"), Some(1));
     }
 
     fn offsets_ms(transport: &FakeTransport, start: tokio::time::Instant) -> Vec<u128> {
@@ -711,9 +695,79 @@ mod tests {
             retry_after_s: Some(30.0),
             calls: Mutex::default(),
         };
-        let (transport, _, start) = run(job(2, 0.1, None), transport, 0.0, 20.0).await;
-        // Retry-After 30 s is longer than the backoff, and capped at 20 s.
-        assert_eq!(offsets_ms(&transport, start), [0, 20_000, 40_000]);
+        let (transport, store, start) = run(job(2, 0.1, None), transport, 0.0, 20.0).await;
+        // Retry-After 30 s is longer than the backoff: the job's own retry is capped at
+        // 20 s, but its target stays slowed for the whole 30 s, so it goes then.
+        assert_eq!(offsets_ms(&transport, start), [0, 30_000, 60_000]);
+        let job = store.get("j").await.unwrap().unwrap();
+        assert_eq!(job.attempts.len(), 3, "waiting for the target spent no attempt");
+        let scheduled = job.attempts[1].at - job.attempts[0].at;
+        assert_eq!(scheduled, 30_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_that_keeps_failing_is_parked_and_one_probe_closes_it() {
+        let transport = FakeTransport {
+            failures: 7,
+            status: 500,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        };
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let clock = TokioClock::new();
+        let targets = Arc::new(Targets::new(
+            TargetSettings {
+                failure_threshold: 3,
+                cooldown_ms: 100_000,
+                max_cooldown_ms: 400_000,
+                ..TargetSettings::default()
+            },
+            8,
+        ));
+        let transport = Arc::new(transport);
+        let delivery = Arc::new(Delivery {
+            store: Arc::clone(&store),
+            time: Time {
+                clock: Arc::new(clock.clone()),
+                jitter: Arc::new(FixedJitter(0.0)),
+            },
+            transport: Arc::clone(&transport) as Arc<dyn Transport>,
+            wake: Arc::new(Notify::new()),
+            slots: Arc::new(Semaphore::new(4)),
+            backoff_cap_s: 600.0,
+            observers: Vec::new(),
+            health: Arc::default(),
+            targets: Arc::clone(&targets),
+        });
+        let start = tokio::time::Instant::now();
+        let now = clock.now_ms();
+        // Retries every second: without the circuit, all seven failures come in 7 s.
+        let mut j = job(u32::MAX, 0.0, None);
+        j.policy.retry.schedule_s = vec![1.0];
+        store
+            .insert(Job {
+                created_at: now,
+                next_attempt_at: now,
+                ..j
+            })
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        // Three failures open it; probes after 100 s, then 200 s, 400 s, 400 s, 400 s
+        // (the cool-down doubles up to its cap); the fifth probe finds it back.
+        let offsets: Vec<u128> = offsets_ms(&transport, start)
+            .into_iter()
+            .map(|ms| ms / 1000)
+            .collect();
+        assert_eq!(offsets, [0, 1, 2, 102, 302, 702, 1102, 1502]);
+        let job = store.get("j").await.unwrap().unwrap();
+        assert_eq!(job.state, State::Delivered);
+        assert_eq!(job.attempts.len(), 8, "parked time spent no attempts");
+        assert_eq!(targets.circuit("t"), targets::Circuit::Closed);
     }
 
     /// A memory store whose first `refusals` finish_attempt calls fail.
@@ -734,9 +788,12 @@ mod tests {
             &self,
             now: u64,
             limit: usize,
-            skip: &[String],
+            caps: &HostCaps,
         ) -> Result<Vec<Job>, crate::store::StoreError> {
-            self.inner.claim_due(now, limit, skip).await
+            self.inner.claim_due(now, limit, caps).await
+        }
+        async fn release(&self, job: &Job) -> Result<(), crate::store::StoreError> {
+            self.inner.release(job).await
         }
         async fn finish_attempt(
             &self,

@@ -4,6 +4,7 @@
 //! delivery loop knows none of them.
 
 use super::attempt::Outcome;
+use super::targets::Change;
 use crate::clock::Millis;
 use crate::job::{Job, Kind};
 use crate::store::Next;
@@ -22,6 +23,9 @@ pub struct Attempted<'a> {
 
 pub trait Observer: Send + Sync + 'static {
     fn attempted(&self, attempt: &Attempted<'_>);
+
+    /// A target's circuit opened or closed.
+    fn target_changed(&self, _change: &Change) {}
 }
 
 /// Every attempt, one log line: info when delivered or retried, a warning when the
@@ -30,6 +34,23 @@ pub trait Observer: Send + Sync + 'static {
 pub struct Log;
 
 impl Observer for Log {
+    fn target_changed(&self, change: &Change) {
+        match change {
+            Change::Paused { target, reason, .. } => tracing::warn!(
+                target_host = %target, reason = %reason,
+                "target paused: its jobs wait, their attempts unspent, until a probe goes through"
+            ),
+            Change::Resumed {
+                target,
+                paused_since,
+                since,
+            } => tracing::info!(
+                target_host = %target, paused_ms = since.saturating_sub(*paused_since),
+                "target resumed"
+            ),
+        }
+    }
+
     fn attempted(&self, a: &Attempted<'_>) {
         let latency_ms = a.outcome.latency.as_millis() as u64;
         let error = a.outcome.error.as_deref().unwrap_or("");

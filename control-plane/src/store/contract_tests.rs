@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::memory::MemoryStore;
 use super::nats_tests::NatsServer;
 use super::sqlite::{Limits, SqliteStore};
-use super::{Inserted, Next, Stats, Store, StoreError};
+use super::{HostCaps, Inserted, Next, Stats, Store, StoreError};
 use crate::clock::{Clock as _, SystemClock};
 use crate::job::{test_job, Attempt, Job, Kind, Policy, State};
 
@@ -88,7 +88,7 @@ impl Engine {
         loop {
             let more = self
                 .store
-                .claim_due(now, limit - claimed.len(), skip)
+                .claim_due(now, limit - claimed.len(), &HostCaps::skipping(skip))
                 .await
                 .unwrap();
             claimed.extend(more);
@@ -200,7 +200,7 @@ async fn claims_due_jobs_skipping_saturated_hosts_each_once() {
         assert!(claimed.iter().all(|j| j.state == State::InFlight));
         assert!(
             store
-                .claim_due(e.at(30), 10, &slow)
+                .claim_due(e.at(30), 10, &HostCaps::skipping(&slow))
                 .await
                 .unwrap()
                 .is_empty(),
@@ -220,6 +220,55 @@ async fn claims_due_jobs_skipping_saturated_hosts_each_once() {
             },
             "{engine}"
         );
+    }
+}
+
+#[tokio::test]
+async fn caps_bound_each_hosts_share_of_a_claim_and_a_released_job_keeps_its_turn() {
+    for e in engines("caps").await {
+        let (engine, store) = (e.name, &e.store);
+        for (id, host, due) in [
+            ("h1-a", "h1", 10),
+            ("h1-b", "h1", 11),
+            ("h1-c", "h1", 12),
+            ("h2-a", "h2", 13),
+            ("h3-a", "h3", 14),
+        ] {
+            store.insert(job(id, host, e.at(due))).await.unwrap();
+        }
+        let mut caps = HostCaps::default();
+        caps.cap("h1", 2);
+        caps.cap("h3", 0);
+        let mut claimed = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while claimed.len() < 3 && std::time::Instant::now() < deadline {
+            claimed.extend(store.claim_due(e.at(30), 10, &caps).await.unwrap());
+            if e.nats.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut ids = e.ids(&claimed);
+        ids.sort();
+        assert_eq!(
+            ids,
+            ["h1-a", "h1-b", "h2-a"],
+            "{engine}: two of h1, none of h3"
+        );
+        // Given back untouched: pending, due when it was, no attempt spent.
+        let first = claimed.iter().find(|j| j.id == "h1-a").unwrap();
+        store.release(first).await.unwrap();
+        let back = store.get("h1-a").await.unwrap().unwrap();
+        assert_eq!(back.state, State::Pending, "{engine}");
+        assert!(back.attempts.is_empty(), "{engine}");
+        assert_eq!(back.next_attempt_at, e.at(10), "{engine}");
+        let again = e.claim(e.at(30), 10, &[], 3).await;
+        let mut ids = e.ids(&again);
+        ids.sort();
+        assert_eq!(ids, ["h1-a", "h1-c", "h3-a"], "{engine}: claimed again");
+        if e.nats.is_none() {
+            assert_eq!(e.ids(&again)[0], "h1-a", "{engine}: in its old turn");
+        }
     }
 }
 
@@ -384,7 +433,7 @@ async fn sqlite_keeps_everything_across_a_reopen_and_recovers_in_flight_jobs() {
         for i in 0..3 {
             store.insert(job(&format!("k{i}"), "h", 0)).await.unwrap();
         }
-        let claimed = store.claim_due(0, 2, &[]).await.unwrap();
+        let claimed = store.claim_due(0, 2, &HostCaps::default()).await.unwrap();
         store
             .finish_attempt(&claimed[0], attempt(1, 200), Next::Delivered)
             .await
@@ -400,7 +449,7 @@ async fn sqlite_keeps_everything_across_a_reopen_and_recovers_in_flight_jobs() {
             ..Stats::default()
         }
     );
-    let claimed = store.claim_due(0, 10, &[]).await.unwrap();
+    let claimed = store.claim_due(0, 10, &HostCaps::default()).await.unwrap();
     let ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
     assert_eq!(
         ids,
@@ -493,7 +542,10 @@ fn laned(id: &str, lane: &str, due: u64) -> Job {
 }
 
 async fn claim_ids(store: &dyn Store, now: u64) -> Vec<String> {
-    let claimed = store.claim_due(now, 100, &[]).await.unwrap();
+    let claimed = store
+        .claim_due(now, 100, &HostCaps::default())
+        .await
+        .unwrap();
     claimed.into_iter().map(|j| j.id).collect()
 }
 

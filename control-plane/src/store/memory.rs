@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Inserted, Next, Stats, Store, StoreError};
+use super::{HostCaps, Inserted, Next, Stats, Store, StoreError};
 use crate::clock::Millis;
 use crate::job::{Attempt, Job, State, PARKED};
 
@@ -121,19 +121,20 @@ impl Store for MemoryStore {
         &self,
         now: Millis,
         limit: usize,
-        skip_hosts: &[String],
+        caps: &HostCaps,
     ) -> Result<Vec<Job>, StoreError> {
         let mut inner = self.inner.lock();
         let mut keys = Vec::new();
+        let mut taken = std::collections::HashMap::new();
         for key in inner.due.iter().take_while(|(at, _, _)| *at <= now) {
             if keys.len() == limit {
                 break;
             }
-            let skip = inner
+            let fits = inner
                 .jobs
                 .get(&key.2)
-                .is_some_and(|j| skip_hosts.iter().any(|h| h == j.host()));
-            if !skip {
+                .is_none_or(|j| caps.take(&mut taken, j.host()));
+            if fits {
                 keys.push(key.clone());
             }
         }
@@ -194,6 +195,21 @@ impl Store for MemoryStore {
         if let Some(lane) = lane {
             inner.wake_lane(lane, at);
         }
+        Ok(())
+    }
+
+    async fn release(&self, claimed: &Job) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        let Some(job) = inner.jobs.get_mut(&claimed.id) else {
+            return Ok(());
+        };
+        if job.state != State::InFlight {
+            return Ok(());
+        }
+        job.state = State::Pending;
+        let due = (job.next_attempt_at, job.id.clone());
+        let seq = inner.seqs.get(&due.1).copied().unwrap_or_default();
+        inner.due.insert((due.0, seq, due.1));
         Ok(())
     }
 

@@ -126,14 +126,18 @@ pub trait Store: Send + Sync + 'static {
     async fn find_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Job>, StoreError>;
 
     /// Marks up to `limit` pending jobs due at `now` as in flight and returns them,
-    /// earliest first, leaving out jobs for the target hosts in `skip_hosts` (those at
-    /// their concurrency limit).
+    /// earliest first, taking no more jobs of a target host than `caps` allows (none
+    /// of one that is parked, at its concurrency limit or out of rate).
     async fn claim_due(
         &self,
         now: Millis,
         limit: usize,
-        skip_hosts: &[String],
+        caps: &HostCaps,
     ) -> Result<Vec<Job>, StoreError>;
+
+    /// Gives a claimed job back untouched — pending, due when it was, no attempt
+    /// recorded: its target is parked.
+    async fn release(&self, job: &Job) -> Result<(), StoreError>;
 
     /// Records an attempt of a claimed `job` (as claimed: its earlier attempts included)
     /// and what comes next.
@@ -169,6 +173,58 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes finished jobs that finished before `before`; returns how many.
     async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError>;
+}
+
+/// How many jobs of each target host a claim may take; hosts not listed, any number.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostCaps {
+    caps: std::collections::HashMap<String, usize>,
+}
+
+impl HostCaps {
+    /// No jobs of these hosts.
+    pub fn skipping(hosts: &[String]) -> Self {
+        let mut caps = Self::default();
+        for h in hosts {
+            caps.cap(h, 0);
+        }
+        caps
+    }
+
+    /// At most `n` jobs of `host` (the lowest cap given wins).
+    pub fn cap(&mut self, host: &str, n: usize) {
+        let cap = self.caps.entry(host.to_owned()).or_insert(n);
+        *cap = (*cap).min(n);
+    }
+
+    pub fn get(&self, host: &str) -> Option<usize> {
+        self.caps.get(host).copied()
+    }
+
+    pub fn contains(&self, host: &str) -> bool {
+        self.caps.contains_key(host)
+    }
+
+    /// Hosts that take nothing.
+    pub fn skipped(&self) -> impl Iterator<Item = &str> {
+        self.caps
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(h, _)| h.as_str())
+    }
+
+    /// Whether one more job of `host` fits, counting it in `taken` when it does.
+    pub fn take(&self, taken: &mut std::collections::HashMap<String, usize>, host: &str) -> bool {
+        let Some(cap) = self.get(host) else {
+            return true;
+        };
+        let n = taken.entry(host.to_owned()).or_default();
+        if *n >= cap {
+            return false;
+        }
+        *n += 1;
+        true
+    }
 }
 
 /// Whether the store can hand out due jobs now. The delivery loop says so after each

@@ -38,7 +38,7 @@ use futures_util::StreamExt as _;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{Inserted, Next, Stats, Store, StoreError};
+use super::{HostCaps, Inserted, Next, Stats, Store, StoreError};
 use crate::clock::{Clock as _, Millis, SystemClock};
 use crate::job::{Attempt, Job, State, PARKED};
 
@@ -284,7 +284,7 @@ impl NatsStore {
         &self,
         message: Message,
         now: Millis,
-        skip_hosts: &[String],
+        caps: Option<(&HostCaps, &Mutex<HashMap<String, usize>>)>,
         lane: bool,
     ) -> Result<Option<Job>, StoreError> {
         let id = String::from_utf8_lossy(&message.payload).into_owned();
@@ -305,7 +305,8 @@ impl NatsStore {
         if lane && job.next_attempt_at == PARKED {
             job.next_attempt_at = now; // the lane's head: its turn now
         }
-        if !lane && skip_hosts.iter().any(|h| h == job.host()) {
+        let over_cap = caps.is_some_and(|(caps, taken)| !caps.take(&mut taken.lock(), job.host()));
+        if !lane && over_cap {
             let _ = message
                 .ack_with(AckKind::Nak(Some(Duration::from_millis(100))))
                 .await;
@@ -553,9 +554,10 @@ impl Store for NatsStore {
         &self,
         now: Millis,
         limit: usize,
-        skip_hosts: &[String],
+        caps: &HostCaps,
     ) -> Result<Vec<Job>, StoreError> {
         let mut claimed = Vec::new();
+        let taken = Mutex::new(HashMap::new());
         // Lane heads we hold whose retry is due.
         let due_heads: Vec<String> = self
             .held
@@ -581,7 +583,7 @@ impl Store for NatsStore {
             // Each take is a few round trips to the server: run them side by side.
             let messages = pull(&self.work, limit - claimed.len()).await?;
             let mut takes = futures_util::stream::iter(messages)
-                .map(|m| self.take(m, now, skip_hosts, false))
+                .map(|m| self.take(m, now, Some((caps, &taken)), false))
                 .buffer_unordered(64);
             while let Some(taken) = takes.next().await {
                 if let Some(job) = taken? {
@@ -600,7 +602,7 @@ impl Store for NatsStore {
                 if self.held.lock().contains_key(&id) {
                     continue; // ours already (redelivered after a progress gap)
                 }
-                if let Some(job) = self.take(message, now, &[], true).await? {
+                if let Some(job) = self.take(message, now, None, true).await? {
                     claimed.push(job);
                 }
             }
@@ -674,6 +676,38 @@ impl Store for NatsStore {
                         .map_err(unavailable)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, job: &Job) -> Result<(), StoreError> {
+        let Some((mut record, _)) = self.read(&self.jobs, &job.id).await? else {
+            let held = self.held.lock().remove(&job.id);
+            if let Some(h) = held {
+                let _ = h.message.ack().await;
+            }
+            return Ok(());
+        };
+        record.job.state = State::Pending;
+        self.write(&self.jobs, &record).await?;
+        // Its target is parked: asked again in a second (a lane keeps its head).
+        let again = Duration::from_secs(1);
+        let released = {
+            let mut held = self.held.lock();
+            if job.lane.is_some() {
+                if let Some(h) = held.get_mut(&job.id) {
+                    h.due = Some(now_ms() + again.as_millis() as Millis);
+                }
+                None
+            } else {
+                held.remove(&job.id)
+            }
+        };
+        if let Some(h) = released {
+            h.message
+                .ack_with(AckKind::Nak(Some(again)))
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::nats::{NatsOptions, NatsStore};
-use super::{Inserted, Next, Store};
+use super::{HostCaps, Inserted, Next, Store};
 use crate::clock::{Clock as _, SystemClock};
 use crate::job::{test_job, Attempt, Job, Kind, State};
 
@@ -87,7 +87,7 @@ fn attempt(status: u16) -> Attempt {
 
 async fn ids(store: &NatsStore, limit: usize) -> Vec<String> {
     let mut ids: Vec<String> = store
-        .claim_due(now(), limit, &[])
+        .claim_due(now(), limit, &HostCaps::default())
         .await
         .unwrap()
         .into_iter()
@@ -102,7 +102,12 @@ async fn claim_n(store: &NatsStore, n: usize, within: Duration) -> Vec<Job> {
     let deadline = tokio::time::Instant::now() + within;
     let mut got = Vec::new();
     while got.len() < n && tokio::time::Instant::now() < deadline {
-        got.extend(store.claim_due(now(), n - got.len(), &[]).await.unwrap());
+        got.extend(
+            store
+                .claim_due(now(), n - got.len(), &HostCaps::default())
+                .await
+                .unwrap(),
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     got

@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Inserted, Next, Stats, Store, StoreError};
+use super::{HostCaps, Inserted, Next, Stats, Store, StoreError};
 use crate::clock::Millis;
 use crate::job::{Attempt, Job, State, PARKED};
 use record::{job_from_row, state_code, COLUMNS};
@@ -179,16 +179,21 @@ impl Store for SqliteStore {
         &self,
         now: Millis,
         limit: usize,
-        skip_hosts: &[String],
+        caps: &HostCaps,
     ) -> Result<Vec<Job>, StoreError> {
-        let skip_hosts = skip_hosts.to_vec();
+        let caps = caps.clone();
         self.ask(|reply| Command::Claim {
             now,
             limit,
-            skip_hosts,
+            caps,
             reply,
         })
         .await
+    }
+
+    async fn release(&self, job: &Job) -> Result<(), StoreError> {
+        let id = job.id.clone();
+        self.ask(|reply| Command::Release { id, reply }).await
     }
 
     async fn finish_attempt(
@@ -295,7 +300,10 @@ mod tests {
         let raw = Connection::open(dir.join("knocker.db")).unwrap();
         raw.execute("UPDATE jobs SET spec = x'ffffffff00' WHERE id = 'bad'", [])
             .unwrap();
-        let claimed = store.claim_due(u64::MAX / 2, 10, &[]).await.unwrap();
+        let claimed = store
+            .claim_due(u64::MAX / 2, 10, &HostCaps::default())
+            .await
+            .unwrap();
         assert_eq!(
             claimed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
             ["good"]

@@ -13,7 +13,7 @@ use super::record::{corrupt, encode_spec, job_from_row, state_code, state_from, 
 use super::{Limits, MAX_BATCH};
 use crate::clock::Millis;
 use crate::job::{Attempt, Job, State, PARKED};
-use crate::store::{Inserted, Next, Stats, StoreError};
+use crate::store::{HostCaps, Inserted, Next, Stats, StoreError};
 
 /// Live counts by state, kept by the writer after each commit.
 #[derive(Debug, Default)]
@@ -95,8 +95,12 @@ pub(super) enum Command {
     Claim {
         now: Millis,
         limit: usize,
-        skip_hosts: Vec<String>,
+        caps: HostCaps,
         reply: Reply<Vec<Job>>,
+    },
+    Release {
+        id: String,
+        reply: Reply<()>,
     },
     Finish {
         job: Box<Job>,
@@ -259,7 +263,9 @@ impl Outcome {
                 });
             }
             (Command::Claim { reply, .. }, Self::Claimed(jobs)) => drop(reply.send(Ok(jobs))),
-            (Command::Finish { reply, .. }, Self::Finished) => drop(reply.send(Ok(()))),
+            (Command::Finish { reply, .. } | Command::Release { reply, .. }, Self::Finished) => {
+                drop(reply.send(Ok(())))
+            }
             (Command::Replay { reply, .. }, Self::Replayed(job)) => drop(reply.send(Ok(job))),
             (Command::Delete { reply, .. }, Self::Deleted(existed)) => {
                 drop(reply.send(Ok(existed)))
@@ -269,7 +275,9 @@ impl Outcome {
                 Command::Insert(_, r) => drop(r.send(Err(failed(&e)))),
                 Command::InsertAll(_, r) => drop(r.send(Err(failed(&e)))),
                 Command::Claim { reply, .. } => drop(reply.send(Err(failed(&e)))),
-                Command::Finish { reply, .. } => drop(reply.send(Err(failed(&e)))),
+                Command::Finish { reply, .. } | Command::Release { reply, .. } => {
+                    drop(reply.send(Err(failed(&e))))
+                }
                 Command::Replay { reply, .. } => drop(reply.send(Err(failed(&e)))),
                 Command::Delete { reply, .. } => drop(reply.send(Err(failed(&e)))),
                 Command::Purge { reply, .. } => drop(reply.send(Err(failed(&e)))),
@@ -442,28 +450,36 @@ fn execute(
             }
         }
         Command::Claim {
-            now,
-            limit,
-            skip_hosts,
-            ..
+            now, limit, caps, ..
         } => {
-            let mut sql =
-                format!("SELECT {COLUMNS} FROM jobs WHERE state = 0 AND next_attempt_at <= ?1");
-            if !skip_hosts.is_empty() {
-                let marks = vec!["?"; skip_hosts.len()].join(", ");
+            let skipped: Vec<&str> = caps.skipped().collect();
+            let mut sql = format!(
+                "SELECT {COLUMNS}, host FROM jobs WHERE state = 0 AND next_attempt_at <= ?1"
+            );
+            if !skipped.is_empty() {
+                let marks = vec!["?"; skipped.len()].join(", ");
                 sql.push_str(&format!(" AND host NOT IN ({marks})"));
             }
-            sql.push_str(&format!(" ORDER BY next_attempt_at, seq LIMIT {limit}"));
+            sql.push_str(" ORDER BY next_attempt_at, seq");
             let mut values: Vec<rusqlite::types::Value> = vec![(*now as i64).into()];
-            values.extend(skip_hosts.iter().map(|h| h.clone().into()));
+            values.extend(skipped.iter().map(|h| (*h).to_owned().into()));
             // A row that cannot be read is taken out of the queue (quarantined), not
-            // left to fail every claim after it.
-            let rows: Vec<(String, Option<String>, rusqlite::Result<Job>)> = tx
-                .prepare_cached(&sql)?
-                .query_map(rusqlite::params_from_iter(values), |row| {
-                    Ok((row.get(0)?, row.get(7)?, job_from_row(row)))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
+            // left to fail every claim after it. Rows of a host over its cap are passed
+            // over (read lazily, so the scan stops at `limit`).
+            let mut taken = std::collections::HashMap::new();
+            let mut rows: Vec<(String, Option<String>, rusqlite::Result<Job>)> = Vec::new();
+            let mut statement = tx.prepare_cached(&sql)?;
+            let mut cursor = statement.query(rusqlite::params_from_iter(values))?;
+            while rows.len() < *limit {
+                let Some(row) = cursor.next()? else { break };
+                let host: String = row.get(8)?;
+                if !caps.take(&mut taken, &host) {
+                    continue;
+                }
+                rows.push((row.get(0)?, row.get(7)?, job_from_row(row)));
+            }
+            drop(cursor);
+            drop(statement);
             let mut jobs = Vec::with_capacity(rows.len());
             for (id, lane, job) in rows {
                 match job {
@@ -509,6 +525,15 @@ fn execute(
                 if let (Some(lane), Some(at)) = (&job.lane, finished_at) {
                     wake_lane(tx, lane, at)?;
                 }
+            }
+            Outcome::Finished
+        }
+        Command::Release { id, .. } => {
+            let changed = tx
+                .prepare_cached("UPDATE jobs SET state = 0 WHERE id = ?1 AND state = 1")?
+                .execute([id])?;
+            if changed == 1 {
+                deltas.moved(Some(State::InFlight), Some(State::Pending));
             }
             Outcome::Finished
         }

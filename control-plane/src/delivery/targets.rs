@@ -1,0 +1,780 @@
+//! Target health and limits, per target (`host[:port]` as the job's URL writes it):
+//!
+//! - **Concurrency** — at most `KNOCKER_HOST_CONCURRENCY` attempts in flight.
+//! - **Circuit** — consecutive failures (5xx, 408, 429, no answer) open it after
+//!   `failure_threshold`, a `410 Gone` at once: the target's due jobs are parked, not
+//!   attempted (their attempts are not spent; their maximum age still runs). After the
+//!   cool-down one probe goes through; success closes the circuit, failure doubles the
+//!   cool-down (up to `max_cooldown_s`). An operator can pause and resume a target.
+//! - **Rate** — `rate_per_s` and `burst` (of the target, or of the rule or group a job
+//!   came from: the lowest applies), as a GCRA schedule: attempts are reserved in claim
+//!   order, each at its turn, so a backlog drains in order at the rate.
+//! - **Retry-After** — a 429 or 503 with `Retry-After` slows the whole target that long.
+//!
+//! The delivery loop asks for [`HostCaps`] before each claim (how many jobs each target
+//! may take now), then [`Targets::admit`]s each claimed job. Transitions of the circuit
+//! are returned as [`Change`]s: observers turn them into `target.paused` /
+//! `target.resumed` notifications, and a [`Board`] shares them between control planes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::attempt::Outcome;
+use super::signing::target_key;
+use crate::clock::Millis;
+use crate::job::{Job, Rate};
+use crate::store::HostCaps;
+
+/// How targets are watched (`[targets]` in the file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetSettings {
+    /// Consecutive failures that open a target's circuit; 0: failures never do.
+    pub failure_threshold: u32,
+    /// Wait before the first probe of an open circuit (ms); doubles after a failed probe.
+    pub cooldown_ms: u64,
+    pub max_cooldown_ms: u64,
+    /// Rate limits by target (`host:port`, lower-case).
+    pub rates: HashMap<String, Rate>,
+    /// Longest a `Retry-After` slows a target (ms).
+    pub max_slow_ms: u64,
+}
+
+impl Default for TargetSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            cooldown_ms: 30_000,
+            max_cooldown_ms: 600_000,
+            rates: HashMap::new(),
+            max_slow_ms: 3_600_000,
+        }
+    }
+}
+
+/// A target's circuit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Circuit {
+    Closed,
+    /// Parked until `retry_at`, then one probe.
+    Open {
+        since: Millis,
+        retry_at: Millis,
+        reason: String,
+    },
+    /// The probe is in flight.
+    Probing {
+        since: Millis,
+        reason: String,
+    },
+    /// Paused by an operator until resumed.
+    Paused {
+        since: Millis,
+    },
+}
+
+impl Circuit {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::Open { .. } => "open",
+            Circuit::Probing { .. } => "probing",
+            Circuit::Paused { .. } => "paused",
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        matches!(self, Circuit::Closed)
+    }
+}
+
+/// A transition others must hear of.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// The circuit opened (or an operator paused the target).
+    Paused {
+        target: String,
+        since: Millis,
+        reason: String,
+    },
+    /// The circuit closed (a probe went through, or an operator resumed it).
+    Resumed {
+        target: String,
+        since: Millis,
+        paused_since: Millis,
+    },
+}
+
+/// What the loop does with a claimed job.
+#[derive(Debug)]
+pub enum Admit {
+    /// Send it at this time (now, or its turn under the rate limit), holding the
+    /// target's slot. `probe`: it is the one attempt that tests an open circuit.
+    At { at: Millis, probe: bool, slot: Slot },
+    /// Give it back untouched: the target is parked.
+    Park,
+}
+
+impl Admit {
+    /// When and whether as a probe (tests).
+    pub fn turn(&self) -> Option<(Millis, bool)> {
+        match self {
+            Admit::At { at, probe, .. } => Some((*at, *probe)),
+            Admit::Park => None,
+        }
+    }
+}
+
+/// The last failure of a target, for the API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LastError {
+    pub at: Millis,
+    pub status: u16,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Target {
+    circuit: CircuitState,
+    in_flight: usize,
+    failures: u32,
+    /// GCRA: the theoretical arrival time of the next attempt.
+    tat: Millis,
+    rate: Option<Rate>,
+    slow_until: Millis,
+    last_error: Option<LastError>,
+    attempts: u64,
+}
+
+#[derive(Debug)]
+struct CircuitState {
+    circuit: Circuit,
+    cooldown_ms: u64,
+}
+
+impl Default for CircuitState {
+    fn default() -> Self {
+        Self {
+            circuit: Circuit::Closed,
+            cooldown_ms: 0,
+        }
+    }
+}
+
+/// A target as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TargetView {
+    pub target: String,
+    #[serde(flatten)]
+    pub circuit: Circuit,
+    pub in_flight: usize,
+    pub consecutive_failures: u32,
+    pub rate_per_s: Option<f64>,
+    pub burst: Option<u32>,
+    /// Slowed by a `Retry-After` until then.
+    pub slow_until: Option<Millis>,
+    pub last_error: Option<LastError>,
+    pub attempts: u64,
+}
+
+/// Shares circuit transitions between control planes (NATS); the embedded engines
+/// have one control plane and share nothing.
+#[async_trait::async_trait]
+pub trait Board: Send + Sync + 'static {
+    /// Tells the others that `target`'s circuit is now `circuit`.
+    async fn publish(&self, target: &str, circuit: &Circuit);
+    /// Takes the right to probe `target` (only one control plane probes); `true` when
+    /// this one may.
+    async fn take_probe(&self, target: &str, now: Millis) -> bool;
+}
+
+/// Shares nothing: one control plane.
+pub struct Alone;
+
+#[async_trait::async_trait]
+impl Board for Alone {
+    async fn publish(&self, _: &str, _: &Circuit) {}
+    async fn take_probe(&self, _: &str, _: Millis) -> bool {
+        true
+    }
+}
+
+/// Every target's state.
+pub struct Targets {
+    settings: TargetSettings,
+    host_concurrency: usize,
+    state: Mutex<HashMap<String, Target>>,
+    /// A target's slot freed, or a circuit changed.
+    changed: Notify,
+    pub board: Arc<dyn Board>,
+}
+
+/// How far ahead attempts are reserved under a rate limit (they wait in the process
+/// for their turn), so a claim does not take more than the rate gives soon.
+const RATE_LOOKAHEAD_MS: u64 = 1_000;
+
+impl Targets {
+    pub fn new(settings: TargetSettings, host_concurrency: usize) -> Self {
+        Self {
+            settings,
+            host_concurrency: host_concurrency.max(1),
+            state: Mutex::default(),
+            changed: Notify::new(),
+            board: Arc::new(Alone),
+        }
+    }
+
+    #[must_use]
+    pub fn with_board(mut self, board: Arc<dyn Board>) -> Self {
+        self.board = board;
+        self
+    }
+
+    fn configured_rate(&self, host: &str) -> Option<Rate> {
+        if self.settings.rates.is_empty() {
+            return None;
+        }
+        self.settings
+            .rates
+            .get(&target_key(&format!("http://{host}/")))
+            .or_else(|| self.settings.rates.get(host))
+            .copied()
+    }
+
+    /// How many jobs each known target may take in the next claim: none while parked
+    /// or slowed, one to probe, what its concurrency and rate allow otherwise. Targets
+    /// not listed take any number.
+    pub fn caps(&self, now: Millis) -> HostCaps {
+        let mut caps = HostCaps::default();
+        let state = self.state.lock();
+        for (host, t) in state.iter() {
+            let circuit_cap = match &t.circuit.circuit {
+                Circuit::Closed => usize::MAX,
+                Circuit::Open { retry_at, .. } if *retry_at <= now => 1,
+                _ => 0,
+            };
+            let mut cap = circuit_cap.min(self.host_concurrency.saturating_sub(t.in_flight));
+            if t.slow_until > now {
+                cap = 0;
+            }
+            if let Some(rate) = t.rate.or_else(|| self.configured_rate(host)) {
+                cap = cap.min(rate_room(t.tat, rate, now + RATE_LOOKAHEAD_MS));
+            }
+            if cap != usize::MAX {
+                caps.cap(host, cap);
+            }
+        }
+        drop(state);
+        // Targets with a rate limit but no attempt yet start at their burst.
+        for (key, rate) in &self.settings.rates {
+            if !caps.contains(key) && !self.state.lock().contains_key(key) {
+                caps.cap(key, rate.burst as usize);
+            }
+        }
+        caps
+    }
+
+    /// The earliest time a parked, slowed or rate-limited target may take a job again.
+    pub fn next_change(&self, now: Millis) -> Option<Millis> {
+        let state = self.state.lock();
+        state
+            .values()
+            .filter_map(|t| {
+                let mut at: Option<Millis> = None;
+                let mut earliest = |m: Millis| {
+                    if m > now {
+                        at = Some(at.map_or(m, |a| a.min(m)));
+                    }
+                };
+                if let Circuit::Open { retry_at, .. } = t.circuit.circuit {
+                    earliest(retry_at);
+                }
+                earliest(t.slow_until);
+                if let Some(rate) = t.rate {
+                    earliest(t.tat.saturating_sub(tolerance_ms(rate)));
+                }
+                at
+            })
+            .min()
+    }
+
+    /// Wakes the loop when a slot frees or a circuit changes.
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// Decides a claimed job's turn, in claim order (rate reservations follow it); an
+    /// admitted job holds one of its target's slots until the [`Slot`] is dropped.
+    pub async fn admit(self: &Arc<Self>, job: &Job, now: Millis) -> Admit {
+        let host = job.host();
+        let probe_due = {
+            let mut state = self.state.lock();
+            let t = state.entry(host.to_owned()).or_default();
+            match &t.circuit.circuit {
+                Circuit::Paused { .. } | Circuit::Probing { .. } => return Admit::Park,
+                Circuit::Open { retry_at, .. } if *retry_at > now => return Admit::Park,
+                Circuit::Open { .. } => true,
+                Circuit::Closed => false,
+            }
+        };
+        if probe_due && !self.board.take_probe(host, now).await {
+            return Admit::Park;
+        }
+        let configured = self.configured_rate(host);
+        let mut state = self.state.lock();
+        let t = state.entry(host.to_owned()).or_default();
+        if t.slow_until > now && !probe_due {
+            return Admit::Park;
+        }
+        if probe_due {
+            let Circuit::Open { since, reason, .. } = &t.circuit.circuit else {
+                return Admit::Park; // changed meanwhile (resumed, or another probe)
+            };
+            t.circuit.circuit = Circuit::Probing {
+                since: *since,
+                reason: reason.clone(),
+            };
+        }
+        t.rate = match (configured, job.policy.rate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let at = match t.rate {
+            Some(rate) => reserve(&mut t.tat, rate, now),
+            None => now,
+        };
+        t.in_flight += 1;
+        t.attempts += 1;
+        Admit::At {
+            at,
+            probe: probe_due,
+            slot: Slot {
+                targets: Arc::clone(self),
+                host: host.to_owned(),
+            },
+        }
+    }
+
+    /// Records what an attempt to `job`'s target came to; returns the circuit's
+    /// transition, if any.
+    pub fn record(&self, job: &Job, outcome: &Outcome, now: Millis) -> Option<Change> {
+        if outcome.is_denied() || outcome.local_shortage {
+            return None;
+        }
+        let host = job.host();
+        let mut state = self.state.lock();
+        let t = state.entry(host.to_owned()).or_default();
+        if let Some(ra) = outcome.retry_after_s.filter(|ra| *ra > 0.0) {
+            let ms = ((ra * 1000.0) as u64).min(self.settings.max_slow_ms);
+            t.slow_until = t.slow_until.max(now + ms);
+        }
+        let failure =
+            !outcome.is_success() && is_target_failure(outcome.status, outcome.error.is_some());
+        if !failure {
+            if outcome.is_success() || outcome.status != 410 {
+                t.failures = 0;
+            }
+        } else {
+            t.failures = t.failures.saturating_add(1);
+            t.last_error = Some(LastError {
+                at: now,
+                status: outcome.status,
+                error: outcome.error.clone(),
+            });
+        }
+        let gone = outcome.status == 410 && outcome.error.is_none();
+        if gone {
+            t.last_error = Some(LastError {
+                at: now,
+                status: 410,
+                error: None,
+            });
+        }
+        let reason = || match &outcome.error {
+            Some(e) => format!("{} ({e})", outcome.status),
+            None => format!("status {}", outcome.status),
+        };
+        let threshold = self.settings.failure_threshold;
+        let change = match t.circuit.circuit.clone() {
+            Circuit::Paused { .. } => None,
+            Circuit::Probing { since, .. } | Circuit::Open { since, .. } if !failure && !gone => {
+                t.circuit = CircuitState::default();
+                Some(Change::Resumed {
+                    target: host.to_owned(),
+                    since: now,
+                    paused_since: since,
+                })
+            }
+            Circuit::Probing { since, .. } => {
+                let cooldown = (t.circuit.cooldown_ms * 2).min(self.settings.max_cooldown_ms);
+                t.circuit = CircuitState {
+                    circuit: Circuit::Open {
+                        since,
+                        retry_at: now + cooldown,
+                        reason: reason(),
+                    },
+                    cooldown_ms: cooldown,
+                };
+                None
+            }
+            Circuit::Closed if gone || (threshold > 0 && failure && t.failures >= threshold) => {
+                let cooldown = self.settings.cooldown_ms;
+                let reason = if gone {
+                    "410 Gone".to_owned()
+                } else {
+                    format!("{} consecutive failures, the last {}", t.failures, reason())
+                };
+                t.circuit = CircuitState {
+                    circuit: Circuit::Open {
+                        since: now,
+                        retry_at: now + cooldown,
+                        reason: reason.clone(),
+                    },
+                    cooldown_ms: cooldown,
+                };
+                Some(Change::Paused {
+                    target: host.to_owned(),
+                    since: now,
+                    reason,
+                })
+            }
+            _ => None,
+        };
+        drop(state);
+        self.changed.notify_one();
+        change
+    }
+
+    /// An operator pauses `host`: nothing is attempted until it is resumed.
+    pub fn pause(&self, host: &str, now: Millis) -> Option<Change> {
+        let mut state = self.state.lock();
+        let t = state.entry(host.to_owned()).or_default();
+        if matches!(t.circuit.circuit, Circuit::Paused { .. }) {
+            return None;
+        }
+        let was_closed = t.circuit.circuit.is_closed();
+        t.circuit = CircuitState {
+            circuit: Circuit::Paused { since: now },
+            cooldown_ms: 0,
+        };
+        was_closed.then(|| Change::Paused {
+            target: host.to_owned(),
+            since: now,
+            reason: "paused by an operator".into(),
+        })
+    }
+
+    /// An operator resumes `host`: its circuit closes, its jobs go out.
+    pub fn resume(&self, host: &str, now: Millis) -> Option<Change> {
+        let mut state = self.state.lock();
+        let t = state.get_mut(host)?;
+        let since = match t.circuit.circuit {
+            Circuit::Closed => return None,
+            Circuit::Open { since, .. }
+            | Circuit::Probing { since, .. }
+            | Circuit::Paused { since } => since,
+        };
+        t.circuit = CircuitState::default();
+        t.failures = 0;
+        t.slow_until = 0;
+        drop(state);
+        self.changed.notify_one();
+        Some(Change::Resumed {
+            target: host.to_owned(),
+            since: now,
+            paused_since: since,
+        })
+    }
+
+    /// Another control plane's transition (NATS): taken over without an event.
+    pub fn apply(&self, host: &str, circuit: Circuit) {
+        let mut state = self.state.lock();
+        let t = state.entry(host.to_owned()).or_default();
+        if circuit.is_closed() {
+            t.failures = 0;
+        }
+        t.circuit.cooldown_ms = match &circuit {
+            Circuit::Open {
+                since, retry_at, ..
+            } => retry_at.saturating_sub(*since).max(1),
+            _ => 0,
+        }
+        .max(t.circuit.cooldown_ms.min(self.settings.max_cooldown_ms));
+        t.circuit.circuit = circuit;
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// The circuit of `host` now.
+    pub fn circuit(&self, host: &str) -> Circuit {
+        self.state
+            .lock()
+            .get(host)
+            .map_or(Circuit::Closed, |t| t.circuit.circuit.clone())
+    }
+
+    /// Every target seen, in name order.
+    pub fn view(&self, now: Millis) -> Vec<TargetView> {
+        let state = self.state.lock();
+        let mut views: Vec<TargetView> = state
+            .iter()
+            .map(|(host, t)| {
+                let rate = t.rate.or_else(|| self.configured_rate(host));
+                TargetView {
+                    target: host.clone(),
+                    circuit: t.circuit.circuit.clone(),
+                    in_flight: t.in_flight,
+                    consecutive_failures: t.failures,
+                    rate_per_s: rate.map(|r| r.per_s),
+                    burst: rate.map(|r| r.burst),
+                    slow_until: (t.slow_until > now).then_some(t.slow_until),
+                    last_error: t.last_error.clone(),
+                    attempts: t.attempts,
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| a.target.cmp(&b.target));
+        views
+    }
+}
+
+/// One attempt admitted to a target; dropping it frees the target's slot (a panic
+/// included).
+#[derive(Debug)]
+pub struct Slot {
+    targets: Arc<Targets>,
+    host: String,
+}
+
+impl std::fmt::Debug for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Targets").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(t) = self.targets.state.lock().get_mut(&self.host) {
+            t.in_flight = t.in_flight.saturating_sub(1);
+        }
+        self.targets.changed.notify_one();
+    }
+}
+
+/// A failure that says the target is unwell: 5xx, 408, 429, or no answer at all. Other
+/// 4xx answers say it is up (the request was wrong).
+fn is_target_failure(status: u16, no_answer: bool) -> bool {
+    no_answer || status >= 500 || status == 408 || status == 429
+}
+
+fn interval_ms(rate: Rate) -> f64 {
+    1000.0 / rate.per_s
+}
+
+fn tolerance_ms(rate: Rate) -> Millis {
+    (interval_ms(rate) * f64::from(rate.burst.saturating_sub(1))) as Millis
+}
+
+/// GCRA: the time the next attempt may start, reserving it.
+fn reserve(tat: &mut Millis, rate: Rate, now: Millis) -> Millis {
+    let at = now.max(tat.saturating_sub(tolerance_ms(rate)));
+    *tat = (*tat).max(now) + interval_ms(rate).round().max(1.0) as Millis;
+    at
+}
+
+/// How many attempts may start by `until`.
+fn rate_room(tat: Millis, rate: Rate, until: Millis) -> usize {
+    let first = tat.saturating_sub(tolerance_ms(rate));
+    if first > until {
+        return 0;
+    }
+    let interval = interval_ms(rate).max(1.0);
+    1 + ((until - first) as f64 / interval) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::test_job;
+    use std::time::Duration;
+
+    fn outcome(status: u16) -> Outcome {
+        Outcome {
+            status,
+            error: None,
+            retry_after_s: None,
+            latency: Duration::ZERO,
+            local_shortage: false,
+        }
+    }
+
+    fn settings() -> TargetSettings {
+        TargetSettings {
+            failure_threshold: 3,
+            cooldown_ms: 1_000,
+            max_cooldown_ms: 4_000,
+            ..TargetSettings::default()
+        }
+    }
+
+    fn targets(settings: TargetSettings, host_concurrency: usize) -> Arc<Targets> {
+        Arc::new(Targets::new(settings, host_concurrency))
+    }
+
+    #[tokio::test]
+    async fn failures_open_the_circuit_a_probe_closes_it() {
+        let targets = targets(settings(), 8);
+        let job = test_job("j", "POST", "http://t:1/");
+        assert_eq!(targets.record(&job, &outcome(500), 0), None);
+        assert_eq!(
+            targets.record(&job, &outcome(404), 0),
+            None,
+            "a 404: it is up"
+        );
+        assert_eq!(targets.record(&job, &outcome(503), 0), None);
+        assert_eq!(targets.record(&job, &outcome(502), 0), None);
+        let opened = targets.record(&job, &outcome(500), 10);
+        assert!(
+            matches!(opened, Some(Change::Paused { ref target, since: 10, .. }) if target == "t:1")
+        );
+        assert_eq!(targets.caps(500).get("t:1"), Some(0), "parked");
+        assert_eq!(targets.admit(&job, 500).await.turn(), None);
+        // After the cool-down: one probe.
+        assert_eq!(targets.caps(1_010).get("t:1"), Some(1));
+        let probe = targets.admit(&job, 1_010).await;
+        assert_eq!(probe.turn(), Some((1_010, true)));
+        assert_eq!(
+            targets.admit(&job, 1_010).await.turn(),
+            None,
+            "one probe only"
+        );
+        drop(probe);
+        // A failed probe doubles the cool-down, without a second event.
+        assert_eq!(targets.record(&job, &outcome(500), 1_100), None);
+        assert!(matches!(
+            targets.circuit("t:1"),
+            Circuit::Open {
+                retry_at: 3_100,
+                ..
+            }
+        ));
+        assert_eq!(targets.admit(&job, 3_100).await.turn(), Some((3_100, true)));
+        let closed = targets.record(&job, &outcome(200), 3_200);
+        assert_eq!(
+            closed,
+            Some(Change::Resumed {
+                target: "t:1".into(),
+                since: 3_200,
+                paused_since: 10
+            })
+        );
+        assert_eq!(
+            targets.caps(3_200).get("t:1"),
+            Some(8),
+            "the host's concurrency"
+        );
+    }
+
+    #[tokio::test]
+    async fn gone_opens_at_once_and_pause_holds_until_resumed() {
+        let targets = targets(settings(), 8);
+        let job = test_job("j", "POST", "http://t:1/");
+        assert!(matches!(
+            targets.record(&job, &outcome(410), 0),
+            Some(Change::Paused { ref reason, .. }) if reason == "410 Gone"
+        ));
+        let other = test_job("k", "POST", "http://u:1/");
+        assert!(targets.pause("u:1", 5).is_some());
+        assert_eq!(targets.admit(&other, 1_000_000).await.turn(), None);
+        assert_eq!(
+            targets.record(&other, &outcome(200), 6),
+            None,
+            "stays paused"
+        );
+        assert!(matches!(
+            targets.resume("u:1", 7),
+            Some(Change::Resumed {
+                paused_since: 5,
+                ..
+            })
+        ));
+        assert_eq!(targets.admit(&other, 8).await.turn(), Some((8, false)));
+        let views = targets.view(8);
+        assert_eq!(views[0].target, "t:1");
+        assert_eq!(views[0].circuit.name(), "open");
+        assert_eq!(views[0].last_error.as_ref().map(|e| e.status), Some(410));
+        assert_eq!(views[1].circuit.name(), "closed");
+    }
+
+    #[tokio::test]
+    async fn a_rate_spaces_attempts_in_claim_order_after_the_burst() {
+        let mut s = settings();
+        s.rates.insert(
+            "t:1".into(),
+            Rate {
+                per_s: 10.0,
+                burst: 2,
+            },
+        );
+        let targets = targets(s, 64);
+        assert_eq!(
+            targets.caps(0).get("t:1"),
+            Some(2),
+            "the burst before any attempt"
+        );
+        let job = test_job("j", "POST", "http://t:1/");
+        let mut at = Vec::new();
+        for _ in 0..5 {
+            at.push(targets.admit(&job, 1_000).await.turn().expect("admitted").0);
+        }
+        assert_eq!(at, [1_000, 1_000, 1_100, 1_200, 1_300]);
+        // A job's own rate (its rule's) is lower: it wins.
+        let mut slow = test_job("s", "POST", "http://v:1/");
+        slow.policy.rate = Some(Rate {
+            per_s: 1.0,
+            burst: 1,
+        });
+        let a = targets.admit(&slow, 0).await.turn();
+        let b = targets.admit(&slow, 0).await.turn();
+        assert_eq!((a, b), (Some((0, false)), Some((1_000, false))));
+        // The next turn is at 2 s: none within the lookahead now, one a second later.
+        assert_eq!(targets.caps(0).get("v:1"), Some(0));
+        assert_eq!(targets.caps(1_000).get("v:1"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn retry_after_slows_the_whole_target() {
+        let targets = targets(settings(), 8);
+        let job = test_job("j", "POST", "http://t:1/");
+        let mut busy = outcome(429);
+        busy.retry_after_s = Some(2.0);
+        targets.record(&job, &busy, 100);
+        assert_eq!(targets.caps(200).get("t:1"), Some(0));
+        assert_eq!(targets.admit(&job, 200).await.turn(), None);
+        assert_eq!(targets.next_change(200), Some(2_100));
+        assert_eq!(targets.caps(2_100).get("t:1"), Some(8));
+    }
+
+    #[tokio::test]
+    async fn admitted_attempts_count_against_the_host_limit_until_their_slot_drops() {
+        let targets = targets(settings(), 2);
+        let job = test_job("j", "POST", "http://t:1/");
+        let a = targets.admit(&job, 0).await;
+        let _b = targets.admit(&job, 0).await;
+        assert_eq!(targets.caps(0).get("t:1"), Some(0));
+        drop(a);
+        assert_eq!(targets.caps(0).get("t:1"), Some(1));
+        // Released on every path, a panic included.
+        let t = Arc::clone(&targets);
+        let task = tokio::spawn(async move {
+            let _slot = t.admit(&test_job("p", "POST", "http://t:1/"), 0).await;
+            panic!("an attempt that panics");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(targets.caps(0).get("t:1"), Some(1), "the slot came back");
+    }
+}
