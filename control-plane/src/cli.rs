@@ -42,12 +42,22 @@ pub enum Jobs {
         #[arg(long)]
         json: bool,
     },
-    /// Attempt a delivered or failed job again (or, with --all, every failed job).
+    /// Attempt a delivered or failed job again (or, with --all, every failed job; with
+    /// --target, every failed job of one target, paced by its rate limit).
     Replay {
-        #[arg(required_unless_present = "all")]
+        #[arg(required_unless_present_any = ["all", "target"])]
         id: Option<String>,
-        #[arg(long, conflicts_with = "id")]
+        #[arg(long, conflicts_with_all = ["id", "target"])]
         all: bool,
+        /// Only jobs to this target (`host:port`) …
+        #[arg(long, conflicts_with = "id")]
+        target: Option<String>,
+        /// … that failed at or after this time (RFC 3339) …
+        #[arg(long, requires = "target")]
+        since: Option<String>,
+        /// … and at or before this one.
+        #[arg(long, requires = "target")]
+        until: Option<String>,
     },
     /// Remove a job.
     Delete { id: String },
@@ -124,6 +134,183 @@ fn encode(id: &str) -> String {
         .collect()
 }
 
+#[derive(Debug, Subcommand)]
+pub enum Targets {
+    /// Every target: circuit, in flight, backlog, rate, last error.
+    List {
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One target (`host:port` as its jobs' URLs write it).
+    Get { target: String },
+    /// Send nothing to a target until it is resumed.
+    Pause { target: String },
+    /// Send to a target again (a paused or open circuit closes).
+    Resume { target: String },
+}
+
+pub async fn targets(remote: &Remote, command: Targets) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let one = |t: &str, action: &str| format!("/knocker/targets/{}{action}", encode(t));
+    match command {
+        Targets::List { json } => {
+            let list = call(remote, Method::GET, "/knocker/targets").await?;
+            if json {
+                return print_json(&list);
+            }
+            println!(
+                "{:<32} {:<8} {:>9} {:>8} {:>8}  last error",
+                "target", "circuit", "in flight", "backlog", "rate/s"
+            );
+            for t in list["targets"].as_array().into_iter().flatten() {
+                let last = &t["last_error"];
+                let last = if last.is_null() {
+                    String::new()
+                } else {
+                    format!(
+                        "{} {} {}",
+                        last["at"].as_str().unwrap_or(""),
+                        last["status"],
+                        last["error"].as_str().unwrap_or("")
+                    )
+                };
+                println!(
+                    "{:<32} {:<8} {:>9} {:>8} {:>8}  {}",
+                    t["target"].as_str().unwrap_or(""),
+                    t["circuit"].as_str().unwrap_or(""),
+                    t["in_flight"],
+                    t["backlog"]
+                        .as_u64()
+                        .map_or("-".to_owned(), |b| b.to_string()),
+                    t["rate_per_s"]
+                        .as_f64()
+                        .map_or("-".to_owned(), |r| r.to_string()),
+                    last
+                );
+            }
+            Ok(())
+        }
+        Targets::Get { target } => print_json(&call(remote, Method::GET, &one(&target, "")).await?),
+        Targets::Pause { target } => {
+            print_json(&call(remote, Method::POST, &one(&target, "/pause")).await?)
+        }
+        Targets::Resume { target } => {
+            print_json(&call(remote, Method::POST, &one(&target, "/resume")).await?)
+        }
+    }
+}
+
+/// `knocker verify`: checks a saved request's Standard Webhooks signature.
+#[derive(Debug, Args)]
+pub struct Verify {
+    /// The receiver's key: `whsec_…` (shared) or `whpk_…` (Ed25519 public); repeat for
+    /// several (any that verifies will do).
+    #[arg(
+        long = "secret",
+        env = "KNOCKER_VERIFY_SECRET",
+        hide_env_values = true,
+        required = true
+    )]
+    pub secrets: Vec<String>,
+    /// How far the signature's timestamp may be from now, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub tolerance_s: u64,
+    /// Check against this time (Unix seconds) instead of now: an old saved request.
+    #[arg(long)]
+    pub at: Option<u64>,
+    /// The request as received, in HTTP/1.1 form: the request line (optional), the
+    /// headers, a blank line, the body as it came; `-` for standard input.
+    pub file: std::path::PathBuf,
+}
+
+/// Exit status 0 when the request verifies, an error naming why otherwise.
+pub fn verify(args: &Verify) -> anyhow::Result<()> {
+    use crate::delivery::signing::{self, VerifyKey};
+    let raw = if args.file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        buf
+    } else {
+        std::fs::read(&args.file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?
+    };
+    let (headers, body) = split_request(&raw)?;
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let now = args.at.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    let mut last = None;
+    for (i, secret) in args.secrets.iter().enumerate() {
+        let key = VerifyKey::parse(secret, &format!("--secret #{}", i + 1))
+            .map_err(|e| anyhow::anyhow!(e.0))?;
+        match signing::verify(
+            &key,
+            header(signing::ID),
+            header(signing::TIMESTAMP),
+            header(signing::SIGNATURE),
+            body,
+            now,
+            args.tolerance_s,
+        ) {
+            Ok(entry) => {
+                println!(
+                    "valid: signature #{} of webhook-signature matches --secret #{} (id {})",
+                    entry + 1,
+                    i + 1,
+                    header(signing::ID).unwrap_or("")
+                );
+                return Ok(());
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) => anyhow::bail!("not valid: {e}"),
+        None => anyhow::bail!("no --secret given"),
+    }
+}
+
+/// Headers and body of a saved HTTP/1.1 request (CRLF or LF line ends).
+/// Header fields by name, in order.
+type Fields = Vec<(String, String)>;
+
+fn split_request(raw: &[u8]) -> anyhow::Result<(Fields, &[u8])> {
+    let (head, body) = match find(raw, b"\r\n\r\n") {
+        Some(i) => (&raw[..i], &raw[i + 4..]),
+        None => match find(raw, b"\n\n") {
+            Some(i) => (&raw[..i], &raw[i + 2..]),
+            None => anyhow::bail!("no blank line between the headers and the body"),
+        },
+    };
+    let head =
+        std::str::from_utf8(head).map_err(|_| anyhow::anyhow!("the headers are not text"))?;
+    let mut headers = Vec::new();
+    for (n, line) in head.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        match line.split_once(':') {
+            Some((name, value)) if !name.contains(' ') => {
+                headers.push((name.trim().to_owned(), value.trim().to_owned()));
+            }
+            // The request line (`POST /x HTTP/1.1`).
+            _ if n == 0 => {}
+            _ => anyhow::bail!("line {} is not a header: {line:?}", n + 1),
+        }
+    }
+    Ok((headers, body))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 pub async fn jobs(remote: &Remote, command: Jobs) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
@@ -192,6 +379,34 @@ pub async fn jobs(remote: &Remote, command: Jobs) -> anyhow::Result<()> {
             )
             .await?,
         ),
+        Jobs::Replay {
+            id: None,
+            target: Some(target),
+            since,
+            until,
+            ..
+        } => {
+            let mut path = format!(
+                "/knocker/jobs/replay?state=failed&target={}",
+                encode(&target)
+            );
+            for (name, value) in [("since", since), ("until", until)] {
+                if let Some(v) = value {
+                    path.push_str(&format!("&{name}={}", encode(&v)));
+                }
+            }
+            let mut total = 0;
+            loop {
+                let result = call(remote, Method::POST, &path).await?;
+                let n = result["replayed"].as_u64().unwrap_or(0);
+                total += n;
+                if n < crate::api::MAX_PAGE as u64 {
+                    break;
+                }
+            }
+            println!("replayed {total} failed jobs of {target}");
+            Ok(())
+        }
         Jobs::Replay { id: None, .. } => {
             let mut total = 0;
             loop {

@@ -54,6 +54,15 @@ enum Command {
         #[command(subcommand)]
         command: knocker::cli::Monitors,
     },
+    /// Show a running instance's targets (health, backlog, rate); pause or resume one.
+    Targets {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: knocker::cli::Targets,
+    },
+    /// Check a saved request's signature (Standard Webhooks) against a secret.
+    Verify(knocker::cli::Verify),
     /// Run a demo target that answers 200 to everything and logs each request.
     Echo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -95,6 +104,10 @@ fn main() -> ExitCode {
         Command::Broadcasts { remote, command } => {
             runtime.block_on(knocker::cli::broadcasts(&remote, command))
         }
+        Command::Targets { remote, command } => {
+            runtime.block_on(knocker::cli::targets(&remote, command))
+        }
+        Command::Verify(args) => knocker::cli::verify(&args),
         Command::Echo { addr, quiet } => runtime.block_on(knocker::echo::run(addr, quiet)),
     };
     match result {

@@ -25,6 +25,7 @@ use crate::job::{Kind, VERSION};
 use crate::monitor::shared::SharedStore;
 use crate::monitor::store::{LocalStore, MonitorStore};
 use crate::monitor::{CheckSettings, Monitors, Queue};
+use crate::notify::target::TargetNotifier;
 use crate::outbound::{Lookup, Outbound, OutboundPolicy};
 use crate::store::ClaimHealth;
 use crate::submit::Submitter;
@@ -129,6 +130,15 @@ pub async fn serve(
     if config.sentry.report_failed_jobs {
         observers.push(Arc::new(FailureReporter));
     }
+    if !config.target_notify.is_empty() {
+        observers.push(Arc::new(TargetNotifier::new(
+            Arc::clone(&store),
+            Arc::clone(&wake),
+            time.clone(),
+            &config.target_notify,
+            &config.notifiers,
+        )));
+    }
     let delivery = Arc::new(Delivery {
         store: Arc::clone(&store),
         time: time.clone(),
@@ -167,7 +177,7 @@ pub async fn serve(
         ));
     }
     let delivery_task = if config.delivery.enabled {
-        tokio::spawn(delivery.run(shutdown.clone()))
+        tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()))
     } else {
         tracing::warn!("KNOCKER_DELIVERY=off: jobs are accepted and stored, not delivered");
         tokio::spawn(async {})
@@ -182,7 +192,12 @@ pub async fn serve(
     // not wait for Nagle: with delayed ACKs on the other side that costs ~40 ms a
     // request on the filter's HTTP/2 connection); see `ingress::conn`.
     let doors = &config.doors;
-    let api = crate::api::router(Arc::clone(&submit), monitors, &doors.admin_token);
+    let api = crate::api::router(
+        Arc::clone(&submit),
+        monitors,
+        Arc::clone(&delivery),
+        &doors.admin_token,
+    );
     let http = ingress::http::serve(
         listeners.http,
         ingress::http::router(Arc::clone(&submit), api, doors),

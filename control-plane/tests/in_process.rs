@@ -134,6 +134,29 @@ async fn monitors(store: Arc<dyn Store>) -> Arc<Monitors> {
     .unwrap()
 }
 
+/// The delivery side the API reads targets from (not running: nothing is sent).
+fn delivery(store: Arc<dyn Store>) -> Arc<knocker::delivery::Delivery> {
+    use knocker::delivery::targets::{TargetSettings, Targets};
+    struct Nowhere;
+    #[async_trait::async_trait]
+    impl knocker::delivery::transport::Transport for Nowhere {
+        async fn send(&self, _: &knocker::job::Job) -> knocker::delivery::attempt::Outcome {
+            knocker::delivery::attempt::Outcome::failed(503, "not sent".into(), Duration::ZERO)
+        }
+    }
+    Arc::new(knocker::delivery::Delivery {
+        store,
+        time: Time::system(),
+        transport: Arc::new(Nowhere),
+        wake: Arc::default(),
+        slots: Arc::new(tokio::sync::Semaphore::new(1)),
+        backoff_cap_s: 1.0,
+        observers: Vec::new(),
+        targets: Arc::new(Targets::new(TargetSettings::default(), 4)),
+        health: Arc::default(),
+    })
+}
+
 async fn call(
     app: &axum::Router,
     method: &str,
@@ -163,6 +186,7 @@ async fn the_api_through_its_router_needs_the_token_and_answers_in_the_knocker_s
     let app = knocker::api::router(
         Arc::clone(&submit),
         monitors(Arc::clone(&store)).await,
+        delivery(Arc::clone(&store)),
         TOKEN,
     );
     let reply = submit
@@ -222,6 +246,66 @@ async fn the_api_through_its_router_needs_the_token_and_answers_in_the_knocker_s
     assert_eq!(
         (status, monitors["monitors"].clone()),
         (StatusCode::OK, serde_json::json!([]))
+    );
+
+    // Targets: the one the job waits for, paused and resumed by hand.
+    let (status, t) = call(&app, "GET", "/knocker/targets/target.example", Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(
+        (t["circuit"].as_str(), t["backlog"].as_u64()),
+        (Some("closed"), Some(1))
+    );
+    let (status, t) = call(
+        &app,
+        "POST",
+        "/knocker/targets/target.example/pause",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(
+        (t["circuit"].as_str(), t["changed"].as_bool()),
+        (Some("paused"), Some(true))
+    );
+    let (_, list) = call(&app, "GET", "/knocker/targets", Some(TOKEN)).await;
+    assert_eq!(list["targets"][0]["target"], "target.example", "{list}");
+    assert_eq!(list["targets"][0]["circuit"], "paused", "{list}");
+    let (status, t) = call(
+        &app,
+        "POST",
+        "/knocker/targets/target.example/resume",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(
+        (t["circuit"].as_str(), t["changed"].as_bool()),
+        (Some("closed"), Some(true))
+    );
+    let (status, body) = call(&app, "GET", "/knocker/targets/a%20b", Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["errors"]["target"].is_array(), "{body}");
+    // Replay by target: the window is read as RFC 3339, named when it is not.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/knocker/jobs/replay?target=target.example&since=yesterday",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["errors"]["since"].is_array(), "{body}");
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/knocker/jobs/replay?target=target.example&since=2026-01-01T00:00:00Z",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (status, body["replayed"].as_u64()),
+        (StatusCode::OK, Some(0)),
+        "{body}"
     );
 
     let (status, _) = call(&app, "DELETE", "/knocker/jobs/api-1", Some(TOKEN)).await;

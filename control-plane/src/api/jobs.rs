@@ -63,7 +63,33 @@ struct ListQuery {
     state: Option<String>,
     limit: Option<String>,
     after: Option<String>,
+    /// Bulk replay: only jobs to this target (`host:port`) …
+    target: Option<String>,
+    /// … that finished in this window (RFC 3339).
+    since: Option<String>,
+    until: Option<String>,
 }
+
+/// An RFC 3339 time of a query, in ms; `field` names it.
+fn parse_time(value: Option<&str>, field: &'static str) -> Result<Option<u64>, ApiError> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| Some(d.as_millis() as u64))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                field,
+                "Must be a time as RFC 3339 (2026-12-03T10:00:00Z).",
+            )
+        })
+}
+
+/// Most failed jobs one replay by target looks through.
+const MAX_SCAN: usize = 1_000_000;
 
 fn parse_state(state: Option<&str>) -> Result<JobState, ApiError> {
     match state.unwrap_or("failed") {
@@ -142,10 +168,56 @@ async fn replay_many(
     let limit = parse_limit(q.limit.as_deref(), MAX_PAGE)?;
     let now = ingress.time.now_ms();
     let mut replayed = Vec::new();
-    for job in ingress.store.list(state, None, limit).await? {
-        if let Some(j) = ingress.store.replay(&job.id, now).await? {
-            if j.state == JobState::Pending {
-                replayed.push(j.id);
+    let since = parse_time(q.since.as_deref(), "since")?;
+    let until = parse_time(q.until.as_deref(), "until")?;
+    if let Some(target) = q.target.as_deref() {
+        // One target's failures in a window, oldest first; its rate limit paces them.
+        let wanted = crate::delivery::signing::target_key(&format!("http://{target}/"));
+        let in_window = |j: &Job| {
+            let at = j.finished_at.unwrap_or(j.created_at);
+            since.is_none_or(|s| at >= s) && until.is_none_or(|u| at <= u)
+        };
+        let mut after: Option<String> = None;
+        let mut scanned = 0;
+        'pages: while replayed.len() < limit && scanned < MAX_SCAN {
+            let page = ingress
+                .store
+                .list(state, after.as_deref(), MAX_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            scanned += page.len();
+            for job in &page {
+                let same = job.host() == target
+                    || crate::delivery::signing::target_key(&job.request.url) == wanted;
+                if same && in_window(job) {
+                    if let Some(j) = ingress.store.replay(&job.id, now).await? {
+                        if j.state == JobState::Pending {
+                            replayed.push(j.id);
+                            if replayed.len() == limit {
+                                break 'pages;
+                            }
+                        }
+                    }
+                }
+            }
+            if page.len() < MAX_PAGE {
+                break;
+            }
+        }
+    } else {
+        if since.is_some() || until.is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "target",
+                "A window (since, until) is given with a target.",
+            ));
+        }
+        for job in ingress.store.list(state, None, limit).await? {
+            if let Some(j) = ingress.store.replay(&job.id, now).await? {
+                if j.state == JobState::Pending {
+                    replayed.push(j.id);
+                }
             }
         }
     }

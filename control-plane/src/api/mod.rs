@@ -13,11 +13,14 @@
 //! | `DELETE /knocker/jobs/{id}` | remove a job |
 //! | `GET /knocker/broadcasts/{id}` | a broadcast: each member's job and its state |
 //! | `GET /knocker/groups` | the broadcast groups and their members now |
+//! | `POST /knocker/jobs/replay?target=host:port&since=…&until=…` | failed jobs of one target, finished in a window, again |
 //! | `/knocker/monitors…` | monitors: see [`monitors`] |
+//! | `/knocker/targets…` | target health, pause and resume: see [`targets`] |
 
 pub mod broadcasts;
 pub mod jobs;
 pub mod monitors;
+pub mod targets;
 
 use std::sync::Arc;
 
@@ -27,17 +30,24 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::Value;
 
+use crate::delivery::Delivery;
 use crate::monitor::Monitors;
 use crate::store::StoreError;
 use crate::submit::{Reply, Submitter};
 use crate::token::{bearer, same_secret};
 
 /// The whole API: every resource's routes, the admin token around all of them.
-pub fn router(submit: Arc<Submitter>, monitors: Arc<Monitors>, admin_token: &str) -> Router {
+pub fn router(
+    submit: Arc<Submitter>,
+    monitors: Arc<Monitors>,
+    delivery: Arc<Delivery>,
+    admin_token: &str,
+) -> Router {
     Router::new()
         .merge(jobs::router(Arc::clone(&submit)))
         .merge(broadcasts::router(submit))
         .merge(monitors::router(monitors))
+        .merge(targets::router(delivery))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "path", "No such API endpoint.")
         })

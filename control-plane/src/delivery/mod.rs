@@ -222,6 +222,38 @@ impl Delivery {
         }
     }
 
+    /// An operator pauses a target: nothing goes to it until it is resumed. `false`
+    /// when it was paused already.
+    pub async fn pause_target(&self, target: &str) -> bool {
+        let was_paused = matches!(
+            self.targets.circuit(target),
+            targets::Circuit::Paused { .. }
+        );
+        match self.targets.pause(target, self.time.now_ms()) {
+            Some(change) => self.target_changed(&change).await,
+            // Its circuit was open already (the event went out then): only shared.
+            None if !was_paused => {
+                let circuit = self.targets.circuit(target);
+                self.targets.board.publish(target, &circuit).await;
+            }
+            None => {}
+        }
+        !was_paused
+    }
+
+    /// An operator resumes a target (paused, or its circuit open). `false` when it
+    /// was neither.
+    pub async fn resume_target(&self, target: &str) -> bool {
+        match self.targets.resume(target, self.time.now_ms()) {
+            Some(change) => {
+                self.target_changed(&change).await;
+                self.wake.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Gives back a job whose target is parked, retrying while the store cannot
     /// commit (like [`Self::record`]).
     async fn release(&self, job: &Job) {
@@ -700,7 +732,11 @@ mod tests {
         // 20 s, but its target stays slowed for the whole 30 s, so it goes then.
         assert_eq!(offsets_ms(&transport, start), [0, 30_000, 60_000]);
         let job = store.get("j").await.unwrap().unwrap();
-        assert_eq!(job.attempts.len(), 3, "waiting for the target spent no attempt");
+        assert_eq!(
+            job.attempts.len(),
+            3,
+            "waiting for the target spent no attempt"
+        );
         let scheduled = job.attempts[1].at - job.attempts[0].at;
         assert_eq!(scheduled, 30_000);
     }

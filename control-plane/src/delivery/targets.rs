@@ -517,28 +517,45 @@ impl Targets {
             .map_or(Circuit::Closed, |t| t.circuit.circuit.clone())
     }
 
-    /// Every target seen, in name order.
+    /// Every target seen, and every one with a configured rate, in name order.
     pub fn view(&self, now: Millis) -> Vec<TargetView> {
         let state = self.state.lock();
         let mut views: Vec<TargetView> = state
             .iter()
-            .map(|(host, t)| {
-                let rate = t.rate.or_else(|| self.configured_rate(host));
-                TargetView {
-                    target: host.clone(),
-                    circuit: t.circuit.circuit.clone(),
-                    in_flight: t.in_flight,
-                    consecutive_failures: t.failures,
-                    rate_per_s: rate.map(|r| r.per_s),
-                    burst: rate.map(|r| r.burst),
-                    slow_until: (t.slow_until > now).then_some(t.slow_until),
-                    last_error: t.last_error.clone(),
-                    attempts: t.attempts,
-                }
-            })
+            .map(|(host, t)| self.view_of(host, t, now))
             .collect();
+        let default = Target::default();
+        for key in self.settings.rates.keys() {
+            if !state.contains_key(key) {
+                views.push(self.view_of(key, &default, now));
+            }
+        }
         views.sort_by(|a, b| a.target.cmp(&b.target));
         views
+    }
+
+    /// One target (closed and idle when never seen).
+    pub fn view_one(&self, host: &str, now: Millis) -> TargetView {
+        let state = self.state.lock();
+        match state.get(host) {
+            Some(t) => self.view_of(host, t, now),
+            None => self.view_of(host, &Target::default(), now),
+        }
+    }
+
+    fn view_of(&self, host: &str, t: &Target, now: Millis) -> TargetView {
+        let rate = t.rate.or_else(|| self.configured_rate(host));
+        TargetView {
+            target: host.to_owned(),
+            circuit: t.circuit.circuit.clone(),
+            in_flight: t.in_flight,
+            consecutive_failures: t.failures,
+            rate_per_s: rate.map(|r| r.per_s),
+            burst: rate.map(|r| r.burst),
+            slow_until: (t.slow_until > now).then_some(t.slow_until),
+            last_error: t.last_error.clone(),
+            attempts: t.attempts,
+        }
     }
 }
 

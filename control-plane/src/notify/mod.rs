@@ -1,4 +1,5 @@
-//! Notifications of monitor transitions: webhooks and email, both delivered through the
+//! Notifications of monitor transitions (and, in [`target`], of targets paused and
+//! resumed): webhooks and email, both delivered through the
 //! durable job queue — stored before the alert state moves on, retried with backoff
 //! until they go through or their maximum age passes, visible in the jobs API.
 //!
@@ -10,6 +11,8 @@
 //! Job ids are `monitor.<name>.<since>.<transition number>.<notifier>` (`since`: when the
 //! monitor's state began): a check recorded twice (a crash between the two commits)
 //! stores its notifications once, and a monitor created again never reuses an id.
+
+pub mod target;
 
 use std::collections::BTreeMap;
 

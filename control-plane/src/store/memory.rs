@@ -198,6 +198,16 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn backlog(&self, host: &str) -> Result<Option<u64>, StoreError> {
+        let inner = self.inner.lock();
+        let n = inner
+            .jobs
+            .values()
+            .filter(|j| j.state == State::Pending && j.host() == host)
+            .count();
+        Ok(Some(n as u64))
+    }
+
     async fn release(&self, claimed: &Job) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
         let Some(job) = inner.jobs.get_mut(&claimed.id) else {

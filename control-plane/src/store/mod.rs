@@ -155,6 +155,11 @@ pub trait Store: Send + Sync + 'static {
 
     async fn stats(&self) -> Result<Stats, StoreError>;
 
+    /// Pending jobs of one target host (`None`: this engine does not count them).
+    async fn backlog(&self, _host: &str) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
     /// Jobs in `state`, oldest first, after the cursor `after` (a job id), at most `limit`.
     async fn list(
         &self,

@@ -234,6 +234,16 @@ impl Store for SqliteStore {
         Ok(self.counts.stats())
     }
 
+    async fn backlog(&self, host: &str) -> Result<Option<u64>, StoreError> {
+        let host = host.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT count(*) FROM jobs WHERE state = 0 AND host = ?1")?
+                .query_row([host], |r| r.get::<_, i64>(0))
+                .map(|n| Some(n.max(0) as u64))
+        })
+        .await
+    }
+
     async fn list(
         &self,
         state: State,
