@@ -14,6 +14,7 @@ use crate::broadcast::agents::{self, AgentBus};
 use crate::broadcast::groups::Groups;
 use crate::clock::Time;
 use crate::config::Config;
+use crate::delivery::board::NatsBoard;
 use crate::delivery::email::Mailer;
 use crate::delivery::http::Http;
 use crate::delivery::observe::{Log, Observer};
@@ -139,6 +140,20 @@ pub async fn serve(
             &config.notifiers,
         )));
     }
+    // Target circuits: shared through NATS by every control plane on it.
+    let mut targets = Targets::new(config.targets.clone(), config.delivery.host_concurrency);
+    let board = match &nats_url {
+        Some(url) => {
+            let board = NatsBoard::open(url).await?;
+            targets = targets.with_board(Arc::clone(&board) as _);
+            Some(board)
+        }
+        None => None,
+    };
+    let targets = Arc::new(targets);
+    if let Some(board) = board {
+        board.watch(Arc::clone(&targets), shutdown.clone());
+    }
     let delivery = Arc::new(Delivery {
         store: Arc::clone(&store),
         time: time.clone(),
@@ -147,10 +162,7 @@ pub async fn serve(
         slots: Arc::new(Semaphore::new(config.delivery.concurrency)),
         backoff_cap_s: config.delivery.backoff_cap_s,
         observers,
-        targets: Arc::new(Targets::new(
-            config.targets.clone(),
-            config.delivery.host_concurrency,
-        )),
+        targets: Arc::clone(&targets),
         health: Arc::clone(&claims),
     });
     let submit = Arc::new(Submitter {

@@ -68,10 +68,13 @@ async fn kill_9_with_thousands_of_jobs_in_every_state_loses_nothing() {
     .await;
 
     // 100 retries with delays under a second: the failing jobs are still pending at the kill.
+    // Circuits stay closed: the failing target must keep taking (and failing) attempts.
+    let config = crate::write_config("[targets]\nfailure_threshold = 0\n");
     let mut cp = ControlPlane::start(&[
         ("KNOCKER_HOST_CONCURRENCY", "64"),
         ("LOG_LEVEL", "info"),
         ("RETRIES_MAX", "100"),
+        ("KNOCKER_CONFIG", config.as_str()),
     ]);
     let base = cp.url("");
     let mut jobs: Vec<Submission> = Vec::new();

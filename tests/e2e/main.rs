@@ -11,7 +11,9 @@ mod protocol;
 mod rules;
 mod security;
 mod settings;
+mod signing;
 mod stack;
+mod targets;
 
 use std::time::Duration;
 

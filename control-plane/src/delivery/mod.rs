@@ -14,6 +14,7 @@
 
 pub mod attempt;
 pub mod backoff;
+pub mod board;
 pub mod callback;
 pub mod email;
 pub mod http;
@@ -81,6 +82,9 @@ const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
 /// resources for (descriptors).
 const LOCAL_SHORTAGE_FIRST: Duration = Duration::from_millis(200);
 const LOCAL_SHORTAGE_MAX: Duration = Duration::from_secs(10);
+/// How soon to look again when due jobs were left unclaimed although their host had
+/// room (a claim that raced a slot coming free).
+const BUSY_HOST_POLL: Duration = Duration::from_millis(50);
 /// Longest sleep with nothing due (a wake-up comes sooner when a job arrives).
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -118,10 +122,14 @@ impl Delivery {
                 drop(first);
                 let now = self.time.now_ms();
                 // Due jobs a target cannot take now wait for it (a slot, its rate, its
-                // circuit), not for the next due time, which has passed.
-                let mut wait = match self.store.next_due().await {
+                // circuit: `targets.changed`, `next_change`), the others for their time.
+                let caps = self.targets.caps(now);
+                let mut wait = match self.store.next_due(&caps).await {
                     Ok(Some(at)) if at > now => self.time.until(at).min(IDLE),
-                    Ok(_) => IDLE,
+                    // Due, yet not claimed: a host with some room took less than its
+                    // due jobs; look again soon.
+                    Ok(Some(_)) => BUSY_HOST_POLL,
+                    Ok(None) => IDLE,
                     Err(_) => STORE_ERROR_PAUSE,
                 };
                 if let Some(at) = self.targets.next_change(now) {
@@ -187,7 +195,15 @@ impl Delivery {
         if let Some(change) = self.targets.record(&job, &outcome, now) {
             self.target_changed(&change).await;
         }
-        let next = self.next_step(&job, number, &outcome, now);
+        let mut next = self.next_step(&job, number, &outcome, now);
+        // Its target is parked now (this failure opened the circuit, or it was the probe
+        // and failed): the circuit decides when the target is tried again, so the job
+        // keeps its place in the queue instead of going behind the backlog.
+        if let Next::Retry { at } = &mut next {
+            if !self.targets.circuit(job.host()).is_closed() {
+                *at = (*at).min(job.next_attempt_at);
+            }
+        }
         let attempted = observe::Attempted {
             job: &job,
             number,
@@ -216,7 +232,9 @@ impl Delivery {
                 (target, self.targets.circuit(target))
             }
         };
-        self.targets.board.publish(target, &circuit).await;
+        if !self.targets.board.publish(target, &circuit).await {
+            return; // another control plane made this transition and told of it
+        }
         for observer in &self.observers {
             observer.target_changed(change);
         }
@@ -849,8 +867,8 @@ mod tests {
         async fn get(&self, id: &str) -> Result<Option<Job>, crate::store::StoreError> {
             self.inner.get(id).await
         }
-        async fn next_due(&self) -> Result<Option<u64>, crate::store::StoreError> {
-            self.inner.next_due().await
+        async fn next_due(&self, caps: &HostCaps) -> Result<Option<u64>, crate::store::StoreError> {
+            self.inner.next_due(caps).await
         }
         async fn stats(&self) -> Result<crate::store::Stats, crate::store::StoreError> {
             self.inner.stats().await

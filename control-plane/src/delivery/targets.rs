@@ -87,7 +87,7 @@ impl Circuit {
         }
     }
 
-    fn is_closed(&self) -> bool {
+    pub fn is_closed(&self) -> bool {
         matches!(self, Circuit::Closed)
     }
 }
@@ -185,8 +185,9 @@ pub struct TargetView {
 /// have one control plane and share nothing.
 #[async_trait::async_trait]
 pub trait Board: Send + Sync + 'static {
-    /// Tells the others that `target`'s circuit is now `circuit`.
-    async fn publish(&self, target: &str, circuit: &Circuit);
+    /// Tells the others that `target`'s circuit is now `circuit`. `false` when another
+    /// control plane made the same transition first (it sent the event).
+    async fn publish(&self, target: &str, circuit: &Circuit) -> bool;
     /// Takes the right to probe `target` (only one control plane probes); `true` when
     /// this one may.
     async fn take_probe(&self, target: &str, now: Millis) -> bool;
@@ -197,7 +198,9 @@ pub struct Alone;
 
 #[async_trait::async_trait]
 impl Board for Alone {
-    async fn publish(&self, _: &str, _: &Circuit) {}
+    async fn publish(&self, _: &str, _: &Circuit) -> bool {
+        true
+    }
     async fn take_probe(&self, _: &str, _: Millis) -> bool {
         true
     }

@@ -188,7 +188,17 @@ async fn claims_due_jobs_skipping_saturated_hosts_each_once() {
             store.insert(job(id, host, e.at(due))).await.unwrap();
         }
         if e.nats.is_none() {
-            assert_eq!(store.next_due().await.unwrap(), Some(10), "{engine}");
+            assert_eq!(
+                store.next_due(&HostCaps::default()).await.unwrap(),
+                Some(10),
+                "{engine}"
+            );
+            let h1_full = HostCaps::skipping(&["h1".to_owned()]);
+            assert_eq!(
+                store.next_due(&h1_full).await.unwrap(),
+                Some(15),
+                "{engine}: a host without room is left out"
+            );
         }
         let slow = ["slow".to_owned()];
         let claimed = e.claim(e.at(30), 10, &slow, 3).await;
@@ -568,7 +578,11 @@ async fn ordered_lanes_deliver_one_job_at_a_time_in_arrival_order() {
         assert_eq!(a2.policy.deadline, Some(1_000_000), "{engine}");
         assert_eq!(a2.policy.max_backoff_s, Some(2.5), "{engine}");
         assert_eq!(a2.lane.as_deref(), Some("A"), "{engine}");
-        assert_eq!(store.next_due().await.unwrap(), Some(10), "{engine}");
+        assert_eq!(
+            store.next_due(&HostCaps::default()).await.unwrap(),
+            Some(10),
+            "{engine}"
+        );
 
         let first = claim_ids(store.as_ref(), 10).await;
         assert_eq!(first, ["a1", "b1", "free"], "{engine}: one head per lane");

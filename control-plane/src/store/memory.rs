@@ -227,8 +227,18 @@ impl Store for MemoryStore {
         Ok(self.inner.lock().jobs.get(id).cloned())
     }
 
-    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        Ok(self.inner.lock().due.first().map(|(at, _, _)| *at))
+    async fn next_due(&self, caps: &HostCaps) -> Result<Option<Millis>, StoreError> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .due
+            .iter()
+            .find(|(_, _, id)| {
+                inner
+                    .jobs
+                    .get(id)
+                    .is_none_or(|j| caps.get(j.host()) != Some(0))
+            })
+            .map(|(at, _, _)| *at))
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {

@@ -150,8 +150,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
 
-    /// When the earliest pending job is due.
-    async fn next_due(&self) -> Result<Option<Millis>, StoreError>;
+    /// When the earliest pending job is due, leaving out the target hosts `caps` gives
+    /// no room (their jobs wait for the host, not for a time).
+    async fn next_due(&self, caps: &HostCaps) -> Result<Option<Millis>, StoreError>;
 
     async fn stats(&self) -> Result<Stats, StoreError>;
 

@@ -716,7 +716,7 @@ impl Store for NatsStore {
         Ok(self.find(id).await?.map(|r| r.job))
     }
 
-    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+    async fn next_due(&self, _caps: &HostCaps) -> Result<Option<Millis>, StoreError> {
         // The server schedules retries: ask again soon (or when a held head is due).
         let soon = now_ms() + 100;
         let head = self.held.lock().values().filter_map(|h| h.due).min();

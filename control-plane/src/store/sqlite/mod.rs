@@ -217,15 +217,23 @@ impl Store for SqliteStore {
         self.read(move |c| load(c, &id)).await
     }
 
-    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        self.read(|c| {
-            c.prepare_cached(
-                "SELECT next_attempt_at FROM jobs WHERE state = 0 AND next_attempt_at < ?1
-                 ORDER BY next_attempt_at LIMIT 1",
-            )?
-            .query_row([PARKED as i64], |r| r.get::<_, i64>(0))
-            .optional()
-            .map(|v| v.map(|v| v as Millis))
+    async fn next_due(&self, caps: &HostCaps) -> Result<Option<Millis>, StoreError> {
+        let skipped: Vec<String> = caps.skipped().map(str::to_owned).collect();
+        self.read(move |c| {
+            let mut sql =
+                "SELECT next_attempt_at FROM jobs WHERE state = 0 AND next_attempt_at < ?1"
+                    .to_owned();
+            if !skipped.is_empty() {
+                let marks = vec!["?"; skipped.len()].join(", ");
+                sql.push_str(&format!(" AND host NOT IN ({marks})"));
+            }
+            sql.push_str(" ORDER BY next_attempt_at LIMIT 1");
+            let mut values: Vec<rusqlite::types::Value> = vec![(PARKED as i64).into()];
+            values.extend(skipped.into_iter().map(Into::into));
+            c.prepare_cached(&sql)?
+                .query_row(rusqlite::params_from_iter(values), |r| r.get::<_, i64>(0))
+                .optional()
+                .map(|v| v.map(|v| v as Millis))
         })
         .await
     }
