@@ -340,3 +340,113 @@ notify = ["mail"]
 fn target_checks(monitor: &serde_json::Value) -> usize {
     monitor["results"].as_array().map_or(0, Vec::len)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_is_shared_one_control_plane_tells_of_it_and_a_pause_reaches_all() {
+    let nats = NatsServer::start();
+    let hook = Target::ok().await;
+    let port = knocker_e2e::free_port(); // down
+    let host = format!("127.0.0.1:{port}");
+    let config = crate::write_config(&format!(
+        r#"
+        [notifiers.ops]
+        webhook = "http://{}/events"
+        [targets]
+        failure_threshold = 2
+        cooldown_s = 1
+        max_cooldown_s = 1
+        notify = ["ops"]
+        "#,
+        hook.host()
+    ));
+    let env = [
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_CONFIG", config.as_str()),
+        ("KNOCKER_ADMIN_TOKEN", crate::TOKEN),
+        ("KNOCKER_NATS_ACK_WAIT", "2s"),
+    ];
+    let one = ControlPlane::start(&env);
+    let two = ControlPlane::start(&env);
+    let mut ids = Vec::new();
+    for (i, cp) in [&one, &two, &one, &two].into_iter().enumerate() {
+        let response = client()
+            .post(cp.url(&format!("/w/{i}")))
+            .header("Knocker-Host", &host)
+            .header("Knocker-Retries", "10")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        ids.push(
+            response.headers()["knocker-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Both see the circuit open, whichever opened it.
+    for cp in [&one, &two] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let t = get_json(cp.url(&format!("/knocker/targets/{host}"))).await;
+            if t["circuit"] == "open" || t["circuit"] == "probing" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The target comes back: closed everywhere, one event of each kind in all.
+    let target = Target::start_on(port, |_, _| Reply::status(200)).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while target.count() < 4 {
+        if tokio::time::Instant::now() > deadline {
+            let mut jobs = Vec::new();
+            for id in &ids {
+                jobs.push(get_json(one.url(&format!("/knocker/jobs/{id}"))).await);
+            }
+            panic!("not all delivered: {jobs:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hook.wait_for(2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events: Vec<String> = hook
+        .received()
+        .iter()
+        .map(|r| r.json()["event"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(events, ["target.paused", "target.resumed"], "each once");
+    // A pause by hand on one holds the target on the other as well.
+    let paused: serde_json::Value = client()
+        .post(one.url(&format!("/knocker/targets/{host}/pause")))
+        .bearer_auth(crate::TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(paused["circuit"], "paused");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let t = get_json(two.url(&format!("/knocker/targets/{host}"))).await;
+        if t["circuit"] == "paused" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = target.count();
+    let response = client()
+        .post(two.url("/w/held"))
+        .header("Knocker-Host", &host)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(target.count(), before, "held while paused");
+}

@@ -174,8 +174,11 @@ impl Board for NatsBoard {
             Circuit::Open { retry_at, .. } if *retry_at <= now => {
                 self.write(target, &probing, Some(revision)).await
             }
+            // Our own earlier probe (it failed: the next one is ours too), or one whose
+            // control plane went away.
             Circuit::Probing { .. }
-                if now.saturating_sub(written) > PROBE_LEASE.as_millis() as Millis =>
+                if entry.by == self.me
+                    || now.saturating_sub(written) > PROBE_LEASE.as_millis() as Millis =>
             {
                 self.write(target, &probing, Some(revision)).await
             }

@@ -325,6 +325,14 @@ impl Targets {
             }
         };
         if probe_due && !self.board.take_probe(host, now).await {
+            // Another control plane probes it: ask again after a cool-down, not at once.
+            let mut state = self.state.lock();
+            if let Some(t) = state.get_mut(host) {
+                let wait = t.circuit.cooldown_ms.max(1_000);
+                if let Circuit::Open { retry_at, .. } = &mut t.circuit.circuit {
+                    *retry_at = now + wait;
+                }
+            }
             return Admit::Park;
         }
         let configured = self.configured_rate(host);
