@@ -402,3 +402,123 @@ fn nats_version() -> String {
         })
         .unwrap_or_else(|_| "?".into())
 }
+
+/// CPU time (user + system) of a process so far, in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One drain of `jobs` jobs through a control plane started with `env`: delivered/s and
+/// CPU µs per job of the control plane.
+fn drain_once(
+    runtime: &tokio::runtime::Runtime,
+    sink: &Echo,
+    jobs: usize,
+    env: &[(&str, &str)],
+) -> (f64, f64) {
+    let headers = knocker_headers(sink);
+    let mut all = vec![("LOG_LEVEL", "warning"), ("KNOCKER_DELIVERY", "off")];
+    all.extend_from_slice(env);
+    let mut cp = ControlPlane::start(&all);
+    runtime.block_on(submit_n(&cp.url("/signed"), jobs, 64, &headers));
+    cp.set_env("KNOCKER_DELIVERY", "on");
+    cp.restart();
+    let pid = cp.pid().expect("running");
+    let cpu_before = cpu_s(pid);
+    let started = Instant::now();
+    while delivered(&cp) < jobs as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "drain did not finish: {}",
+            status(&cp)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed().as_secs_f64();
+    let cpu = cpu_s(pid) - cpu_before;
+    (jobs as f64 / took, cpu * 1e6 / jobs as f64)
+}
+
+/// Signed deliveries and target health bookkeeping against neither, in alternating
+/// rounds of the same drain.
+pub fn signing(report: &mut String, runtime: &tokio::runtime::Runtime) {
+    let jobs = env_or("BENCH_SIGNING_JOBS", 20_000) as usize;
+    let rounds = env_or("BENCH_ROUNDS", 3) as usize;
+    let sink = Echo::start();
+    let dir = knocker_e2e::temp_dir("bench-signing");
+    let plain = dir.join("plain.toml");
+    std::fs::write(&plain, "[targets]\nfailure_threshold = 0\n").expect("config");
+    let signed = dir.join("signed.toml");
+    std::fs::write(
+        &signed,
+        format!(
+            "[signing]\nhosts.\"127.0.0.1:{}\" = [\"env:BENCH_SECRET\", \"env:BENCH_SECRET_NEXT\"]\n\
+             [targets]\nfailure_threshold = 5\n",
+            sink.port
+        ),
+    )
+    .expect("config");
+    let plain = plain.display().to_string();
+    let signed = signed.display().to_string();
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for _ in 0..rounds {
+        off.push(drain_once(runtime, &sink, jobs, &[("KNOCKER_CONFIG", plain.as_str())]));
+        on.push(drain_once(
+            runtime,
+            &sink,
+            jobs,
+            &[
+                ("KNOCKER_CONFIG", signed.as_str()),
+                ("BENCH_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                ("BENCH_SECRET_NEXT", "whsec_c2Vjb25kIHNlY3JldCBvZiAzMiBieXRlcyEhIQ=="),
+            ],
+        ));
+    }
+    let rate = |v: &[(f64, f64)]| median(v.iter().map(|r| r.0).collect());
+    let cpu = |v: &[(f64, f64)]| median(v.iter().map(|r| r.1).collect());
+    let (off_rate, on_rate) = (rate(&off), rate(&on));
+    let (off_cpu, on_cpu) = (cpu(&off), cpu(&on));
+    let ratio = on_rate / off_rate;
+    let _ = writeln!(report, "## Signed delivery and target health\n");
+    let _ = writeln!(
+        report,
+        "{jobs} jobs submitted with delivery off, then drained into a `knocker echo` sink, in \
+         {rounds} alternating rounds of each: unsigned with circuits off (`failure_threshold = 0`) \
+         against signed with two secrets (two `v1` HMAC-SHA256 entries per attempt) and circuits \
+         on. CPU is the control plane's own (user + system) over the drain, per delivered job.\n"
+    );
+    let _ = writeln!(report, "| round | unsigned/s | signed/s | unsigned µs CPU/job | signed µs CPU/job |");
+    let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: |");
+    for (i, (a, b)) in off.iter().zip(&on).enumerate() {
+        let _ = writeln!(
+            report,
+            "| {} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            i + 1,
+            a.0,
+            b.0,
+            a.1,
+            b.1
+        );
+    }
+    let _ = writeln!(
+        report,
+        "| median | {off_rate:.0} | {on_rate:.0} | {off_cpu:.1} | {on_cpu:.1} |\n"
+    );
+    let _ = writeln!(
+        report,
+        "Signed and watched: **{:.0}%** of the unsigned throughput (goal ≥ 90%: {}), CPU per job \
+         ×{:.2}.\n",
+        ratio * 100.0,
+        if ratio >= 0.9 { "met" } else { "NOT met" },
+        on_cpu / off_cpu
+    );
+}

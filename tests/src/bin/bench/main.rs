@@ -9,15 +9,18 @@
 //! delivery off and on (wrk), open-loop latency at half the goal rate, drain rate from a
 //! 100,000-job backlog, and a 1,000,000-job backlog (memory, time to first delivery).
 //!
+//! Signing (`jobs.rs`): drains of signed deliveries with circuits on against unsigned ones
+//! with circuits off, alternating rounds: deliveries/s and CPU per job.
+//!
 //! Engines (`jobs.rs`): the embedded store and NATS JetStream side by side, accepted and
 //! delivered jobs/s.
 //!
 //! Knobs (environment): `BENCH_FILTER_ROUNDS` (15), `BENCH_FILTER_SECONDS` (3),
 //! `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
 //! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000),
-//! `BENCH_ENGINE_SECONDS` (5), `BENCH_ENGINE_JOBS` (20000), `BENCH_ONLY` (`filter`,
-//! `accept`, `drain`, `backlog` or `engines`: run one section, replacing only that
-//! section of `docs/benchmarks.md`).
+//! `BENCH_ENGINE_SECONDS` (5), `BENCH_ENGINE_JOBS` (20000), `BENCH_SIGNING_JOBS` (20000),
+//! `BENCH_ONLY` (`filter`, `accept`, `drain`, `signing`, `backlog` or `engines`: run one
+//! section, replacing only that section of `docs/benchmarks.md`).
 
 use std::fmt::Write as _;
 use std::process::{Child, Command, Stdio};
@@ -297,6 +300,9 @@ fn main() {
     }
     if run("drain") {
         jobs::drain(&mut report, &runtime);
+    }
+    if run("signing") {
+        jobs::signing(&mut report, &runtime);
     }
     if run("backlog") {
         jobs::backlog(&mut report, &runtime);
