@@ -363,7 +363,6 @@ async fn a_circuit_is_shared_one_control_plane_tells_of_it_and_a_pause_reaches_a
         ("KNOCKER_STORE", nats.url.as_str()),
         ("KNOCKER_CONFIG", config.as_str()),
         ("KNOCKER_ADMIN_TOKEN", crate::TOKEN),
-        ("KNOCKER_NATS_ACK_WAIT", "2s"),
     ];
     let one = ControlPlane::start(&env);
     let two = ControlPlane::start(&env);

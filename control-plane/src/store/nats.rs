@@ -325,7 +325,7 @@ impl NatsStore {
                     },
                 );
             } else {
-                let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
+                let _ = message.ack_with(nak(wait)).await;
             }
             return Ok(None);
         }
@@ -357,6 +357,17 @@ impl NatsStore {
             }
         }
         Ok(hashes)
+    }
+}
+
+/// Sends a message back to be delivered again after `wait`. A zero delay is sent as a
+/// plain NAK: nats-server 2.9 left a NAK with `delay: 0` undelivered until the ack wait
+/// ran out (found by the shared-circuit test, where a parked job's retry is due at once).
+fn nak(wait: Duration) -> AckKind {
+    if wait.is_zero() {
+        AckKind::Nak(None)
+    } else {
+        AckKind::Nak(Some(wait))
     }
 }
 
@@ -670,10 +681,7 @@ impl Store for NatsStore {
                 };
                 if let Some(h) = released {
                     let wait = Duration::from_millis(due.saturating_sub(now_ms()));
-                    h.message
-                        .ack_with(AckKind::Nak(Some(wait)))
-                        .await
-                        .map_err(unavailable)?;
+                    h.message.ack_with(nak(wait)).await.map_err(unavailable)?;
                 }
             }
         }

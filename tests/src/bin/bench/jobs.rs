@@ -411,7 +411,12 @@ fn cpu_s(pid: u32) -> f64 {
     // Fields after the command name (which may hold spaces) end with ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of the line: 11 and 12 after the ')'.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -471,7 +476,12 @@ pub fn signing(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let mut off = Vec::new();
     let mut on = Vec::new();
     for _ in 0..rounds {
-        off.push(drain_once(runtime, &sink, jobs, &[("KNOCKER_CONFIG", plain.as_str())]));
+        off.push(drain_once(
+            runtime,
+            &sink,
+            jobs,
+            &[("KNOCKER_CONFIG", plain.as_str())],
+        ));
         on.push(drain_once(
             runtime,
             &sink,
@@ -479,7 +489,10 @@ pub fn signing(report: &mut String, runtime: &tokio::runtime::Runtime) {
             &[
                 ("KNOCKER_CONFIG", signed.as_str()),
                 ("BENCH_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-                ("BENCH_SECRET_NEXT", "whsec_c2Vjb25kIHNlY3JldCBvZiAzMiBieXRlcyEhIQ=="),
+                (
+                    "BENCH_SECRET_NEXT",
+                    "whsec_c2Vjb25kIHNlY3JldCBvZiAzMiBieXRlcyEhIQ==",
+                ),
             ],
         ));
     }
@@ -496,7 +509,10 @@ pub fn signing(report: &mut String, runtime: &tokio::runtime::Runtime) {
          against signed with two secrets (two `v1` HMAC-SHA256 entries per attempt) and circuits \
          on. CPU is the control plane's own (user + system) over the drain, per delivered job.\n"
     );
-    let _ = writeln!(report, "| round | unsigned/s | signed/s | unsigned µs CPU/job | signed µs CPU/job |");
+    let _ = writeln!(
+        report,
+        "| round | unsigned/s | signed/s | unsigned µs CPU/job | signed µs CPU/job |"
+    );
     let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: |");
     for (i, (a, b)) in off.iter().zip(&on).enumerate() {
         let _ = writeln!(
