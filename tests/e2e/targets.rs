@@ -185,6 +185,18 @@ async fn gone_ends_the_job_parks_the_target_and_an_operator_resumes_it() {
         (Some("open"), Some("410 Gone")),
         "{t}"
     );
+    let cli = std::process::Command::new(knocker_e2e::knocker_bin())
+        .args(["targets", "list", "--url", &cp.url(""), "--token", TOKEN])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{cli:?}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&host) && l.contains("open") && l.contains("410")),
+        "{table}"
+    );
     // The next job waits (its attempts unspent) until the operator resumes the target.
     let second = knock(&cp, &host, 1).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
