@@ -186,6 +186,8 @@ impl Delivery {
                 return;
             }
         }
+        let mut slot = slot;
+        slot.turn().await;
         let at = self.time.now_ms();
         let outcome = self.send_when_resources_allow(&job).await;
         // The target's slot is free again (on every path, a panic included).
@@ -579,7 +581,11 @@ mod tests {
         assert_eq!(job.attempts.len(), 1, "the shortages were not counted");
         assert_eq!(*transport.calls.lock(), 6);
         // The host's slot went back.
-        assert_eq!(delivery.targets.caps(0).get("t"), Some(1));
+        assert_eq!(
+            delivery.targets.caps(0).get("t"),
+            Some(2),
+            "its slot (and the one waiting) free"
+        );
     }
 
     fn offsets_ms(transport: &FakeTransport, start: tokio::time::Instant) -> Vec<u128> {

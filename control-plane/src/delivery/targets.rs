@@ -140,7 +140,10 @@ pub struct LastError {
 #[derive(Debug, Default)]
 struct Target {
     circuit: CircuitState,
+    /// Attempts being sent.
     in_flight: usize,
+    /// Admitted, waiting for one of the target's slots.
+    queued: usize,
     failures: u32,
     /// GCRA: the theoretical arrival time of the next attempt.
     tat: Millis,
@@ -213,6 +216,8 @@ pub struct Targets {
     state: Mutex<HashMap<String, Target>>,
     /// A target's slot freed, or a circuit changed.
     changed: Notify,
+    /// A target's slot freed (admitted attempts wait for one).
+    freed: Notify,
     pub board: Arc<dyn Board>,
 }
 
@@ -227,6 +232,7 @@ impl Targets {
             host_concurrency: host_concurrency.max(1),
             state: Mutex::default(),
             changed: Notify::new(),
+            freed: Notify::new(),
             board: Arc::new(Alone),
         }
     }
@@ -260,7 +266,17 @@ impl Targets {
                 Circuit::Open { retry_at, .. } if *retry_at <= now => 1,
                 _ => 0,
             };
-            let mut cap = circuit_cap.min(self.host_concurrency.saturating_sub(t.in_flight));
+            // Up to as many again as its slots wait in the process for a slot (claims
+            // come in batches, not one per finished attempt); a host with less room
+            // than half its slots waits for more.
+            let room = (2 * self.host_concurrency).saturating_sub(t.in_flight + t.queued);
+            let batch = (self.host_concurrency / 2).max(1);
+            let room = if room >= batch || t.in_flight + t.queued == 0 {
+                room
+            } else {
+                0
+            };
+            let mut cap = circuit_cap.min(room);
             if t.slow_until > now {
                 cap = 0;
             }
@@ -358,7 +374,7 @@ impl Targets {
             Some(rate) => reserve(&mut t.tat, rate, now),
             None => now,
         };
-        t.in_flight += 1;
+        t.queued += 1;
         t.attempts += 1;
         Admit::At {
             at,
@@ -366,6 +382,7 @@ impl Targets {
             slot: Slot {
                 targets: Arc::clone(self),
                 host: host.to_owned(),
+                sending: false,
             },
         }
     }
@@ -576,6 +593,33 @@ impl Targets {
 pub struct Slot {
     targets: Arc<Targets>,
     host: String,
+    /// Holding one of the target's slots (sending), not only admitted.
+    sending: bool,
+}
+
+impl Slot {
+    /// Waits for one of the target's `KNOCKER_HOST_CONCURRENCY` slots.
+    pub async fn turn(&mut self) {
+        if self.sending {
+            return;
+        }
+        loop {
+            let freed = self.targets.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut state = self.targets.state.lock();
+                let t = state.entry(self.host.clone()).or_default();
+                if t.in_flight < self.targets.host_concurrency {
+                    t.in_flight += 1;
+                    t.queued = t.queued.saturating_sub(1);
+                    self.sending = true;
+                    return;
+                }
+            }
+            freed.await;
+        }
+    }
 }
 
 impl std::fmt::Debug for Targets {
@@ -587,7 +631,14 @@ impl std::fmt::Debug for Targets {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(t) = self.targets.state.lock().get_mut(&self.host) {
-            t.in_flight = t.in_flight.saturating_sub(1);
+            if self.sending {
+                t.in_flight = t.in_flight.saturating_sub(1);
+            } else {
+                t.queued = t.queued.saturating_sub(1);
+            }
+        }
+        if self.sending {
+            self.targets.freed.notify_waiters();
         }
         self.targets.changed.notify_one();
     }
@@ -702,8 +753,8 @@ mod tests {
         );
         assert_eq!(
             targets.caps(3_200).get("t:1"),
-            Some(8),
-            "the host's concurrency"
+            Some(16),
+            "twice the host's concurrency: its slots and as many waiting"
         );
     }
 
@@ -784,25 +835,57 @@ mod tests {
         assert_eq!(targets.caps(200).get("t:1"), Some(0));
         assert_eq!(targets.admit(&job, 200).await.turn(), None);
         assert_eq!(targets.next_change(200), Some(2_100));
-        assert_eq!(targets.caps(2_100).get("t:1"), Some(8));
+        assert_eq!(targets.caps(2_100).get("t:1"), Some(16));
     }
 
     #[tokio::test]
-    async fn admitted_attempts_count_against_the_host_limit_until_their_slot_drops() {
+    async fn admitted_attempts_wait_for_a_slot_and_count_until_it_drops() {
         let targets = targets(settings(), 2);
         let job = test_job("j", "POST", "http://t:1/");
-        let a = targets.admit(&job, 0).await;
-        let _b = targets.admit(&job, 0).await;
-        assert_eq!(targets.caps(0).get("t:1"), Some(0));
+        let admit = |t: &Arc<Targets>| {
+            let t = Arc::clone(t);
+            let job = job.clone();
+            async move {
+                match t.admit(&job, 0).await {
+                    Admit::At { slot, .. } => slot,
+                    Admit::Park => panic!("parked"),
+                }
+            }
+        };
+        assert_eq!(targets.caps(0).get("t:1"), None, "never seen: no cap");
+        let mut a = admit(&targets).await;
+        let mut b = admit(&targets).await;
+        // Two slots and two more waiting: room for two.
+        assert_eq!(targets.caps(0).get("t:1"), Some(2));
+        a.turn().await;
+        b.turn().await;
+        let mut c = admit(&targets).await;
+        let waiting = tokio::spawn(async move {
+            c.turn().await;
+            c
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "both slots are taken");
         drop(a);
-        assert_eq!(targets.caps(0).get("t:1"), Some(1));
+        let c = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("a freed slot goes to the waiting attempt")
+            .unwrap();
+        assert_eq!(targets.view_one("t:1", 0).in_flight, 2);
+        drop((b, c));
+        assert_eq!(targets.caps(0).get("t:1"), Some(4));
         // Released on every path, a panic included.
         let t = Arc::clone(&targets);
         let task = tokio::spawn(async move {
-            let _slot = t.admit(&test_job("p", "POST", "http://t:1/"), 0).await;
+            let Admit::At { mut slot, .. } =
+                t.admit(&test_job("p", "POST", "http://t:1/"), 0).await
+            else {
+                return;
+            };
+            slot.turn().await;
             panic!("an attempt that panics");
         });
         assert!(task.await.is_err());
-        assert_eq!(targets.caps(0).get("t:1"), Some(1), "the slot came back");
+        assert_eq!(targets.caps(0).get("t:1"), Some(4), "the slot came back")
     }
 }

@@ -287,6 +287,64 @@ impl Outcome {
     }
 }
 
+/// A claimed row: id, lane, the job (or why it cannot be read).
+type ClaimedRow = (String, Option<String>, rusqlite::Result<Job>);
+
+/// Due rows, earliest first, no more of a host than `caps` allows. The scan walks the
+/// due index; when a host reaches its cap the query starts again after the last row
+/// read, with that host left out — so a big backlog of one host is never read through
+/// to reach the others.
+fn claim_rows(
+    tx: &Connection,
+    now: Millis,
+    limit: usize,
+    caps: &HostCaps,
+) -> rusqlite::Result<Vec<ClaimedRow>> {
+    let mut excluded: Vec<String> = caps.skipped().map(str::to_owned).collect();
+    let mut after: Option<(i64, i64)> = None;
+    let mut taken = std::collections::HashMap::new();
+    let mut rows: Vec<ClaimedRow> = Vec::new();
+    'query: while rows.len() < limit {
+        let mut sql = format!(
+            "SELECT {COLUMNS}, host, seq FROM jobs WHERE state = 0 AND next_attempt_at <= ?"
+        );
+        let mut values: Vec<rusqlite::types::Value> = vec![(now as i64).into()];
+        if let Some((at, seq)) = after {
+            sql.push_str(" AND (next_attempt_at, seq) > (?, ?)");
+            values.push(at.into());
+            values.push(seq.into());
+        }
+        if !excluded.is_empty() {
+            let marks = vec!["?"; excluded.len()].join(", ");
+            sql.push_str(&format!(" AND host NOT IN ({marks})"));
+            values.extend(excluded.iter().map(|h| h.clone().into()));
+        }
+        sql.push_str(&format!(
+            " ORDER BY next_attempt_at, seq LIMIT {}",
+            limit - rows.len()
+        ));
+        let mut statement = tx.prepare_cached(&sql)?;
+        let mut cursor = statement.query(rusqlite::params_from_iter(values))?;
+        while let Some(row) = cursor.next()? {
+            let host: String = row.get(8)?;
+            after = Some((row.get(2)?, row.get(9)?));
+            if !caps.take(&mut taken, &host) {
+                continue; // cannot happen: a full host is left out of the query
+            }
+            rows.push((row.get(0)?, row.get(7)?, job_from_row(row)));
+            if caps
+                .get(&host)
+                .is_some_and(|cap| taken.get(&host) == Some(&cap))
+            {
+                excluded.push(host);
+                continue 'query;
+            }
+        }
+        break;
+    }
+    Ok(rows)
+}
+
 pub(super) fn load(tx: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
     tx.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?
         .query_row([id], job_from_row)
@@ -452,34 +510,7 @@ fn execute(
         Command::Claim {
             now, limit, caps, ..
         } => {
-            let skipped: Vec<&str> = caps.skipped().collect();
-            let mut sql = format!(
-                "SELECT {COLUMNS}, host FROM jobs WHERE state = 0 AND next_attempt_at <= ?1"
-            );
-            if !skipped.is_empty() {
-                let marks = vec!["?"; skipped.len()].join(", ");
-                sql.push_str(&format!(" AND host NOT IN ({marks})"));
-            }
-            sql.push_str(" ORDER BY next_attempt_at, seq");
-            let mut values: Vec<rusqlite::types::Value> = vec![(*now as i64).into()];
-            values.extend(skipped.iter().map(|h| (*h).to_owned().into()));
-            // A row that cannot be read is taken out of the queue (quarantined), not
-            // left to fail every claim after it. Rows of a host over its cap are passed
-            // over (read lazily, so the scan stops at `limit`).
-            let mut taken = std::collections::HashMap::new();
-            let mut rows: Vec<(String, Option<String>, rusqlite::Result<Job>)> = Vec::new();
-            let mut statement = tx.prepare_cached(&sql)?;
-            let mut cursor = statement.query(rusqlite::params_from_iter(values))?;
-            while rows.len() < *limit {
-                let Some(row) = cursor.next()? else { break };
-                let host: String = row.get(8)?;
-                if !caps.take(&mut taken, &host) {
-                    continue;
-                }
-                rows.push((row.get(0)?, row.get(7)?, job_from_row(row)));
-            }
-            drop(cursor);
-            drop(statement);
+            let rows = claim_rows(tx, *now, *limit, caps)?;
             let mut jobs = Vec::with_capacity(rows.len());
             for (id, lane, job) in rows {
                 match job {
