@@ -185,6 +185,7 @@ pub async fn serve(
             bus,
             agent,
             Arc::clone(&outbound),
+            Arc::clone(&config.signing),
             shutdown.clone(),
         ));
     }

@@ -162,9 +162,11 @@ async fn agents_replay_every_broadcast_and_one_that_was_offline_catches_up_in_or
     let store = [("KNOCKER_STORE", nats.url.as_str())];
     let publisher = ControlPlane::start(&[store[0], ("KNOCKER_CONFIG", &config)]);
     let (a, b) = (Target::ok().await, Target::ok().await);
+    // Agents sign what they replay, with the secrets of their own configuration.
     let agent = |name: &str, target: &Target, expiry: &str| {
         ControlPlane::start(&[
             store[0],
+            ("KNOCKER_SIGNING_SECRETS", crate::signing::OLD),
             ("KNOCKER_AGENT_GROUP", "edge"),
             (
                 "KNOCKER_AGENT_ENDPOINT",
@@ -202,6 +204,13 @@ async fn agents_replay_every_broadcast_and_one_that_was_offline_catches_up_in_or
     assert_eq!(a.received()[0].method, "PURGE");
     assert_eq!(a.received()[0].target, "/cache/page/0");
     assert_eq!(a.received()[0].header("x-knocker-id"), Some(ids[0].clone()));
+    assert_eq!(a.received()[0].header("webhook-id"), Some(ids[0].clone()));
+    assert!(
+        a.received()
+            .iter()
+            .all(|r| crate::signing::verifies(r, crate::signing::OLD)),
+        "every replay is signed by the agent's secret"
+    );
 
     // Agent b goes away for a while; a keeps getting everything.
     agent_b.kill();

@@ -11,7 +11,7 @@ use knocker_e2e::{knocker_bin, ControlPlane, Received, Reply, Target};
 
 use crate::{client, write_config, WAIT};
 
-const OLD: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const OLD: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const NEW: &str = "whsec_c2Vjb25kIHNlY3JldCBvZiAzMiBieXRlcyEhIQ==";
 const GROUP: &str = "whsec_Z3JvdXAgc2VjcmV0IG9mIHRoaXJ0eS10d28gYnl0ZXM=";
 
@@ -35,7 +35,7 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
 
 /// Whether `request` carries a valid `v1` signature by `secret` (the receiver's check:
 /// id, timestamp within 5 minutes, any entry matching).
-fn verifies(request: &Received, secret: &str) -> bool {
+pub(crate) fn verifies(request: &Received, secret: &str) -> bool {
     let (Some(id), Some(ts), Some(sigs)) = (
         request.header("webhook-id"),
         request.header("webhook-timestamp"),

@@ -22,7 +22,9 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{Headers, Request, VERSION};
+use crate::clock::{Clock as _, SystemClock};
+use crate::delivery::signing::{self, Signing};
+use crate::job::{Headers, Request, Trust, VERSION};
 use crate::outbound::Outbound;
 use crate::store::StoreError;
 
@@ -182,6 +184,7 @@ pub async fn run(
     bus: Arc<AgentBus>,
     settings: AgentSettings,
     outbound: Arc<Outbound>,
+    signing: Arc<Signing>,
     shutdown: CancellationToken,
 ) {
     let consumer_name = format!("agent-{}", settings.name);
@@ -240,7 +243,10 @@ pub async fn run(
                     continue;
                 }
             };
-            replay(&outbound, &settings, &broadcast, &message, &shutdown).await;
+            replay(
+                &outbound, &signing, &settings, &broadcast, &message, &shutdown,
+            )
+            .await;
         }
     }
 }
@@ -250,6 +256,7 @@ pub async fn run(
 /// broadcast is pulled only after this one.
 async fn replay(
     outbound: &Outbound,
+    signing: &Signing,
     settings: &AgentSettings,
     broadcast: &Broadcast,
     message: &jetstream::Message,
@@ -261,6 +268,9 @@ async fn replay(
         broadcast.path
     );
     let mut delay = Duration::from_millis(200);
+    // Signed as the group's copies are: its secrets, the endpoint's, or the default.
+    let source = format!("group:{}", settings.group);
+    let keys = signing.keys(Some(&source), &url, Trust::Operator);
     loop {
         let request = Request {
             method: broadcast.method.clone(),
@@ -268,7 +278,14 @@ async fn replay(
             headers: broadcast.headers.clone(),
             body: broadcast.body.clone(),
         };
-        match send(outbound, &request, &broadcast.id).await {
+        let signed = signing::sign(
+            keys,
+            &broadcast.id,
+            SystemClock.now_ms() / 1000,
+            &request.body,
+        );
+        let signed = signed.as_ref().map_or(&[][..], |h| &h[..]);
+        match send(outbound, &request, &broadcast.id, signed).await {
             Ok(status) if (200..300).contains(&status) => {
                 tracing::info!(broadcast_id = %broadcast.id, status, url = %url, "agent: delivered");
                 let _ = message.double_ack().await;
@@ -288,8 +305,14 @@ async fn replay(
 }
 
 /// The agent's endpoint is the operator's (`KNOCKER_AGENT_ENDPOINT`): a trusted
-/// destination, though a redirect away from it passes the outbound policy.
-async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, ReplayError> {
+/// destination, though a redirect away from it passes the outbound policy. `signed`:
+/// the signature headers, which replace any the broadcast carried.
+async fn send(
+    outbound: &Outbound,
+    request: &Request,
+    id: &str,
+    signed: &[(&'static str, String)],
+) -> Result<u16, ReplayError> {
     let method = reqwest::Method::from_bytes(request.method.as_bytes())
         .map_err(|_| ReplayError::Unsendable("method"))?;
     let mut headers = reqwest::header::HeaderMap::new();
@@ -301,7 +324,15 @@ async fn send(outbound: &Outbound, request: &Request, id: &str) -> Result<u16, R
         "x-knocker-id",
         reqwest::header::HeaderValue::from_str(id).map_err(|_| ReplayError::Unsendable("id"))?,
     );
+    for (name, value) in signed {
+        if let Ok(v) = reqwest::header::HeaderValue::from_str(value) {
+            headers.insert(reqwest::header::HeaderName::from_static(name), v);
+        }
+    }
     for (name, value) in &request.headers {
+        if signed.iter().any(|(n, _)| name.eq_ignore_ascii_case(n)) {
+            continue;
+        }
         if let (Ok(n), Ok(v)) = (
             reqwest::header::HeaderName::from_bytes(name.as_bytes()),
             reqwest::header::HeaderValue::from_bytes(value),

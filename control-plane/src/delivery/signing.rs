@@ -145,19 +145,26 @@ impl Signing {
 
     /// The keys that sign this attempt of `job`, if any.
     pub fn keys_for(&self, job: &Job) -> &[Key] {
-        if let Some(keys) = job.policy.source.as_ref().and_then(|s| self.sources.get(s)) {
-            return keys;
-        }
-        if !self.hosts.is_empty() {
-            if let Some(keys) = self.hosts.get(&target_key(&job.request.url)) {
-                return keys;
-            }
-        }
         // A callback's URL is trusted as its job's callback was chosen.
         let trust = match job.kind {
             crate::job::Kind::Callback => job.policy.callback_trust,
             _ => job.trust,
         };
+        self.keys(job.policy.source.as_deref(), &job.request.url, trust)
+    }
+
+    /// The keys that sign a request from `source` (`group:caches`, …) to `url`, chosen
+    /// by `trust`: the source's, then the target's, then the default for the operator's
+    /// destinations only.
+    pub fn keys(&self, source: Option<&str>, url: &str, trust: Trust) -> &[Key] {
+        if let Some(keys) = source.and_then(|s| self.sources.get(s)) {
+            return keys;
+        }
+        if !self.hosts.is_empty() {
+            if let Some(keys) = self.hosts.get(&target_key(url)) {
+                return keys;
+            }
+        }
         if trust == Trust::Operator {
             &self.default
         } else {
@@ -168,19 +175,26 @@ impl Signing {
     /// The headers that sign this attempt of `job` at `timestamp` (Unix seconds), or
     /// none when no secret applies.
     pub fn headers(&self, job: &Job, timestamp: u64) -> Option<[(&'static str, String); 3]> {
-        let keys = self.keys_for(job);
-        if keys.is_empty() {
-            return None;
-        }
-        Some([
-            (ID, job.id.clone()),
-            (TIMESTAMP, timestamp.to_string()),
-            (
-                SIGNATURE,
-                signature(keys, &job.id, timestamp, &job.request.body),
-            ),
-        ])
+        sign(self.keys_for(job), &job.id, timestamp, &job.request.body)
     }
+}
+
+/// The three Standard Webhooks headers for message `id` at `timestamp`, or none
+/// without keys.
+pub fn sign(
+    keys: &[Key],
+    id: &str,
+    timestamp: u64,
+    body: &[u8],
+) -> Option<[(&'static str, String); 3]> {
+    if keys.is_empty() {
+        return None;
+    }
+    Some([
+        (ID, id.to_owned()),
+        (TIMESTAMP, timestamp.to_string()),
+        (SIGNATURE, signature(keys, id, timestamp, body)),
+    ])
 }
 
 /// A target as signing secrets and target settings name it: `host:port`, lower-case,
