@@ -141,7 +141,8 @@ pub async fn serve(
         )));
     }
     // Target circuits: shared through NATS by every control plane on it.
-    let mut targets = Targets::new(config.targets.clone(), config.delivery.host_concurrency);
+    let mut targets = Targets::new(config.targets.clone(), config.delivery.host_concurrency)
+        .with_start(time.now_ms());
     let board = match &nats_url {
         Some(url) => {
             let board = NatsBoard::open(url).await?;

@@ -461,3 +461,49 @@ async fn a_circuit_is_shared_one_control_plane_tells_of_it_and_a_pause_reaches_a
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(target.count(), before, "held while paused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_keep_one_rate_for_a_target_between_them() {
+    let nats = NatsServer::start();
+    let target = Target::ok().await;
+    let host = target.host();
+    let config = crate::write_config(&format!(
+        r#"
+        [targets.hosts."{host}"]
+        rate_per_s = 5
+        burst = 1
+        "#
+    ));
+    let env = [
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_CONFIG", config.as_str()),
+    ];
+    let one = ControlPlane::start(&env);
+    let two = ControlPlane::start(&env);
+    const N: usize = 12;
+    for i in 0..N {
+        let cp = if i % 2 == 0 { &one } else { &two };
+        let response = client()
+            .post(cp.url(&format!("/r/{i}")))
+            .header("Knocker-Host", &host)
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let got = target.wait_for(N, WAIT).await;
+    // Each control plane alone would send 5 a second: together they still send 5.
+    let gaps: Vec<f64> = got
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_secs_f64())
+        .collect();
+    assert!(
+        gaps.iter().all(|g| *g >= 0.15),
+        "200 ms apart (50 ms tolerance) whichever control plane sent them: {gaps:?}"
+    );
+    let span = (got[N - 1].at - got[0].at).as_secs_f64();
+    assert!(span >= 2.0, "12 attempts at 5/s take 2.2 s: {span}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(target.count(), N, "each once");
+}

@@ -310,3 +310,61 @@ async fn a_rules_schedule_and_status_rules_travel_from_envoy_to_the_control_plan
     assert_eq!(job["config"]["stop_on"], serde_json::json!(["404"]));
     assert_eq!(job["config"]["rate_per_s"], 50.0);
 }
+
+/// The gaps between consecutive requests a target received, in seconds.
+fn gaps(got: &[Received]) -> Vec<f64> {
+    got.windows(2)
+        .map(|w| (w[1].at - w[0].at).as_secs_f64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_holds_from_the_start_and_across_a_restart() {
+    let target = Target::ok().await;
+    let host = target.host();
+    let config = write_config(&format!(
+        r#"
+        [targets.hosts."{host}"]
+        rate_per_s = 4
+        burst = 4
+        "#
+    ));
+    let mut cp = ControlPlane::start(&[("KNOCKER_CONFIG", config.as_str())]);
+    const N: usize = 12;
+    for i in 0..N {
+        knock(&cp, &host, i).await;
+    }
+    // Killed mid-drain and started again at once: the new process starts its schedule
+    // empty, so no burst of 4 follows the restart.
+    target.wait_for(5, WAIT).await;
+    cp.restart();
+    // One job in flight at the kill may come again (at least once): counted once.
+    let seqs = |got: &[Received]| {
+        let mut seqs: Vec<usize> = got
+            .iter()
+            .filter_map(|r| r.header("x-seq")?.parse().ok())
+            .collect();
+        seqs.dedup();
+        seqs
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seqs(&target.received()).len() < N {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            seqs(&target.received())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = target.received();
+    assert_eq!(
+        seqs(&got),
+        (0..N).collect::<Vec<_>>(),
+        "every job, in order"
+    );
+    let gaps = gaps(&got);
+    assert!(
+        gaps.iter().all(|g| *g >= 0.2),
+        "at most 4 a second (250 ms apart, 50 ms tolerance), the first second and the restart included: {gaps:?}"
+    );
+}

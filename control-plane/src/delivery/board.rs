@@ -3,6 +3,11 @@
 //! compare-and-set so that one control plane opens a circuit (and sends its
 //! `target.paused`), one closes it, and one probes it. Each control plane watches the
 //! bucket and takes the others' transitions over ([`Targets::apply`]).
+//!
+//! Rate schedules are shared the same way, in `KNOCKER_RATES`: one entry per limited
+//! target holding its GCRA schedule (the time of its next attempt), moved by one
+//! compare-and-set per attempt, so N control planes together keep the target's rate.
+//! The bucket is on the NATS server, so the schedule also outlives a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +17,18 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::targets::{Board, Circuit, Targets};
+use super::targets::{reserve, Board, Circuit, Targets};
 use crate::clock::Millis;
+use crate::job::Rate;
 use crate::store::nats::open_bucket;
 use crate::store::StoreError;
 
 const BUCKET: &str = "KNOCKER_TARGETS";
+const RATES: &str = "KNOCKER_RATES";
+/// A schedule untouched this long is behind any clock: dropped by the bucket.
+const RATE_KEEP: Duration = Duration::from_secs(24 * 3600);
+/// Compare-and-set tries before an attempt falls back to the local schedule.
+const RESERVE_TRIES: usize = 8;
 /// A probe whose control plane went away is taken over after this long.
 const PROBE_LEASE: Duration = Duration::from_secs(600);
 
@@ -31,6 +42,7 @@ struct Entry {
 
 pub struct NatsBoard {
     kv: kv::Store,
+    rates: kv::Store,
     me: String,
 }
 
@@ -58,6 +70,7 @@ impl NatsBoard {
         let js = jetstream::new(client);
         Ok(Arc::new(Self {
             kv: open_bucket(&js, BUCKET, Duration::ZERO).await?,
+            rates: open_bucket(&js, RATES, RATE_KEEP).await?,
             me: uuid::Uuid::new_v4().simple().to_string(),
         }))
     }
@@ -185,6 +198,42 @@ impl Board for NatsBoard {
             Circuit::Closed => true,
             _ => false,
         }
+    }
+
+    async fn reserve(
+        &self,
+        target: &str,
+        rate: Rate,
+        local: Millis,
+        now: Millis,
+    ) -> Option<(Millis, Millis)> {
+        let key = key(target);
+        for _ in 0..RESERVE_TRIES {
+            let entry = match self.rates.entry(&key).await {
+                Ok(e) => e.filter(|e| matches!(e.operation, kv::Operation::Put)),
+                Err(e) => {
+                    tracing::warn!(target_host = %target, error = %e, "cannot reach the shared rate schedule; this control plane's own applies");
+                    return None;
+                }
+            };
+            let shared = entry.as_ref().and_then(|e| {
+                std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|v| v.parse::<Millis>().ok())
+            });
+            let mut tat = shared.unwrap_or(local);
+            let at = reserve(&mut tat, rate, now);
+            let value = tat.to_string().into_bytes().into();
+            let written = match &entry {
+                Some(e) => self.rates.update(&key, value, e.revision).await.is_ok(),
+                None => self.rates.create(&key, value).await.is_ok(),
+            };
+            if written {
+                return Some((at, tat));
+            }
+        }
+        tracing::debug!(target_host = %target, "shared rate schedule contended; this attempt keeps the local one");
+        None
     }
 }
 

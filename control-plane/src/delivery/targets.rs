@@ -8,7 +8,10 @@
 //!   cool-down (up to `max_cooldown_s`). An operator can pause and resume a target.
 //! - **Rate** — `rate_per_s` and `burst` (of the target, or of the rule or group a job
 //!   came from: the lowest applies), as a GCRA schedule: attempts are reserved in claim
-//!   order, each at its turn, so a backlog drains in order at the rate.
+//!   order, each at its turn, so a backlog drains in order at the rate. A control plane
+//!   starts every schedule empty (no burst after a restart), and control planes on one
+//!   NATS server reserve on one shared schedule, so the rate holds across restarts and
+//!   across the cluster.
 //! - **Retry-After** — a 429 or 503 with `Retry-After` slows the whole target that long.
 //!
 //! The delivery loop asks for [`HostCaps`] before each claim (how many jobs each target
@@ -194,6 +197,17 @@ pub trait Board: Send + Sync + 'static {
     /// Takes the right to probe `target` (only one control plane probes); `true` when
     /// this one may.
     async fn take_probe(&self, target: &str, now: Millis) -> bool;
+    /// Reserves the next attempt to `target` under `rate` on the schedule the control
+    /// planes share (`local`: this one's schedule, where none is shared yet): its start
+    /// and the schedule after it. `None` when nothing is shared or the board cannot be
+    /// reached: the local schedule decides.
+    async fn reserve(
+        &self,
+        target: &str,
+        rate: Rate,
+        local: Millis,
+        now: Millis,
+    ) -> Option<(Millis, Millis)>;
 }
 
 /// Shares nothing: one control plane.
@@ -207,6 +221,9 @@ impl Board for Alone {
     async fn take_probe(&self, _: &str, _: Millis) -> bool {
         true
     }
+    async fn reserve(&self, _: &str, _: Rate, _: Millis, _: Millis) -> Option<(Millis, Millis)> {
+        None
+    }
 }
 
 /// Every target's state.
@@ -219,6 +236,8 @@ pub struct Targets {
     /// A target's slot freed (admitted attempts wait for one).
     freed: Notify,
     pub board: Arc<dyn Board>,
+    /// When this control plane started: rate schedules start empty then.
+    started: Option<Millis>,
 }
 
 /// How far ahead attempts are reserved under a rate limit (they wait in the process
@@ -234,7 +253,22 @@ impl Targets {
             changed: Notify::new(),
             freed: Notify::new(),
             board: Arc::new(Alone),
+            started: None,
         }
+    }
+
+    /// Rate schedules start empty at `now`: the first attempt to a limited target goes
+    /// one interval later and no burst follows a restart, so the rate holds across it.
+    #[must_use]
+    pub fn with_start(mut self, now: Millis) -> Self {
+        self.started = Some(now);
+        self
+    }
+
+    /// A schedule never used: empty since the start (full when no start was given).
+    fn fresh_tat(&self, rate: Rate) -> Millis {
+        self.started
+            .map_or(0, |s| s + tolerance_ms(rate) + step_ms(rate))
     }
 
     #[must_use]
@@ -281,17 +315,23 @@ impl Targets {
                 cap = 0;
             }
             if let Some(rate) = t.rate.or_else(|| self.configured_rate(host)) {
-                cap = cap.min(rate_room(t.tat, rate, now + RATE_LOOKAHEAD_MS));
+                let tat = if t.tat == 0 {
+                    self.fresh_tat(rate)
+                } else {
+                    t.tat
+                };
+                cap = cap.min(rate_room(tat, rate, now, now + RATE_LOOKAHEAD_MS));
             }
             if cap != usize::MAX {
                 caps.cap(host, cap);
             }
         }
         drop(state);
-        // Targets with a rate limit but no attempt yet start at their burst.
+        // Targets with a rate limit but no attempt yet.
         for (key, rate) in &self.settings.rates {
             if !caps.contains(key) && !self.state.lock().contains_key(key) {
-                caps.cap(key, rate.burst as usize);
+                let room = rate_room(self.fresh_tat(*rate), *rate, now, now + RATE_LOOKAHEAD_MS);
+                caps.cap(key, room);
             }
         }
         caps
@@ -352,6 +392,25 @@ impl Targets {
             return Admit::Park;
         }
         let configured = self.configured_rate(host);
+        let rate = match (configured, job.policy.rate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Under a rate, the shared schedule first (other control planes reserve on it).
+        let shared = match rate {
+            Some(rate) => {
+                let local = {
+                    let mut state = self.state.lock();
+                    let t = state.entry(host.to_owned()).or_default();
+                    if t.tat == 0 {
+                        t.tat = self.fresh_tat(rate);
+                    }
+                    t.tat
+                };
+                self.board.reserve(host, rate, local, now).await
+            }
+            None => None,
+        };
         let mut state = self.state.lock();
         let t = state.entry(host.to_owned()).or_default();
         if t.slow_until > now && !probe_due {
@@ -366,13 +425,19 @@ impl Targets {
                 reason: reason.clone(),
             };
         }
-        t.rate = match (configured, job.policy.rate) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let at = match t.rate {
-            Some(rate) => reserve(&mut t.tat, rate, now),
-            None => now,
+        t.rate = rate;
+        let at = match (rate, shared) {
+            (Some(_), Some((at, tat))) => {
+                t.tat = tat;
+                at
+            }
+            (Some(rate), None) => {
+                if t.tat == 0 {
+                    t.tat = self.fresh_tat(rate);
+                }
+                reserve(&mut t.tat, rate, now)
+            }
+            (None, _) => now,
         };
         t.queued += 1;
         t.attempts += 1;
@@ -658,16 +723,23 @@ fn tolerance_ms(rate: Rate) -> Millis {
     (interval_ms(rate) * f64::from(rate.burst.saturating_sub(1))) as Millis
 }
 
-/// GCRA: the time the next attempt may start, reserving it.
-fn reserve(tat: &mut Millis, rate: Rate, now: Millis) -> Millis {
+/// The whole milliseconds one attempt moves a schedule.
+fn step_ms(rate: Rate) -> Millis {
+    interval_ms(rate).round().max(1.0) as Millis
+}
+
+/// GCRA: the time the next attempt may start, reserving it (`tat`: the theoretical
+/// arrival time of the next attempt).
+pub(super) fn reserve(tat: &mut Millis, rate: Rate, now: Millis) -> Millis {
     let at = now.max(tat.saturating_sub(tolerance_ms(rate)));
-    *tat = (*tat).max(now) + interval_ms(rate).round().max(1.0) as Millis;
+    *tat = (*tat).max(now) + step_ms(rate);
     at
 }
 
-/// How many attempts may start by `until`.
-fn rate_room(tat: Millis, rate: Rate, until: Millis) -> usize {
-    let first = tat.saturating_sub(tolerance_ms(rate));
+/// How many attempts may start by `until`, at `now`: the burst at most on a schedule
+/// that fell behind, one per interval after it.
+fn rate_room(tat: Millis, rate: Rate, now: Millis, until: Millis) -> usize {
+    let first = tat.max(now).saturating_sub(tolerance_ms(rate));
     if first > until {
         return 0;
     }
@@ -801,9 +873,9 @@ mod tests {
         );
         let targets = targets(s, 64);
         assert_eq!(
-            targets.caps(0).get("t:1"),
-            Some(2),
-            "the burst before any attempt"
+            targets.caps(1_000).get("t:1"),
+            Some(12),
+            "the burst, then ten within the next second"
         );
         let job = test_job("j", "POST", "http://t:1/");
         let mut at = Vec::new();
@@ -823,6 +895,95 @@ mod tests {
         // The next turn is at 2 s: none within the lookahead now, one a second later.
         assert_eq!(targets.caps(0).get("v:1"), Some(0));
         assert_eq!(targets.caps(1_000).get("v:1"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_schedule_starts_empty_so_a_restart_lets_no_burst_through() {
+        let rate = Rate {
+            per_s: 10.0,
+            burst: 5,
+        };
+        let mut s = settings();
+        s.rates.insert("t:1".into(), rate);
+        // Started at 10 s: the first attempt one interval later, then one per interval.
+        let targets = Arc::new(Targets::new(s, 64).with_start(10_000));
+        assert_eq!(
+            targets.caps(10_000).get("t:1"),
+            Some(10),
+            "what falls within the next second, no burst"
+        );
+        let job = test_job("j", "POST", "http://t:1/");
+        let mut at = Vec::new();
+        for _ in 0..4 {
+            at.push(
+                targets
+                    .admit(&job, 10_000)
+                    .await
+                    .turn()
+                    .expect("admitted")
+                    .0,
+            );
+        }
+        assert_eq!(at, [10_100, 10_200, 10_300, 10_400]);
+        // Long idle: the burst is back.
+        let later: Vec<Millis> = futures_util::future::join_all(
+            (0..6).map(|_| async { targets.admit(&job, 60_000).await.turn().unwrap().0 }),
+        )
+        .await;
+        assert_eq!(later, [60_000, 60_000, 60_000, 60_000, 60_000, 60_100]);
+        // A stale schedule offers the burst and what the next second adds, no more.
+        assert_eq!(targets.caps(120_000).get("t:1"), Some(15));
+    }
+
+    /// A board whose schedule is another control plane's: it has reserved up to 5 s.
+    struct Busy(parking_lot::Mutex<Millis>);
+
+    #[async_trait::async_trait]
+    impl Board for Busy {
+        async fn publish(&self, _: &str, _: &Circuit) -> bool {
+            true
+        }
+        async fn take_probe(&self, _: &str, _: Millis) -> bool {
+            true
+        }
+        async fn reserve(
+            &self,
+            _: &str,
+            rate: Rate,
+            _local: Millis,
+            now: Millis,
+        ) -> Option<(Millis, Millis)> {
+            let mut tat = self.0.lock();
+            let at = reserve(&mut tat, rate, now);
+            Some((at, *tat))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shared_schedule_decides_and_the_local_one_follows_it() {
+        let mut s = settings();
+        s.rates.insert(
+            "t:1".into(),
+            Rate {
+                per_s: 10.0,
+                burst: 1,
+            },
+        );
+        let targets = Arc::new(
+            Targets::new(s, 64).with_board(Arc::new(Busy(parking_lot::Mutex::new(5_000)))),
+        );
+        let job = test_job("j", "POST", "http://t:1/");
+        let at: Vec<Millis> = [
+            targets.admit(&job, 1_000).await.turn().unwrap().0,
+            targets.admit(&job, 1_000).await.turn().unwrap().0,
+        ]
+        .into();
+        assert_eq!(at, [5_000, 5_100], "after the other control plane's turns");
+        assert_eq!(
+            targets.caps(1_000).get("t:1"),
+            Some(0),
+            "nothing within the next second: claim none"
+        );
     }
 
     #[tokio::test]
