@@ -494,10 +494,7 @@ async fn two_control_planes_keep_one_rate_for_a_target_between_them() {
     }
     let got = target.wait_for(N, WAIT).await;
     // Each control plane alone would send 5 a second: together they still send 5.
-    let gaps: Vec<f64> = got
-        .windows(2)
-        .map(|w| (w[1].at - w[0].at).as_secs_f64())
-        .collect();
+    let gaps = crate::targets::gaps(&got);
     assert!(
         gaps.iter().all(|g| *g >= 0.15),
         "200 ms apart (50 ms tolerance) whichever control plane sent them: {gaps:?}"

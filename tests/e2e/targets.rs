@@ -130,10 +130,7 @@ async fn a_dead_target_is_parked_probed_and_its_backlog_drains_in_order_at_its_r
         .filter(|s: &usize| *s < 100)
         .collect();
     assert_eq!(seqs, (0..N).collect::<Vec<_>>(), "the backlog in order");
-    let gaps: Vec<f64> = got
-        .windows(2)
-        .map(|w| (w[1].at - w[0].at).as_secs_f64())
-        .collect();
+    let gaps = gaps(&got);
     assert!(
         gaps.iter().all(|g| *g >= 0.15),
         "at most 5 a second (200 ms apart, 50 ms tolerance): {gaps:?}"
@@ -312,7 +309,7 @@ async fn a_rules_schedule_and_status_rules_travel_from_envoy_to_the_control_plan
 }
 
 /// The gaps between consecutive requests a target received, in seconds.
-fn gaps(got: &[Received]) -> Vec<f64> {
+pub(crate) fn gaps(got: &[Received]) -> Vec<f64> {
     got.windows(2)
         .map(|w| (w[1].at - w[0].at).as_secs_f64())
         .collect()
