@@ -460,6 +460,18 @@ async fn a_circuit_is_shared_one_control_plane_tells_of_it_and_a_pause_reaches_a
     assert_eq!(response.status(), 200);
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(target.count(), before, "held while paused");
+    // It waits, counted in the target's backlog by both.
+    for cp in [&one, &two] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let t = get_json(cp.url(&format!("/knocker/targets/{host}"))).await;
+            if t["backlog"] == 1 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -283,6 +283,52 @@ async fn caps_bound_each_hosts_share_of_a_claim_and_a_released_job_keeps_its_tur
 }
 
 #[tokio::test]
+async fn a_targets_backlog_counts_its_pending_jobs_not_those_in_flight() {
+    for e in engines("backlog").await {
+        let (engine, store) = (e.name, &e.store);
+        for (id, host) in [("a1", "a:1"), ("a2", "a:1"), ("a3", "a:1"), ("b1", "b:2")] {
+            store.insert(job(id, host, e.at(10))).await.unwrap();
+        }
+        let backlogs = || async {
+            let mut out = Vec::new();
+            for host in ["a:1", "b:2", "c:3"] {
+                out.push(store.backlog(host).await.unwrap());
+            }
+            out
+        };
+        assert_eq!(backlogs().await, [Some(3), Some(1), Some(0)], "{engine}");
+        let claimed = e.claim(e.at(30), 10, &["b:2".to_owned()], 3).await;
+        assert_eq!(e.ids(&claimed), ["a1", "a2", "a3"], "{engine}");
+        assert_eq!(
+            backlogs().await,
+            [Some(0), Some(1), Some(0)],
+            "{engine}: in flight is not backlog"
+        );
+        let by_id = |id: &str| claimed.iter().find(|j| j.id == id).unwrap();
+        store
+            .finish_attempt(
+                by_id("a1"),
+                attempt(e.at(31), 503),
+                Next::Retry {
+                    at: e.at(1_000_000),
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .finish_attempt(by_id("a2"), attempt(e.at(31), 200), Next::Delivered)
+            .await
+            .unwrap();
+        store.release(by_id("a3")).await.unwrap();
+        assert_eq!(
+            backlogs().await,
+            [Some(2), Some(1), Some(0)],
+            "{engine}: a retry and a released job wait again; a delivered one is gone"
+        );
+    }
+}
+
+#[tokio::test]
 async fn finishing_records_attempts_and_commits_the_callback_with_the_failure() {
     for e in engines("finish").await {
         let (engine, store) = (e.name, &e.store);

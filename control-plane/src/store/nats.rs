@@ -6,9 +6,12 @@
 //!   age limit, `KNOCKER_RETENTION`). Keys are `j` + the id in hex.
 //! - Work is a stream, `KNOCKER_WORK` (work-queue retention): one message per job to
 //!   attempt, carrying its id, published with `Nats-Msg-Id` so a resubmission within the
-//!   duplicate window is stored once. All control planes pull from one durable consumer,
-//!   so they share the load; a message not acknowledged within the ack wait (its control
-//!   plane died) goes to another one: at-least-once, with the same id.
+//!   duplicate window is stored once, on its target's subject (`knocker.work.<hash of
+//!   host:port>`), so a target's backlog is the count of its subject. All control planes
+//!   pull from one durable consumer (`knocker-work`), so they share the load; a message
+//!   not acknowledged within the ack wait (its control plane died) goes to another one:
+//!   at-least-once, with the same id. Messages of earlier versions, on `knocker.work`
+//!   itself, are still pulled (consumer `knocker-delivery`) until none is left.
 //! - A retry is a NAK with a delay: the server redelivers the message when it is due,
 //!   to whichever control plane asks first.
 //! - Ordered lanes: each lane has a subject (`knocker.lane.<hash>`) and a durable
@@ -46,9 +49,12 @@ const JOBS: &str = "KNOCKER_JOBS";
 const DELIVERED: &str = "KNOCKER_DELIVERED";
 const FAILED: &str = "KNOCKER_FAILED";
 const WORK: &str = "KNOCKER_WORK";
-const WORK_SUBJECT: &str = "knocker.work";
+/// Where work messages of earlier versions are (one subject for every target).
+const LEGACY_SUBJECT: &str = "knocker.work";
+const LEGACY_CONSUMER: &str = "knocker-delivery";
+const WORK_SUBJECTS: &str = "knocker.work.>";
 const LANE_SUBJECTS: &str = "knocker.lane.>";
-const CONSUMER: &str = "knocker-delivery";
+const CONSUMER: &str = "knocker-work";
 /// How long one pull waits for messages.
 const PULL_WAIT: Duration = Duration::from_millis(50);
 
@@ -76,6 +82,8 @@ struct Record {
 /// A claimed message, held until its job's outcome is recorded.
 struct Held {
     message: Message,
+    /// The job's target (host:port), to leave it out of the target's backlog.
+    host: String,
     /// Lane heads only: when the held job is due again (its holder retries it).
     due: Option<Millis>,
 }
@@ -86,6 +94,10 @@ pub struct NatsStore {
     delivered: kv::Store,
     failed: kv::Store,
     work: Consumer<PullConfig>,
+    /// Pulls what earlier versions left on `knocker.work`, while anything is left there.
+    legacy: Mutex<Option<Consumer<PullConfig>>>,
+    /// When the legacy subject was last found not empty (ms), to look again every second.
+    legacy_checked: Mutex<Millis>,
     options: NatsOptions,
     held: Arc<Mutex<HashMap<String, Held>>>,
     lanes: Mutex<HashMap<String, Consumer<PullConfig>>>,
@@ -116,8 +128,8 @@ fn id_of(key: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
-/// FNV-1a: a stable name for a lane's subject and consumer.
-fn lane_hash(lane: &str) -> String {
+/// FNV-1a: a stable name for a lane's or a target's subject (and a lane's consumer).
+fn subject_hash(lane: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in lane.bytes() {
         h ^= u64::from(b);
@@ -128,9 +140,14 @@ fn lane_hash(lane: &str) -> String {
 
 fn subject_of(job: &Job) -> String {
     match &job.lane {
-        Some(lane) => format!("knocker.lane.{}", lane_hash(lane)),
-        None => WORK_SUBJECT.to_owned(),
+        Some(lane) => format!("knocker.lane.{}", subject_hash(lane)),
+        None => target_subject(job.host()),
     }
+}
+
+/// The subject of a target's work messages.
+fn target_subject(host: &str) -> String {
+    format!("knocker.work.{}", subject_hash(host))
 }
 
 fn now_ms() -> Millis {
@@ -148,34 +165,49 @@ impl NatsStore {
         let jobs = open_bucket(&js, JOBS, Duration::ZERO).await?;
         let delivered = open_bucket(&js, DELIVERED, options.retention).await?;
         let failed = open_bucket(&js, FAILED, options.retention).await?;
-        let stream = js
-            .get_or_create_stream(StreamConfig {
-                name: WORK.to_owned(),
-                subjects: vec![WORK_SUBJECT.to_owned(), LANE_SUBJECTS.to_owned()],
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                max_messages: i64::try_from(options.max_pending).unwrap_or(i64::MAX),
-                discard: DiscardPolicy::New,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
+        let config = StreamConfig {
+            name: WORK.to_owned(),
+            subjects: vec![
+                LEGACY_SUBJECT.to_owned(),
+                WORK_SUBJECTS.to_owned(),
+                LANE_SUBJECTS.to_owned(),
+            ],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            max_messages: i64::try_from(options.max_pending).unwrap_or(i64::MAX),
+            discard: DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let mut stream = js
+            .get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| unavailable(format!("stream {WORK}: {e}")))?;
+        let existing = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(format!("stream {WORK}: {e}")))?
+            .config
+            .clone();
+        if config
+            .subjects
+            .iter()
+            .any(|s| !existing.subjects.contains(s))
+        {
+            // Made by an earlier version: add the target subjects.
+            js.update_stream(StreamConfig {
+                subjects: config.subjects.clone(),
+                ..existing
             })
             .await
             .map_err(|e| unavailable(format!("stream {WORK}: {e}")))?;
-        let work = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                PullConfig {
-                    durable_name: Some(CONSUMER.to_owned()),
-                    filter_subject: WORK_SUBJECT.to_owned(),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: options.ack_wait,
-                    max_deliver: -1,
-                    max_ack_pending: 100_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| unavailable(format!("consumer {CONSUMER}: {e}")))?;
+        }
+        let work = consumer(&stream, CONSUMER, WORK_SUBJECTS, &options).await?;
+        let legacy = if subject_count(&stream, LEGACY_SUBJECT).await? > 0 {
+            Some(consumer(&stream, LEGACY_CONSUMER, LEGACY_SUBJECT, &options).await?)
+        } else {
+            None
+        };
         let held: Arc<Mutex<HashMap<String, Held>>> = Arc::default();
         tokio::spawn(keep_alive(Arc::downgrade(&held), options.ack_wait));
         Ok(Self {
@@ -184,6 +216,8 @@ impl NatsStore {
             delivered,
             failed,
             work,
+            legacy: Mutex::new(legacy),
+            legacy_checked: Mutex::new(0),
             options,
             held,
             lanes: Mutex::default(),
@@ -321,6 +355,7 @@ impl NatsStore {
                     id,
                     Held {
                         message,
+                        host: record.job.host().to_owned(),
                         due: Some(record.job.next_attempt_at),
                     },
                 );
@@ -331,8 +366,42 @@ impl NatsStore {
         }
         record.job.state = State::InFlight;
         self.write(&self.jobs, &record).await?;
-        self.held.lock().insert(id, Held { message, due: None });
+        let host = record.job.host().to_owned();
+        self.held.lock().insert(
+            id,
+            Held {
+                message,
+                host,
+                due: None,
+            },
+        );
         Ok(Some(record.job))
+    }
+
+    /// Work an earlier version left on `knocker.work`, while there is any: once a pull
+    /// finds nothing and the subject is empty, it is not asked again.
+    async fn pull_legacy(&self, now: Millis, n: usize) -> Result<Vec<Message>, StoreError> {
+        let Some(legacy) = self.legacy.lock().clone() else {
+            return Ok(Vec::new());
+        };
+        let messages = pull(&legacy, n).await?;
+        if messages.is_empty() {
+            let due = {
+                let mut checked = self.legacy_checked.lock();
+                let due = now >= *checked + 1000 || now < *checked;
+                if due {
+                    *checked = now;
+                }
+                due
+            };
+            if due {
+                let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+                if subject_count(&stream, LEGACY_SUBJECT).await? == 0 {
+                    *self.legacy.lock() = None;
+                }
+            }
+        }
+        Ok(messages)
     }
 
     /// Lane heads to pull: the lanes with messages, at most every 200 ms.
@@ -369,6 +438,49 @@ fn nak(wait: Duration) -> AckKind {
     } else {
         AckKind::Nak(Some(wait))
     }
+}
+
+/// The durable consumer every control plane pulls `subject`'s work from.
+async fn consumer(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    subject: &str,
+    options: &NatsOptions,
+) -> Result<Consumer<PullConfig>, StoreError> {
+    stream
+        .get_or_create_consumer(
+            name,
+            PullConfig {
+                durable_name: Some(name.to_owned()),
+                filter_subject: subject.to_owned(),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: options.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| unavailable(format!("consumer {name}: {e}")))
+}
+
+/// How many messages the work stream holds on exactly `subject`.
+async fn subject_count(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<u64, StoreError> {
+    let mut subjects = stream
+        .info_with_subjects(subject)
+        .await
+        .map_err(unavailable)?;
+    let mut n = 0;
+    while let Some(entry) = subjects.next().await {
+        let (name, count) = entry.map_err(unavailable)?;
+        if name == subject {
+            n += count as u64;
+        }
+    }
+    Ok(n)
 }
 
 /// Up to `n` messages that are there now (a request bounded in time: a consumer at its
@@ -592,7 +704,13 @@ impl Store for NatsStore {
         }
         if claimed.len() < limit {
             // Each take is a few round trips to the server: run them side by side.
-            let messages = pull(&self.work, limit - claimed.len()).await?;
+            let mut messages = pull(&self.work, limit - claimed.len()).await?;
+            if messages.len() < limit - claimed.len() {
+                messages.extend(
+                    self.pull_legacy(now, limit - claimed.len() - messages.len())
+                        .await?,
+                );
+            }
             let mut takes = futures_util::stream::iter(messages)
                 .map(|m| self.take(m, now, Some((caps, &taken)), false))
                 .buffer_unordered(64);
@@ -731,6 +849,21 @@ impl Store for NatsStore {
         Ok(Some(head.map_or(soon, |d| d.min(soon))))
     }
 
+    /// The messages on the target's subject, less the ones this control plane holds in
+    /// flight. A job in flight on another control plane counts; a job of an ordered lane
+    /// does not (its messages are on its lane's subject).
+    async fn backlog(&self, host: &str) -> Result<Option<u64>, StoreError> {
+        let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+        let waiting = subject_count(&stream, &target_subject(host)).await?;
+        let in_flight_here = self
+            .held
+            .lock()
+            .values()
+            .filter(|h| h.due.is_none() && h.host == host)
+            .count() as u64;
+        Ok(Some(waiting.saturating_sub(in_flight_here)))
+    }
+
     async fn stats(&self) -> Result<Stats, StoreError> {
         let mut stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
         let waiting = stream.info().await.map_err(unavailable)?.state.messages;
@@ -836,6 +969,104 @@ impl Store for NatsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::test_job;
+    use crate::store::nats_tests::NatsServer;
+
+    /// A server set up by an earlier version: one work subject for every target, its
+    /// consumer, and a job waiting there.
+    async fn earlier_version_with_a_job(server: &NatsServer, job: &Job) {
+        let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
+        let stream = js
+            .get_or_create_stream(StreamConfig {
+                name: WORK.to_owned(),
+                subjects: vec![LEGACY_SUBJECT.to_owned(), LANE_SUBJECTS.to_owned()],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let options = NatsOptions {
+            url: server.url.clone(),
+            max_pending: 1000,
+            retention: Duration::from_secs(60),
+            ack_wait: Duration::from_secs(30),
+        };
+        consumer(&stream, LEGACY_CONSUMER, LEGACY_SUBJECT, &options)
+            .await
+            .unwrap();
+        let jobs = open_bucket(&js, JOBS, Duration::ZERO).await.unwrap();
+        let record = Record {
+            job: job.clone(),
+            msg_seq: None,
+        };
+        jobs.put(key(&job.id), serde_json::to_vec(&record).unwrap().into())
+            .await
+            .unwrap();
+        js.publish(LEGACY_SUBJECT, job.id.clone().into_bytes().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn work_an_earlier_version_left_is_delivered_then_its_subject_is_left_alone() {
+        let server = NatsServer::start("legacy");
+        let now = now_ms();
+        let mut old = test_job("old", "POST", "http://t:1/p");
+        old.next_attempt_at = now;
+        earlier_version_with_a_job(&server, &old).await;
+
+        let store = server.store(Duration::from_secs(30)).await;
+        let mut new = test_job("new", "POST", "http://t:1/p");
+        new.next_attempt_at = now;
+        store.insert(new).await.unwrap();
+        assert_eq!(store.backlog("t:1").await.unwrap(), Some(1), "the new one");
+
+        let mut claimed = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while claimed.len() < 2 && std::time::Instant::now() < deadline {
+            claimed.extend(
+                store
+                    .claim_due(now_ms(), 10, &HostCaps::default())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["new", "old"]);
+        for job in &claimed {
+            store
+                .finish_attempt(
+                    job,
+                    Attempt {
+                        at: now_ms(),
+                        status: 200,
+                        error: None,
+                        latency_ms: 1,
+                    },
+                    Next::Delivered,
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.get("old").await.unwrap().map(|j| j.state),
+            Some(State::Delivered)
+        );
+        // Once the old subject is found empty, it is not pulled from again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.legacy.lock().is_some() && std::time::Instant::now() < deadline {
+            store
+                .claim_due(now_ms(), 10, &HostCaps::default())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(store.legacy.lock().is_none());
+    }
 
     #[test]
     fn keys_round_trip_and_keep_prefixes() {
@@ -844,7 +1075,7 @@ mod tests {
         }
         assert!(key("bc.1").starts_with(&key("bc.")));
         assert!(!key("bcx").starts_with(&key("bc.")));
-        assert_eq!(lane_hash("a"), lane_hash("a"));
-        assert_ne!(lane_hash("a"), lane_hash("b"));
+        assert_eq!(subject_hash("a"), subject_hash("a"));
+        assert_ne!(subject_hash("a"), subject_hash("b"));
     }
 }
