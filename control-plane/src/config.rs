@@ -203,7 +203,7 @@ pub struct Settings {
 
     /// NATS engine: how long a claimed job may go without word from its control plane
     /// before another one gets it (e.g. `30s`).
-    #[arg(long, env = "KNOCKER_NATS_ACK_WAIT", value_name = "KNOCKER_NATS_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "KNOCKER_NATS_ACK_WAIT", value_name = "KNOCKER_NATS_ACK_WAIT", default_value = "5s", value_parser = parse_duration)]
     pub nats_ack_wait: std::time::Duration,
 
     /// Pending + in-flight jobs above which submissions get 503 (back-pressure).

@@ -372,9 +372,6 @@ async fn a_circuit_is_shared_one_control_plane_tells_of_it_and_a_pause_reaches_a
         ("KNOCKER_STORE", nats.url.as_str()),
         ("KNOCKER_CONFIG", config.as_str()),
         ("KNOCKER_ADMIN_TOKEN", crate::TOKEN),
-        // Under load a job of the parked target was once left for the ack wait (the
-        // default 30 s) before it came back; 2 s bounds that here.
-        ("KNOCKER_NATS_ACK_WAIT", "2s"),
     ];
     let one = ControlPlane::start(&env);
     let two = ControlPlane::start(&env);

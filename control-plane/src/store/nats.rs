@@ -86,6 +86,42 @@ struct Held {
     host: String,
     /// Lane heads only: when the held job is due again (its holder retries it).
     due: Option<Millis>,
+    /// Set once the message is answered (acknowledged or sent back), under this lock,
+    /// so that no progress report follows the answer: the server would take a progress
+    /// report after a NAK with a delay as "still working" and redeliver only after the
+    /// whole ack wait.
+    answered: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl Held {
+    fn new(message: Message, host: String, due: Option<Millis>) -> Self {
+        Self {
+            message,
+            host,
+            due,
+            answered: Arc::default(),
+        }
+    }
+
+    /// Answers the server for this message: `None` acknowledges it and waits for the
+    /// server to confirm; `Some(kind)` sends that answer.
+    async fn answer(self, kind: Option<AckKind>) -> Result<(), StoreError> {
+        let mut answered = self.answered.lock().await;
+        *answered = true;
+        match kind {
+            None => self.message.double_ack().await,
+            Some(kind) => self.message.ack_with(kind).await,
+        }
+        .map_err(unavailable)
+    }
+
+    /// Tells the server the message is still being worked on, unless it was answered.
+    async fn keep(message: &Message, answered: &tokio::sync::Mutex<bool>) {
+        let answered = answered.lock().await;
+        if !*answered {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
 }
 
 pub struct NatsStore {
@@ -312,6 +348,27 @@ impl NatsStore {
         Ok(consumer)
     }
 
+    /// [`Self::take`], and a message it could not take (the server did not answer) is
+    /// given back at once, to be delivered again, rather than left for the ack wait; the
+    /// jobs taken before it are still returned, or they would be held and never attempted.
+    async fn take_or_return(
+        &self,
+        message: Message,
+        now: Millis,
+        caps: Option<(&HostCaps, &Mutex<HashMap<String, usize>>)>,
+        lane: bool,
+    ) -> Option<Job> {
+        let back = message.clone();
+        match self.take(message, now, caps, lane).await {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::warn!(error = %e, "a work message could not be taken; given back");
+                let _ = back.ack_with(AckKind::Nak(None)).await;
+                None
+            }
+        }
+    }
+
     /// Takes a delivered message: the job to attempt, or `None` when the message is
     /// stale (acknowledged and dropped) or not due yet (NAK'd until it is).
     async fn take(
@@ -351,14 +408,9 @@ impl NatsStore {
             if lane {
                 // The head stays with us until it is due (its previous holder died).
                 self.write(&self.jobs, &record).await?;
-                self.held.lock().insert(
-                    id,
-                    Held {
-                        message,
-                        host: record.job.host().to_owned(),
-                        due: Some(record.job.next_attempt_at),
-                    },
-                );
+                let host = record.job.host().to_owned();
+                let due = Some(record.job.next_attempt_at);
+                self.held.lock().insert(id, Held::new(message, host, due));
             } else {
                 let _ = message.ack_with(nak(wait)).await;
             }
@@ -367,15 +419,76 @@ impl NatsStore {
         record.job.state = State::InFlight;
         self.write(&self.jobs, &record).await?;
         let host = record.job.host().to_owned();
-        self.held.lock().insert(
-            id,
-            Held {
-                message,
-                host,
-                due: None,
-            },
-        );
+        self.held.lock().insert(id, Held::new(message, host, None));
         Ok(Some(record.job))
+    }
+
+    /// Claims into `claimed`: lane heads we hold that are due, then work messages, then
+    /// the heads of other lanes.
+    async fn claim_into(
+        &self,
+        claimed: &mut Vec<Job>,
+        now: Millis,
+        limit: usize,
+        caps: &HostCaps,
+    ) -> Result<(), StoreError> {
+        let taken = Mutex::new(HashMap::new());
+        // Lane heads we hold whose retry is due.
+        let due_heads: Vec<String> = self
+            .held
+            .lock()
+            .iter()
+            .filter(|(_, h)| h.due.is_some_and(|d| d <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due_heads {
+            if claimed.len() >= limit {
+                break;
+            }
+            if let Some((mut record, _)) = self.read(&self.jobs, &id).await? {
+                record.job.state = State::InFlight;
+                self.write(&self.jobs, &record).await?;
+                if let Some(h) = self.held.lock().get_mut(&id) {
+                    h.due = None;
+                }
+                claimed.push(record.job);
+            }
+        }
+        if claimed.len() < limit {
+            // Each take is a few round trips to the server: run them side by side.
+            let mut messages = pull(&self.work, limit - claimed.len()).await?;
+            if messages.len() < limit - claimed.len() {
+                // Not `?`: the messages pulled above must be taken or given back.
+                match self
+                    .pull_legacy(now, limit - claimed.len() - messages.len())
+                    .await
+                {
+                    Ok(more) => messages.extend(more),
+                    Err(e) => tracing::warn!(error = %e, "cannot pull earlier versions' work"),
+                }
+            }
+            let mut takes = futures_util::stream::iter(messages)
+                .map(|m| self.take_or_return(m, now, Some((caps, &taken)), false))
+                .buffer_unordered(64);
+            while let Some(taken) = takes.next().await {
+                claimed.extend(taken);
+            }
+        }
+        for hash in self.lane_hashes(now).await? {
+            if claimed.len() >= limit {
+                break;
+            }
+            let consumer = self.lane_consumer(&hash).await?;
+            let messages = pull(&consumer, 1).await?;
+            for message in messages {
+                let id = String::from_utf8_lossy(&message.payload).into_owned();
+                if self.held.lock().contains_key(&id) {
+                    continue; // ours already (redelivered after a progress gap)
+                }
+                claimed.extend(self.take_or_return(message, now, None, true).await);
+            }
+        }
+        Ok(())
     }
 
     /// Work an earlier version left on `knocker.work`, while there is any: once a pull
@@ -483,27 +596,36 @@ async fn subject_count(
     Ok(n)
 }
 
-/// Up to `n` messages that are there now (a request bounded in time: a consumer at its
-/// in-flight limit answers nothing).
+/// Up to `n` messages that are there now, waiting at most [`PULL_WAIT`] for the first.
+///
+/// The request is never given up before the server answers it (it does when it expires;
+/// the client library's own bound, 5 s later, is only for a server that never does): a
+/// message the server hands to a request its client has stopped reading is lost to
+/// everyone until the ack wait runs out. Cutting pulls short here at 200 ms once left a
+/// parked target's job 30 s late. nats-server 2.9 also at times leaves a request
+/// unanswered past its expiry: the library's bound ends it, and a message handed to it
+/// later waits for the ack wait (`KNOCKER_NATS_ACK_WAIT`, 5 s by default, bounds that).
 async fn pull(consumer: &Consumer<PullConfig>, n: usize) -> Result<Vec<Message>, StoreError> {
-    let fetch = async {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(n)
-            .expires(PULL_WAIT)
-            .messages()
-            .await
-            .map_err(unavailable)?;
-        let mut messages = Vec::new();
-        while let Some(message) = batch.next().await {
-            messages.push(message.map_err(unavailable)?);
+    let mut batch = consumer
+        .fetch()
+        .max_messages(n)
+        .expires(PULL_WAIT)
+        .messages()
+        .await
+        .map_err(unavailable)?;
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        match message {
+            Ok(message) => messages.push(message),
+            // What came is kept (taken or given back); the rest comes again.
+            Err(e) if !messages.is_empty() => {
+                tracing::debug!(error = %e, "a pull ended early");
+                break;
+            }
+            Err(e) => return Err(unavailable(e)),
         }
-        Ok(messages)
-    };
-    match tokio::time::timeout(PULL_WAIT * 4, fetch).await {
-        Ok(result) => result,
-        Err(_) => Ok(Vec::new()),
     }
+    Ok(messages)
 }
 
 /// Opens a key-value bucket, creating its stream first when it is missing. The stream
@@ -550,10 +672,14 @@ async fn keep_alive(held: std::sync::Weak<Mutex<HashMap<String, Held>>>, ack_wai
     loop {
         tokio::time::sleep(every).await;
         let Some(held) = held.upgrade() else { return };
-        let messages: Vec<Message> = held.lock().values().map(|h| h.message.clone()).collect();
+        let messages: Vec<_> = held
+            .lock()
+            .values()
+            .map(|h| (h.message.clone(), Arc::clone(&h.answered)))
+            .collect();
         drop(held);
-        for m in messages {
-            let _ = m.ack_with(AckKind::Progress).await;
+        for (message, answered) in messages {
+            Held::keep(&message, &answered).await;
         }
     }
 }
@@ -680,63 +806,15 @@ impl Store for NatsStore {
         caps: &HostCaps,
     ) -> Result<Vec<Job>, StoreError> {
         let mut claimed = Vec::new();
-        let taken = Mutex::new(HashMap::new());
-        // Lane heads we hold whose retry is due.
-        let due_heads: Vec<String> = self
-            .held
-            .lock()
-            .iter()
-            .filter(|(_, h)| h.due.is_some_and(|d| d <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due_heads {
-            if claimed.len() >= limit {
-                break;
-            }
-            if let Some((mut record, _)) = self.read(&self.jobs, &id).await? {
-                record.job.state = State::InFlight;
-                self.write(&self.jobs, &record).await?;
-                if let Some(h) = self.held.lock().get_mut(&id) {
-                    h.due = None;
-                }
-                claimed.push(record.job);
+        match self.claim_into(&mut claimed, now, limit, caps).await {
+            Ok(()) => Ok(claimed),
+            Err(e) if claimed.is_empty() => Err(e),
+            Err(e) => {
+                // What is claimed is held: it must be attempted, or it would never be.
+                tracing::warn!(error = %e, claimed = claimed.len(), "claim cut short");
+                Ok(claimed)
             }
         }
-        if claimed.len() < limit {
-            // Each take is a few round trips to the server: run them side by side.
-            let mut messages = pull(&self.work, limit - claimed.len()).await?;
-            if messages.len() < limit - claimed.len() {
-                messages.extend(
-                    self.pull_legacy(now, limit - claimed.len() - messages.len())
-                        .await?,
-                );
-            }
-            let mut takes = futures_util::stream::iter(messages)
-                .map(|m| self.take(m, now, Some((caps, &taken)), false))
-                .buffer_unordered(64);
-            while let Some(taken) = takes.next().await {
-                if let Some(job) = taken? {
-                    claimed.push(job);
-                }
-            }
-        }
-        for hash in self.lane_hashes(now).await? {
-            if claimed.len() >= limit {
-                break;
-            }
-            let consumer = self.lane_consumer(&hash).await?;
-            let messages = pull(&consumer, 1).await?;
-            for message in messages {
-                let id = String::from_utf8_lossy(&message.payload).into_owned();
-                if self.held.lock().contains_key(&id) {
-                    continue; // ours already (redelivered after a progress gap)
-                }
-                if let Some(job) = self.take(message, now, None, true).await? {
-                    claimed.push(job);
-                }
-            }
-        }
-        Ok(claimed)
     }
 
     async fn finish_attempt(
@@ -749,7 +827,7 @@ impl Store for NatsStore {
             // Deleted while in flight: nothing to record, the message is done.
             let held = self.held.lock().remove(&job.id);
             if let Some(h) = held {
-                let _ = h.message.ack().await;
+                let _ = h.answer(Some(AckKind::Ack)).await;
             }
             return Ok(());
         };
@@ -779,7 +857,7 @@ impl Store for NatsStore {
                 self.jobs.purge(key(&job.id)).await.map_err(unavailable)?;
                 let held = self.held.lock().remove(&job.id);
                 if let Some(h) = held {
-                    h.message.double_ack().await.map_err(unavailable)?;
+                    h.answer(None).await?;
                 }
             }
             Next::Retry { at: due } => {
@@ -799,7 +877,7 @@ impl Store for NatsStore {
                 };
                 if let Some(h) = released {
                     let wait = Duration::from_millis(due.saturating_sub(now_ms()));
-                    h.message.ack_with(nak(wait)).await.map_err(unavailable)?;
+                    h.answer(Some(nak(wait))).await?;
                 }
             }
         }
@@ -810,7 +888,7 @@ impl Store for NatsStore {
         let Some((mut record, _)) = self.read(&self.jobs, &job.id).await? else {
             let held = self.held.lock().remove(&job.id);
             if let Some(h) = held {
-                let _ = h.message.ack().await;
+                let _ = h.answer(Some(AckKind::Ack)).await;
             }
             return Ok(());
         };
@@ -830,10 +908,7 @@ impl Store for NatsStore {
             }
         };
         if let Some(h) = released {
-            h.message
-                .ack_with(AckKind::Nak(Some(again)))
-                .await
-                .map_err(unavailable)?;
+            h.answer(Some(AckKind::Nak(Some(again)))).await?;
         }
         Ok(())
     }
@@ -955,7 +1030,7 @@ impl Store for NatsStore {
         // A lane head we hold: release the lane to its next job.
         let held = self.held.lock().remove(id);
         if let Some(h) = held {
-            let _ = h.message.ack().await;
+            let _ = h.answer(Some(AckKind::Ack)).await;
         }
         Ok(existed)
     }
@@ -1008,6 +1083,38 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_message_that_cannot_be_taken_is_given_back_not_left_for_the_ack_wait() {
+        let server = NatsServer::start("give-back");
+        let store = server.store(Duration::from_secs(30)).await;
+        let mut job = test_job("j", "POST", "http://t:1/p");
+        job.next_attempt_at = now_ms();
+        store.insert(job.clone()).await.unwrap();
+        // Its record cannot be read when its message comes: it cannot be taken.
+        let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
+        let jobs = open_bucket(&js, JOBS, Duration::ZERO).await.unwrap();
+        jobs.put(key("j"), "not a record".into()).await.unwrap();
+        let claimed = store
+            .claim_due(now_ms(), 10, &HostCaps::default())
+            .await
+            .unwrap();
+        assert!(claimed.is_empty());
+        // Readable again: back within a moment, not after the 30 s ack wait.
+        let record = Record { job, msg_seq: None };
+        jobs.put(key("j"), serde_json::to_vec(&record).unwrap().into())
+            .await
+            .unwrap();
+        let mut claimed = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while claimed.is_empty() && std::time::Instant::now() < deadline {
+            claimed = store
+                .claim_due(now_ms(), 10, &HostCaps::default())
+                .await
+                .unwrap();
+        }
+        assert_eq!(claimed.len(), 1);
     }
 
     #[tokio::test]
