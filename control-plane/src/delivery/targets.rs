@@ -373,12 +373,17 @@ impl Targets {
         let probe_due = {
             let mut state = self.state.lock();
             let t = state.entry(host.to_owned()).or_default();
-            match &t.circuit.circuit {
+            let probe_due = match &t.circuit.circuit {
                 Circuit::Paused { .. } | Circuit::Probing { .. } => return Admit::Park,
                 Circuit::Open { retry_at, .. } if *retry_at > now => return Admit::Park,
                 Circuit::Open { .. } => true,
                 Circuit::Closed => false,
+            };
+            // Slowed by a Retry-After: parked before a turn is reserved for it.
+            if t.slow_until > now && !probe_due {
+                return Admit::Park;
             }
+            probe_due
         };
         if probe_due && !self.board.take_probe(host, now).await {
             // Another control plane probes it: ask again after a cool-down, not at once.
