@@ -6,6 +6,7 @@ mod cluster;
 mod configs;
 mod durability;
 mod link;
+mod make_run;
 mod monitors;
 mod protocol;
 mod rules;
