@@ -255,6 +255,25 @@ async fn monitors_are_created_updated_and_deleted_through_the_api() {
     .unwrap();
     assert_eq!(again.status(), 409);
 
+    // Before its first check has ended a monitor is pending, with no uptime yet.
+    let hung = Target::start(|_, _| Reply::Hang).await;
+    let pending = send(
+        Method::POST,
+        "/knocker/monitors",
+        Some(json!({"name": "hung", "url": format!("http://{}/", hung.host()), "timeout_s": 30})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pending.status(), 201);
+    let m = monitor(&cp, "hung").await;
+    assert_eq!(m["health"], "pending", "{m}");
+    assert_eq!(m["last"], Value::Null, "{m}");
+    assert_eq!(m["uptime"]["24h"], Value::Null, "{m}");
+    let deleted = send(Method::DELETE, "/knocker/monitors/hung", None)
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+
     let m = checks_after(&cp, "web", 0, 2).await;
     assert_eq!(m["source"], "api");
     assert_eq!(m["last"]["ok"], true);

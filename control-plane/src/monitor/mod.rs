@@ -577,7 +577,8 @@ impl Monitors {
             "url": crate::redact::url(&config.url),
             "method": config.method,
             "interval_s": config.interval_s,
-            "health": state.health,
+            // Until its first check has ended, neither up nor down.
+            "health": if results.is_empty() { json!("pending") } else { json!(state.health) },
             "failures_in_a_row": state.failures,
             "successes_in_a_row": state.successes,
             "last": results.first().map(result_json),
