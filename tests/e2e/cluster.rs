@@ -316,9 +316,9 @@ notify = ["mail"]
     // Kill the control plane that ran the check which went down: the other takes the
     // monitor over (after the lease lapses) with the same state.
     let mut two = two;
-    let holder_is_one = one.log().contains("monitor changed health");
+    let holder_is_one = one.log().contains("monitor down");
     assert!(
-        holder_is_one != two.log().contains("monitor changed health"),
+        holder_is_one != two.log().contains("monitor down"),
         "exactly one control plane saw the transition"
     );
     if holder_is_one {
@@ -332,7 +332,7 @@ notify = ["mail"]
     let mail = smtp.wait_for(2, Duration::from_secs(40)).await;
     assert_eq!(mail[1].subject, "[Knocker] RESOLVED: api");
     assert!(
-        survivor.log().contains("monitor changed health"),
+        survivor.log().contains("monitor up again"),
         "the survivor took over"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;

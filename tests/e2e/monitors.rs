@@ -166,6 +166,19 @@ conditions = [{{ status = [200] }}, {{ json_pointer = "/status", equals = "up" }
         .map(|t| t["health"].as_str().unwrap())
         .collect();
     assert_eq!(transitions, ["up", "down"], "newest first");
+    // On the console: the outage at WARN with its reason, the recovery at INFO.
+    let log = cp.log();
+    assert!(
+        log.lines().any(|l| l.contains(" WARN ")
+            && l.contains("monitor down")
+            && l.contains("status 503 not in [200]")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" INFO ") && l.contains("monitor up again")),
+        "{log}"
+    );
     let day = m["uptime"]["24h"].as_f64().unwrap();
     assert!(day > 0.0 && day < 1.0, "{day}");
 

@@ -53,7 +53,8 @@ impl Observer for Log {
 
     fn attempted(&self, a: &Attempted<'_>) {
         let latency_ms = a.outcome.latency.as_millis() as u64;
-        let error = a.outcome.error.as_deref().unwrap_or("");
+        // Omitted from the line when there is none.
+        let error = a.outcome.error.as_deref();
         let kind = format!("{:?}", a.job.kind).to_lowercase();
         match a.next {
             Next::Delivered => tracing::info!(

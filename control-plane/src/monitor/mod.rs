@@ -435,10 +435,11 @@ impl Monitors {
                 Health::Down => state.failures,
                 Health::Up => state.successes,
             };
-            tracing::warn!(
-                monitor = %name, health = ?t.to, reason = result.failed_condition.as_deref().unwrap_or(""),
-                checks, "monitor changed health"
-            );
+            let reason = result.failed_condition.as_deref();
+            match t.to {
+                Health::Down => tracing::warn!(monitor = %name, reason, checks, "monitor down"),
+                Health::Up => tracing::info!(monitor = %name, checks, "monitor up again"),
+            }
             let wanted = t.to == Health::Down || config.send_on_resolved;
             let notifiers: Vec<(&str, &NotifierConfig)> = config
                 .notify

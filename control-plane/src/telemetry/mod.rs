@@ -25,7 +25,10 @@ pub struct LogConfig {
 /// Installs the global subscriber. `RUST_LOG`, when set, refines `LOG_LEVEL`.
 pub fn init_logging(settings: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!("{},h2=warn,hyper=warn,tower=warn", settings.level))
+        EnvFilter::new(format!(
+            "{},h2=warn,hyper=warn,tower=warn,async_nats=warn",
+            settings.level
+        ))
     });
     let writer = if settings.file == "-" {
         fmt::writer::BoxMakeWriter::new(std::io::stderr)
