@@ -11,7 +11,7 @@
 //!   pull from one durable consumer (`knocker-work`), so they share the load; a message
 //!   not acknowledged within the ack wait (its control plane died) goes to another one:
 //!   at-least-once, with the same id. Messages of earlier versions, on `knocker.work`
-//!   itself, are still pulled (consumer `knocker-delivery`) until none is left.
+//!   itself, are still pulled (consumer `knocker-delivery`) while there are any.
 //! - A retry is a NAK with a delay: the server redelivers the message when it is due,
 //!   to whichever control plane asks first.
 //! - Ordered lanes: each lane has a subject (`knocker.lane.<hash>`) and a durable
@@ -132,7 +132,7 @@ pub struct NatsStore {
     work: Consumer<PullConfig>,
     /// Pulls what earlier versions left on `knocker.work`, while anything is left there.
     legacy: Mutex<Option<Consumer<PullConfig>>>,
-    /// When the legacy subject was last found not empty (ms), to look again every second.
+    /// When the legacy subject was last counted (ms).
     legacy_checked: Mutex<Millis>,
     options: NatsOptions,
     held: Arc<Mutex<HashMap<String, Held>>>,
@@ -253,7 +253,7 @@ impl NatsStore {
             failed,
             work,
             legacy: Mutex::new(legacy),
-            legacy_checked: Mutex::new(0),
+            legacy_checked: Mutex::new(now_ms()),
             options,
             held,
             lanes: Mutex::default(),
@@ -492,26 +492,37 @@ impl NatsStore {
     }
 
     /// Work an earlier version left on `knocker.work`, while there is any: once a pull
-    /// finds nothing and the subject is empty, it is not asked again.
+    /// finds nothing and the subject is empty, it is not pulled from, only looked at
+    /// every 10 s (a control plane of an earlier version may still be publishing there
+    /// during an upgrade).
     async fn pull_legacy(&self, now: Millis, n: usize) -> Result<Vec<Message>, StoreError> {
-        let Some(legacy) = self.legacy.lock().clone() else {
-            return Ok(Vec::new());
+        let legacy = self.legacy.lock().clone();
+        let messages = match &legacy {
+            Some(consumer) => pull(consumer, n).await?,
+            None => Vec::new(),
         };
-        let messages = pull(&legacy, n).await?;
-        if messages.is_empty() {
-            let due = {
-                let mut checked = self.legacy_checked.lock();
-                let due = now >= *checked + 1000 || now < *checked;
-                if due {
-                    *checked = now;
+        if !messages.is_empty() {
+            return Ok(messages);
+        }
+        let every = if legacy.is_some() { 1_000 } else { 10_000 };
+        let look = {
+            let mut checked = self.legacy_checked.lock();
+            let look = now >= *checked + every || now < *checked;
+            if look {
+                *checked = now;
+            }
+            look
+        };
+        if look {
+            let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+            let left = subject_count(&stream, LEGACY_SUBJECT).await?;
+            match (left, legacy.is_some()) {
+                (0, true) => *self.legacy.lock() = None,
+                (1.., false) => {
+                    let c = consumer(&stream, LEGACY_CONSUMER, LEGACY_SUBJECT, &self.options);
+                    *self.legacy.lock() = Some(c.await?);
                 }
-                due
-            };
-            if due {
-                let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
-                if subject_count(&stream, LEGACY_SUBJECT).await? == 0 {
-                    *self.legacy.lock() = None;
-                }
+                _ => {}
             }
         }
         Ok(messages)
@@ -1070,6 +1081,12 @@ mod tests {
         consumer(&stream, LEGACY_CONSUMER, LEGACY_SUBJECT, &options)
             .await
             .unwrap();
+        earlier_version_submits(server, job).await;
+    }
+
+    /// A job submitted by a control plane of an earlier version.
+    async fn earlier_version_submits(server: &NatsServer, job: &Job) {
+        let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
         let jobs = open_bucket(&js, JOBS, Duration::ZERO).await.unwrap();
         let record = Record {
             job: job.clone(),
@@ -1118,7 +1135,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn work_an_earlier_version_left_is_delivered_then_its_subject_is_left_alone() {
+    async fn work_an_earlier_version_left_or_still_submits_is_delivered() {
         let server = NatsServer::start("legacy");
         let now = now_ms();
         let mut old = test_job("old", "POST", "http://t:1/p");
@@ -1173,6 +1190,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(store.legacy.lock().is_none());
+
+        // During an upgrade, a control plane of the earlier version submits again: its
+        // job is found (the subject is looked at every 10 s) and delivered.
+        let mut late = test_job("late", "POST", "http://t:1/p");
+        late.next_attempt_at = now_ms();
+        earlier_version_submits(&server, &late).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut claimed = Vec::new();
+        while claimed.is_empty() && std::time::Instant::now() < deadline {
+            claimed = store
+                .claim_due(now_ms(), 10, &HostCaps::default())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].id, "late");
     }
 
     #[test]
