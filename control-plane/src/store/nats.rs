@@ -609,16 +609,42 @@ async fn subject_count(
 
 /// Up to `n` messages that are there now, waiting at most [`PULL_WAIT`] for the first.
 ///
-/// The request is never given up before the server answers it (it does when it expires;
-/// the client library's own bound, 5 s later, is only for a server that never does): a
-/// message the server hands to a request its client has stopped reading is lost to
-/// everyone until the ack wait runs out. Cutting pulls short here at 200 ms once left a
-/// parked target's job 30 s late. nats-server 2.9 also at times leaves a request
-/// unanswered past its expiry: the library's bound ends it, and a message handed to it
-/// later waits for the ack wait (`KNOCKER_NATS_ACK_WAIT`, 5 s by default, bounds that).
+/// A claim waits for the answer at most four times that. A request is never abandoned,
+/// though: a message the server hands to a request its client has stopped reading is
+/// lost to everyone until the ack wait runs out (cutting pulls short at 200 ms once left a
+/// parked target's job 30 s late), and nats-server 2.9 at times answers a request only
+/// seconds after its expiry. So the request runs on in its own task, and what it brings
+/// after the claim has moved on is given back at once.
 async fn pull(consumer: &Consumer<PullConfig>, n: usize) -> Result<Vec<Message>, StoreError> {
+    let consumer = consumer.clone();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(Ok(late)) = tx.send(fetch(&consumer, n).await) {
+            give_back(late).await;
+        }
+    });
+    match tokio::time::timeout(PULL_WAIT * 4, &mut rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(unavailable("a pull ended without an answer")),
+        Err(_) => {
+            // Too slow for this claim; what came just now is still taken.
+            rx.close();
+            match rx.try_recv() {
+                Ok(result) => result,
+                Err(_) => Ok(Vec::new()),
+            }
+        }
+    }
+}
+
+/// One pull request, read until the server ends it (`n` messages, or [`PULL_WAIT`]).
+///
+/// A plain request, not a "no wait" one: nats-server 2.9 answers a no-wait request at
+/// once with "408 Requests Pending" while another control plane's bigger request waits,
+/// so one control plane took all the work and the other none.
+async fn fetch(consumer: &Consumer<PullConfig>, n: usize) -> Result<Vec<Message>, StoreError> {
     let mut batch = consumer
-        .fetch()
+        .batch()
         .max_messages(n)
         .expires(PULL_WAIT)
         .messages()
@@ -637,6 +663,13 @@ async fn pull(consumer: &Consumer<PullConfig>, n: usize) -> Result<Vec<Message>,
         }
     }
     Ok(messages)
+}
+
+/// Sends messages back to be delivered again at once (to any control plane).
+async fn give_back(messages: Vec<Message>) {
+    for m in messages {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
+    }
 }
 
 /// Opens a key-value bucket, creating its stream first when it is missing. The stream
