@@ -1089,7 +1089,7 @@ impl Store for NatsStore {
 mod tests {
     use super::*;
     use crate::job::test_job;
-    use crate::store::nats_tests::NatsServer;
+    use crate::store::nats_tests::{attempt, claim_n, NatsServer};
 
     /// A server set up by an earlier version: one work subject for every target, its
     /// consumer, and a job waiting there.
@@ -1156,15 +1156,7 @@ mod tests {
         jobs.put(key("j"), serde_json::to_vec(&record).unwrap().into())
             .await
             .unwrap();
-        let mut claimed = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while claimed.is_empty() && std::time::Instant::now() < deadline {
-            claimed = store
-                .claim_due(now_ms(), 10, &HostCaps::default())
-                .await
-                .unwrap();
-        }
-        assert_eq!(claimed.len(), 1);
+        assert_eq!(claim_n(&store, 1, Duration::from_secs(5)).await.len(), 1);
     }
 
     #[tokio::test]
@@ -1181,31 +1173,13 @@ mod tests {
         store.insert(new).await.unwrap();
         assert_eq!(store.backlog("t:1").await.unwrap(), Some(1), "the new one");
 
-        let mut claimed = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while claimed.len() < 2 && std::time::Instant::now() < deadline {
-            claimed.extend(
-                store
-                    .claim_due(now_ms(), 10, &HostCaps::default())
-                    .await
-                    .unwrap(),
-            );
-        }
+        let claimed = claim_n(&store, 2, Duration::from_secs(5)).await;
         let mut ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
         ids.sort_unstable();
         assert_eq!(ids, ["new", "old"]);
         for job in &claimed {
             store
-                .finish_attempt(
-                    job,
-                    Attempt {
-                        at: now_ms(),
-                        status: 200,
-                        error: None,
-                        latency_ms: 1,
-                    },
-                    Next::Delivered,
-                )
+                .finish_attempt(job, attempt(200), Next::Delivered)
                 .await
                 .unwrap();
         }
@@ -1229,15 +1203,7 @@ mod tests {
         let mut late = test_job("late", "POST", "http://t:1/p");
         late.next_attempt_at = now_ms();
         earlier_version_submits(&server, &late).await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        let mut claimed = Vec::new();
-        while claimed.is_empty() && std::time::Instant::now() < deadline {
-            claimed = store
-                .claim_due(now_ms(), 10, &HostCaps::default())
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let claimed = claim_n(&store, 1, Duration::from_secs(15)).await;
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].id, "late");
     }

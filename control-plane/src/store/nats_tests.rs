@@ -76,7 +76,7 @@ fn job(id: &str) -> Job {
     job
 }
 
-fn attempt(status: u16) -> Attempt {
+pub(crate) fn attempt(status: u16) -> Attempt {
     Attempt {
         at: now(),
         status,
@@ -98,7 +98,7 @@ async fn ids(store: &NatsStore, limit: usize) -> Vec<String> {
 }
 
 /// Claims until `n` jobs came or `within` passed.
-async fn claim_n(store: &NatsStore, n: usize, within: Duration) -> Vec<Job> {
+pub(crate) async fn claim_n(store: &NatsStore, n: usize, within: Duration) -> Vec<Job> {
     let deadline = tokio::time::Instant::now() + within;
     let mut got = Vec::new();
     while got.len() < n && tokio::time::Instant::now() < deadline {
