@@ -10,8 +10,9 @@
 //! modules import each other, directly or round a loop (`tests/layers.rs` fails the
 //! build's tests otherwise):
 //!
-//! 1. **Foundations** — [`clock`] (injected time, RFC 3339), [`hosts_only`], [`redact`],
-//!    [`token`], [`validate`] (the error a refused configuration value becomes).
+//! 1. **Foundations** — [`clock`] (injected time, RFC 3339), [`hosts_only`], [`metrics`]
+//!    (the Prometheus registry every layer records into), [`redact`], [`token`],
+//!    [`validate`] (the error a refused configuration value becomes).
 //! 2. **The job model** — [`job`]: a job, its policy ([`job::policy::DeliveryPolicy`],
 //!    the one configured policy type), the protocol's header rules ([`job::spec`]),
 //!    filter rules ([`job::rule`]), receipts.
@@ -24,7 +25,7 @@
 //!    [`broadcast`] (groups, member jobs, agents), [`notify`] (webhook and email
 //!    notifications), [`monitor`] (checks, thresholds, history, uptime), [`retention`].
 //! 6. **Edges** — [`ingress`] (the gRPC and HTTP doors), [`api`] (the admin API, one
-//!    router), [`cli`], [`echo`], [`telemetry`] (logs, Sentry).
+//!    router), [`cli`], [`echo`], [`telemetry`] (logs, Sentry, the `/metrics` handler).
 //! 7. **Configuration** — [`config`]: flags, environment and file, validated once and
 //!    nested by subsystem; each part goes only to its subsystem.
 //! 8. **Wiring** — [`server`]: builds the parts from the configuration and runs them;
@@ -40,6 +41,7 @@ pub mod echo;
 pub mod hosts_only;
 pub mod ingress;
 pub mod job;
+pub mod metrics;
 pub mod monitor;
 pub mod notify;
 pub mod outbound;

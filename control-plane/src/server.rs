@@ -30,6 +30,7 @@ use crate::notify::target::TargetNotifier;
 use crate::outbound::{Lookup, Outbound, OutboundPolicy};
 use crate::store::ClaimHealth;
 use crate::submit::Submitter;
+use crate::telemetry::metrics::Recorder;
 use crate::telemetry::sentry::FailureReporter;
 
 /// The sockets `serve` answers on.
@@ -127,7 +128,7 @@ pub async fn serve(
         .with(Kind::Target, Arc::clone(&http) as _)
         .with(Kind::Callback, http)
         .with(Kind::Email, Arc::new(Mailer::new(config.mail_servers())));
-    let mut observers: Vec<Arc<dyn Observer>> = vec![Arc::new(Log)];
+    let mut observers: Vec<Arc<dyn Observer>> = vec![Arc::new(Log), Arc::new(Recorder)];
     if config.sentry.report_failed_jobs {
         observers.push(Arc::new(FailureReporter));
     }

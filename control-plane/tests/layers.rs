@@ -21,6 +21,7 @@ use syn::visit::Visit;
 const LAYERS: &[(&str, u8, &str)] = &[
     ("clock", 0, "foundations"),
     ("hosts_only", 0, "foundations"),
+    ("metrics", 0, "foundations"),
     ("redact", 0, "foundations"),
     ("token", 0, "foundations"),
     ("validate", 0, "foundations"),

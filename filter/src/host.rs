@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::metrics::Counter;
+
 /// Header name and value as bytes, in the order Envoy holds them.
 pub type HeaderPair = (String, Vec<u8>);
 
@@ -42,4 +44,6 @@ pub trait Host {
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
     /// Logs at warning level.
     fn warn(&self, message: &str);
+    /// Adds one to `counter`, and to the rule's own when a rule took the request.
+    fn count(&self, counter: Counter, rule: Option<&str>);
 }

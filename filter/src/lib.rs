@@ -17,6 +17,7 @@
 //! - [`classify`] — is this a Knocker request? (the hot path).
 //! - [`rules`] — capture and fallback rules: which requests, which delivery policy.
 //! - [`message`] — builds the `SubmitRequest` from the request.
+//! - [`metrics`] — the filter's counters (Envoy stats, tagged by rule).
 //! - [`reply`] — turns the control plane's answer, or its absence, into a response.
 //! - [`host`] — the small trait the logic needs from Envoy.
 //! - [`link`] — the worker's stream to the control plane: submissions waiting for replies.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod host;
 pub mod link;
 pub mod message;
+pub mod metrics;
 pub mod reply;
 pub mod rules;
 pub mod stream;

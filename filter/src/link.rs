@@ -42,6 +42,8 @@ pub struct Link<W> {
     wanted: bool,
     /// The root's tick has been started (by the first request that wanted a stream).
     pub ticking: bool,
+    /// Streams opened so far (a later one is a reopening).
+    opens: u32,
     next_id: u32,
     waiting: HashMap<u32, Waiting<W>>,
 }
@@ -53,6 +55,7 @@ impl<W> Default for Link<W> {
             unsupported: false,
             wanted: false,
             ticking: false,
+            opens: 0,
             next_id: 1,
             waiting: HashMap::new(),
         }
@@ -70,6 +73,12 @@ impl<W> Link<W> {
 
     pub fn opened(&mut self, token: u32) {
         self.open = Some(token);
+        self.opens = self.opens.saturating_add(1);
+    }
+
+    /// A stream has been opened before (the next one is a reopening).
+    pub fn has_opened(&self) -> bool {
+        self.opens > 0
     }
 
     /// Files a submission on the open stream: its id and the stream's token, or `None`

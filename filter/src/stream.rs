@@ -14,6 +14,7 @@ use prost::Message;
 use crate::config::PluginConfig;
 use crate::host::{HeaderPair, Host};
 use crate::message::submit_request;
+use crate::metrics::Counter;
 use crate::reply::{self, Response};
 use crate::rules::{RequestView, RuleMode};
 
@@ -50,7 +51,11 @@ enum State {
     },
     /// The gRPC call is out; the client waits. `fallback`: the upstream's failed
     /// response is paused behind it.
-    Waiting { token: u32, fallback: bool },
+    Waiting {
+        token: u32,
+        fallback: bool,
+        rule: Option<usize>,
+    },
     /// A local response was sent: the request goes no further.
     Answered,
     /// A fallback request whose response is the upstream's own: everything goes on
@@ -242,6 +247,7 @@ impl Stream {
                 FALLBACK_HEADER,
                 &format!("off; the request body is over the {limit}-byte buffer limit"),
             );
+            host.count(Counter::FallbackOff, Some(&rule_config.name));
             self.state = State::Released;
             return Action::Continue;
         }
@@ -254,6 +260,7 @@ impl Stream {
                 FALLBACK_HEADER,
                 "off; the upstream failed before the request body ended",
             );
+            host.count(Counter::FallbackOff, Some(&rule_config.name));
             self.state = State::Released;
             return Action::Continue;
         }
@@ -319,12 +326,20 @@ impl Stream {
         token: u32,
         outcome: Outcome,
     ) {
-        let State::Waiting { token: t, fallback } = self.state else {
+        let State::Waiting {
+            token: t,
+            fallback,
+            rule,
+        } = self.state
+        else {
             return;
         };
         if t != token {
             return;
         }
+        let rule = rule
+            .and_then(|i| config.rules.get(i))
+            .map(|r| r.name.as_str());
         let (grpc_status, body, message) = match outcome {
             Outcome::Reply(body) => (0, body, None),
             Outcome::Failed {
@@ -343,7 +358,11 @@ impl Stream {
                 "knocker: control plane call failed (gRPC status {grpc_status})"
             ));
         }
+        if grpc_status == GRPC_DEADLINE_EXCEEDED {
+            host.count(Counter::Deadlines, rule);
+        }
         if fallback && !(200..300).contains(&response.status) {
+            host.count(Counter::FallbackFailed, rule);
             // No receipt: the caller gets the upstream's own answer, and why.
             let reason = reply::error_text(&response);
             host.set_response_header(
@@ -353,6 +372,10 @@ impl Stream {
             self.state = State::Released;
             host.resume_response();
             return;
+        }
+        host.count(Counter::for_status(response.status), rule);
+        if fallback {
+            host.count(Counter::FallbackTaken, rule);
         }
         self.answer(host, &response);
     }
@@ -372,7 +395,9 @@ impl Stream {
         rule: Option<usize>,
         upstream_status: u32,
     ) {
+        let index = rule;
         let rule = rule.and_then(|i| config.rules.get(i));
+        let rule_name = rule.map(|r| r.name.as_str());
         let mut request: SubmitRequest = match rule {
             None => submit_request(headers, Mode::Knocker, ""),
             Some(r) => {
@@ -388,16 +413,25 @@ impl Stream {
         let message = request.encode_to_vec();
         let timeout = Duration::from_millis(config.timeout_ms);
         match host.dispatch_submit(&config.cluster, &message, timeout) {
-            Ok(token) => self.state = State::Waiting { token, fallback },
+            Ok(token) => {
+                host.count(Counter::Submitted, rule_name);
+                self.state = State::Waiting {
+                    token,
+                    fallback,
+                    rule: index,
+                };
+            }
             Err(reason) => {
                 host.warn(&format!("knocker: cannot call the control plane: {reason}"));
                 if fallback {
+                    host.count(Counter::FallbackFailed, rule_name);
                     host.set_response_header(
                         FALLBACK_HEADER,
                         &format!("failed; {}", header_safe(&reason)),
                     );
                     self.state = State::Released;
                 } else {
+                    host.count(Counter::ControlPlaneUnavailable, rule_name);
                     self.answer(host, &Response::unavailable(&reason, config.retry_after_s));
                 }
             }
@@ -474,6 +508,14 @@ mod tests {
         warnings: RefCell<Vec<String>>,
         response_headers: RefCell<Vec<(String, String)>>,
         resumed: RefCell<bool>,
+        counted: RefCell<Vec<String>>,
+    }
+
+    impl FakeHost {
+        /// The metric names counted so far, in order.
+        fn counted(&self) -> Vec<String> {
+            self.counted.borrow().clone()
+        }
     }
 
     impl Host for FakeHost {
@@ -523,6 +565,13 @@ mod tests {
         }
         fn grpc_response(&self, size: usize) -> Option<Vec<u8>> {
             self.grpc_reply.get(..size).map(<[u8]>::to_vec)
+        }
+        fn count(&self, counter: Counter, rule: Option<&str>) {
+            let mut counted = self.counted.borrow_mut();
+            counted.push(crate::metrics::metric_name(counter, None));
+            if rule.is_some() {
+                counted.push(crate::metrics::metric_name(counter, rule));
+            }
         }
         fn grpc_status_message(&self) -> Option<String> {
             Some("no healthy upstream".into())
@@ -632,6 +681,7 @@ mod tests {
             vec![("content-type".into(), "application/json".into())]
         );
         assert_eq!(body, b"{\"status\":true}");
+        assert_eq!(host.counted(), ["knocker.submitted", "knocker.receipts"]);
     }
 
     #[test]
@@ -664,6 +714,39 @@ mod tests {
         assert!(headers.contains(&("retry-after".into(), "1".into())));
         assert!(String::from_utf8_lossy(&body).contains("no healthy upstream"));
         assert_eq!(host.warnings.borrow().len(), 1);
+        assert_eq!(
+            host.counted(),
+            ["knocker.submitted", "knocker.control_plane_unavailable"]
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_counted_as_one_and_as_unavailable() {
+        let host = FakeHost {
+            headers: request(&[("knocker-host", "t")]),
+            ..Default::default()
+        };
+        let config = PluginConfig::default();
+        let mut s = Stream::default();
+        s.on_request_headers(&host, &config, true);
+        s.on_reply(
+            &host,
+            &config,
+            7,
+            Outcome::Failed {
+                grpc_status: GRPC_DEADLINE_EXCEEDED,
+                message: Some("no reply within 1000 ms".into()),
+            },
+        );
+        assert_eq!(host.sent.borrow().first().map(|r| r.0), Some(503));
+        assert_eq!(
+            host.counted(),
+            [
+                "knocker.submitted",
+                "knocker.deadlines",
+                "knocker.control_plane_unavailable"
+            ]
+        );
     }
 
     #[test]
@@ -856,6 +939,17 @@ mod tests {
             assert_eq!(req.upstream_status, upstream_status);
             s.on_grpc_response(&host, &config, 7, 0, host.grpc_reply.len());
             assert_eq!(host.sent.borrow().first().map(|r| r.0), Some(202));
+            assert_eq!(
+                host.counted(),
+                [
+                    "knocker.submitted",
+                    "knocker.rule.fb.submitted",
+                    "knocker.receipts",
+                    "knocker.rule.fb.receipts",
+                    "knocker.fallback_taken",
+                    "knocker.rule.fb.fallback_taken",
+                ]
+            );
         }
     }
 
@@ -878,6 +972,9 @@ mod tests {
         let (name, value) = headers.first().cloned().unwrap_or_default();
         assert_eq!(name, FALLBACK_HEADER);
         assert!(value.starts_with("failed; "), "{value}");
+        assert!(host
+            .counted()
+            .contains(&"knocker.rule.fb.fallback_failed".to_owned()));
     }
 
     #[test]
@@ -900,6 +997,10 @@ mod tests {
         assert!(headers
             .first()
             .is_some_and(|(n, v)| n == FALLBACK_HEADER && v.contains("8-byte buffer limit")));
+        assert_eq!(
+            host.counted(),
+            ["knocker.fallback_off", "knocker.rule.fb.fallback_off"]
+        );
     }
 
     #[test]

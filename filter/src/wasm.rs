@@ -20,6 +20,7 @@ use crate::classify::serialized_has_knocker_header;
 use crate::config::PluginConfig;
 use crate::host::{HeaderPair, Host};
 use crate::link::{self, Link};
+use crate::metrics::Counter;
 use crate::stream::{Action, Outcome, Stream, GRPC_DEADLINE_EXCEEDED};
 
 /// gRPC's `UNAVAILABLE`.
@@ -74,7 +75,12 @@ impl Root {
             knocker_proto::INGRESS_SUBMIT_STREAM,
             metadata(token.as_deref()),
         ) {
-            Ok(token) => link.opened(token),
+            Ok(token) => {
+                if link.has_opened() {
+                    counters::add(Counter::StreamReopened, None);
+                }
+                link.opened(token);
+            }
             Err(status) => log(
                 LogLevel::Debug,
                 &format!("knocker: cannot open the stream to the control plane ({status:?})"),
@@ -172,6 +178,13 @@ impl RootContext for Root {
         };
         match PluginConfig::parse(&text) {
             Ok(config) => {
+                // Every counter shows (at 0) from the start, the rules' own included.
+                for counter in Counter::ALL {
+                    counters::id(counter, None);
+                    for rule in &config.rules {
+                        counters::id(counter, Some(&rule.name));
+                    }
+                }
                 self.config = Rc::new(config);
                 true
             }
@@ -464,6 +477,48 @@ impl Host for Envoy<'_> {
 
     fn warn(&self, message: &str) {
         log(LogLevel::Warn, message);
+    }
+
+    fn count(&self, counter: Counter, rule: Option<&str>) {
+        counters::add(counter, None);
+        if rule.is_some() {
+            counters::add(counter, rule);
+        }
+    }
+}
+
+/// The counters' metric ids, defined once per worker (a VM per thread).
+mod counters {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use proxy_wasm::hostcalls;
+    use proxy_wasm::types::MetricType;
+
+    use crate::metrics::{metric_name, Counter};
+
+    thread_local! {
+        static IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    }
+
+    /// The metric's id, defining it the first time; `None` when Envoy refuses.
+    pub fn id(counter: Counter, rule: Option<&str>) -> Option<u32> {
+        let name = metric_name(counter, rule);
+        IDS.with(|ids| {
+            let mut ids = ids.try_borrow_mut().ok()?;
+            if let Some(id) = ids.get(&name) {
+                return Some(*id);
+            }
+            let id = hostcalls::define_metric(MetricType::Counter, &name).ok()?;
+            ids.insert(name, id);
+            Some(id)
+        })
+    }
+
+    pub fn add(counter: Counter, rule: Option<&str>) {
+        if let Some(id) = id(counter, rule) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
     }
 }
 

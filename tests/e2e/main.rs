@@ -8,6 +8,7 @@ mod durability;
 mod link;
 mod make_run;
 mod monitors;
+mod observability;
 mod protocol;
 mod rules;
 mod security;

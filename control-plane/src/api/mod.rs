@@ -16,6 +16,7 @@
 //! | `POST /knocker/jobs/replay?target=host:port&since=…&until=…` | failed jobs of one target, finished in a window, again |
 //! | `/knocker/monitors…` | monitors: see [`monitors`] |
 //! | `/knocker/targets…` | target health, pause and resume: see [`targets`] |
+//! | `GET /metrics` (or `/knocker/metrics`) | Prometheus metrics, OpenMetrics text ([`crate::metrics`]) |
 
 pub mod broadcasts;
 pub mod jobs;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::Value;
 
@@ -34,6 +36,7 @@ use crate::delivery::Delivery;
 use crate::monitor::Monitors;
 use crate::store::StoreError;
 use crate::submit::{Reply, Submitter};
+use crate::telemetry::metrics::Sources;
 use crate::token::{bearer, same_secret};
 
 /// The whole API: every resource's routes, the admin token around all of them.
@@ -43,7 +46,16 @@ pub fn router(
     delivery: Arc<Delivery>,
     admin_token: &str,
 ) -> Router {
+    let scrape = Arc::new(Sources {
+        store: Arc::clone(&submit.store),
+        targets: Arc::clone(&delivery.targets),
+        groups: Arc::clone(&submit.groups),
+        monitors: Arc::clone(&monitors),
+        time: submit.time.clone(),
+    });
     Router::new()
+        .route("/metrics", get(metrics).with_state(Arc::clone(&scrape)))
+        .route("/knocker/metrics", get(metrics).with_state(scrape))
         .merge(jobs::router(Arc::clone(&submit)))
         .merge(broadcasts::router(submit))
         .merge(monitors::router(monitors))
@@ -56,6 +68,18 @@ pub fn router(
             Arc::<str>::from(admin_token),
             require_token,
         ))
+}
+
+/// Prometheus' scrape: OpenMetrics text.
+async fn metrics(State(sources): State<Arc<Sources>>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        sources.render().await,
+    )
+        .into_response()
 }
 
 /// Most jobs one list or bulk replay call handles.

@@ -879,6 +879,11 @@ mod tests {
         async fn stats(&self) -> Result<crate::store::Stats, crate::store::StoreError> {
             self.inner.stats().await
         }
+        async fn oldest_due(
+            &self,
+        ) -> Result<Option<crate::clock::Millis>, crate::store::StoreError> {
+            self.inner.oldest_due().await
+        }
         async fn list(
             &self,
             s: State,

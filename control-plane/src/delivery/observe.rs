@@ -55,7 +55,7 @@ impl Observer for Log {
         let latency_ms = a.outcome.latency.as_millis() as u64;
         // Omitted from the line when there is none.
         let error = a.outcome.error.as_deref();
-        let kind = format!("{:?}", a.job.kind).to_lowercase();
+        let kind = a.job.kind.name();
         match a.next {
             Next::Delivered => tracing::info!(
                 job_id = %a.job.id, kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,

@@ -24,6 +24,7 @@ use crate::job::policy::DeliveryPolicy;
 use crate::job::retry::StatusEntry;
 use crate::job::rule::{RuleMode, RuleSubmission};
 use crate::job::spec::{BroadcastRule, Submission};
+use crate::metrics::Door;
 use crate::submit::{Reply, Submitter};
 
 pub struct GrpcIngress {
@@ -186,7 +187,7 @@ pub async fn handle(
         rule,
         broadcast_rule,
     };
-    to_proto(ingress.submit(submission).await)
+    to_proto(ingress.submit_by(Door::Grpc, submission).await)
 }
 
 /// Why the filter handed a request over.

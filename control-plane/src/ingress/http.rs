@@ -1,5 +1,6 @@
 //! HTTP ingress: the Knocker protocol for clients without Envoy, on any method and path,
-//! plus the status URL (through the shared submit path).
+//! plus the status URL (through the shared submit path); `/knocker/…` and `GET /metrics`
+//! go to the admin API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tower::ServiceExt as _;
 
 use super::{body_too_large, Doors};
 use crate::job::spec::Submission;
+use crate::metrics::Door;
 use crate::submit::{Reply, Submitter};
 
 /// Every request is a Knocker submission, except `/knocker/…` API calls (those without
@@ -123,8 +125,9 @@ async fn dispatch(
     request: Request,
 ) -> Response {
     let path = request.uri().path();
-    let is_api = path.starts_with("/knocker/")
-        && path != state.0.status_url
+    // `/metrics` without `Knocker-Host` could only be refused as a submission.
+    let is_api = (path.starts_with("/knocker/") && path != state.0.status_url
+        || path == "/metrics")
         && !request.headers().contains_key("knocker-host");
     if is_api {
         return match api.oneshot(request).await {
@@ -169,5 +172,5 @@ async fn submit(
         rule: None,
         broadcast_rule: None,
     };
-    Reply::into_response(ingress.submit(submission).await)
+    Reply::into_response(ingress.submit_by(Door::Http, submission).await)
 }

@@ -79,6 +79,17 @@ pub enum Kind {
     Email,
 }
 
+impl Kind {
+    /// Its name in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Target => "target",
+            Self::Callback => "callback",
+            Self::Email => "email",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {

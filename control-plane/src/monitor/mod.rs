@@ -402,6 +402,11 @@ impl Monitors {
                 r = check::run(&self.outbound, trust, &config, &checks, self.time.now_ms()) => r,
                 () = stop.cancelled() => return,
             };
+            crate::metrics::get().checked(
+                &name,
+                result.ok,
+                std::time::Duration::from_millis(result.latency_ms),
+            );
             if let Err(e) = self.observe(&name, &config, &result).await {
                 // Nothing recorded: the next check finds the same state and tries again.
                 tracing::error!(monitor = %name, error = %e, "cannot record the check");

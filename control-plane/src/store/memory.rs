@@ -245,6 +245,15 @@ impl Store for MemoryStore {
         Ok(self.inner.lock().stats())
     }
 
+    async fn oldest_due(&self) -> Result<Option<Millis>, StoreError> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .due
+            .iter()
+            .map(|(at, _, _)| *at)
+            .find(|at| *at != crate::job::PARKED))
+    }
+
     async fn list(
         &self,
         state: State,

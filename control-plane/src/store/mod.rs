@@ -156,6 +156,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn stats(&self) -> Result<Stats, StoreError>;
 
+    /// When the longest-waiting pending job became due (parked lane jobs aside); on
+    /// NATS, when the oldest unfinished job was submitted. `None` when there is none.
+    async fn oldest_due(&self) -> Result<Option<Millis>, StoreError>;
+
     /// Pending jobs of one target host (`None`: this engine does not count them).
     async fn backlog(&self, _host: &str) -> Result<Option<u64>, StoreError> {
         Ok(None)

@@ -771,6 +771,7 @@ fn is_stream_full(e: &async_nats::jetstream::context::PublishError) -> bool {
 #[async_trait]
 impl Store for NatsStore {
     async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
+        let started = std::time::Instant::now();
         if let Some((record, _)) = self.read(&self.jobs, &job.id).await? {
             // A resubmission. If the first one died before its work message was
             // published, publish it now (the same message id: stored once).
@@ -804,7 +805,10 @@ impl Store for NatsStore {
         }
         let id = record.job.id.clone();
         match self.enqueue(record, id.clone()).await {
-            Ok(job) => Ok(Inserted::Created(job)),
+            Ok(job) => {
+                crate::metrics::get().committed(1, started.elapsed());
+                Ok(Inserted::Created(job))
+            }
             Err(e) => {
                 // No receipt is given: leave no record that looks accepted.
                 let _ = self.jobs.purge(key(&id)).await;
@@ -981,6 +985,14 @@ impl Store for NatsStore {
             .filter(|h| h.due.is_none() && h.host == host)
             .count() as u64;
         Ok(Some(waiting.saturating_sub(in_flight_here)))
+    }
+
+    async fn oldest_due(&self) -> Result<Option<Millis>, StoreError> {
+        // A job's messages stay on the work stream until it is finished.
+        let mut stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+        let state = &stream.info().await.map_err(unavailable)?.state;
+        Ok((state.messages > 0)
+            .then(|| (state.first_timestamp.unix_timestamp_nanos() / 1_000_000).max(0) as Millis))
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {

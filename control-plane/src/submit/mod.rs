@@ -21,8 +21,10 @@ use crate::broadcast::{agents::AgentBus, groups::Groups};
 use crate::clock::Time;
 use crate::job::receipt::receipt;
 use crate::job::rule::build_rule_job;
+use crate::job::rule::RuleMode;
 use crate::job::spec::{build_job, unsafe_header, Defaults, Submission};
 use crate::job::{Job, VERSION};
+use crate::metrics::{self, Door, Mode};
 use crate::store::{ClaimHealth, Inserted, Store, StoreError};
 
 pub use reply::Reply;
@@ -46,6 +48,37 @@ pub struct Submitter {
 }
 
 impl Submitter {
+    /// [`Self::submit`], counted in `knocker_submissions_total` by door, mode and answer
+    /// (the status URL is not a submission).
+    pub async fn submit_by(&self, door: Door, submission: Submission) -> Reply {
+        let mode = self.mode(&submission);
+        let reply = self.submit(submission).await;
+        if let Some(mode) = mode {
+            metrics::get().submitted(door, mode, reply.status);
+        }
+        reply
+    }
+
+    /// Why the request came: a filter rule's mode, a broadcast, or `Knocker-*` headers.
+    fn mode(&self, submission: &Submission) -> Option<Mode> {
+        if let Some(rule) = &submission.rule {
+            return Some(match rule.mode {
+                RuleMode::Capture => Mode::Capture,
+                RuleMode::Fallback => Mode::Fallback,
+            });
+        }
+        let broadcast = submission.broadcast_rule.is_some()
+            || submission
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("knocker-broadcast"));
+        if broadcast {
+            return Some(Mode::Broadcast);
+        }
+        let path_only = submission.path.split('?').next().unwrap_or_default();
+        (path_only != self.status_url).then_some(Mode::Knock)
+    }
+
     pub async fn submit(&self, submission: Submission) -> Reply {
         if let Some(reply) = refuse_unsafe(&submission) {
             return reply;

@@ -1,5 +1,7 @@
-//! Logs (`LOG_FILE`, `LOG_LEVEL`, `LOG_FORMAT`) and error reports ([`sentry`]).
+//! Logs (`LOG_FILE`, `LOG_LEVEL`, `LOG_FORMAT`), error reports ([`sentry`]) and the
+//! `/metrics` scrape ([`metrics`]).
 
+pub mod metrics;
 pub mod sentry;
 
 use std::fs::OpenOptions;

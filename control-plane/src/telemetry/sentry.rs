@@ -65,7 +65,7 @@ impl FailureReporter {
         sentry::with_scope(
             |scope| {
                 scope.set_tag("knocker.job_id", &job.id);
-                scope.set_tag("knocker.kind", format!("{:?}", job.kind).to_lowercase());
+                scope.set_tag("knocker.kind", job.kind.name());
                 scope.set_tag("knocker.status_code", outcome.status);
                 scope.set_extra("url", job.request.url.clone().into());
                 scope.set_extra("method", job.request.method.clone().into());

@@ -242,6 +242,18 @@ impl Store for SqliteStore {
         Ok(self.counts.stats())
     }
 
+    async fn oldest_due(&self) -> Result<Option<Millis>, StoreError> {
+        // The first column of the partial index `jobs_due`: one seek.
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT min(next_attempt_at) FROM jobs WHERE state = 0 AND next_attempt_at < ?1",
+            )?
+            .query_row([PARKED as i64], |r| r.get::<_, Option<i64>>(0))
+            .map(|at| at.map(|at| at as Millis))
+        })
+        .await
+    }
+
     async fn backlog(&self, host: &str) -> Result<Option<u64>, StoreError> {
         let host = host.to_owned();
         self.read(move |c| {

@@ -197,6 +197,7 @@ pub(super) fn write_loop(
             }
         }
         let mut deltas = Deltas::default();
+        let started = std::time::Instant::now();
         let outcome = (|| -> rusqlite::Result<Vec<Outcome>> {
             let tx = conn.transaction()?;
             let mut outcomes = Vec::with_capacity(batch.len());
@@ -209,6 +210,7 @@ pub(super) fn write_loop(
         })();
         match outcome {
             Ok(outcomes) => {
+                crate::metrics::get().committed(batch.len(), started.elapsed());
                 deltas.apply(counts);
                 for (command, outcome) in batch.into_iter().zip(outcomes) {
                     outcome.send(command);

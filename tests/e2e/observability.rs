@@ -1,0 +1,237 @@
+//! What operators see: the control plane's `/metrics` and the filter's counters on
+//! Envoy's `/stats/prometheus`, after real submissions through both doors, real
+//! deliveries and failures, and a real monitor.
+
+use std::time::Duration;
+
+use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions, Reply, Target};
+
+use crate::{client, write_config, TOKEN, WAIT};
+
+/// The value of the sample `name{labels}` (exactly as written) in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
+    })
+}
+
+/// Envoy's `/stats/prometheus`.
+async fn envoy_prometheus(envoy: &Envoy) -> String {
+    let url = format!("http://127.0.0.1:{}/stats/prometheus", envoy.admin_port);
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn scrape(cp: &ControlPlane) -> String {
+    let response = client()
+        .get(cp.url("/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status(), 200);
+    let kind = response.headers()["content-type"].to_str().unwrap_or("");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    response.text().await.expect("metrics text")
+}
+
+/// Scrapes until `series` reaches `value` (bounded by [`WAIT`]); returns the last text.
+async fn scrape_until(cp: &ControlPlane, series: &str, value: f64) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = scrape(cp).await;
+        if sample(&text, series) == Some(value) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {value}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_both_doors_attempts_jobs_and_a_monitor_and_need_the_token() {
+    let ok = Target::ok().await;
+    let broken = Target::start(|_, _| Reply::status(500)).await;
+    let config = write_config(&format!(
+        "[monitors.web]\nurl = \"http://{}/health\"\ninterval_s = 0.2\n",
+        ok.host()
+    ));
+    let cp = ControlPlane::start(&[("KNOCKER_ADMIN_TOKEN", TOKEN), ("KNOCKER_CONFIG", &config)]);
+    let upstream = Target::ok().await;
+    let envoy = Envoy::start(
+        "knocker.yaml",
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port: upstream.port(),
+            ..EnvoyOptions::default()
+        },
+    );
+    let knock = |url: String, host: String, retries: &'static str| {
+        client()
+            .post(url)
+            .header("Knocker-Host", host)
+            .header("Knocker-Retries", retries)
+            .body("{}")
+            .send()
+    };
+    // Two through Envoy (the gRPC door) to the good target, one straight to the HTTP
+    // door for the broken one, and one the HTTP door refuses.
+    for _ in 0..2 {
+        let r = knock(envoy.url("/in"), ok.host(), "0").await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = knock(cp.url("/in"), broken.host(), "0").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = knock(cp.url("/in"), ok.host(), "many").await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    // The scrape needs the admin token, like the API.
+    let refused = client().get(cp.url("/metrics")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let text = scrape_until(&cp, "knocker_jobs{state=\"failed\"}", 1.0).await;
+    let text = if sample(&text, "knocker_jobs{state=\"delivered\"}") == Some(2.0) {
+        text
+    } else {
+        scrape_until(&cp, "knocker_jobs{state=\"delivered\"}", 2.0).await
+    };
+    let ok_host = ok.host();
+    let broken_host = broken.host();
+    for (series, value) in [
+        (
+            "knocker_submissions_total{door=\"grpc\",mode=\"knock\",result=\"accepted\"}".to_owned(),
+            2.0,
+        ),
+        (
+            "knocker_submissions_total{door=\"http\",mode=\"knock\",result=\"accepted\"}".into(),
+            1.0,
+        ),
+        (
+            "knocker_submissions_total{door=\"http\",mode=\"knock\",result=\"rejected\"}".into(),
+            1.0,
+        ),
+        (
+            format!("knocker_attempts_total{{target=\"{ok_host}\",kind=\"target\",outcome=\"delivered\",status_class=\"2xx\"}}"),
+            2.0,
+        ),
+        (
+            format!("knocker_attempts_total{{target=\"{broken_host}\",kind=\"target\",outcome=\"failed\",status_class=\"5xx\"}}"),
+            1.0,
+        ),
+        (
+            "knocker_jobs_finished_total{kind=\"target\",result=\"delivered\"}".into(),
+            2.0,
+        ),
+        (
+            "knocker_jobs_finished_total{kind=\"target\",result=\"failed\"}".into(),
+            1.0,
+        ),
+        ("knocker_job_duration_seconds_count{kind=\"target\",result=\"delivered\"}".into(), 2.0),
+        ("knocker_attempt_duration_seconds_count{kind=\"target\"}".into(), 3.0),
+        ("knocker_jobs{state=\"pending\"}".into(), 0.0),
+        ("knocker_oldest_pending_age_seconds".into(), 0.0),
+    ] {
+        assert_eq!(sample(&text, &series), Some(value), "{series} in:\n{text}");
+    }
+    // Each commit is one or more changes: three submissions and their attempts.
+    let commits = sample(&text, "knocker_store_commit_duration_seconds_count").unwrap_or(0.0);
+    assert!(commits >= 1.0, "{text}");
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics ends with # EOF"
+    );
+
+    // The monitor: up once checked, its checks counted, its uptime a ratio.
+    let text = scrape_until(&cp, "knocker_monitor_up{monitor=\"web\"}", 1.0).await;
+    assert!(
+        sample(
+            &text,
+            "knocker_monitor_checks_total{monitor=\"web\",result=\"ok\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "knocker_monitor_uptime_ratio{monitor=\"web\",window=\"24h\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("knocker_target_in_flight{{target=\"{ok_host}\"}}")
+        ),
+        Some(0.0),
+        "{text}"
+    );
+
+    // The filter's own counters, on Envoy's Prometheus page.
+    let stats = envoy_prometheus(&envoy).await;
+    assert_eq!(sample(&stats, "knocker_submitted{}"), Some(2.0), "{stats}");
+    assert_eq!(sample(&stats, "knocker_receipts{}"), Some(2.0), "{stats}");
+    assert_eq!(sample(&stats, "knocker_rejected{}"), Some(0.0), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filter_counts_per_rule_with_the_rule_as_a_tag() {
+    let cp = ControlPlane::start(&[]);
+    // The route's upstream answers 503: the fallback rule `api` takes each request over.
+    let upstream = Target::start(|_, _| Reply::status(503)).await;
+    let target = Target::ok().await;
+    let envoy = Envoy::start(
+        "fallback.yaml",
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port: upstream.port(),
+            replace: vec![(
+                "http://127.0.0.1:8080".into(),
+                format!("http://{}", target.host()),
+            )],
+            ..EnvoyOptions::default()
+        },
+    );
+    for _ in 0..3 {
+        let r = client()
+            .post(envoy.url("/api/orders"))
+            .body("{\"n\":1}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    target.wait_for(3, WAIT).await;
+    let stats = envoy_prometheus(&envoy).await;
+    for (series, value) in [
+        ("knocker_rule_submitted{knocker_rule=\"api\"}", 3.0),
+        ("knocker_rule_fallback_taken{knocker_rule=\"api\"}", 3.0),
+        ("knocker_rule_fallback_off{knocker_rule=\"api\"}", 0.0),
+        ("knocker_submitted{}", 3.0),
+        ("knocker_fallback_taken{}", 3.0),
+    ] {
+        assert_eq!(sample(&stats, series), Some(value), "{series} in:\n{stats}");
+    }
+    let text = scrape(&cp).await;
+    assert_eq!(
+        sample(
+            &text,
+            "knocker_submissions_total{door=\"grpc\",mode=\"fallback\",result=\"accepted\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+}
