@@ -1,5 +1,5 @@
 //! `knocker echo`: a tiny HTTP target that answers `200` to everything and logs one line
-//! per request — something to point Knocker at when trying it out, and the upstream of
+//! per request (Knocker's own monitor checks aside) — something to point Knocker at when trying it out, and the upstream of
 //! the benchmarks.
 //!
 //! To try capture and fallback, it can play dead: after `POST /echo/down` it answers
@@ -55,7 +55,7 @@ async fn answer(request: Request, down: &AtomicBool, quiet: bool) -> axum::respo
         return "ok\n".into_response();
     }
     let is_down = down.load(Ordering::Relaxed);
-    if !quiet {
+    if !quiet && !is_health_check(&parts.headers) {
         let id = parts
             .headers
             .get("x-knocker-id")
@@ -73,4 +73,27 @@ async fn answer(request: Request, down: &AtomicBool, quiet: bool) -> axum::respo
         return (StatusCode::SERVICE_UNAVAILABLE, "down\n").into_response();
     }
     "ok\n".into_response()
+}
+
+/// A monitor's health check (every few seconds, it would drown the deliveries).
+fn is_health_check(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ua| ua.starts_with("knocker-monitor/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monitor_checks_are_not_printed_deliveries_are() {
+        let mut headers = axum::http::HeaderMap::new();
+        assert!(!is_health_check(&headers));
+        headers.insert("user-agent", "knocker-monitor/0.1.0".parse().unwrap());
+        assert!(is_health_check(&headers));
+        headers.insert("user-agent", "curl/8".parse().unwrap());
+        assert!(!is_health_check(&headers));
+    }
 }

@@ -12,7 +12,8 @@
 //!
 //! 1. **Foundations** — [`clock`] (injected time, RFC 3339), [`hosts_only`], [`metrics`]
 //!    (the Prometheus registry every layer records into), [`redact`], [`token`],
-//!    [`validate`] (the error a refused configuration value becomes).
+//!    [`trace_context`] (W3C trace context and where spans go), [`validate`] (the error
+//!    a refused configuration value becomes).
 //! 2. **The job model** — [`job`]: a job, its policy ([`job::policy::DeliveryPolicy`],
 //!    the one configured policy type), the protocol's header rules ([`job::spec`]),
 //!    filter rules ([`job::rule`]), receipts.
@@ -25,7 +26,7 @@
 //!    [`broadcast`] (groups, member jobs, agents), [`notify`] (webhook and email
 //!    notifications), [`monitor`] (checks, thresholds, history, uptime), [`retention`].
 //! 6. **Edges** — [`ingress`] (the gRPC and HTTP doors), [`api`] (the admin API, one
-//!    router), [`cli`], [`echo`], [`telemetry`] (logs, Sentry, the `/metrics` handler).
+//!    router), [`cli`], [`echo`], [`telemetry`] (logs, Sentry, the `/metrics` handler, OTLP traces).
 //! 7. **Configuration** — [`config`]: flags, environment and file, validated once and
 //!    nested by subsystem; each part goes only to its subsystem.
 //! 8. **Wiring** — [`server`]: builds the parts from the configuration and runs them;
@@ -52,6 +53,7 @@ pub mod store;
 pub mod submit;
 pub mod telemetry;
 pub mod token;
+pub mod trace_context;
 pub mod validate;
 
 pub use server::{serve, Listeners};

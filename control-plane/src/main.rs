@@ -123,6 +123,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let config = settings.load()?;
     let _sentry = knocker::telemetry::sentry::init(&config.sentry)?;
     knocker::telemetry::init_logging(&config.log)?;
+    let traces = knocker::telemetry::traces::init()?;
     let listeners = Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
@@ -131,7 +132,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
-    knocker::serve(config, listeners, Time::system(), shutdown).await
+    let served = knocker::serve(config, listeners, Time::system(), shutdown).await;
+    if let Some(traces) = traces {
+        // Flushing blocks on the exporter's thread: off the runtime's.
+        let _ = tokio::task::spawn_blocking(|| traces.shutdown()).await;
+    }
+    served
 }
 
 async fn wait_for_signal() {

@@ -107,6 +107,26 @@ macro_rules! label_values {
     )+};
 }
 
+impl Door {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Knock => "knock",
+            Self::Capture => "capture",
+            Self::Fallback => "fallback",
+            Self::Broadcast => "broadcast",
+        }
+    }
+}
+
 label_values! {
     Door { Http => "http", Grpc => "grpc" }
     Mode { Knock => "knock", Capture => "capture", Fallback => "fallback", Broadcast => "broadcast" }

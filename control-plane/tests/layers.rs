@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("metrics", 0, "foundations"),
     ("redact", 0, "foundations"),
     ("token", 0, "foundations"),
+    ("trace_context", 0, "foundations"),
     ("validate", 0, "foundations"),
     ("job", 1, "the job model"),
     ("store", 2, "storage and the way out"),

@@ -188,10 +188,31 @@ async fn metrics_count_both_doors_attempts_jobs_and_a_monitor_and_need_the_token
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_filter_counts_per_rule_with_the_rule_as_a_tag() {
-    let cp = ControlPlane::start(&[]);
     // The route's upstream answers 503: the fallback rule `api` takes each request over.
     let upstream = Target::start(|_, _| Reply::status(503)).await;
     let target = Target::ok().await;
+    let hook = Target::ok().await;
+    // A group, and a monitor of a closed port that notifies: every family has samples.
+    let config = write_config(&format!(
+        r#"
+[groups.caches]
+members = ["http://{target}"]
+
+[notifiers.hook]
+webhook = "http://{hook}/alerts"
+
+[monitors.gone]
+url = "http://127.0.0.1:{closed}/health"
+interval_s = 0.2
+timeout_s = 1
+failure_threshold = 1
+notify = ["hook"]
+"#,
+        target = target.host(),
+        hook = hook.host(),
+        closed = knocker_e2e::free_port(),
+    ));
+    let cp = ControlPlane::start(&[("KNOCKER_CONFIG", &config)]);
     let envoy = Envoy::start(
         "fallback.yaml",
         &EnvoyOptions {
@@ -215,6 +236,7 @@ async fn the_filter_counts_per_rule_with_the_rule_as_a_tag() {
         assert_eq!(r.status(), 202);
     }
     target.wait_for(3, WAIT).await;
+    hook.wait_for(1, WAIT).await;
     let stats = envoy_prometheus(&envoy).await;
     for (series, value) in [
         ("knocker_rule_submitted{knocker_rule=\"api\"}", 3.0),
@@ -225,7 +247,20 @@ async fn the_filter_counts_per_rule_with_the_rule_as_a_tag() {
     ] {
         assert_eq!(sample(&stats, series), Some(value), "{series} in:\n{stats}");
     }
-    let text = scrape(&cp).await;
+    let text = scrape_until(
+        &cp,
+        "knocker_notifications_total{notifier=\"hook\",result=\"delivered\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(&text, "knocker_monitor_up{monitor=\"gone\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "knocker_broadcast_group_members{group=\"caches\"}"),
+        Some(1.0)
+    );
     assert_eq!(
         sample(
             &text,
@@ -233,5 +268,181 @@ async fn the_filter_counts_per_rule_with_the_rule_as_a_tag() {
         ),
         Some(3.0),
         "{text}"
+    );
+
+    // Every series the shipped Grafana dashboard queries is one these two expose.
+    let dashboard = std::fs::read_to_string(
+        knocker_e2e::repo_root().join("examples/observability/grafana-dashboard.json"),
+    )
+    .expect("the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("JSON");
+    let exposed = format!("{text}\n{stats}");
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for name in series_names(expr) {
+                queried += 1;
+                let family = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    exposed.contains(&format!("# TYPE {family} ")),
+                    "panel {:?} queries {name}, which nothing exposes",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(queried >= 20, "{queried}");
+}
+
+/// The `knocker_…` metric names in a PromQL expression.
+fn series_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("knocker_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        // A label (`knocker_rule="…"`, `by (knocker_rule)`) is not a series.
+        let next = tail[end..].trim_start();
+        if !(next.starts_with('=') || next.starts_with(')') || next.starts_with(',')) {
+            names.push(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Every span the collector received (OTLP/HTTP JSON), flattened.
+fn spans(collector: &Target) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for request in collector.received() {
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                out.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+            }
+        }
+    }
+    out
+}
+
+fn attribute<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| &a["value"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_runs_from_the_client_through_the_queue_to_each_attempt_and_out_over_otlp() {
+    let collector = Target::ok().await;
+    let endpoint = format!("http://{}", collector.host());
+    let cp = ControlPlane::start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    // The target fails the first attempt: two attempts, two spans.
+    let target = Target::start(|_, n| Reply::status(if n == 0 { 503 } else { 200 })).await;
+    let upstream = Target::ok().await;
+    let envoy = Envoy::start(
+        "knocker.yaml",
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port: upstream.port(),
+            ..EnvoyOptions::default()
+        },
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let r = client()
+        .post(envoy.url("/orders"))
+        .header("Knocker-Host", target.host())
+        .header("Knocker-Backoff-Factor", "0.05")
+        .header("traceparent", format!("00-{trace}-{client_span}-01"))
+        .header("tracestate", "vendor=1")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let received = target.wait_for(2, WAIT).await;
+    let sent: Vec<String> = received
+        .iter()
+        .map(|r| r.header("traceparent").expect("a traceparent"))
+        .collect();
+    for t in &sent {
+        assert!(t.starts_with(&format!("00-{trace}-")), "{t}");
+        assert!(
+            !t.contains(client_span),
+            "each attempt is a span of its own: {t}"
+        );
+    }
+    assert_ne!(sent[0], sent[1]);
+    assert_eq!(
+        received[0].header("tracestate").as_deref(),
+        Some("vendor=1")
+    );
+
+    // The collector: the submission, a child of the client's span; each attempt, a
+    // child of the submission, with the id the target was sent.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let spans = loop {
+        let spans = spans(&collector);
+        if spans.len() >= 3 {
+            break spans;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "spans: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let submit = spans
+        .iter()
+        .find(|s| s["name"] == "knocker.submit")
+        .expect("a submission span");
+    assert_eq!(submit["traceId"], trace);
+    assert_eq!(submit["parentSpanId"], client_span);
+    assert_eq!(
+        attribute(submit, "knocker.door").map(|v| &v["stringValue"]),
+        Some(&serde_json::json!("grpc"))
+    );
+    let attempts: Vec<&serde_json::Value> = spans
+        .iter()
+        .filter(|s| s["name"] == "knocker.attempt")
+        .collect();
+    assert_eq!(attempts.len(), 2, "{spans:?}");
+    for (attempt, sent) in attempts.iter().zip(&sent) {
+        assert_eq!(attempt["traceId"], trace);
+        assert_eq!(attempt["parentSpanId"], submit["spanId"]);
+        let span_id = attempt["spanId"].as_str().unwrap_or_default();
+        assert!(sent.contains(span_id), "{sent} was sent for span {span_id}");
+    }
+    let statuses: Vec<String> = attempts
+        .iter()
+        .filter_map(|a| attribute(a, "http.response.status_code"))
+        .map(|v| v["intValue"].to_string())
+        .collect();
+    assert_eq!(statuses, ["\"503\"", "\"200\""], "{attempts:?}");
+
+    // Without a traceparent, a new trace starts at the control plane.
+    let r = client()
+        .post(cp.url("/plain"))
+        .header("Knocker-Host", target.host())
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let received = target.wait_for(3, WAIT).await;
+    let fresh = received[2].header("traceparent").expect("a traceparent");
+    assert!(
+        fresh.starts_with("00-") && !fresh.contains(trace),
+        "{fresh}"
     );
 }

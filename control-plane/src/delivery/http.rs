@@ -14,6 +14,7 @@ use super::transport::Transport;
 use crate::clock::Time;
 use crate::job::{Job, Kind, VERSION};
 use crate::outbound::{self, Failure, Outbound};
+use crate::trace_context::{self, Accepted, Kind as SpanKind, Span, Value};
 
 /// The headers a job is sent with: ours first, then the forwarded ones.
 pub fn wire_headers(job: &Job) -> Vec<(String, Vec<u8>)> {
@@ -42,18 +43,69 @@ pub struct Http {
 impl Transport for Http {
     async fn send(&self, job: &Job) -> Outcome {
         let signed = self.signing.headers(job, self.time.now_ms() / 1000);
-        send(
+        // The target hears of this attempt's span, a child of the submission's.
+        let trace = trace_context::attempt(&job.request.headers);
+        let traceparent = trace.map(|t| t.span.header());
+        let start = SystemTime::now();
+        let outcome = send(
             &self.outbound,
             job,
             signed.as_ref().map_or(&[][..], |h| &h[..]),
+            traceparent.as_deref(),
         )
-        .await
+        .await;
+        if let Some(trace) = trace.filter(|_| trace_context::enabled()) {
+            trace_context::record(attempt_span(job, trace, start, &outcome));
+        }
+        outcome
+    }
+}
+
+/// An attempt as a span (OpenTelemetry's HTTP client conventions, the URL redacted).
+fn attempt_span(job: &Job, trace: Accepted, start: SystemTime, outcome: &Outcome) -> Span {
+    let mut attributes = vec![
+        (
+            "http.request.method",
+            Value::Str(job.request.method.clone()),
+        ),
+        ("url.full", Value::Str(crate::redact::url(&job.request.url))),
+        ("server.address", Value::Str(job.host().to_owned())),
+        ("knocker.job_id", Value::Str(job.knocker_id().to_owned())),
+        ("knocker.kind", Value::Str(job.kind.name().to_owned())),
+        ("knocker.attempt", Value::Int(job.attempts.len() as i64 + 1)),
+    ];
+    if outcome.error.is_none() {
+        attributes.push((
+            "http.response.status_code",
+            Value::Int(i64::from(outcome.status)),
+        ));
+    }
+    let error = match &outcome.error {
+        Some(e) => Some(e.clone()),
+        None if outcome.status >= 400 => Some(format!("status {}", outcome.status)),
+        None => None,
+    };
+    Span {
+        name: "knocker.attempt",
+        kind: SpanKind::Client,
+        trace,
+        tracestate: trace_context::tracestate(&job.request.headers),
+        start,
+        end: start + outcome.latency,
+        attributes,
+        error,
     }
 }
 
 /// Sends the job's request once, through the outbound policy when a client chose its
-/// URL, with `extra` headers in front (a signature).
-pub async fn send(outbound: &Outbound, job: &Job, extra: &[(&'static str, String)]) -> Outcome {
+/// URL, with `extra` headers in front (a signature) and the attempt's `traceparent` in
+/// place of the stored one.
+pub async fn send(
+    outbound: &Outbound,
+    job: &Job,
+    extra: &[(&'static str, String)],
+    traceparent: Option<&str>,
+) -> Outcome {
     let started = Instant::now();
     let fail = |status: u16, error: String| Outcome::failed(status, error, started.elapsed());
     let timeout = outbound::timeout(job.policy.timeout);
@@ -81,6 +133,10 @@ pub async fn send(outbound: &Outbound, job: &Job, extra: &[(&'static str, String
         if extra.iter().any(|(n, _)| *n == name) {
             continue;
         }
+        let value = match traceparent {
+            Some(t) if name == "traceparent" => t.as_bytes().to_vec(),
+            _ => value,
+        };
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_bytes(&value),

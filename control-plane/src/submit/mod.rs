@@ -13,6 +13,7 @@ mod broadcast;
 pub mod reply;
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde_json::json;
 use tokio::sync::Notify;
@@ -26,6 +27,7 @@ use crate::job::spec::{build_job, unsafe_header, Defaults, Submission};
 use crate::job::{Job, VERSION};
 use crate::metrics::{self, Door, Mode};
 use crate::store::{ClaimHealth, Inserted, Store, StoreError};
+use crate::trace_context::{self, Kind as SpanKind, Span, Value};
 
 pub use reply::Reply;
 
@@ -50,11 +52,40 @@ pub struct Submitter {
 impl Submitter {
     /// [`Self::submit`], counted in `knocker_submissions_total` by door, mode and answer
     /// (the status URL is not a submission).
-    pub async fn submit_by(&self, door: Door, submission: Submission) -> Reply {
-        let mode = self.mode(&submission);
+    ///
+    /// A submission is a span of the request's trace ([`trace_context::accept`]); its
+    /// jobs keep that span's `traceparent`.
+    pub async fn submit_by(&self, door: Door, mut submission: Submission) -> Reply {
+        let Some(mode) = self.mode(&submission) else {
+            return self.submit(submission).await;
+        };
+        let start = SystemTime::now();
+        let trace = trace_context::accept(&mut submission.headers);
+        let tracestate = trace_context::tracestate(&submission.headers);
         let reply = self.submit(submission).await;
-        if let Some(mode) = mode {
-            metrics::get().submitted(door, mode, reply.status);
+        metrics::get().submitted(door, mode, reply.status);
+        if trace_context::enabled() {
+            let mut attributes = vec![
+                ("knocker.door", Value::Str(door.name().to_owned())),
+                ("knocker.mode", Value::Str(mode.name().to_owned())),
+                (
+                    "http.response.status_code",
+                    Value::Int(i64::from(reply.status)),
+                ),
+            ];
+            if let Some(id) = reply.header("knocker-id") {
+                attributes.push(("knocker.job_id", Value::Str(id.to_owned())));
+            }
+            trace_context::record(Span {
+                name: "knocker.submit",
+                kind: SpanKind::Server,
+                trace,
+                tracestate,
+                start,
+                end: SystemTime::now(),
+                attributes,
+                error: (reply.status >= 500).then(|| format!("answered {}", reply.status)),
+            });
         }
         reply
     }

@@ -1,8 +1,9 @@
 //! Logs (`LOG_FILE`, `LOG_LEVEL`, `LOG_FORMAT`), error reports ([`sentry`]) and the
-//! `/metrics` scrape ([`metrics`]).
+//! `/metrics` scrape ([`metrics`]), OTLP traces ([`traces`]).
 
 pub mod metrics;
 pub mod sentry;
+pub mod traces;
 
 use std::fs::OpenOptions;
 use std::sync::Mutex;
