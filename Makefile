@@ -5,13 +5,14 @@ CARGO ?= cargo
 # cargo-nextest prints one summary for the whole suite; plain cargo test works too.
 TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
 
-.PHONY: help setup build filter control-plane run test lint unit e2e bench fmt clean
+.PHONY: help setup build filter control-plane run test lint unit e2e bench fmt clean install uninstall
 
 help:
 	@echo "make run    build and start control plane + Envoy + a demo target on the defaults"
 	@echo "make test   everything: fmt check, clippy, unit, integration and end-to-end tests"
 	@echo "make build  target/release/knocker and target/wasm/knocker_filter.wasm"
 	@echo "make bench  benchmarks; results in docs/benchmarks.md"
+	@echo "make install  put knocker in $(PREFIX)/bin (PREFIX=~/.local for your own)"
 
 setup:
 	@scripts/setup.sh
@@ -41,6 +42,15 @@ test: build lint
 
 bench: build
 	@scripts/bench.sh
+
+# `knocker` on PATH: the CLI (jobs, monitors, targets, …) and the control plane.
+PREFIX ?= /usr/local
+install: control-plane
+	install -D -s -m 0755 target/release/knocker $(DESTDIR)$(PREFIX)/bin/knocker
+	@echo "installed $(DESTDIR)$(PREFIX)/bin/knocker"
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/knocker
 
 clean:
 	$(CARGO) clean

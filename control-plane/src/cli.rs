@@ -1,9 +1,11 @@
-//! The sub-commands that talk to a running instance over its HTTP API.
+//! The sub-commands that talk to a running instance over its HTTP API. Every read
+//! prints a table (`--output json` prints the API's JSON, for scripts); the options of
+//! [`Remote`] are global: before or after the sub-command.
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde_json::Value;
 
-/// Where the instance is.
+/// Where the instance is, and how to print what it says.
 #[derive(Debug, Clone, Args)]
 pub struct Remote {
     /// Base URL of the instance's HTTP ingress.
@@ -23,6 +25,27 @@ pub struct Remote {
         global = true
     )]
     pub token: String,
+    /// How to print what the instance answers.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+    /// The same as `--output json`.
+    #[arg(long, global = true, hide = true)]
+    pub json: bool,
+}
+
+impl Remote {
+    fn json(&self) -> bool {
+        self.json || self.output == Output::Json
+    }
+}
+
+/// `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// The API's JSON, for scripts.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -38,9 +61,6 @@ pub enum Jobs {
         /// Continue after this job id (the `next` of the previous page).
         #[arg(long)]
         after: Option<String>,
-        /// Print the raw JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
     /// Attempt a delivered or failed job again (or, with --all, every failed job; with
     /// --target, every failed job of one target, paced by its rate limit).
@@ -66,12 +86,7 @@ pub enum Jobs {
 #[derive(Debug, Subcommand)]
 pub enum Broadcasts {
     /// Show a broadcast: each member, its job and the job's state.
-    Get {
-        id: String,
-        /// Print the raw JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Get { id: String },
     /// Show the broadcast groups and their members now.
     Groups,
 }
@@ -79,11 +94,7 @@ pub enum Broadcasts {
 #[derive(Debug, Subcommand)]
 pub enum Monitors {
     /// Every monitor: health, last result, uptime over 24 h / 7 d / 30 d.
-    List {
-        /// Print the raw JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// One monitor: its last results, transitions and definition.
     Get { name: String },
 }
@@ -105,7 +116,7 @@ async fn call(remote: &Remote, method: reqwest::Method, path: &str) -> anyhow::R
     let response = request
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", remote.url))?;
+        .map_err(|e| anyhow::anyhow!("cannot reach {}: {}", remote.url, chain(&e)))?;
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
@@ -117,9 +128,103 @@ async fn call(remote: &Remote, method: reqwest::Method, path: &str) -> anyhow::R
     Ok(body)
 }
 
+/// An error with its causes: "error sending request" alone says nothing.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Rows printed as aligned columns; the last column is not padded, so a long error or
+/// URL is shown whole.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn print(&self) {
+        print!("{}", self.render());
+    }
+
+    fn render(&self) -> String {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(i))
+                    .map(|c| c.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `name: value` lines, the names aligned.
+fn fields(pairs: &[(&str, String)]) {
+    let width = pairs.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    for (name, value) in pairs {
+        println!("{name:<width$}  {value}");
+    }
+}
+
+/// A JSON value as a cell: strings bare, null as `-`.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn percent(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_owned(), |f| format!("{:.2}%", f * 100.0))
+}
+
+/// An attempt as `503 error text` or `200`.
+fn attempt_text(a: &Value) -> String {
+    match a["error"].as_str() {
+        Some(e) => format!("{} {e}", cell(&a["status"])),
+        None => cell(&a["status"]),
+    }
 }
 
 fn encode(id: &str) -> String {
@@ -137,11 +242,7 @@ fn encode(id: &str) -> String {
 #[derive(Debug, Subcommand)]
 pub enum Targets {
     /// Every target: circuit, in flight, backlog, rate, last error.
-    List {
-        /// Print the raw JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// One target (`host:port` as its jobs' URLs write it).
     Get { target: String },
     /// Send nothing to a target until it is resumed.
@@ -150,55 +251,85 @@ pub enum Targets {
     Resume { target: String },
 }
 
+fn last_error(t: &Value) -> String {
+    let last = &t["last_error"];
+    if last.is_null() {
+        return String::new();
+    }
+    format!(
+        "{} {} {}",
+        last["at"].as_str().unwrap_or(""),
+        cell(&last["status"]),
+        last["error"].as_str().unwrap_or("")
+    )
+    .trim_end()
+    .to_owned()
+}
+
+fn target_fields(t: &Value) {
+    let mut pairs = vec![
+        ("target", cell(&t["target"])),
+        ("circuit", cell(&t["circuit"])),
+    ];
+    for (name, key) in [
+        ("since", "since"),
+        ("reason", "reason"),
+        ("probe at", "probe_at"),
+    ] {
+        if !t[key].is_null() {
+            pairs.push((name, cell(&t[key])));
+        }
+    }
+    pairs.extend([
+        ("in flight", cell(&t["in_flight"])),
+        ("backlog", cell(&t["backlog"])),
+        ("failures in a row", cell(&t["consecutive_failures"])),
+        ("rate/s", cell(&t["rate_per_s"])),
+        ("burst", cell(&t["burst"])),
+        ("slowed until", cell(&t["slowed_until"])),
+        ("attempts", cell(&t["attempts"])),
+        ("last error", last_error(t)),
+    ]);
+    fields(&pairs);
+}
+
 pub async fn targets(remote: &Remote, command: Targets) -> anyhow::Result<()> {
     use reqwest::Method;
     let one = |t: &str, action: &str| format!("/knocker/targets/{}{action}", encode(t));
-    match command {
-        Targets::List { json } => {
-            let list = call(remote, Method::GET, "/knocker/targets").await?;
-            if json {
-                return print_json(&list);
-            }
-            println!(
-                "{:<32} {:<8} {:>9} {:>8} {:>8}  last error",
-                "target", "circuit", "in flight", "backlog", "rate/s"
-            );
-            for t in list["targets"].as_array().into_iter().flatten() {
-                let last = &t["last_error"];
-                let last = if last.is_null() {
-                    String::new()
-                } else {
-                    format!(
-                        "{} {} {}",
-                        last["at"].as_str().unwrap_or(""),
-                        last["status"],
-                        last["error"].as_str().unwrap_or("")
-                    )
-                };
-                println!(
-                    "{:<32} {:<8} {:>9} {:>8} {:>8}  {}",
-                    t["target"].as_str().unwrap_or(""),
-                    t["circuit"].as_str().unwrap_or(""),
-                    t["in_flight"],
-                    t["backlog"]
-                        .as_u64()
-                        .map_or("-".to_owned(), |b| b.to_string()),
-                    t["rate_per_s"]
-                        .as_f64()
-                        .map_or("-".to_owned(), |r| r.to_string()),
-                    last
-                );
-            }
-            Ok(())
-        }
-        Targets::Get { target } => print_json(&call(remote, Method::GET, &one(&target, "")).await?),
-        Targets::Pause { target } => {
-            print_json(&call(remote, Method::POST, &one(&target, "/pause")).await?)
-        }
-        Targets::Resume { target } => {
-            print_json(&call(remote, Method::POST, &one(&target, "/resume")).await?)
-        }
+    let (method, path) = match &command {
+        Targets::List => (Method::GET, "/knocker/targets".to_owned()),
+        Targets::Get { target } => (Method::GET, one(target, "")),
+        Targets::Pause { target } => (Method::POST, one(target, "/pause")),
+        Targets::Resume { target } => (Method::POST, one(target, "/resume")),
+    };
+    let answer = call(remote, method, &path).await?;
+    if remote.json() {
+        return print_json(&answer);
     }
+    if let Targets::List = command {
+        let mut table = Table::new(&[
+            "target",
+            "circuit",
+            "in flight",
+            "backlog",
+            "rate/s",
+            "last error",
+        ]);
+        for t in answer["targets"].as_array().into_iter().flatten() {
+            table.row(vec![
+                cell(&t["target"]),
+                cell(&t["circuit"]),
+                cell(&t["in_flight"]),
+                cell(&t["backlog"]),
+                cell(&t["rate_per_s"]),
+                last_error(t),
+            ]);
+        }
+        table.print();
+    } else {
+        target_fields(&answer);
+    }
+    Ok(())
 }
 
 /// `knocker verify`: checks a saved request's Standard Webhooks signature.
@@ -313,83 +444,89 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 pub async fn jobs(remote: &Remote, command: Jobs) -> anyhow::Result<()> {
     use reqwest::Method;
+    let job_path = |id: &str| format!("/knocker/jobs/{}", encode(id));
     match command {
-        Jobs::Get { id } => print_json(
-            &call(
-                remote,
-                Method::GET,
-                &format!("/knocker/jobs/{}", encode(&id)),
-            )
-            .await?,
-        ),
+        Jobs::Get { id } => {
+            let job = call(remote, Method::GET, &job_path(&id)).await?;
+            if remote.json() {
+                return print_json(&job);
+            }
+            job_fields(&job);
+            Ok(())
+        }
         Jobs::List {
             state,
             limit,
             after,
-            json,
         } => {
             let mut path = format!("/knocker/jobs?state={}&limit={limit}", encode(&state));
             if let Some(after) = after {
                 path.push_str(&format!("&after={}", encode(&after)));
             }
             let page = call(remote, Method::GET, &path).await?;
-            if json {
+            if remote.json() {
                 return print_json(&page);
             }
-            println!(
-                "{:<34} {:<10} {:>8}  {:<24}  url",
-                "id", "state", "attempts", "last"
-            );
+            let mut table = Table::new(&[
+                "id",
+                "state",
+                "attempts",
+                "next attempt",
+                "url",
+                "last attempt",
+            ]);
             for job in page["jobs"].as_array().into_iter().flatten() {
-                let attempts = job["attempts"].as_array().map_or(0, Vec::len);
-                let last =
-                    job["attempts"]
-                        .as_array()
+                let attempts = job["attempts"].as_array();
+                let next = if job["waiting_in_lane"] == true {
+                    "in lane".to_owned()
+                } else {
+                    cell(&job["next_attempt_at"])
+                };
+                table.row(vec![
+                    cell(&job["id"]),
+                    cell(&job["state"]),
+                    attempts.map_or(0, Vec::len).to_string(),
+                    next,
+                    cell(&job["url"]),
+                    attempts
                         .and_then(|a| a.last())
-                        .map_or(String::new(), |a| {
-                            format!(
-                                "{} {}",
-                                a["status"],
-                                a["error"].as_str().map_or("", |e| if e.len() > 16 {
-                                    &e[..16]
-                                } else {
-                                    e
-                                })
-                            )
-                        });
-                println!(
-                    "{:<34} {:<10} {:>8}  {:<24}  {}",
-                    job["id"].as_str().unwrap_or(""),
-                    job["state"].as_str().unwrap_or(""),
-                    attempts,
-                    last,
-                    job["url"].as_str().unwrap_or("")
-                );
+                        .map_or(String::new(), attempt_text),
+                ]);
             }
+            table.print();
             if let Some(next) = page["next"].as_str() {
                 println!("more: --after {next}");
             }
             Ok(())
         }
-        Jobs::Replay { id: Some(id), .. } => print_json(
-            &call(
+        Jobs::Replay { id: Some(id), .. } => {
+            let job = call(
                 remote,
                 Method::POST,
                 &format!("/knocker/jobs/{}/replay", encode(&id)),
             )
-            .await?,
-        ),
+            .await?;
+            if remote.json() {
+                return print_json(&job);
+            }
+            println!(
+                "replayed {id}: {}, next attempt {}",
+                cell(&job["state"]),
+                cell(&job["next_attempt_at"])
+            );
+            Ok(())
+        }
         Jobs::Replay {
             id: None,
-            target: Some(target),
+            target,
             since,
             until,
             ..
         } => {
-            let mut path = format!(
-                "/knocker/jobs/replay?state=failed&target={}",
-                encode(&target)
-            );
+            let mut path = "/knocker/jobs/replay?state=failed".to_owned();
+            if let Some(target) = &target {
+                path.push_str(&format!("&target={}", encode(target)));
+            }
             for (name, value) in [("since", since), ("until", until)] {
                 if let Some(v) = value {
                     path.push_str(&format!("&{name}={}", encode(&v)));
@@ -404,131 +541,288 @@ pub async fn jobs(remote: &Remote, command: Jobs) -> anyhow::Result<()> {
                     break;
                 }
             }
-            println!("replayed {total} failed jobs of {target}");
-            Ok(())
-        }
-        Jobs::Replay { id: None, .. } => {
-            let mut total = 0;
-            loop {
-                let result =
-                    call(remote, Method::POST, "/knocker/jobs/replay?state=failed").await?;
-                let n = result["replayed"].as_u64().unwrap_or(0);
-                total += n;
-                if n < crate::api::MAX_PAGE as u64 {
-                    break;
-                }
+            if remote.json() {
+                return print_json(&serde_json::json!({ "replayed": total }));
             }
-            println!("replayed {total} failed jobs");
+            match target {
+                Some(target) => println!("replayed {total} failed jobs of {target}"),
+                None => println!("replayed {total} failed jobs"),
+            }
             Ok(())
         }
-        Jobs::Delete { id } => print_json(
-            &call(
-                remote,
-                Method::DELETE,
-                &format!("/knocker/jobs/{}", encode(&id)),
-            )
-            .await?,
+        Jobs::Delete { id } => {
+            let answer = call(remote, Method::DELETE, &job_path(&id)).await?;
+            if remote.json() {
+                return print_json(&answer);
+            }
+            println!("deleted {id}");
+            Ok(())
+        }
+    }
+}
+
+fn job_fields(job: &Value) {
+    let attempts = job["attempts"].as_array();
+    let mut pairs = vec![
+        ("id", cell(&job["id"])),
+        ("kind", cell(&job["kind"])),
+        ("state", cell(&job["state"])),
+        (
+            "request",
+            format!("{} {}", cell(&job["method"]), cell(&job["url"])),
         ),
+        ("body", format!("{} bytes", cell(&job["body-length"]))),
+        ("created", cell(&job["created_at"])),
+        ("attempts", attempts.map_or(0, Vec::len).to_string()),
+        ("attempts left", cell(&job["attempts_left"])),
+        (
+            "next attempt",
+            if job["waiting_in_lane"] == true {
+                format!("waiting in lane {}", cell(&job["lane"]))
+            } else {
+                cell(&job["next_attempt_at"])
+            },
+        ),
+        ("expires", cell(&job["expires_at"])),
+        ("finished", cell(&job["finished_at"])),
+    ];
+    if let Some(callback) = job["config"]["callback"].as_str() {
+        pairs.push(("callback", callback.to_owned()));
+    }
+    fields(&pairs);
+    if let Some(attempts) = attempts.filter(|a| !a.is_empty()) {
+        println!();
+        let mut table = Table::new(&["#", "at", "latency", "result"]);
+        for (i, a) in attempts.iter().enumerate() {
+            table.row(vec![
+                (i + 1).to_string(),
+                cell(&a["at"]),
+                format!("{} ms", cell(&a["latency_ms"])),
+                attempt_text(a),
+            ]);
+        }
+        table.print();
     }
 }
 
 pub async fn broadcasts(remote: &Remote, command: Broadcasts) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
-        Broadcasts::Get { id, json } => {
+        Broadcasts::Get { id } => {
             let b = call(
                 remote,
                 Method::GET,
                 &format!("/knocker/broadcasts/{}", encode(&id)),
             )
             .await?;
-            if json {
+            if remote.json() {
                 return print_json(&b);
             }
             println!(
                 "broadcast {id} to group {}",
                 b["group"].as_str().unwrap_or("?")
             );
-            println!(
-                "{:<40} {:<10} {:>8}  {:<6}  job",
-                "member", "state", "attempts", "last"
-            );
+            let mut table = Table::new(&["member", "state", "attempts", "last", "job"]);
             for m in b["members"].as_array().into_iter().flatten() {
                 let state = match (m["state"].as_str(), m["waiting_in_lane"].as_bool()) {
                     (Some("pending"), Some(true)) => "queued",
                     (Some(s), _) => s,
                     (None, _) => "",
                 };
-                println!(
-                    "{:<40} {:<10} {:>8}  {:<6}  {}",
-                    m["member"].as_str().unwrap_or(""),
-                    state,
-                    m["attempts"].as_u64().unwrap_or(0),
+                table.row(vec![
+                    cell(&m["member"]),
+                    state.to_owned(),
+                    m["attempts"].as_u64().unwrap_or(0).to_string(),
                     m["last_status"]
                         .as_u64()
                         .map_or(String::new(), |s| s.to_string()),
-                    m["id"].as_str().unwrap_or("")
-                );
+                    cell(&m["id"]),
+                ]);
             }
+            table.print();
             Ok(())
         }
-        Broadcasts::Groups => print_json(&call(remote, Method::GET, "/knocker/groups").await?),
+        Broadcasts::Groups => {
+            let answer = call(remote, Method::GET, "/knocker/groups").await?;
+            if remote.json() {
+                return print_json(&answer);
+            }
+            let mut table = Table::new(&["group", "from", "members"]);
+            for (name, g) in answer["groups"].as_object().into_iter().flatten() {
+                let from = if g["agents"] == true {
+                    "agents".to_owned()
+                } else if let Some(dns) = g["dns"].as_str() {
+                    format!("dns {dns}")
+                } else {
+                    "list".to_owned()
+                };
+                let members = match g["error"].as_str() {
+                    Some(error) => format!("unavailable: {error}"),
+                    None => g["members"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(cell)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                };
+                table.row(vec![name.clone(), from, members]);
+            }
+            table.print();
+            Ok(())
+        }
     }
 }
 
 pub async fn monitors(remote: &Remote, command: Monitors) -> anyhow::Result<()> {
     use reqwest::Method;
     match command {
-        Monitors::List { json } => {
+        Monitors::List => {
             let list = call(remote, Method::GET, "/knocker/monitors").await?;
-            if json {
+            if remote.json() {
                 return print_json(&list);
             }
-            let percent = |v: &Value| {
-                v.as_f64()
-                    .map_or_else(|| "-".to_owned(), |f| format!("{:.2}%", f * 100.0))
-            };
-            println!(
-                "{:<20} {:<6} {:>8} {:>8} {:>8}  {:<40}  url",
-                "name", "health", "24h", "7d", "30d", "last"
-            );
+            let mut table = Table::new(&["name", "health", "24h", "7d", "30d", "url", "last"]);
             for m in list["monitors"].as_array().into_iter().flatten() {
-                let last = &m["last"];
-                let last = if last.is_null() {
-                    "no check yet".to_owned()
-                } else if last["ok"] == true {
-                    format!("ok {} in {} ms", last["status"], last["latency_ms"])
-                } else {
-                    last["failed_condition"]
-                        .as_str()
-                        .unwrap_or("failed")
-                        .to_owned()
-                };
-                let last: String = last.chars().take(40).collect();
-                println!(
-                    "{:<20} {:<6} {:>8} {:>8} {:>8}  {:<40}  {}",
-                    m["name"].as_str().unwrap_or(""),
-                    m["health"].as_str().unwrap_or(""),
+                table.row(vec![
+                    cell(&m["name"]),
+                    cell(&m["health"]),
                     percent(&m["uptime"]["24h"]),
                     percent(&m["uptime"]["7d"]),
                     percent(&m["uptime"]["30d"]),
-                    last,
-                    m["url"].as_str().unwrap_or("")
-                );
+                    cell(&m["url"]),
+                    check_text(&m["last"]),
+                ]);
             }
+            table.print();
             Ok(())
         }
-        Monitors::Get { name } => print_json(
-            &call(
+        Monitors::Get { name } => {
+            let m = call(
                 remote,
                 Method::GET,
                 &format!("/knocker/monitors/{}", encode(&name)),
             )
-            .await?,
-        ),
+            .await?;
+            if remote.json() {
+                return print_json(&m);
+            }
+            fields(&[
+                ("name", cell(&m["name"])),
+                ("source", cell(&m["source"])),
+                (
+                    "check",
+                    format!("{} {}", cell(&m["method"]), cell(&m["url"])),
+                ),
+                ("every", format!("{} s", cell(&m["interval_s"]))),
+                ("health", cell(&m["health"])),
+                ("failures in a row", cell(&m["failures_in_a_row"])),
+                ("uptime 24h", percent(&m["uptime"]["24h"])),
+                ("uptime 7d", percent(&m["uptime"]["7d"])),
+                ("uptime 30d", percent(&m["uptime"]["30d"])),
+                ("last", check_text(&m["last"])),
+            ]);
+            if let Some(transitions) = m["transitions"].as_array().filter(|t| !t.is_empty()) {
+                println!();
+                let mut table = Table::new(&["#", "at", "health", "reason"]);
+                for t in transitions {
+                    table.row(vec![
+                        cell(&t["number"]),
+                        cell(&t["at"]),
+                        cell(&t["health"]),
+                        cell(&t["reason"]),
+                    ]);
+                }
+                table.print();
+            }
+            if let Some(results) = m["results"].as_array().filter(|r| !r.is_empty()) {
+                println!();
+                let mut table = Table::new(&["at", "result"]);
+                for r in results.iter().take(20) {
+                    table.row(vec![cell(&r["at"]), check_text(r)]);
+                }
+                table.print();
+                if results.len() > 20 {
+                    println!("({} more: --output json)", results.len() - 20);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A check as `ok 200 in 3 ms`, or why it failed.
+fn check_text(last: &Value) -> String {
+    if last.is_null() {
+        "no check yet".to_owned()
+    } else if last["ok"] == true {
+        format!(
+            "ok {} in {} ms",
+            cell(&last["status"]),
+            cell(&last["latency_ms"])
+        )
+    } else {
+        format!(
+            "failed: {}",
+            last["failed_condition"].as_str().unwrap_or("unknown")
+        )
     }
 }
 
 pub async fn status(remote: &Remote, status_url: &str) -> anyhow::Result<()> {
-    print_json(&call(remote, reqwest::Method::GET, status_url).await?)
+    let s = call(remote, reqwest::Method::GET, status_url).await?;
+    if remote.json() {
+        return print_json(&s);
+    }
+    let q = &s["queue"];
+    fields(&[
+        (
+            "status",
+            if s["status"] == true { "ok" } else { "not ok" }.to_owned(),
+        ),
+        ("version", cell(&s["version"])),
+        ("worker", cell(&s["worker"])),
+        ("pending", cell(&q["pending"])),
+        ("in flight", cell(&q["in_flight"])),
+        ("delivered", cell(&q["delivered"])),
+        ("failed", cell(&q["failed"])),
+    ]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_aligns_its_columns_and_shows_the_last_one_whole() {
+        let mut table = Table::new(&["id", "state", "last attempt"]);
+        let error = "502 error sending request for url (http://t/): connection refused";
+        table.row(vec!["a".into(), "failed".into(), error.into()]);
+        table.row(vec!["long-id".into(), "delivered".into(), "200".into()]);
+        assert_eq!(
+            table.render(),
+            format!(
+                "id       state      last attempt\n\
+                 a        failed     {error}\n\
+                 long-id  delivered  200\n"
+            )
+        );
+    }
+
+    #[test]
+    fn cells_and_attempts_read_as_text() {
+        assert_eq!(cell(&Value::Null), "-");
+        assert_eq!(cell(&serde_json::json!("x")), "x");
+        assert_eq!(cell(&serde_json::json!(3)), "3");
+        assert_eq!(
+            attempt_text(&serde_json::json!({"status": 502, "error": "refused"})),
+            "502 refused"
+        );
+        assert_eq!(
+            attempt_text(&serde_json::json!({"status": 200, "error": null})),
+            "200"
+        );
+        assert_eq!(percent(&serde_json::json!(0.5)), "50.00%");
+    }
 }

@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// For the commands that talk to a running instance; before or after the command.
+    #[command(flatten)]
+    remote: Remote,
 }
 
 #[derive(Subcommand)]
@@ -27,37 +30,27 @@ enum Command {
     Serve(Box<Settings>),
     /// Show a running instance's status.
     Status {
-        #[command(flatten)]
-        remote: Remote,
         /// The instance's STATUS_URL.
         #[arg(long, env = "STATUS_URL", default_value = "/knocker/status")]
         status_url: String,
     },
     /// Inspect, replay and delete a running instance's jobs.
     Jobs {
-        #[command(flatten)]
-        remote: Remote,
         #[command(subcommand)]
         command: Jobs,
     },
     /// Inspect a running instance's broadcasts and groups.
     Broadcasts {
-        #[command(flatten)]
-        remote: Remote,
         #[command(subcommand)]
         command: knocker::cli::Broadcasts,
     },
     /// Show a running instance's monitors.
     Monitors {
-        #[command(flatten)]
-        remote: Remote,
         #[command(subcommand)]
         command: knocker::cli::Monitors,
     },
     /// Show a running instance's targets (health, backlog, rate); pause or resume one.
     Targets {
-        #[command(flatten)]
-        remote: Remote,
         #[command(subcommand)]
         command: knocker::cli::Targets,
     },
@@ -75,12 +68,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
-    let first = args.get(1).map(String::as_str);
-    let wants_default = match first {
-        None => true,
-        Some("-h" | "--help" | "-V" | "--version") => false,
-        Some(a) => a.starts_with('-'),
-    };
+    // `knocker`, `knocker --flag …`: serve. Options may come before a sub-command
+    // (`knocker --url X jobs list`), so look for one anywhere.
+    const COMMANDS: [&str; 9] = [
+        "serve",
+        "status",
+        "jobs",
+        "monitors",
+        "broadcasts",
+        "targets",
+        "verify",
+        "echo",
+        "help",
+    ];
+    let has_command = args.iter().skip(1).any(|a| COMMANDS.contains(&a.as_str()));
+    let only_help =
+        args.len() == 2 && matches!(args[1].as_str(), "-h" | "--help" | "-V" | "--version");
+    let wants_default = !(has_command || only_help);
     if wants_default {
         args.insert(1, "serve".into());
     }
@@ -92,21 +96,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let remote = cli.remote;
     let result = match cli.command {
         Command::Serve(settings) => runtime.block_on(serve(*settings)),
-        Command::Status { remote, status_url } => {
+        Command::Status { status_url } => {
             runtime.block_on(knocker::cli::status(&remote, &status_url))
         }
-        Command::Jobs { remote, command } => runtime.block_on(knocker::cli::jobs(&remote, command)),
-        Command::Monitors { remote, command } => {
-            runtime.block_on(knocker::cli::monitors(&remote, command))
-        }
-        Command::Broadcasts { remote, command } => {
+        Command::Jobs { command } => runtime.block_on(knocker::cli::jobs(&remote, command)),
+        Command::Monitors { command } => runtime.block_on(knocker::cli::monitors(&remote, command)),
+        Command::Broadcasts { command } => {
             runtime.block_on(knocker::cli::broadcasts(&remote, command))
         }
-        Command::Targets { remote, command } => {
-            runtime.block_on(knocker::cli::targets(&remote, command))
-        }
+        Command::Targets { command } => runtime.block_on(knocker::cli::targets(&remote, command)),
         Command::Verify(args) => knocker::cli::verify(&args),
         Command::Echo { addr, quiet } => runtime.block_on(knocker::echo::run(addr, quiet)),
     };

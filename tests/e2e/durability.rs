@@ -471,8 +471,37 @@ async fn failed_jobs_are_inspected_and_replayed_through_the_api_and_the_cli() {
             .status(),
         404
     );
+    // `jobs get`: a table of fields and one row per attempt, each error whole.
     let (success, output) = cli(&cp, &["jobs", "get", "r3"], "s3cret");
-    assert!(success && output.contains("\"state\""), "{output}");
+    assert!(success, "{output}");
+    assert!(
+        output
+            .lines()
+            .any(|l| l.starts_with("id ") && l.ends_with(" r3")),
+        "{output}"
+    );
+    assert!(
+        output.lines().any(|l| l.starts_with("next attempt ")),
+        "{output}"
+    );
+    assert!(
+        output
+            .lines()
+            .any(|l| l.starts_with("#") && l.contains("result")),
+        "{output}"
+    );
+    // Options before the command, JSON for scripts.
+    let (success, output) = cli(&cp, &["--output", "json", "jobs", "get", "r3"], "s3cret");
+    assert!(success, "{output}");
+    let job: Value = serde_json::from_str(&output).expect("JSON");
+    assert_eq!(job["id"], "r3");
+    let (success, output) = cli(&cp, &["jobs", "list", "--state", "delivered"], "s3cret");
+    assert!(success, "{output}");
+    let header = output.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("next attempt") && header.contains("last attempt"),
+        "{output}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,3 +147,35 @@ fn make_run_stops_with_the_error_of_a_component_that_cannot_start() {
     );
     assert_eq!(left, "", "nothing it started is left");
 }
+
+/// `make install` puts a working `knocker` where PATH finds it (here under a staging
+/// root; the build it installs is the one the suite already made: `-o control-plane`).
+#[test]
+fn make_install_puts_a_working_knocker_on_the_path() {
+    let root = temp_dir("install");
+    let out = Command::new("make")
+        .args(["-o", "control-plane", "install", "PREFIX=/usr"])
+        .arg(format!("DESTDIR={}", root.display()))
+        .current_dir(repo_root())
+        .output()
+        .expect("make");
+    assert!(out.status.success(), "{out:?}");
+    let bin = root.join("usr/bin");
+    let version = Command::new("knocker")
+        .arg("--version")
+        .env("PATH", &bin)
+        .output()
+        .expect("knocker on PATH");
+    assert!(version.status.success(), "{version:?}");
+    assert!(
+        String::from_utf8_lossy(&version.stdout).starts_with("knocker "),
+        "{version:?}"
+    );
+    let uninstall = Command::new("make")
+        .args(["uninstall", "PREFIX=/usr"])
+        .arg(format!("DESTDIR={}", root.display()))
+        .current_dir(repo_root())
+        .output()
+        .expect("make");
+    assert!(uninstall.status.success() && !bin.join("knocker").exists());
+}
