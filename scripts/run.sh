@@ -108,7 +108,7 @@ Status:
   curl -s http://127.0.0.1:10000/knocker/status
 
 Capture and fallback: ENVOY_CONFIG=envoy/capture.yaml make run (or fallback.yaml);
-the README has a curl session for each.
+docs/guide.md has a session for each.
 
 Ctrl-C stops everything.
 MSG

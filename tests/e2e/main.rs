@@ -11,6 +11,7 @@ mod make_run;
 mod monitors;
 mod observability;
 mod protocol;
+mod readme;
 mod rules;
 mod security;
 mod settings;
