@@ -446,3 +446,72 @@ async fn a_trace_runs_from_the_client_through_the_queue_to_each_attempt_and_out_
         "{fresh}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_at_info_shows_each_attempt_once_and_no_check_or_empty_field() {
+    let ok = Target::ok().await;
+    let config = write_config(&format!(
+        "[monitors.web]\nurl = \"http://{}/health\"\ninterval_s = 0.1\n",
+        ok.host()
+    ));
+    let cp = ControlPlane::start(&[("LOG_LEVEL", "info"), ("KNOCKER_CONFIG", &config)]);
+    let knock = |host: String, id: &'static str| {
+        client()
+            .post(cp.url("/in"))
+            .header("Knocker-Host", host)
+            .header("Knocker-Id", id)
+            .header("Knocker-Retries", "1")
+            .header("Knocker-Backoff-Factor", "0.05")
+            .body("{}")
+            .send()
+    };
+    assert_eq!(knock(ok.host(), "fine").await.unwrap().status(), 200);
+    // Nothing listens on port 1: refused twice, then failed for good.
+    assert_eq!(
+        knock("127.0.0.1:1".into(), "refused")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let failed = knocker_e2e::eventually(WAIT, || async {
+        cp.log().contains("attempt failed; no attempts left")
+    })
+    .await;
+    assert!(failed, "{}", cp.log());
+    // A second's worth of monitor checks (ten of them).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(ok.count() >= 5, "the monitor checked");
+
+    let log = cp.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let delivered: Vec<&&str> = lines.iter().filter(|l| l.contains("job_id=fine")).collect();
+    assert_eq!(delivered.len(), 1, "one line for the delivered job:\n{log}");
+    assert!(
+        delivered[0].contains(" INFO ") && delivered[0].contains("delivered"),
+        "{log}"
+    );
+    assert!(
+        !delivered[0].contains("error"),
+        "no empty error field: {log}"
+    );
+    let refused: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("job_id=refused"))
+        .collect();
+    assert_eq!(refused.len(), 2, "one line per attempt:\n{log}");
+    assert!(
+        refused[0].contains(" INFO ") && refused[0].contains("will retry"),
+        "{log}"
+    );
+    assert!(
+        refused[1].contains(" WARN ") && refused[1].contains("no attempts left"),
+        "{log}"
+    );
+    assert!(refused.iter().all(|l| l.contains("error=")), "{log}");
+    assert!(!log.contains("error=\"\""), "{log}");
+    assert!(!log.contains(" DEBUG "), "{log}");
+    // The monitor: one line when it starts, none per check.
+    let monitor_lines = lines.iter().filter(|l| l.contains("monitor=web")).count();
+    assert_eq!(monitor_lines, 1, "{log}");
+}
