@@ -237,6 +237,27 @@ interval_s = 0.2
         "delivered jobs are not in the failed list"
     );
 
+    // The target filter: the good target's delivered jobs, none of the broken one's.
+    let (good_jobs, broken_jobs) = tokio::task::block_in_place(|| {
+        (
+            dom(
+                &cp,
+                &with(&format!("jobs?state=delivered&target={}", good.host())),
+                "jobs",
+            ),
+            dom(
+                &cp,
+                &with(&format!("jobs?state=delivered&target={}", broken.host())),
+                "jobs",
+            ),
+        )
+    });
+    assert!(
+        good_jobs.contains("data-job=\"order-1\"") && good_jobs.contains("data-job=\"order-2\"")
+    );
+    assert!(!broken_jobs.contains("data-job="), "{broken_jobs}");
+    assert!(broken_jobs.contains(&format!("No delivered jobs to {}.", broken.host())));
+
     // A job's attempt timeline.
     let attempt = text_of(&failed_job, "data-attempt=\"1\"", "</div></div>");
     assert!(
