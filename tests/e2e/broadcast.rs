@@ -289,3 +289,68 @@ async fn broadcast_submissions_are_validated_and_idempotent() {
         format!("http://{}/base", b.host())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ban_purge_and_any_extension_method_go_through_every_shipped_config() {
+    let one = Target::ok().await;
+    let two = Target::ok().await;
+    let config = write_config(&format!(
+        "[groups.caches]\nmembers = [\"http://{}\", \"http://{}\"]\n",
+        one.host(),
+        two.host()
+    ));
+    let cp = ControlPlane::start(&[("KNOCKER_CONFIG", &config)]);
+    let method = |name: &str| reqwest::Method::from_bytes(name.as_bytes()).unwrap();
+    for file in [
+        "knocker.yaml",
+        "capture.yaml",
+        "fallback.yaml",
+        "broadcast.yaml",
+    ] {
+        let upstream = Target::ok().await;
+        let envoy = Envoy::start(
+            file,
+            &EnvoyOptions {
+                grpc_port: cp.grpc_port,
+                http_port: cp.http_port,
+                upstream_port: upstream.port(),
+                ..EnvoyOptions::default()
+            },
+        );
+        // A method Envoy has never heard of reaches the upstream, not Envoy's own 400.
+        let r = client()
+            .request(method("XREFRESH"), envoy.url("/plain"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{file}");
+        let got = upstream.wait_for(1, WAIT).await;
+        assert_eq!(got[0].method, "XREFRESH", "{file}");
+    }
+    // BAN and PURGE through the broadcast rule: both members get each.
+    let upstream = Target::ok().await;
+    let envoy = Envoy::start(
+        "broadcast.yaml",
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port: upstream.port(),
+            ..EnvoyOptions::default()
+        },
+    );
+    for name in ["BAN", "PURGE"] {
+        let r = client()
+            .request(method(name), envoy.url("/page"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{name}");
+    }
+    for member in [&one, &two] {
+        let got = member.wait_for(2, WAIT).await;
+        let mut methods: Vec<&str> = got.iter().map(|r| r.method.as_str()).collect();
+        methods.sort_unstable();
+        assert_eq!(methods, ["BAN", "PURGE"]);
+    }
+    assert_eq!(upstream.count(), 0, "the rule took them");
+}
