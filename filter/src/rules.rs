@@ -59,8 +59,9 @@ pub struct Rule {
     /// always do).
     #[serde(default)]
     pub retry_on: Option<Vec<u32>>,
-    /// Fallback only: the most request body kept while it streams upstream. A larger
-    /// request is not taken over; its response says so in `knocker-fallback`.
+    /// Fallback only: the largest request body held until it has ended (then sent
+    /// upstream, a copy kept). A larger request streams on uncopied and is not taken
+    /// over; its response says so in `knocker-fallback`.
     #[serde(default)]
     pub buffer_limit_bytes: Option<usize>,
 }

@@ -2,9 +2,10 @@
 //!
 //! - Knocker requests (`Knocker-Host`) and `capture` rules: the whole request is
 //!   buffered, submitted, and answered with the control plane's reply.
-//! - `fallback` rules: the request goes upstream as usual while the filter keeps a copy
-//!   (up to the rule's buffer limit); a retryable failure is replaced by the control
-//!   plane's `202` receipt, anything else passes through untouched.
+//! - `fallback` rules: the request goes upstream as usual once its body has ended
+//!   (Envoy holds it until then, up to the rule's buffer limit), with a copy kept; a
+//!   retryable failure is replaced by the control plane's `202` receipt, anything else
+//!   passes through untouched.
 
 use std::time::Duration;
 
@@ -39,7 +40,10 @@ enum State {
         headers: Vec<HeaderPair>,
         rule: Option<usize>,
     },
-    /// A fallback request streaming upstream; the filter keeps a copy.
+    /// A fallback request: its body is held (Envoy buffers it) until it has ended, then
+    /// the whole request goes upstream while the filter keeps a copy. So the upstream
+    /// cannot fail before the copy is whole, whatever the timing of the body. A body
+    /// over the rule's buffer limit is let go on as it comes (no copy).
     Shadowing {
         headers: Vec<HeaderPair>,
         rule: usize,
@@ -120,7 +124,12 @@ impl Stream {
                 overflow: false,
                 complete: end_of_stream,
             };
-            return Action::Continue;
+            // Upstream only once the body is whole (or too big to keep).
+            return if end_of_stream {
+                Action::Continue
+            } else {
+                Action::Pause
+            };
         }
         if end_of_stream {
             self.submit(host, config, headers, Vec::new(), rule, 0);
@@ -146,23 +155,28 @@ impl Stream {
                 complete,
                 ..
             } => {
+                if *overflow || *complete {
+                    return Action::Continue; // let go: it streams on, no copy
+                }
+                // Envoy holds the body: each call sees all of it so far (`body_size`).
                 let limit = config
                     .rules
                     .get(*rule)
                     .map_or(0, crate::rules::Rule::buffer_limit_bytes);
-                if !*overflow && body_size > 0 {
-                    match host.request_body(body_size) {
-                        Some(chunk) if body.len() + chunk.len() <= limit => {
-                            body.extend_from_slice(&chunk);
-                        }
-                        _ => {
-                            *overflow = true;
-                            *body = Vec::new();
-                        }
-                    }
+                if body_size > limit {
+                    *overflow = true;
+                    return Action::Continue; // too big to keep: upstream as it comes
                 }
-                *complete |= end_of_stream;
-                Action::Continue
+                if !end_of_stream {
+                    return Action::Pause; // Envoy keeps buffering
+                }
+                *complete = true;
+                match host.request_body(body_size) {
+                    Some(whole) if body_size > 0 => *body = whole,
+                    Some(_) => {}
+                    None => *overflow = true, // unreadable: no copy, nothing taken over
+                }
+                Action::Continue // the whole request goes upstream now
             }
             State::Buffering { .. } if !end_of_stream => Action::Pause, // Envoy keeps buffering
             State::Buffering { .. } => {
@@ -203,7 +217,28 @@ impl Stream {
         match &mut self.state {
             State::Buffering { .. } => self.on_request_body(host, config, body_size, true),
             State::PassThrough | State::Released => Action::Continue,
-            State::Shadowing { complete, .. } => {
+            State::Shadowing {
+                rule,
+                body,
+                overflow,
+                complete,
+                ..
+            } => {
+                // The end of a held body: take the copy now (unless it is too big).
+                if !*overflow && !*complete {
+                    let limit = config
+                        .rules
+                        .get(*rule)
+                        .map_or(0, crate::rules::Rule::buffer_limit_bytes);
+                    if body_size > limit {
+                        *overflow = true;
+                    } else if body_size > 0 {
+                        match host.request_body(body_size) {
+                            Some(whole) => *body = whole,
+                            None => *overflow = true,
+                        }
+                    }
+                }
                 *complete = true;
                 Action::Continue
             }
@@ -892,10 +927,8 @@ mod tests {
         };
         let config = rules_config();
         let mut s = Stream::default();
-        assert_eq!(
-            s.on_request_headers(&host, &config, false),
-            Action::Continue
-        );
+        // Held until the body has ended, then everything goes upstream.
+        assert_eq!(s.on_request_headers(&host, &config, false), Action::Pause);
         assert_eq!(s.on_request_body(&host, &config, 3, true), Action::Continue);
         assert_eq!(s.on_response_headers(&host, &config), Action::Continue);
         assert_eq!(s.on_response_body(), Action::Continue);
@@ -915,9 +948,10 @@ mod tests {
             (504, "response_timeout", 0),
             (504, "upstream_per_try_timeout", 0),
         ] {
+            // Envoy holds the body: each call sees all of it so far.
             let host = FakeHost {
                 headers: with_path("/api/x", &[]),
-                chunks: RefCell::new(VecDeque::from([b"abc".to_vec(), b"de".to_vec()])),
+                body: b"abcde".to_vec(),
                 status,
                 details: details.into(),
                 grpc_reply: receipt(),
@@ -925,12 +959,9 @@ mod tests {
             };
             let config = rules_config();
             let mut s = Stream::default();
-            s.on_request_headers(&host, &config, false);
-            assert_eq!(
-                s.on_request_body(&host, &config, 3, false),
-                Action::Continue
-            );
-            assert_eq!(s.on_request_body(&host, &config, 2, true), Action::Continue);
+            assert_eq!(s.on_request_headers(&host, &config, false), Action::Pause);
+            assert_eq!(s.on_request_body(&host, &config, 3, false), Action::Pause);
+            assert_eq!(s.on_request_body(&host, &config, 5, true), Action::Continue);
             assert_eq!(s.on_response_headers(&host, &config), Action::Pause);
             assert_eq!(s.on_response_body(), Action::Pause);
             let req = dispatched_request(&host);
@@ -981,7 +1012,7 @@ mod tests {
     fn fallback_over_the_buffer_limit_says_so() {
         let host = FakeHost {
             headers: with_path("/api/x", &[]),
-            chunks: RefCell::new(VecDeque::from([b"12345".to_vec(), b"6789".to_vec()])),
+            body: b"123456789".to_vec(),
             status: 503,
             details: "via_upstream".into(),
             ..Default::default()
@@ -989,8 +1020,13 @@ mod tests {
         let config = rules_config();
         let mut s = Stream::default();
         s.on_request_headers(&host, &config, false);
-        s.on_request_body(&host, &config, 5, false);
-        s.on_request_body(&host, &config, 4, true);
+        // Held while within the 8-byte limit; let go (no copy) once over it.
+        assert_eq!(s.on_request_body(&host, &config, 5, false), Action::Pause);
+        assert_eq!(
+            s.on_request_body(&host, &config, 9, false),
+            Action::Continue
+        );
+        assert_eq!(s.on_request_body(&host, &config, 4, true), Action::Continue);
         assert_eq!(s.on_response_headers(&host, &config), Action::Continue);
         assert!(host.dispatched.borrow().is_empty());
         let headers = host.response_headers.borrow();
@@ -1004,25 +1040,45 @@ mod tests {
     }
 
     #[test]
-    fn fallback_lets_the_rest_of_the_body_go_after_an_early_answer() {
+    fn fallback_lets_a_body_over_the_limit_stream_and_an_early_answer_through() {
+        // Over the rule's 8-byte limit: no copy, the body streams on as it comes.
         let host = FakeHost {
             headers: with_path("/api/x", &[]),
-            chunks: RefCell::new(VecDeque::from([b"abc".to_vec(), b"de".to_vec()])),
+            body: b"123456789de".to_vec(),
             status: 200,
             details: "via_upstream".into(),
             ..Default::default()
         };
         let config = rules_config();
         let mut s = Stream::default();
-        s.on_request_headers(&host, &config, false);
+        assert_eq!(s.on_request_headers(&host, &config, false), Action::Pause);
         assert_eq!(
-            s.on_request_body(&host, &config, 3, false),
+            s.on_request_body(&host, &config, 9, false),
             Action::Continue
         );
         assert_eq!(s.on_response_headers(&host, &config), Action::Continue);
         assert_eq!(s.on_request_body(&host, &config, 2, true), Action::Continue);
         assert_eq!(s.on_request_trailers(&host, &config, 2), Action::Continue);
         assert!(host.dispatched.borrow().is_empty());
+    }
+
+    #[test]
+    fn fallback_takes_its_copy_at_the_trailers_when_they_end_the_body() {
+        let host = FakeHost {
+            headers: with_path("/api/x", &[]),
+            body: b"abc".to_vec(),
+            status: 503,
+            details: "via_upstream".into(),
+            grpc_reply: receipt(),
+            ..Default::default()
+        };
+        let config = rules_config();
+        let mut s = Stream::default();
+        assert_eq!(s.on_request_headers(&host, &config, false), Action::Pause);
+        assert_eq!(s.on_request_body(&host, &config, 3, false), Action::Pause);
+        assert_eq!(s.on_request_trailers(&host, &config, 3), Action::Continue);
+        assert_eq!(s.on_response_headers(&host, &config), Action::Pause);
+        assert_eq!(dispatched_request(&host).body, b"abc");
     }
 
     #[test]

@@ -376,3 +376,174 @@ async fn fallback_covers_a_stopped_upstream_and_leaves_other_failures_alone() {
         .count();
     assert_eq!(uploads, 0, "the over-limit request was not taken over");
 }
+
+/// How a route's upstream fails while the request body is still on its way.
+#[derive(Debug, Clone, Copy)]
+enum EarlyFailure {
+    /// Nothing listens: Envoy's connection is refused.
+    Refused,
+    /// It takes the headers, then resets the connection.
+    Reset,
+    /// It answers 503 as soon as it has the headers.
+    Early503,
+}
+
+/// An upstream that fails as `kind` says, without waiting for the request body; its
+/// port (for `Refused`, a port nothing listens on).
+async fn failing_upstream(kind: EarlyFailure) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let EarlyFailure::Refused = kind {
+        return free_port();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if let EarlyFailure::Early503 = kind {
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndown")
+                        .await;
+                } else {
+                    let _ = socket.set_zero_linger(); // close is a reset
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A POST to Envoy over a raw socket: the headers, then the body in `parts` with a pause
+/// before each (chunked when asked). Returns the status and the response's head.
+async fn post_in_parts(port: u16, path: &str, parts: &[&[u8]], chunked: bool) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let length: usize = parts.iter().map(|p| p.len()).sum();
+    let framing = if chunked {
+        "transfer-encoding: chunked".to_owned()
+    } else {
+        format!("content-length: {length}")
+    };
+    s.write_all(format!("POST {path} HTTP/1.1\r\nhost: shop\r\n{framing}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    for part in parts {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if chunked {
+            s.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+                .await
+                .unwrap();
+            s.write_all(part).await.unwrap();
+            s.write_all(b"\r\n").await.unwrap();
+        } else {
+            s.write_all(part).await.unwrap();
+        }
+    }
+    if chunked {
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+    }
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+            other => panic!("no answer ({other:?}): {}", String::from_utf8_lossy(&head)),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_takes_a_request_whatever_the_timing_of_its_body() {
+    use futures_util::StreamExt as _;
+    let cp = ControlPlane::start(&[]);
+    let target = Target::ok().await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let mut sent = Vec::new();
+    for kind in [
+        EarlyFailure::Refused,
+        EarlyFailure::Reset,
+        EarlyFailure::Early503,
+    ] {
+        let upstream = failing_upstream(kind).await;
+        let envoy = start_envoy("fallback.yaml", &cp, upstream, target.port());
+        let tag = format!("{kind:?}");
+        // In one write.
+        let one = format!("{tag}: one write");
+        let r = client()
+            .post(envoy.url("/api/one"))
+            .body(one.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{tag}, one write: {:?}", r.headers());
+        sent.push(one);
+        // In three writes with pauses between them, with a length and chunked.
+        for chunked in [false, true] {
+            let parts = [
+                format!("{tag} "),
+                format!("chunked={chunked} "),
+                "in parts".to_owned(),
+            ];
+            let bytes: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                post_in_parts(envoy.port, "/api/parts", &bytes, chunked),
+            )
+            .await;
+            let Ok((status, head)) = answer else {
+                panic!(
+                    "{tag}, chunked={chunked}: no answer; Envoy:\n{}",
+                    envoy.log()
+                );
+            };
+            assert_eq!(status, 202, "{tag}, chunked={chunked}:\n{head}");
+            assert!(!head.contains("knocker-fallback"), "{head}");
+            sent.push(parts.concat());
+        }
+        // Over HTTP/2, the body streamed in pieces.
+        let pieces = vec![format!("{tag} "), "over ".to_owned(), "h2".to_owned()];
+        sent.push(pieces.concat());
+        let stream = futures_util::stream::iter(pieces).then(|p| async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Ok::<_, std::io::Error>(p)
+        });
+        let r = h2
+            .post(envoy.url("/api/h2"))
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 202, "{tag}, HTTP/2: {:?}", r.headers());
+    }
+    // Each taken request is delivered, whole, to the rule's target.
+    let got = target.wait_for(sent.len(), WAIT).await;
+    let mut delivered: Vec<String> = got
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    delivered.sort();
+    sent.sort();
+    assert_eq!(delivered, sent);
+}

@@ -345,7 +345,8 @@ impl Envoy {
                 "--concurrency",
                 "1",
                 "-l",
-                "warning",
+                // KNOCKER_TEST_ENVOY_LOG=debug (or trace) when a test needs to see inside.
+                &std::env::var("KNOCKER_TEST_ENVOY_LOG").unwrap_or_else(|_| "warning".into()),
             ])
             .args(["--base-id", &base_id.to_string()])
             .stdin(Stdio::null())
