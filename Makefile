@@ -5,7 +5,7 @@ CARGO ?= cargo
 # cargo-nextest prints one summary for the whole suite; plain cargo test works too.
 TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test --no-fail-fast")
 
-.PHONY: help setup build filter control-plane run test lint unit e2e bench fmt clean install uninstall
+.PHONY: help setup build filter control-plane run test lint unit e2e bench fmt clean install uninstall image
 
 help:
 	@echo "make run    build and start control plane + Envoy + a demo target on the defaults"
@@ -13,6 +13,7 @@ help:
 	@echo "make build  target/release/knocker and target/wasm/knocker_filter.wasm"
 	@echo "make bench  benchmarks; results in docs/benchmarks.md"
 	@echo "make install  put knocker in $(PREFIX)/bin (PREFIX=~/.local for your own)"
+	@echo "make image  the control plane's image contents and the filter's OCI image (no engine needed)"
 
 setup:
 	@scripts/setup.sh
@@ -35,9 +36,14 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
+# The images' contents, built without a container engine (Dockerfile and
+# deploy/filter.Dockerfile do the same with one).
+image: build
+	@scripts/image.sh
+
 # Unit, service and end-to-end tests in one run (the e2e tests start the binaries that
-# `build` made, the real Envoy and real targets).
-test: build lint
+# `build` made, the real Envoy and real targets, and what `image` made).
+test: build image lint
 	$(CARGO) $(TEST_RUNNER) --release --workspace
 
 bench: build

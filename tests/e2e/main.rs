@@ -6,6 +6,7 @@ mod cluster;
 mod configs;
 mod dashboard;
 mod durability;
+mod images;
 mod link;
 mod make_run;
 mod monitors;
