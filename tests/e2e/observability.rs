@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions, Reply, Target};
 
+use crate::stack::{Door, Stack};
 use crate::{client, write_config, TOKEN, WAIT};
 
 /// The value of the sample `name{labels}` (exactly as written) in Prometheus text.
@@ -66,17 +67,12 @@ async fn metrics_count_both_doors_attempts_jobs_and_a_monitor_and_need_the_token
         "[monitors.web]\nurl = \"http://{}/health\"\ninterval_s = 0.2\n",
         ok.host()
     ));
-    let cp = ControlPlane::start(&[("KNOCKER_ADMIN_TOKEN", TOKEN), ("KNOCKER_CONFIG", &config)]);
-    let upstream = Target::ok().await;
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: cp.grpc_port,
-            http_port: cp.http_port,
-            upstream_port: upstream.port(),
-            ..EnvoyOptions::default()
-        },
-    );
+    let stack = Stack::start(
+        Door::Envoy,
+        &[("KNOCKER_ADMIN_TOKEN", TOKEN), ("KNOCKER_CONFIG", &config)],
+    )
+    .await;
+    let (cp, envoy) = (&stack.cp, stack.envoy.as_ref().expect("Envoy"));
     let knock = |url: String, host: String, retries: &'static str| {
         client()
             .post(url)
@@ -343,23 +339,18 @@ fn attribute<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a serde_jso
 async fn a_trace_runs_from_the_client_through_the_queue_to_each_attempt_and_out_over_otlp() {
     let collector = Target::ok().await;
     let endpoint = format!("http://{}", collector.host());
-    let cp = ControlPlane::start(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-    ]);
+    let stack = Stack::start(
+        Door::Envoy,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let (cp, envoy) = (&stack.cp, stack.envoy.as_ref().expect("Envoy"));
     // The target fails the first attempt: two attempts, two spans.
     let target = Target::start(|_, n| Reply::status(if n == 0 { 503 } else { 200 })).await;
-    let upstream = Target::ok().await;
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: cp.grpc_port,
-            http_port: cp.http_port,
-            upstream_port: upstream.port(),
-            ..EnvoyOptions::default()
-        },
-    );
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
     let r = client()
