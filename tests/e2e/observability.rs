@@ -72,7 +72,12 @@ async fn metrics_count_both_doors_attempts_jobs_and_a_monitor_and_need_the_token
         &[("KNOCKER_ADMIN_TOKEN", TOKEN), ("KNOCKER_CONFIG", &config)],
     )
     .await;
-    let (cp, envoy) = (&stack.cp, stack.envoy.as_ref().expect("Envoy"));
+    let Stack {
+        cp,
+        envoy,
+        upstream: _upstream,
+    } = stack;
+    let envoy = envoy.expect("Envoy");
     let knock = |url: String, host: String, retries: &'static str| {
         client()
             .post(url)
@@ -348,7 +353,12 @@ async fn a_trace_runs_from_the_client_through_the_queue_to_each_attempt_and_out_
         ],
     )
     .await;
-    let (cp, envoy) = (&stack.cp, stack.envoy.as_ref().expect("Envoy"));
+    let Stack {
+        cp,
+        envoy,
+        upstream: _upstream,
+    } = stack;
+    let envoy = envoy.expect("Envoy");
     // The target fails the first attempt: two attempts, two spans.
     let target = Target::start(|_, n| Reply::status(if n == 0 { 503 } else { 200 })).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
