@@ -301,12 +301,22 @@ async fn ban_purge_and_any_extension_method_go_through_every_shipped_config() {
     ));
     let cp = ControlPlane::start(&[("KNOCKER_CONFIG", &config)]);
     let method = |name: &str| reqwest::Method::from_bytes(name.as_bytes()).unwrap();
-    for file in [
-        "knocker.yaml",
+    // Every file in envoy/ but the TLS gateway, whose own test sends one.
+    let files = [
+        "broadcast.yaml",
         "capture.yaml",
         "fallback.yaml",
-        "broadcast.yaml",
-    ] {
+        "knocker.yaml",
+        "sidecar.yaml",
+    ];
+    let mut shipped: Vec<String> = std::fs::read_dir(knocker_e2e::repo_root().join("envoy"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".yaml") && n != "gateway.yaml")
+        .collect();
+    shipped.sort();
+    assert_eq!(shipped, files, "a new config in envoy/ belongs here");
+    for file in files {
         let upstream = Target::ok().await;
         let envoy = Envoy::start(
             file,

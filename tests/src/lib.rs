@@ -10,6 +10,7 @@
 //! - [`DnsServer`] — a DNS server on loopback whose A/AAAA answers a test changes.
 //! - [`SmtpServer`] — aiosmtpd on loopback, its messages read back from a maildir.
 //! - [`NatsServer`] — nats-server with JetStream on loopback.
+//! - [`TestCert`] — a self-signed certificate and key in PEM files, for a TLS listener.
 //!
 //! `make test` builds the binaries first; a missing binary is a set-up failure and the
 //! tests say so instead of skipping.
@@ -19,12 +20,14 @@ pub mod nats;
 pub mod process;
 pub mod smtp;
 pub mod target;
+pub mod tls;
 
 pub use dns::DnsServer;
 pub use nats::NatsServer;
 pub use process::{free_port, knocker_bin, repo_root, temp_dir, ControlPlane, Envoy, EnvoyOptions};
 pub use smtp::{Email, SmtpServer};
 pub use target::{Received, Reply, Target};
+pub use tls::TestCert;
 
 /// Waits for `check` to hold, polling every 20 ms, up to `timeout`.
 pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool

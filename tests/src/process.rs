@@ -232,6 +232,9 @@ pub struct EnvoyOptions {
     pub replace: Vec<(String, String)>,
     /// The listener's port; a free one when unset.
     pub port: Option<u16>,
+    /// Variables of a file that has them (`envoy/sidecar.yaml`, `envoy/gateway.yaml`),
+    /// over the ports above; rendered by `scripts/envoy-config.sh`, as users do.
+    pub vars: Vec<(String, String)>,
 }
 
 /// A running Envoy.
@@ -251,8 +254,13 @@ pub fn render_envoy_config(
     port: u16,
     admin_port: u16,
 ) -> String {
-    let text =
-        std::fs::read_to_string(repo_root().join("envoy").join(file)).expect("read envoy config");
+    let path = repo_root().join("envoy").join(file);
+    let text = std::fs::read_to_string(&path).expect("read envoy config");
+    let text = if text.contains("${") {
+        render_variables(&path, options, port, admin_port)
+    } else {
+        text
+    };
     let ports: HashMap<u16, u16> = [
         (10000, port),
         (9901, admin_port),
@@ -321,6 +329,39 @@ pub fn render_envoy_config(
         out.push('\n');
     }
     out
+}
+
+/// A file with `${NAME:-default}` variables rendered by `scripts/envoy-config.sh`: the
+/// listener, admin, control-plane and app ports from `options`, then `options.vars`.
+fn render_variables(path: &Path, options: &EnvoyOptions, port: u16, admin_port: u16) -> String {
+    let ports = [
+        ("KNOCKER_LISTEN_PORT", port),
+        ("KNOCKER_ADMIN_PORT", admin_port),
+        ("KNOCKER_CONTROL_PLANE_GRPC_PORT", options.grpc_port),
+        ("KNOCKER_CONTROL_PLANE_HTTP_PORT", options.http_port),
+        ("KNOCKER_APP_PORT", options.upstream_port),
+    ];
+    let mut command = Command::new(repo_root().join("scripts/envoy-config.sh"));
+    command.arg(path).env_clear().env(
+        "PATH",
+        std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+    );
+    for (name, value) in ports {
+        if value != 0 {
+            command.env(name, value.to_string());
+        }
+    }
+    for (name, value) in &options.vars {
+        command.env(name, value);
+    }
+    let out = command.output().expect("run scripts/envoy-config.sh");
+    assert!(
+        out.status.success(),
+        "scripts/envoy-config.sh {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("rendered config is UTF-8")
 }
 
 impl Envoy {
@@ -429,11 +470,20 @@ fn admin_get(admin_port: u16, path: &str, timeout: Duration) -> Option<String> {
 
 /// `envoy --mode validate` on a rendered config; returns Envoy's output on failure.
 pub fn validate_envoy_config(file: &str) -> Result<(), String> {
+    validate_envoy_config_with(file, &[])
+}
+
+/// [`validate_envoy_config`] with variables set (a gateway's certificate, say).
+pub fn validate_envoy_config_with(file: &str, vars: &[(&str, &str)]) -> Result<(), String> {
     let dir = temp_dir("validate");
     let options = EnvoyOptions {
         grpc_port: 9090,
         http_port: 8000,
         upstream_port: 8080,
+        vars: vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         ..Default::default()
     };
     let path = dir.join(file);

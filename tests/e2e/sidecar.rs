@@ -1,0 +1,206 @@
+//! `envoy/sidecar.yaml`, rendered by `scripts/envoy-config.sh` as users do, in front of
+//! an app on loopback: the app's answers pass untouched while it is up; while it is down
+//! (restarting: its port refuses connections) its writes get `202` and reach it when it
+//! is back, through the sidecar again; Knocker requests go through the sidecar too. The
+//! filter reaches the control plane with the gRPC token the variables give it.
+
+use std::time::Duration;
+
+use futures_util::stream;
+use knocker_e2e::{free_port, ControlPlane, Envoy, EnvoyOptions, Reply, Target};
+use serde_json::Value;
+
+use crate::{client, get_json, WAIT};
+
+const GRPC_TOKEN: &str = "sidecar-secret";
+
+/// The control plane (with a gRPC token) and the sidecar in front of `app_port`; what the
+/// app misses is delivered through the sidecar's own listener.
+fn start(app_port: u16) -> (ControlPlane, Envoy) {
+    let cp = ControlPlane::start(&[("KNOCKER_GRPC_TOKEN", GRPC_TOKEN)]);
+    let listen_port = free_port();
+    let envoy = Envoy::start(
+        "sidecar.yaml",
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port: app_port,
+            port: Some(listen_port),
+            vars: vec![
+                ("KNOCKER_LISTEN_ADDRESS".into(), "127.0.0.1".into()),
+                (
+                    "KNOCKER_APP_TARGET".into(),
+                    format!("http://127.0.0.1:{listen_port}"),
+                ),
+                ("KNOCKER_GRPC_TOKEN".into(), GRPC_TOKEN.into()),
+            ],
+            // Retries every second at most, so the app's return is noticed quickly.
+            replace: vec![(
+                r#""max_backoff_s":30"#.into(),
+                r#""max_backoff_s":1"#.into(),
+            )],
+            ..EnvoyOptions::default()
+        },
+    );
+    (cp, envoy)
+}
+
+/// Every job of the control plane, whatever its state.
+async fn jobs(cp: &ControlPlane) -> Vec<Value> {
+    let mut all = Vec::new();
+    for state in ["pending", "in_flight", "delivered", "failed"] {
+        let page = get_json(cp.url(&format!("/knocker/jobs?state={state}&limit=100"))).await;
+        all.extend(page["jobs"].as_array().cloned().unwrap_or_default());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_answers_pass_untouched_while_it_is_up() {
+    let app = Target::start(|request, _| match request.target.as_str() {
+        "/missing" => Reply::status(404).with_body(b"no such thing"),
+        "/broken" => Reply::status(500).with_body(b"app error"),
+        _ => Reply::status(201)
+            .with_header("x-app", "yes")
+            .with_body(b"created"),
+    })
+    .await;
+    let (cp, envoy) = start(app.port());
+
+    let created = client()
+        .post(envoy.url("/orders?x=1"))
+        .header("content-type", "application/json")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["x-app"], "yes");
+    assert!(created.headers().get("knocker-id").is_none());
+    assert_eq!(created.text().await.unwrap(), "created");
+    // The app's own errors are its answer: not in retry_on (500) or not a failure (404).
+    for (path, status, text) in [
+        ("/missing", 404, "no such thing"),
+        ("/broken", 500, "app error"),
+    ] {
+        let response = client()
+            .put(envoy.url(path))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        assert_eq!(response.text().await.unwrap(), text, "{path}");
+    }
+    let read = client().get(envoy.url("/orders/1")).send().await.unwrap();
+    assert_eq!(read.status(), 201);
+
+    let got = app.wait_for(4, WAIT).await;
+    assert_eq!(got[0].method, "POST");
+    assert_eq!(got[0].target, "/orders?x=1");
+    assert_eq!(got[0].body, br#"{"n":1}"#);
+    assert!(got[0].header("x-knocker").is_none(), "{:?}", got[0]);
+    assert!(jobs(&cp).await.is_empty(), "nothing was handed over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_the_app_misses_while_it_restarts_reach_it_when_it_is_back() {
+    let app_port = free_port(); // the app is restarting: nothing listens there
+    let (cp, envoy) = start(app_port);
+
+    // One write sent whole, one over HTTP/2 with its body in two parts a moment apart.
+    let whole = client()
+        .post(envoy.url("/orders"))
+        .header("x-order", "1")
+        .body("first")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), 202, "{whole:?}");
+    let parts = stream::unfold(0, |i| async move {
+        match i {
+            0 => Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"sec")),
+                1,
+            )),
+            1 => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Some((Ok(bytes::Bytes::from_static(b"ond")), 2))
+            }
+            _ => None,
+        }
+    });
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let streamed = h2
+        .patch(envoy.url("/orders/2"))
+        .header("x-order", "2")
+        .body(reqwest::Body::wrap_stream(parts))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 202, "{streamed:?}");
+    let receipt: Value = streamed.json().await.unwrap();
+    assert_eq!(receipt["status"], true, "{receipt}");
+    assert_eq!(receipt["config"]["rule"], "app", "{receipt}");
+
+    // A read has no fallback: Envoy's own 503.
+    let read = client().get(envoy.url("/orders/1")).send().await.unwrap();
+    assert_eq!(read.status(), 503);
+
+    let jobs = jobs(&cp).await;
+    assert_eq!(jobs.len(), 2, "{jobs:#?}");
+
+    // The app is back; both writes arrive through the sidecar, marked as Knocker's own.
+    let app = Target::start_on(app_port, |_, _| Reply::status(200)).await;
+    let got = app.wait_for(2, WAIT).await;
+    let mut got: Vec<_> = got.iter().collect();
+    got.sort_by_key(|r| r.header("x-order"));
+    assert_eq!(
+        (got[0].method.as_str(), got[0].target.as_str()),
+        ("POST", "/orders")
+    );
+    assert_eq!(got[0].body, b"first");
+    assert_eq!(
+        (got[1].method.as_str(), got[1].target.as_str()),
+        ("PATCH", "/orders/2")
+    );
+    assert_eq!(got[1].body, b"second");
+    for request in got {
+        assert!(request.header("x-knocker").is_some(), "{request:?}");
+    }
+    let delivered = knocker_e2e::eventually(WAIT, || async {
+        get_json(cp.url("/knocker/jobs?state=delivered")).await["jobs"]
+            .as_array()
+            .is_some_and(|j| j.len() == 2)
+    })
+    .await;
+    assert!(delivered, "both jobs end delivered");
+    assert_eq!(
+        envoy.stat("wasmcustom.knocker.rule.app.fallback_taken"),
+        Some(2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knocker_requests_go_through_the_sidecar() {
+    let app = Target::ok().await;
+    let target = Target::ok().await;
+    let (_cp, envoy) = start(app.port());
+    let response = client()
+        .post(envoy.url("/hook"))
+        .header("knocker-host", target.host())
+        .body("event")
+        .send()
+        .await
+        .unwrap();
+    // The Knocker protocol's receipt: 200 with the job id.
+    assert_eq!(response.status(), 200, "{response:?}");
+    assert!(response.headers().contains_key("knocker-id"));
+    let got = target.wait_for(1, WAIT).await;
+    assert_eq!(got[0].target, "/hook");
+    assert_eq!(got[0].body, b"event");
+    assert_eq!(app.count(), 0, "the app never saw it");
+}

@@ -1,0 +1,52 @@
+//! A self-signed certificate for the names a test serves, written as PEM files that
+//! Envoy loads, and trusted by the test's own client.
+
+use std::path::PathBuf;
+
+use crate::temp_dir;
+
+pub struct TestCert {
+    /// The certificate (PEM), also what a client trusts.
+    pub cert_pem: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    dir: PathBuf,
+}
+
+impl TestCert {
+    pub fn new(names: &[&str]) -> Self {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let made = rcgen::generate_simple_self_signed(names).expect("make a certificate");
+        let dir = temp_dir("tls");
+        let cert_pem = made.cert.pem();
+        let cert_path = dir.join("tls.crt");
+        let key_path = dir.join("tls.key");
+        std::fs::write(&cert_path, &cert_pem).expect("write certificate");
+        std::fs::write(&key_path, made.signing_key.serialize_pem()).expect("write key");
+        Self {
+            cert_pem,
+            cert_path,
+            key_path,
+            dir,
+        }
+    }
+
+    /// A client that trusts this certificate (and nothing else) and sends the given
+    /// names to 127.0.0.1:`port`.
+    pub fn client(&self, names: &[&str], port: u16) -> reqwest::Client {
+        let root = reqwest::Certificate::from_pem(self.cert_pem.as_bytes()).expect("PEM");
+        let mut builder = reqwest::Client::builder()
+            .tls_certs_only([root])
+            .timeout(std::time::Duration::from_secs(10));
+        for name in names {
+            builder = builder.resolve(name, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        builder.build().expect("client")
+    }
+}
+
+impl Drop for TestCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
