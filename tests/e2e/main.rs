@@ -5,6 +5,7 @@ mod broadcast;
 mod cluster;
 mod configs;
 mod dashboard;
+mod deploy;
 mod durability;
 mod gateway;
 mod images;
