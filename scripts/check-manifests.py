@@ -6,7 +6,8 @@
 PATH: manifest files or directories (default: deploy/). A directory with a
 kustomization.yaml is built with `kubectl kustomize` and what it builds is checked (what
 `kubectl apply -k` would send; its *.example.yaml files too, which it leaves out); a
-directory with a Chart.yaml is linted and rendered with `helm template`.
+directory with a Chart.yaml is linted and rendered with `helm template`, with its
+default values and with each of its ci/*-values.yaml.
 
 Every document must be a kind this script knows:
   - the custom resources (EnvoyFilter, WasmPlugin, EnvoyExtensionPolicy, EnvoyPatchPolicy,
@@ -167,16 +168,23 @@ def sources(paths):
             with open(path) as f:
                 yield os.path.relpath(path, ROOT), f.read()
             continue
-        for directory, dirs, names in sorted(os.walk(path)):
+        for directory, dirs, names in os.walk(path):
             dirs.sort()
             rel = os.path.relpath(directory, ROOT)
             if os.path.basename(directory) == "schemas":
                 continue
             if "Chart.yaml" in names:
-                run([os.path.join(TOOLS, "helm"), "lint", "--strict", directory])
-                yield f"helm template {rel}", run(
-                    [os.path.join(TOOLS, "helm"), "template", "knocker", directory,
-                     "--namespace", "knocker"])
+                # With its default values, and with each ci/*-values.yaml.
+                helm = os.path.join(TOOLS, "helm")
+                ci = os.path.join(directory, "ci")
+                variants = [[]] + [["-f", os.path.join(ci, n)] for n in
+                                   sorted(os.listdir(ci)) if n.endswith("-values.yaml")] \
+                    if os.path.isdir(ci) else [[]]
+                for values in variants:
+                    run([helm, "lint", "--strict", directory, *values])
+                    which = f" {os.path.basename(values[1])}" if values else ""
+                    yield f"helm template {rel}{which}", run(
+                        [helm, "template", "knocker", directory, "--namespace", "knocker", *values])
                 dirs.clear()
                 continue
             if "kustomization.yaml" in names:

@@ -1,9 +1,10 @@
-//! The manifests in `deploy/` (Istio, Envoy Gateway, Kubernetes) as a cluster would take
-//! them, without one: `scripts/check-manifests.py` checks every document against its
-//! schema (the kustomizations built with the real kubectl); the Envoy configuration they
-//! amount to is loaded by the real Envoy (`--mode validate`, on the Envoy under test);
-//! every knocker plugin configuration in them is parsed by the filter's own parser; the
-//! control plane's file in the ConfigMap starts a control plane.
+//! The manifests in `deploy/` (Istio, Envoy Gateway, Kubernetes, the Helm chart) as a
+//! cluster would take them, without one: `scripts/check-manifests.py` checks every
+//! document against its schema (the kustomizations built with the real kubectl, the
+//! chart rendered with the real helm); the Envoy configuration they amount to is loaded
+//! by the real Envoy (`--mode validate`, on the Envoy under test); every knocker plugin
+//! configuration in them is parsed by the filter's own parser; the control plane's file
+//! in the ConfigMap starts a control plane.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,6 +86,8 @@ fn every_manifest_matches_its_schema_and_what_it_configures_loads_in_envoy_and_t
         "NetworkPolicy knocker/knocker-control-plane",
         "deploy/kubernetes/base/secret.example.yaml#1  v1 Secret knocker/knocker-tokens",
         "kubectl kustomize deploy/kubernetes/sidecar#3  apps/v1 Deployment default/orders",
+        "helm template deploy/helm/knocker#6  apps/v1 StatefulSet knocker",
+        "helm template deploy/helm/knocker nats-values.yaml#6  apps/v1 Deployment knocker",
     ] {
         assert!(
             report.lines().any(|l| l.starts_with("OK") && l.contains(expected)),

@@ -1,0 +1,79 @@
+{{- define "knocker.labels" -}}
+app.kubernetes.io/name: knocker
+app.kubernetes.io/component: control-plane
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "knocker.selector" -}}
+app.kubernetes.io/name: knocker
+app.kubernetes.io/component: control-plane
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "knocker.pod" -}}
+metadata:
+  labels:
+    {{- include "knocker.labels" . | nindent 4 }}
+  annotations:
+    checksum/config: {{ .Values.config | sha256sum }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: "8000"
+    prometheus.io/path: /metrics
+spec:
+  terminationGracePeriodSeconds: 30
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65532
+    runAsGroup: 65532
+    fsGroup: 65532
+    seccompProfile: { type: RuntimeDefault }
+  containers:
+  - name: knocker
+    image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    args: [serve]
+    ports:
+    - { name: http, containerPort: 8000 }
+    - { name: grpc, containerPort: 9090 }
+    env:
+    - { name: KNOCKER_HTTP_ADDR, value: "0.0.0.0:8000" }
+    - { name: KNOCKER_GRPC_ADDR, value: "0.0.0.0:9090" }
+    - { name: KNOCKER_CONFIG, value: /etc/knocker/knocker.toml }
+    {{- if eq .Values.store "nats" }}
+    - { name: KNOCKER_STORE, value: {{ .Values.nats.url | quote }} }
+    - { name: KNOCKER_NATS_ACK_WAIT, value: {{ .Values.nats.ackWait | quote }} }
+    {{- else }}
+    - { name: KNOCKER_STORE, value: sqlite }
+    - { name: KNOCKER_DATA_DIR, value: /var/lib/knocker }
+    - { name: KNOCKER_MAX_STORE_BYTES, value: {{ .Values.persistence.maxStoreBytes | int64 | quote }} }
+    {{- end }}
+    {{- range $name, $value := .Values.env }}
+    - { name: {{ $name }}, value: {{ $value | quote }} }
+    {{- end }}
+    envFrom:
+    - secretRef: { name: {{ .Values.tokensSecret }} }
+    readinessProbe:
+      httpGet: { path: /knocker/status, port: http }
+      periodSeconds: 5
+    livenessProbe:
+      httpGet: { path: /knocker/status, port: http }
+      periodSeconds: 10
+      failureThreshold: 6
+    resources:
+      {{- toYaml .Values.resources | nindent 6 }}
+    securityContext:
+      allowPrivilegeEscalation: false
+      readOnlyRootFilesystem: true
+      capabilities: { drop: [ALL] }
+    volumeMounts:
+    - { name: config, mountPath: /etc/knocker, readOnly: true }
+    - { name: tmp, mountPath: /tmp }
+    {{- if ne .Values.store "nats" }}
+    - { name: data, mountPath: /var/lib/knocker }
+    {{- end }}
+  volumes:
+  - name: config
+    configMap: { name: {{ .Release.Name }}-config }
+  - name: tmp
+    emptyDir: {}
+{{- end }}
