@@ -57,6 +57,8 @@ const LANE_SUBJECTS: &str = "knocker.lane.>";
 const CONSUMER: &str = "knocker-work";
 /// How long one pull waits for messages.
 const PULL_WAIT: Duration = Duration::from_millis(50);
+/// Compare-and-set writes of a job record tried before giving up on a busy record.
+const WRITE_TRIES: usize = 5;
 
 /// How the engine is set up.
 #[derive(Debug, Clone, PartialEq)]
@@ -295,8 +297,35 @@ impl NatsStore {
             .map_err(unavailable)
     }
 
-    /// Publishes the job's work message and records which message owns it.
-    async fn enqueue(&self, mut record: Record, msg_id: String) -> Result<Job, StoreError> {
+    /// Writes `record` only over the revision it was read at: `None` when another writer
+    /// came first (the caller reads again and decides).
+    async fn write_if(
+        &self,
+        bucket: &kv::Store,
+        record: &Record,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let value = serde_json::to_vec(record).map_err(unavailable)?;
+        match bucket
+            .update(key(&record.job.id), value.into(), revision)
+            .await
+        {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Publishes the job's work message and records which message owns it. `revision`
+    /// is the record's as written before publishing: a control plane may take the job
+    /// the moment its message is out, so the message is recorded on whatever the record
+    /// has become since, never over it (a taker's `in_flight` stays).
+    async fn enqueue(
+        &self,
+        mut record: Record,
+        revision: u64,
+        msg_id: String,
+    ) -> Result<Job, StoreError> {
         let ack = self
             .js
             .send_publish(
@@ -315,9 +344,27 @@ impl NatsStore {
                     unavailable(e)
                 }
             })?;
-        record.msg_seq = Some(ack.sequence);
-        self.write(&self.jobs, &record).await?;
-        Ok(record.job)
+        let job = record.job.clone();
+        let mut revision = revision;
+        for _ in 0..WRITE_TRIES {
+            record.msg_seq = Some(ack.sequence);
+            if self
+                .write_if(&self.jobs, &record, revision)
+                .await?
+                .is_some()
+            {
+                return Ok(record.job);
+            }
+            match self.read(&self.jobs, &job.id).await? {
+                Some((fresh, r)) => (record, revision) = (fresh, r),
+                // Delivered (or deleted) already: nothing left to record.
+                None => return Ok(job),
+            }
+        }
+        Err(unavailable(format!(
+            "job {}: its record keeps changing",
+            job.id
+        )))
     }
 
     /// Creates the lane's consumer once (one message in flight, in order).
@@ -370,7 +417,8 @@ impl NatsStore {
     }
 
     /// Takes a delivered message: the job to attempt, or `None` when the message is
-    /// stale (acknowledged and dropped) or not due yet (NAK'd until it is).
+    /// stale (acknowledged and dropped), not due yet (NAK'd until it is), or the job is
+    /// being attempted already (here, or by a control plane that claimed it first).
     async fn take(
         &self,
         message: Message,
@@ -380,44 +428,77 @@ impl NatsStore {
     ) -> Result<Option<Job>, StoreError> {
         let id = String::from_utf8_lossy(&message.payload).into_owned();
         let seq = message.info().map(|i| i.stream_sequence).ok();
-        let Some((mut record, _)) = self.read(&self.jobs, &id).await? else {
+        {
+            // Ours already: the server sent it again (a progress report came late). The
+            // attempt goes on; answers go to this, the newest delivery.
+            let mut held = self.held.lock();
+            if let Some(h) = held.get_mut(&id) {
+                if h.due.is_none() {
+                    h.message = message;
+                }
+                return Ok(None);
+            }
+        }
+        let Some((mut record, mut revision)) = self.read(&self.jobs, &id).await? else {
             let _ = message.ack().await; // deleted or finished meanwhile
             return Ok(None);
         };
-        if record.msg_seq.is_some() && seq.is_some() && record.msg_seq != seq {
-            let _ = message.ack().await; // a stale duplicate
-            return Ok(None);
-        }
-        if record.job.is_finished() {
-            let _ = message.ack().await;
-            return Ok(None);
-        }
-        let job = &mut record.job;
-        if lane && job.next_attempt_at == PARKED {
-            job.next_attempt_at = now; // the lane's head: its turn now
-        }
-        let over_cap = caps.is_some_and(|(caps, taken)| !caps.take(&mut taken.lock(), job.host()));
-        if !lane && over_cap {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_millis(100))))
-                .await;
-            return Ok(None);
-        }
-        if job.next_attempt_at > now {
-            let wait = Duration::from_millis(job.next_attempt_at - now);
-            if lane {
-                // The head stays with us until it is due (its previous holder died).
-                self.write(&self.jobs, &record).await?;
-                let host = record.job.host().to_owned();
-                let due = Some(record.job.next_attempt_at);
-                self.held.lock().insert(id, Held::new(message, host, due));
-            } else {
-                let _ = message.ack_with(nak(wait)).await;
+        let mut tries = 0;
+        loop {
+            if record.msg_seq.is_some() && seq.is_some() && record.msg_seq != seq {
+                let _ = message.ack().await; // a stale duplicate
+                return Ok(None);
             }
-            return Ok(None);
+            if record.job.is_finished() {
+                let _ = message.ack().await;
+                return Ok(None);
+            }
+            let job = &mut record.job;
+            if lane && job.next_attempt_at == PARKED {
+                job.next_attempt_at = now; // the lane's head: its turn now
+            }
+            let over_cap =
+                caps.is_some_and(|(caps, taken)| !caps.take(&mut taken.lock(), job.host()));
+            if !lane && over_cap {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(100))))
+                    .await;
+                return Ok(None);
+            }
+            if job.next_attempt_at > now {
+                let wait = Duration::from_millis(job.next_attempt_at - now);
+                if lane {
+                    // The head stays with us until it is due (its previous holder died).
+                    self.write(&self.jobs, &record).await?;
+                    let host = record.job.host().to_owned();
+                    let due = Some(record.job.next_attempt_at);
+                    self.held.lock().insert(id, Held::new(message, host, due));
+                } else {
+                    let _ = message.ack_with(nak(wait)).await;
+                }
+                return Ok(None);
+            }
+            record.job.state = State::InFlight;
+            if self
+                .write_if(&self.jobs, &record, revision)
+                .await?
+                .is_some()
+            {
+                break;
+            }
+            // Another writer came first: the submitter recording this message, or another
+            // control plane that was sent an earlier delivery of it and claimed the job
+            // (its progress reports keep the message; this delivery is left unanswered).
+            tries += 1;
+            let Some((fresh, r)) = self.read(&self.jobs, &id).await? else {
+                let _ = message.ack().await;
+                return Ok(None);
+            };
+            if fresh.job.state == State::InFlight || tries >= WRITE_TRIES {
+                return Ok(None);
+            }
+            (record, revision) = (fresh, r);
         }
-        record.job.state = State::InFlight;
-        self.write(&self.jobs, &record).await?;
         let host = record.job.host().to_owned();
         self.held.lock().insert(id, Held::new(message, host, None));
         Ok(Some(record.job))
@@ -467,7 +548,7 @@ impl NatsStore {
                     Err(e) => tracing::warn!(error = %e, "cannot pull earlier versions' work"),
                 }
             }
-            let mut takes = futures_util::stream::iter(messages)
+            let mut takes = futures_util::stream::iter(newest_deliveries(messages))
                 .map(|m| self.take_or_return(m, now, Some((caps, &taken)), false))
                 .buffer_unordered(64);
             while let Some(taken) = takes.next().await {
@@ -665,6 +746,33 @@ async fn fetch(consumer: &Consumer<PullConfig>, n: usize) -> Result<Vec<Message>
     Ok(messages)
 }
 
+/// One delivery per message: a pull can bring the same message twice (sent back, or its
+/// ack wait over, while an earlier delivery was on its way); the newest delivery is the
+/// one the server answers to, the older ones are left unanswered. In pull order.
+fn newest_deliveries(messages: Vec<Message>) -> Vec<Message> {
+    let mut newest: HashMap<u64, (usize, i64)> = HashMap::new();
+    for (i, m) in messages.iter().enumerate() {
+        if let Ok(info) = m.info() {
+            let slot = newest
+                .entry(info.stream_sequence)
+                .or_insert((i, info.delivered));
+            if info.delivered >= slot.1 {
+                *slot = (i, info.delivered);
+            }
+        }
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .filter(|(i, m)| {
+            m.info().map_or(true, |info| {
+                newest.get(&info.stream_sequence).map(|s| s.0) == Some(*i)
+            })
+        })
+        .map(|(_, m)| m)
+        .collect()
+}
+
 /// Sends messages back to be delivered again at once (to any control plane).
 async fn give_back(messages: Vec<Message>) {
     for m in messages {
@@ -772,12 +880,14 @@ fn is_stream_full(e: &async_nats::jetstream::context::PublishError) -> bool {
 impl Store for NatsStore {
     async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
         let started = std::time::Instant::now();
-        if let Some((record, _)) = self.read(&self.jobs, &job.id).await? {
+        if let Some((record, revision)) = self.read(&self.jobs, &job.id).await? {
             // A resubmission. If the first one died before its work message was
             // published, publish it now (the same message id: stored once).
             if record.msg_seq.is_none() && record.job.state == State::Pending {
                 let id = record.job.id.clone();
-                return Ok(Inserted::Existing(self.enqueue(record, id).await?));
+                return Ok(Inserted::Existing(
+                    self.enqueue(record, revision, id).await?,
+                ));
             }
             return Ok(Inserted::Existing(record.job));
         }
@@ -792,8 +902,8 @@ impl Store for NatsStore {
         }
         let record = Record { job, msg_seq: None };
         let value = serde_json::to_vec(&record).map_err(unavailable)?;
-        match self.jobs.create(key(&record.job.id), value.into()).await {
-            Ok(_) => {}
+        let revision = match self.jobs.create(key(&record.job.id), value.into()).await {
+            Ok(revision) => revision,
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 // Created meanwhile by another submission.
                 return match self.find(&record.job.id).await? {
@@ -802,9 +912,9 @@ impl Store for NatsStore {
                 };
             }
             Err(e) => return Err(unavailable(e)),
-        }
+        };
         let id = record.job.id.clone();
-        match self.enqueue(record, id.clone()).await {
+        match self.enqueue(record, revision, id.clone()).await {
             Ok(job) => {
                 crate::metrics::get().committed(1, started.elapsed());
                 Ok(Inserted::Created(job))
@@ -1066,10 +1176,10 @@ impl Store for NatsStore {
                     now
                 };
                 record.msg_seq = None;
-                self.write(&self.jobs, &record).await?;
+                let revision = self.write(&self.jobs, &record).await?;
                 remove(bucket, id).await?;
                 let msg_id = format!("{id}#replay{}", record.job.attempts.len());
-                return Ok(Some(self.enqueue(record, msg_id).await?));
+                return Ok(Some(self.enqueue(record, revision, msg_id).await?));
             }
         }
         Ok(None)
@@ -1145,6 +1255,52 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
+    }
+
+    /// The server sends a held job's message again (here: sent back by hand, as a late
+    /// progress report or a pull that brought it twice would): the holder keeps its one
+    /// attempt, answers the newest delivery when it finishes, and no one attempts it
+    /// twice.
+    #[tokio::test]
+    async fn a_held_job_sent_again_is_not_attempted_twice() {
+        let server = NatsServer::start("sent-again");
+        let one = server.store(Duration::from_secs(30)).await;
+        let two = server.store(Duration::from_secs(30)).await;
+        let mut job = test_job("j", "POST", "http://t:1/p");
+        job.next_attempt_at = now_ms();
+        one.insert(job).await.unwrap();
+        let claimed = claim_n(&one, 1, Duration::from_secs(5)).await;
+        assert_eq!(claimed.len(), 1);
+        let held = one.held.lock().get("j").unwrap().message.clone();
+        held.ack_with(AckKind::Nak(None)).await.unwrap();
+        // The same control plane gets it again: not a second claim.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..5 {
+            let again = one
+                .claim_due(now_ms(), 10, &HostCaps::default())
+                .await
+                .unwrap();
+            assert!(again.is_empty(), "claimed twice: {again:?}");
+        }
+        // Nor does another control plane claim it meanwhile (the holder reports progress
+        // on the newest delivery).
+        let other = claim_n(&two, 1, Duration::from_millis(500)).await;
+        assert!(
+            other.is_empty(),
+            "claimed by a second control plane: {other:?}"
+        );
+        one.finish_attempt(&claimed[0], attempt(200), Next::Delivered)
+            .await
+            .unwrap();
+        // Answered: nothing comes back to anyone.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(claim_n(&one, 1, Duration::from_millis(300))
+            .await
+            .is_empty());
+        assert!(claim_n(&two, 1, Duration::from_millis(300))
+            .await
+            .is_empty());
+        assert_eq!(one.stats().await.unwrap().pending, 0);
     }
 
     #[tokio::test]
