@@ -10,6 +10,9 @@ use knocker::config::Settings;
 use knocker::Listeners;
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "knocker",
