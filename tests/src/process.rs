@@ -14,12 +14,46 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A port that was free a moment ago (bound to port 0, then released).
+/// A port for a test's server, free now and kept for this test process alone.
+///
+/// A port 0 bind, released and bound again later, races other test processes (nextest
+/// runs tests side by side): the kernel may hand the same port to another one's port 0
+/// bind or outgoing connection meanwhile. So ports come from below the kernel's ephemeral
+/// range, which it never hands out, and each is held for this process by a lock on
+/// `$TMPDIR/knocker-e2e-ports/<port>` (released by the kernel when the process ends).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = 12_000u32.min(ephemeral.saturating_sub(1024));
+    let dir = std::env::temp_dir().join("knocker-e2e-ports");
+    if span < 1000 || std::fs::create_dir_all(&dir).is_err() {
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+    }
+    let low = ephemeral - span;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let Ok(lock) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        if lock.try_lock().is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+            return port;
+        }
+    }
+    panic!("no free port left in {low}..{}", low + span);
 }
 
 pub(crate) fn require(path: PathBuf, how: &str) -> PathBuf {
@@ -424,6 +458,10 @@ impl Envoy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log(&self) -> String {
