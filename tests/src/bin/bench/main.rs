@@ -15,11 +15,15 @@
 //! Engines (`jobs.rs`): the embedded store and NATS JetStream side by side, accepted and
 //! delivered jobs/s.
 //!
+//! Cost per job (`jobs.rs`): a sustained job stream, delivery on, through each door: CPU
+//! per job of every process (control plane, Envoy, sink) over the load and its drain, and
+//! bytes on disk per job; the same Envoy proxying the same POSTs as the reference.
+//!
 //! Knobs (environment): `BENCH_FILTER_ROUNDS` (15), `BENCH_FILTER_SECONDS` (3),
 //! `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
 //! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000),
 //! `BENCH_ENGINE_SECONDS` (5), `BENCH_ENGINE_JOBS` (20000), `BENCH_SIGNING_JOBS` (20000),
-//! `BENCH_ONLY` (`filter`, `accept`, `drain`, `signing`, `backlog` or `engines`: run one
+//! `BENCH_ONLY` (`filter`, `accept`, `drain`, `signing`, `backlog`, `engines` or `cost`: run one
 //! section, replacing only that section of `docs/benchmarks.md`).
 
 use std::fmt::Write as _;
@@ -64,6 +68,10 @@ impl Echo {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -309,6 +317,9 @@ fn main() {
     }
     if run("engines") {
         jobs::engines(&mut report, &runtime);
+    }
+    if run("cost") {
+        jobs::cost(&mut report);
     }
     let path = repo_root().join("docs/benchmarks.md");
     std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
