@@ -215,12 +215,15 @@ pub struct Settings {
     )]
     pub max_pending: u64,
 
-    /// Size cap of the job database in bytes (0: none); over it submissions get 503.
+    /// Size cap of the job database: bytes, `0` for none, or `auto` (the database plus
+    /// half the free space of its file system at start). At the cap the oldest finished
+    /// jobs make room; submissions get 503 only when jobs still to deliver fill it.
     #[arg(
         long,
         env = "KNOCKER_MAX_STORE_BYTES",
         value_name = "KNOCKER_MAX_STORE_BYTES",
-        default_value_t = 0
+        default_value = "auto",
+        value_parser = parse_store_cap
     )]
     pub max_store_bytes: u64,
 
@@ -636,6 +639,22 @@ pub fn parse_bool(s: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// `auto` or a number of bytes (0: no cap).
+fn parse_store_cap(s: &str) -> Result<u64, ConfigError> {
+    match s.trim() {
+        "auto" => Ok(crate::store::sqlite::AUTO_CAP),
+        n => n
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n != crate::store::sqlite::AUTO_CAP)
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "`{s}` is not a size in bytes (or `auto`, or 0 for none)"
+                ))
+            }),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, ConfigError> {
     humantime::parse_duration(s.trim())
         .map_err(|e| ConfigError(format!("`{s}` is not a duration like 7d, 12h, 30m: {e}")))
@@ -764,6 +783,17 @@ mod tests {
             assert_eq!(parse_bool(f), Ok(false), "{f}");
         }
         assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn store_cap_is_auto_bytes_or_none() {
+        assert_eq!(parse_store_cap("auto"), Ok(crate::store::sqlite::AUTO_CAP));
+        assert_eq!(parse_store_cap("0"), Ok(0));
+        assert_eq!(parse_store_cap("262144"), Ok(262_144));
+        let e = parse_store_cap("10GB").unwrap_err();
+        assert!(e.0.contains("`10GB` is not a size in bytes"), "{e:?}");
+        let default = Settings::defaults();
+        assert_eq!(default.max_store_bytes, crate::store::sqlite::AUTO_CAP);
     }
 
     #[test]

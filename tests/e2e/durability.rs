@@ -216,6 +216,67 @@ async fn kill_9_with_thousands_of_jobs_in_every_state_loses_nothing() {
         .contains("jobs in flight at the last stop are pending again"));
 }
 
+/// Under its size cap the store makes room from its history: the oldest delivered jobs
+/// are removed before a submission is refused (the refusal above needs the store full of
+/// jobs still to deliver).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_removes_the_oldest_finished_jobs_before_refusing_work() {
+    let target = Target::ok().await;
+    // 256 KiB holds a few dozen of these 8 KiB jobs; 150 go through it.
+    let cp = ControlPlane::start(&[("KNOCKER_MAX_STORE_BYTES", "262144")]);
+    let body = vec![b'x'; 8 * 1024];
+    const N: usize = 150;
+    for i in 0..N {
+        let response = client()
+            .post(cp.url("/x"))
+            .header("Knocker-Host", target.host())
+            .header("Knocker-Id", format!("room-{i}"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "job {i} refused: {}",
+            response.text().await.unwrap()
+        );
+        // Delivered before the next one: what fills the store is history.
+        target.wait_for(i + 1, WAIT).await;
+    }
+    let finished = eventually(WAIT, || async {
+        let status: Value = client()
+            .get(cp.url("/knocker/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status["queue"]["pending"] == 0 && status["queue"]["in_flight"] == 0
+    })
+    .await;
+    assert!(finished);
+    let first = client()
+        .get(cp.url("/knocker/jobs/room-0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 404, "the oldest delivered job made room");
+    let last = client()
+        .get(cp.url(&format!("/knocker/jobs/room-{}", N - 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last.status(), 200, "the newest is kept");
+    assert!(
+        cp.log()
+            .contains("the store is full: the oldest finished jobs were removed to make room"),
+        "{}",
+        cp.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_commit_answers_503_and_gives_no_receipt() {
     for door in DOORS {

@@ -47,8 +47,42 @@ pub const MAX_BATCH: usize = 1024;
 pub struct Limits {
     /// Pending + in-flight jobs above which submissions are refused (503).
     pub max_pending: u64,
-    /// Size cap of the database file; 0 for none. Over it, commits fail (503).
+    /// Size cap of the database file; 0 for none, [`AUTO_CAP`] for one chosen at open.
+    /// At the cap the oldest finished jobs make room; only when none are left do
+    /// submissions fail (503).
     pub max_bytes: u64,
+}
+
+/// `KNOCKER_MAX_STORE_BYTES=auto` (the default): the database's size at open plus half
+/// the space free on its file system then, so that history under sustained load neither
+/// fills the disk nor, being purged oldest first, refuses work.
+pub const AUTO_CAP: u64 = u64::MAX;
+
+/// Floor of the automatic cap (a nearly full disk still gets a working store).
+const AUTO_CAP_FLOOR: u64 = 64 << 20;
+
+/// The cap in bytes for `limits.max_bytes` (0: none).
+fn resolve_cap(dir: &Path, path: &Path, max_bytes: u64) -> u64 {
+    if max_bytes != AUTO_CAP {
+        return max_bytes;
+    }
+    let used = std::fs::metadata(path).map_or(0, |m| m.len());
+    match rustix::fs::statvfs(dir) {
+        Ok(fs) => {
+            let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+            let cap = used.saturating_add(free / 2).max(AUTO_CAP_FLOOR);
+            tracing::info!(
+                cap_bytes = cap,
+                free_bytes = free,
+                "store size cap: the database plus half the free space (KNOCKER_MAX_STORE_BYTES=auto)"
+            );
+            cap
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the free space of KNOCKER_DATA_DIR; the store has no size cap");
+            0
+        }
+    }
 }
 
 fn sql_error(e: rusqlite::Error) -> StoreError {
@@ -70,6 +104,10 @@ impl SqliteStore {
             StoreError::Unavailable(format!("KNOCKER_DATA_DIR {}: {e}", dir.display()))
         })?;
         let path = dir.join("knocker.db");
+        let limits = Limits {
+            max_bytes: resolve_cap(dir, &path, limits.max_bytes),
+            ..limits
+        };
         let writer = open_connection(&path, &limits).map_err(|e| damaged(&path, &e.to_string()))?;
         check_integrity(&writer, &path)?;
         writer.execute_batch(TABLES).map_err(sql_error)?;

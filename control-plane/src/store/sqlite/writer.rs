@@ -196,20 +196,25 @@ pub(super) fn write_loop(
                 Err(_) => break,
             }
         }
-        let mut deltas = Deltas::default();
         let started = std::time::Instant::now();
-        let outcome = (|| -> rusqlite::Result<Vec<Outcome>> {
-            let tx = conn.transaction()?;
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for command in &batch {
-                outcomes.push(execute(&tx, command, counts, limits, &mut deltas)?);
+        let mut outcome = commit_batch(&mut conn, &batch, counts, limits);
+        // Full (the size cap, or the disk): history makes room before work is refused.
+        // The oldest finished jobs go, and the batch is tried once more.
+        if outcome.as_ref().is_err_and(is_full) {
+            match make_room(&mut conn, counts, ROOM_JOBS) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(
+                        jobs = n,
+                        "the store is full: the oldest finished jobs were removed to make room"
+                    );
+                    outcome = commit_batch(&mut conn, &batch, counts, limits);
+                }
+                Err(e) => tracing::warn!(error = %e, "the store is full and no room could be made"),
             }
-            deltas.store(&tx)?;
-            tx.commit()?;
-            Ok(outcomes)
-        })();
+        }
         match outcome {
-            Ok(outcomes) => {
+            Ok((outcomes, deltas)) => {
                 crate::metrics::get().committed(batch.len(), started.elapsed());
                 deltas.apply(counts);
                 for (command, outcome) in batch.into_iter().zip(outcomes) {
@@ -224,6 +229,63 @@ pub(super) fn write_loop(
             }
         }
     }
+}
+
+/// Finished jobs removed at a time when the store is full (oldest first).
+const ROOM_JOBS: usize = 1000;
+
+/// One batch in one transaction: each command's outcome and the counts it moved.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[Command],
+    counts: &Counts,
+    limits: &Limits,
+) -> rusqlite::Result<(Vec<Outcome>, Deltas)> {
+    let mut deltas = Deltas::default();
+    let tx = conn.transaction()?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for command in batch {
+        outcomes.push(execute(&tx, command, counts, limits, &mut deltas)?);
+    }
+    deltas.store(&tx)?;
+    tx.commit()?;
+    Ok((outcomes, deltas))
+}
+
+/// SQLite's "database or disk is full": the size cap (`max_page_count`) or the disk.
+fn is_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+/// Removes up to `n` finished jobs, the longest finished first (pending and in-flight
+/// jobs are never touched); their pages are reused by what comes next. How many went.
+fn make_room(conn: &mut Connection, counts: &Counts, n: usize) -> rusqlite::Result<u64> {
+    let mut deltas = Deltas::default();
+    let tx = conn.transaction()?;
+    let mut removed = 0u64;
+    {
+        // `state >= 2` as a literal: the finished jobs' index (by finished_at) serves it.
+        let mut delete = tx.prepare_cached(
+            "DELETE FROM jobs WHERE seq IN \
+             (SELECT seq FROM jobs WHERE state >= 2 ORDER BY finished_at LIMIT ?1) \
+             RETURNING state",
+        )?;
+        let mut rows = delete.query([n as i64])?;
+        while let Some(row) = rows.next()? {
+            let code: i64 = row.get(0)?;
+            let state = if code == state_code(State::Failed) {
+                State::Failed
+            } else {
+                State::Delivered
+            };
+            deltas.add(state, -1);
+            removed += 1;
+        }
+    }
+    deltas.store(&tx)?;
+    tx.commit()?;
+    deltas.apply(counts);
+    Ok(removed)
 }
 
 /// The result of one command inside a batch, sent once the batch is committed.
