@@ -428,7 +428,10 @@ def main():
                 fail(doc_label, error)
                 continue
             errors = check(doc, schemas, args.kubernetes_version)
-            meta = doc.get("metadata") or {} if isinstance(doc, dict) else {}
+            if not isinstance(doc, dict):
+                fail(doc_label, errors[0])
+                continue
+            meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
             what = f"{doc.get('apiVersion')} {doc.get('kind')} " \
                    f"{meta.get('namespace') + '/' if meta.get('namespace') else ''}{meta.get('name')}"
             if errors:

@@ -152,6 +152,13 @@ fn a_mistake_in_a_manifest_or_in_the_envoy_config_it_carries_is_caught() {
         "{report}"
     );
 
+    // Something that is not a Kubernetes object at all.
+    let list = dir.join("list.yaml");
+    std::fs::write(&list, "- a\n- b\n").unwrap();
+    let (ok, report) = check_manifests(&[&list], &dir.join("out0"));
+    assert!(!ok, "{report}");
+    assert!(report.contains("not a Kubernetes object"), "{report}");
+
     // A Deployment with a string where a number belongs.
     let deployment =
         std::fs::read_to_string(repo_root().join("deploy/kubernetes/nats/deployment.yaml"))
