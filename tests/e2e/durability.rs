@@ -245,14 +245,7 @@ async fn a_full_store_removes_the_oldest_finished_jobs_before_refusing_work() {
         target.wait_for(i + 1, WAIT).await;
     }
     let finished = eventually(WAIT, || async {
-        let status: Value = client()
-            .get(cp.url("/knocker/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = crate::get_json(cp.url("/knocker/status")).await;
         status["queue"]["pending"] == 0 && status["queue"]["in_flight"] == 0
     })
     .await;

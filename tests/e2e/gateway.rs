@@ -143,14 +143,9 @@ async fn routes_by_host_over_tls_and_captures_writes_for_a_service_that_is_down(
     assert_eq!(api.count(), 3, "nothing for orders reached api");
 
     // A host the gateway does not serve.
-    let h1 = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(gateway.cert.cert_pem.as_bytes()).unwrap(),
-        )
-        .resolve(
-            "api.example.com",
-            ([127, 0, 0, 1], gateway.envoy.port).into(),
-        )
+    let h1 = gateway
+        .cert
+        .client_builder(&NAMES, gateway.envoy.port)
         .http1_only()
         .build()
         .unwrap();

@@ -34,6 +34,11 @@ impl TestCert {
     /// A client that trusts this certificate (and nothing else) and sends the given
     /// names to 127.0.0.1:`port`.
     pub fn client(&self, names: &[&str], port: u16) -> reqwest::Client {
+        self.client_builder(names, port).build().expect("client")
+    }
+
+    /// The same, to set more before building it (HTTP/1 only, say).
+    pub fn client_builder(&self, names: &[&str], port: u16) -> reqwest::ClientBuilder {
         let root = reqwest::Certificate::from_pem(self.cert_pem.as_bytes()).expect("PEM");
         let mut builder = reqwest::Client::builder()
             .tls_certs_only([root])
@@ -41,7 +46,7 @@ impl TestCert {
         for name in names {
             builder = builder.resolve(name, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
         }
-        builder.build().expect("client")
+        builder
     }
 }
 

@@ -50,6 +50,19 @@ fn knocker_headers(sink: &Echo) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `envoy/knocker.yaml` in front of `cp`, its upstream the sink.
+fn envoy_for(cp: &ControlPlane, sink: &Echo) -> Envoy {
+    Envoy::start(
+        "knocker.yaml",
+        &EnvoyOptions {
+            grpc_port: cp.grpc_port,
+            http_port: cp.http_port,
+            upstream_port: sink.port,
+            ..Default::default()
+        },
+    )
+}
+
 fn row(report: &mut String, what: &str, r: &WrkResult, goal: &str) {
     let _ = writeln!(
         report,
@@ -67,18 +80,7 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let env_on = [("LOG_LEVEL", "warning")];
     let off = ControlPlane::start(&env_off);
     let on = ControlPlane::start(&env_on);
-    let envoy_for = |cp: &ControlPlane| {
-        Envoy::start(
-            "knocker.yaml",
-            &EnvoyOptions {
-                grpc_port: cp.grpc_port,
-                http_port: cp.http_port,
-                upstream_port: sink.port,
-                ..Default::default()
-            },
-        )
-    };
-    let (envoy_off, envoy_on) = (envoy_for(&off), envoy_for(&on));
+    let (envoy_off, envoy_on) = (envoy_for(&off, &sink), envoy_for(&on, &sink));
 
     // Two references, measured in the same rounds: the same Envoy proxying the same POSTs
     // without Knocker headers to the sink (a route without the filter) — what one Envoy
@@ -606,15 +608,7 @@ pub fn cost(report: &mut String) {
     let sink = Echo::start();
     let headers = knocker_headers(&sink);
     let cp = ControlPlane::start(&[("LOG_LEVEL", "warning")]);
-    let envoy = Envoy::start(
-        "knocker.yaml",
-        &EnvoyOptions {
-            grpc_port: cp.grpc_port,
-            http_port: cp.http_port,
-            upstream_port: sink.port,
-            ..Default::default()
-        },
-    );
+    let envoy = envoy_for(&cp, &sink);
     let mut runs: [Vec<Cost>; 3] = Default::default();
     for _ in 0..rounds {
         runs[0].push(cost_once(
