@@ -38,6 +38,10 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
 CREATE INDEX IF NOT EXISTS jobs_in_flight ON jobs (seq) WHERE state = 1;
 -- Open jobs of ordered lanes, in arrival order.
 CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (lane, seq) WHERE lane IS NOT NULL AND state <= 1;
+-- Whether a lane has an active (not parked) open job: one seek when a job hands its lane
+-- on, however many jobs wait parked behind it.
+CREATE INDEX IF NOT EXISTS jobs_lane_active ON jobs (lane, next_attempt_at)
+    WHERE lane IS NOT NULL AND state <= 1;
 ";
 
 pub(super) fn open_connection(path: &Path, limits: &Limits) -> rusqlite::Result<Connection> {

@@ -518,15 +518,18 @@ pub const QUARANTINED: &str = "quarantined: the stored job cannot be read";
 /// Gives an ordered lane its next job when none of its open jobs is active: the oldest
 /// parked one becomes due at `now`.
 fn wake_lane(tx: &Connection, lane: &str, now: Millis) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "UPDATE jobs SET next_attempt_at = ?2
-         WHERE seq = (SELECT min(seq) FROM jobs WHERE lane = ?1 AND state <= 1 AND state = 0)
-           AND NOT EXISTS (SELECT 1 FROM jobs
-                           WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)",
-    )?
-    .execute(params![lane, now as i64, PARKED as i64])?;
+    tx.prepare_cached(WAKE_LANE)?
+        .execute(params![lane, now as i64, PARKED as i64])?;
     Ok(())
 }
+
+/// The lane's oldest parked job becomes due, unless one of its open jobs is active. Both
+/// parts are index seeks (`jobs_lane`, `jobs_lane_active`): the cost of handing a lane on
+/// does not grow with the jobs parked in it.
+pub(super) const WAKE_LANE: &str = "UPDATE jobs SET next_attempt_at = ?2
+    WHERE seq = (SELECT min(seq) FROM jobs WHERE lane = ?1 AND state <= 1 AND state = 0)
+      AND NOT EXISTS (SELECT 1 FROM jobs
+                      WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)";
 
 fn execute(
     tx: &Connection,
