@@ -1,7 +1,9 @@
 //! The embedded store: one SQLite file under `KNOCKER_DATA_DIR`, crash-safe.
 //!
 //! - WAL journal with `synchronous=FULL`: a commit returns after the WAL is fsync'd, so
-//!   a job whose insert returned survives a crash or power loss.
+//!   a job whose insert returned survives a crash or power loss. A batch of only claims
+//!   and outcomes skips the fsync (see the writer's `Sync`): a power loss can take back
+//!   an outcome (the job is attempted again), never a receipt.
 //! - One writer thread owns the write connection. Requests (insert, claim, finish, …)
 //!   queue up while it commits; it takes everything waiting (up to [`MAX_BATCH`]) into
 //!   one transaction: many submissions share one fsync (group commit).

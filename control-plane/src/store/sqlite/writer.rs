@@ -188,6 +188,7 @@ pub(super) fn write_loop(
     counts: &Counts,
     limits: &Limits,
 ) {
+    let mut sync = Sync::Full;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -197,7 +198,10 @@ pub(super) fn write_loop(
             }
         }
         let started = std::time::Instant::now();
-        let mut outcome = commit_batch(&mut conn, &batch, counts, limits);
+        // A batch whose sync mode cannot be set is refused, never committed less safely.
+        let mut outcome = sync
+            .choose(&conn, &batch)
+            .and_then(|()| commit_batch(&mut conn, &batch, counts, limits));
         // Full (the size cap, or the disk): history makes room before work is refused.
         // The oldest finished jobs go, and the batch is tried once more.
         if outcome.as_ref().is_err_and(is_full) {
@@ -228,6 +232,50 @@ pub(super) fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// How a commit reaches the disk. A batch that carries new or changed work (a
+/// submission, a replay, a deletion) is fsync'd before anyone hears of it: a receipt
+/// means the job survives a power loss. A batch of only claims, outcomes and releases
+/// (a drain, the hand-over of ordered lanes) is written to the WAL without waiting for
+/// the disk: it survives the process being killed (the kernel has it), and a power loss
+/// can only take back the latest outcomes, whose jobs are then attempted again
+/// (at-least-once, with the same `x-knocker-id`). Each fsync'd commit makes every
+/// earlier one durable too.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sync {
+    Full,
+    Normal,
+}
+
+impl Sync {
+    fn needed(batch: &[Command]) -> Self {
+        let new_work = batch.iter().any(|c| {
+            !matches!(
+                c,
+                Command::Claim { .. } | Command::Finish { .. } | Command::Release { .. }
+            )
+        });
+        if new_work {
+            Self::Full
+        } else {
+            Self::Normal
+        }
+    }
+
+    /// Sets the connection's `synchronous` for `batch` when it differs from now.
+    fn choose(&mut self, conn: &Connection, batch: &[Command]) -> rusqlite::Result<()> {
+        let needed = Self::needed(batch);
+        if needed != *self {
+            let value = match needed {
+                Self::Full => "FULL",
+                Self::Normal => "NORMAL",
+            };
+            conn.pragma_update(None, "synchronous", value)?;
+            *self = needed;
+        }
+        Ok(())
     }
 }
 
@@ -678,4 +726,58 @@ fn execute(
             Outcome::Purged(removed)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> Command {
+        Command::Claim {
+            now: 0,
+            limit: 1,
+            caps: HostCaps::default(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn release() -> Command {
+        Command::Release {
+            id: "a".into(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn only_batches_of_claims_and_outcomes_skip_the_fsync() {
+        assert_eq!(Sync::needed(&[claim(), release()]), Sync::Normal);
+        let job = crate::job::test_job("a", "POST", "http://t/");
+        let submission = Command::Insert(Box::new(job), oneshot::channel().0);
+        assert_eq!(Sync::needed(&[claim(), submission]), Sync::Full);
+        let deletion = Command::Delete {
+            id: "a".into(),
+            now: 0,
+            reply: oneshot::channel().0,
+        };
+        assert_eq!(Sync::needed(&[deletion, release()]), Sync::Full);
+    }
+
+    #[test]
+    fn the_connection_follows_the_batch() {
+        let conn = Connection::open_in_memory().unwrap();
+        let mode = |c: &Connection| -> i64 {
+            c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+        };
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        let mut sync = Sync::Full;
+        sync.choose(&conn, &[claim()]).unwrap();
+        assert_eq!(mode(&conn), 1, "NORMAL");
+        let job = crate::job::test_job("a", "POST", "http://t/");
+        sync.choose(
+            &conn,
+            &[Command::Insert(Box::new(job), oneshot::channel().0)],
+        )
+        .unwrap();
+        assert_eq!(mode(&conn), 2, "FULL");
+    }
 }
