@@ -95,7 +95,7 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
 }
 
 /// Blocks until `addr` accepts TCP connections or `timeout` passes.
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

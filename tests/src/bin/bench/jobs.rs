@@ -9,19 +9,19 @@ use serde_json::Value;
 use crate::load::{fixed_rate, median, submit_n, wrk_post, RateResult, WrkResult, POST_BODY};
 use crate::{env_or, Echo};
 
-fn status(cp: &ControlPlane) -> Value {
+pub(crate) fn status(cp: &ControlPlane) -> Value {
     reqwest::blocking::get(cp.url("/knocker/status"))
         .and_then(|r| r.json())
         .unwrap_or(Value::Null)
 }
 
-fn delivered(cp: &ControlPlane) -> u64 {
+pub(crate) fn delivered(cp: &ControlPlane) -> u64 {
     status(cp)["queue"]["delivered"].as_u64().unwrap_or(0)
 }
 
 /// Waits (up to 2 minutes) until the control plane has delivered its backlog, so that
 /// the next measurement does not share the machine with those deliveries.
-fn settle(cp: &ControlPlane) {
+pub(crate) fn settle(cp: &ControlPlane) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         let queue = &status(cp)["queue"];
@@ -43,7 +43,7 @@ fn rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn knocker_headers(sink: &Echo) -> Vec<(&'static str, String)> {
+pub(crate) fn knocker_headers(sink: &Echo) -> Vec<(&'static str, String)> {
     vec![
         ("Knocker-Host", format!("127.0.0.1:{}", sink.port)),
         ("Knocker-Scheme", "http".into()),
@@ -51,7 +51,7 @@ fn knocker_headers(sink: &Echo) -> Vec<(&'static str, String)> {
 }
 
 /// `envoy/knocker.yaml` in front of `cp`, its upstream the sink.
-fn envoy_for(cp: &ControlPlane, sink: &Echo) -> Envoy {
+pub(crate) fn envoy_for(cp: &ControlPlane, sink: &Echo) -> Envoy {
     Envoy::start(
         "knocker.yaml",
         &EnvoyOptions {
@@ -98,6 +98,8 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
         runs[5].push(wrk_post(&sink.url("/bench"), seconds, 50, &[]));
     }
     let med = |runs: &Vec<WrkResult>| WrkResult {
+        requests: median(runs.iter().map(|r| r.requests as f64).collect()) as u64,
+        errors: 0,
         rps: median(runs.iter().map(|r| r.rps).collect()),
         p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
         p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
@@ -406,7 +408,7 @@ fn nats_version() -> String {
 }
 
 /// CPU time (user + system) of a process so far, in seconds.
-fn cpu_s(pid: u32) -> f64 {
+pub(crate) fn cpu_s(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -538,168 +540,5 @@ pub fn signing(report: &mut String, runtime: &tokio::runtime::Runtime) {
         ratio * 100.0,
         if ratio >= 0.9 { "met" } else { "NOT met" },
         on_cpu / off_cpu
-    );
-}
-
-/// Bytes of the embedded store's files (database, WAL, shared memory) under `dir`.
-fn disk_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// One door's sustained job stream: what each process spent per job.
-struct Cost {
-    rps: f64,
-    jobs: u64,
-    /// µs of CPU per job: control plane, Envoy (0 without), sink.
-    cp_us: f64,
-    envoy_us: f64,
-    sink_us: f64,
-    disk_per_job: f64,
-}
-
-/// `wrk` POSTs for `seconds` at `url`, then the drain; CPU of each process over both.
-fn cost_once(
-    url: &str,
-    seconds: u64,
-    headers: &[(&str, String)],
-    cp: Option<&ControlPlane>,
-    envoy: Option<&Envoy>,
-    sink: &Echo,
-) -> Cost {
-    let cpu = |pid: Option<u32>| pid.map_or(0.0, cpu_s);
-    let cp_pid = cp.and_then(ControlPlane::pid);
-    let envoy_pid = envoy.and_then(Envoy::pid);
-    let before = (cpu(cp_pid), cpu(envoy_pid), cpu(Some(sink.pid())));
-    let delivered_before = cp.map_or(0, delivered);
-    let disk_before = cp.map_or(0, |cp| disk_bytes(&cp.dir.join("data")));
-    let r = wrk_post(url, seconds, 50, headers);
-    let jobs = match cp {
-        Some(cp) => {
-            settle(cp);
-            delivered(cp) - delivered_before
-        }
-        None => (r.rps * seconds as f64) as u64,
-    };
-    let after = (cpu(cp_pid), cpu(envoy_pid), cpu(Some(sink.pid())));
-    let per_job = |a: f64, b: f64| (b - a) * 1e6 / jobs.max(1) as f64;
-    let disk_after = cp.map_or(0, |cp| disk_bytes(&cp.dir.join("data")));
-    Cost {
-        rps: r.rps,
-        jobs,
-        cp_us: per_job(before.0, after.0),
-        envoy_us: per_job(before.1, after.1),
-        sink_us: per_job(before.2, after.2),
-        disk_per_job: (disk_after.saturating_sub(disk_before)) as f64 / jobs.max(1) as f64,
-    }
-}
-
-/// The cost of a job end to end: accepted, stored, delivered and recorded, per process.
-pub fn cost(report: &mut String) {
-    let seconds = env_or("BENCH_SECONDS", 10);
-    let rounds = env_or("BENCH_ROUNDS", 3);
-    let sink = Echo::start();
-    let headers = knocker_headers(&sink);
-    let cp = ControlPlane::start(&[("LOG_LEVEL", "warning")]);
-    let envoy = envoy_for(&cp, &sink);
-    let mut runs: [Vec<Cost>; 3] = Default::default();
-    for _ in 0..rounds {
-        runs[0].push(cost_once(
-            &cp.url("/bench"),
-            seconds,
-            &headers,
-            Some(&cp),
-            None,
-            &sink,
-        ));
-        runs[1].push(cost_once(
-            &envoy.url("/bench"),
-            seconds,
-            &headers,
-            Some(&cp),
-            Some(&envoy),
-            &sink,
-        ));
-        // The reference: the same Envoy proxying the same POSTs to the sink (no Knocker
-        // headers: a route without the filter).
-        runs[2].push(cost_once(
-            &envoy.url("/bench"),
-            seconds,
-            &[],
-            None,
-            Some(&envoy),
-            &sink,
-        ));
-    }
-    let med = |v: &[Cost], f: fn(&Cost) -> f64| median(v.iter().map(f).collect());
-    let _ = writeln!(
-        report,
-        "## Cost per job, end to end
-"
-    );
-    let _ = writeln!(
-        report,
-        "A sustained job stream with delivery on: `wrk -t1 -c50 -d{seconds}s` POSTs (a {}-byte \
-         body) with `Knocker-Host` naming a `knocker echo` sink, through each door, each job \
-         accepted (committed, then the receipt), delivered to the sink and its outcome recorded. \
-         CPU (user + system, from `/proc/<pid>/stat`) of each process over the load and the \
-         drain that follows, per delivered job; disk is the growth of the embedded store's \
-         files per job (the reference row: per proxied request). Median of {rounds} rounds, the \
-         three set-ups taking turns; Envoy runs one worker.\n",
-        POST_BODY.len()
-    );
-    let _ = writeln!(
-        report,
-        "| set-up | jobs/s | control plane µs/job | Envoy µs/job | sink µs/job | disk bytes/job |"
-    );
-    let _ = writeln!(report, "| --- | ---: | ---: | ---: | ---: | ---: |");
-    let names = [
-        "HTTP door, delivery on",
-        "Envoy door, delivery on",
-        "reference: the same Envoy proxying the same POSTs to the sink",
-    ];
-    for (name, v) in names.iter().zip(&runs) {
-        let dash = |x: f64| {
-            if x > 0.0 {
-                format!("{x:.0}")
-            } else {
-                "–".into()
-            }
-        };
-        let _ = writeln!(
-            report,
-            "| {name} | {:.0} | {} | {} | {:.0} | {} |",
-            med(v, |c| c.rps),
-            dash(med(v, |c| c.cp_us)),
-            dash(med(v, |c| c.envoy_us)),
-            med(v, |c| c.sink_us),
-            dash(med(v, |c| c.disk_per_job)),
-        );
-    }
-    let http_cp = med(&runs[0], |c| c.cp_us);
-    let grpc_cp = med(&runs[1], |c| c.cp_us);
-    let ratio = med(&runs[1], |c| c.rps) / med(&runs[2], |c| c.rps);
-    let jobs: u64 = runs[0].iter().chain(&runs[1]).map(|c| c.jobs).sum();
-    let _ = writeln!(
-        report,
-        "\nControl-plane CPU per job: **{http_cp:.0} µs** on the HTTP door (goal ≤ 60: {}), \
-         **{grpc_cp:.0} µs** on the gRPC door (goal: within 10 µs of the HTTP door: {}). Through \
-         Envoy the job stream runs at **{:.0}%** of what the same Envoy proxies (goal ≥ 50%: {}). \
-         {jobs} jobs were delivered in these runs.\n",
-        if http_cp <= 60.0 { "met" } else { "NOT met" },
-        if grpc_cp - http_cp <= 10.0 {
-            "met"
-        } else {
-            "NOT met"
-        },
-        ratio * 100.0,
-        if ratio >= 0.5 { "met" } else { "NOT met" },
     );
 }

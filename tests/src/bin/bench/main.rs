@@ -15,15 +15,22 @@
 //! Engines (`jobs.rs`): the embedded store and NATS JetStream side by side, accepted and
 //! delivered jobs/s.
 //!
-//! Cost per job (`jobs.rs`): a sustained job stream, delivery on, through each door: CPU
-//! per job of every process (control plane, Envoy, sink) over the load and its drain, and
-//! bytes on disk per job; the same Envoy proxying the same POSTs as the reference.
+//! Cost per job (`cost.rs`): a sustained job stream, delivery on, through each door: CPU
+//! per job of every process (control plane, Envoy, sink) over the load and its drain,
+//! p50/p99, bytes on disk per job, open-loop latency at half the sustained rate; the same
+//! Envoy proxying the same POSTs, and Knocker 1.4.1 when `KNOCKER_ANCHOR` names its
+//! checkout (its `run.sh`; its target listens on port 80), as the references.
+//!
+//! Rule modes (`cost.rs`): fallback's shadowing of healthy traffic (1 KB and 64 KB bodies,
+//! `envoy/sidecar.yaml` with and without the filter), capture through Envoy and broadcast
+//! to three members: sustained rates and CPU per request.
 //!
 //! Knobs (environment): `BENCH_FILTER_ROUNDS` (15), `BENCH_FILTER_SECONDS` (3),
 //! `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
 //! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000),
 //! `BENCH_ENGINE_SECONDS` (5), `BENCH_ENGINE_JOBS` (20000), `BENCH_SIGNING_JOBS` (20000),
-//! `BENCH_ONLY` (`filter`, `accept`, `drain`, `signing`, `backlog`, `engines` or `cost`: run one
+//! `KNOCKER_ANCHOR` (none), `BENCH_ONLY` (`filter`, `accept`, `drain`, `signing`, `backlog`,
+//! `engines`, `cost` or `modes`: run one
 //! section, replacing only that section of `docs/benchmarks.md`).
 
 use std::fmt::Write as _;
@@ -33,6 +40,7 @@ use std::time::Duration;
 use knocker_e2e::process::{knocker_bin, render_envoy_config};
 use knocker_e2e::{free_port, repo_root, ControlPlane, Envoy, EnvoyOptions};
 
+mod cost;
 mod jobs;
 mod load;
 
@@ -55,7 +63,11 @@ pub struct Echo {
 
 impl Echo {
     pub fn start() -> Self {
-        let port = free_port();
+        Self::start_on(free_port())
+    }
+
+    /// On a given port (Knocker 1.4.1's target must be on port 80).
+    pub fn start_on(port: u16) -> Self {
         let child = Command::new(knocker_bin())
             .args(["echo", "--quiet", "--addr", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
@@ -319,7 +331,10 @@ fn main() {
         jobs::engines(&mut report, &runtime);
     }
     if run("cost") {
-        jobs::cost(&mut report);
+        cost::cost(&mut report, &runtime);
+    }
+    if run("modes") {
+        cost::modes(&mut report);
     }
     let path = repo_root().join("docs/benchmarks.md");
     std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
