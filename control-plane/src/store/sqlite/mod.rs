@@ -353,15 +353,21 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn handing_a_lane_on_seeks_its_indexes_instead_of_reading_its_parked_jobs() {
-        let dir = std::env::temp_dir().join(format!("knocker-lane-plan-{}", std::process::id()));
+    /// A store in a fresh directory `<temp>/<name>-<pid>` (1000 pending, no size cap).
+    fn open_fresh(name: &str) -> (PathBuf, SqliteStore) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let limits = Limits {
             max_pending: 1000,
             max_bytes: 0,
         };
         let store = SqliteStore::open(&dir, limits).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn handing_a_lane_on_seeks_its_indexes_instead_of_reading_its_parked_jobs() {
+        let (dir, store) = open_fresh("knocker-lane-plan");
         let conn = Connection::open(store.path()).unwrap();
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {WAKE_LANE}"))
@@ -386,13 +392,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_row_that_cannot_be_read_is_quarantined_not_a_stall_of_every_claim() {
-        let dir = std::env::temp_dir().join(format!("knocker-quarantine-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let limits = Limits {
-            max_pending: 1000,
-            max_bytes: 0,
-        };
-        let store = SqliteStore::open(&dir, limits).unwrap();
+        let (dir, store) = open_fresh("knocker-quarantine");
         for id in ["bad", "good"] {
             store
                 .insert(crate::job::test_job(id, "POST", "http://t/"))

@@ -320,13 +320,7 @@ fn make_room(conn: &mut Connection, counts: &Counts, n: usize) -> rusqlite::Resu
         )?;
         let mut rows = delete.query([n as i64])?;
         while let Some(row) = rows.next()? {
-            let code: i64 = row.get(0)?;
-            let state = if code == state_code(State::Failed) {
-                State::Failed
-            } else {
-                State::Delivered
-            };
-            deltas.add(state, -1);
+            deltas.add(state_from(row.get(0)?), -1);
             removed += 1;
         }
     }
