@@ -215,6 +215,11 @@ impl HostCaps {
         self.caps.contains_key(host)
     }
 
+    /// Every capped host and its cap.
+    pub fn hosts(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.caps.iter().map(|(h, n)| (h.as_str(), *n))
+    }
+
     /// Hosts that take nothing.
     pub fn skipped(&self) -> impl Iterator<Item = &str> {
         self.caps

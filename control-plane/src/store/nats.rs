@@ -12,6 +12,9 @@
 //!   not acknowledged within the ack wait (its control plane died) goes to another one:
 //!   at-least-once, with the same id. Messages of earlier versions, on `knocker.work`
 //!   itself, are still pulled (consumer `knocker-delivery`) while there are any.
+//! - A claim pulls no more messages than its capped targets have room for (a message's
+//!   subject names its target, so one over the cap goes back unread), and a few for
+//!   targets it has no cap for yet.
 //! - A retry is a NAK with a delay: the server redelivers the message when it is due,
 //!   to whichever control plane asks first.
 //! - Ordered lanes: each lane has a subject (`knocker.lane.<hash>`) and a durable
@@ -19,10 +22,15 @@
 //!   through its retries and acknowledges it only when it is delivered or failed, so the
 //!   next job of the lane is released in order, cluster-wide.
 //!
-//! A record names the work message that owns it (`msg_seq`); a stale duplicate (a
-//! resubmission after the duplicate window, a replay's old message) is dropped when
-//! claimed. Writing order makes a crash safe: record, then message, then the record's
-//! `msg_seq`; a resubmission of a record without `msg_seq` publishes again.
+//! Accepting a job is two requests: the record is created (only if its key has never been
+//! used: a key seen before takes the slower path that looks for a finished job of that id),
+//! then its work message is published; the receipt follows the message's acknowledgement.
+//! A job can end up with two work messages (a resubmission after the duplicate window
+//! whose first submission died before publishing, a replay while an old message is still
+//! around): the one that claims the job names itself in the record (`claimed_by`), and
+//! any other message of the job that comes while it is in flight is dropped. A record
+//! written by an earlier version names its message instead (`msg_seq`), and only that
+//! message may claim it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,6 +65,11 @@ const LANE_SUBJECTS: &str = "knocker.lane.>";
 const CONSUMER: &str = "knocker-work";
 /// How long one pull waits for messages.
 const PULL_WAIT: Duration = Duration::from_millis(50);
+/// Messages a claim pulls beyond its capped targets' room, for targets it has no cap for
+/// yet, at most every [`UNCAPPED_EVERY_MS`] (while the capped ones are full, each such
+/// message is one that goes back).
+const UNCAPPED_PER_CLAIM: usize = 16;
+const UNCAPPED_EVERY_MS: Millis = 100;
 /// Compare-and-set writes of a job record tried before giving up on a busy record.
 const WRITE_TRIES: usize = 5;
 
@@ -74,11 +87,35 @@ pub struct NatsOptions {
 }
 
 /// A job record as stored.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone)]
 struct Record {
     job: Job,
-    /// The stream sequence of the work message that owns the job.
+    /// Earlier versions: the stream sequence of the work message that owns the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     msg_seq: Option<u64>,
+    /// The job's place in arrival order: the revision its record was created at (kept
+    /// from its first claim on; while unclaimed, it is the record's own revision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    order: Option<u64>,
+    /// The stream sequence of the work message whose delivery claimed the job last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    claimed_by: Option<u64>,
+}
+
+impl Record {
+    fn new(job: Job) -> Self {
+        Self {
+            job,
+            msg_seq: None,
+            order: None,
+            claimed_by: None,
+        }
+    }
+
+    /// Where the job sorts among jobs accepted in the same millisecond.
+    fn place(&self) -> u64 {
+        self.msg_seq.or(self.order).unwrap_or(u64::MAX)
+    }
 }
 
 /// A claimed message, held until its job's outcome is recorded.
@@ -93,6 +130,9 @@ struct Held {
     /// report after a NAK with a delay as "still working" and redeliver only after the
     /// whole ack wait.
     answered: Arc<tokio::sync::Mutex<bool>>,
+    /// The record as this claim wrote it, and its revision: its outcome is recorded
+    /// without reading it again, unless it changed meanwhile (deleted while in flight).
+    claim: Option<(Record, u64)>,
 }
 
 impl Held {
@@ -102,6 +142,7 @@ impl Held {
             host,
             due,
             answered: Arc::default(),
+            claim: None,
         }
     }
 
@@ -111,7 +152,7 @@ impl Held {
         let mut answered = self.answered.lock().await;
         *answered = true;
         match kind {
-            None => self.message.double_ack().await,
+            None => self.message.ack().await,
             Some(kind) => self.message.ack_with(kind).await,
         }
         .map_err(unavailable)
@@ -141,6 +182,8 @@ pub struct NatsStore {
     lanes: Mutex<HashMap<String, Consumer<PullConfig>>>,
     /// When the lane subjects were last listed (ms), to list them at most every 200 ms.
     lanes_listed: Mutex<Millis>,
+    /// When a claim last pulled for targets without a cap (ms).
+    uncapped_pulled: Mutex<Millis>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -260,6 +303,7 @@ impl NatsStore {
             held,
             lanes: Mutex::default(),
             lanes_listed: Mutex::new(0),
+            uncapped_pulled: Mutex::new(0),
         })
     }
 
@@ -274,8 +318,9 @@ impl NatsStore {
         if entry.value.is_empty() || !matches!(entry.operation, kv::Operation::Put) {
             return Ok(None);
         }
-        let record: Record = serde_json::from_slice(&entry.value)
+        let mut record: Record = serde_json::from_slice(&entry.value)
             .map_err(|e| unavailable(format!("job record {id} unreadable: {e}")))?;
+        record.order.get_or_insert(entry.revision);
         Ok(Some((record, entry.revision)))
     }
 
@@ -316,22 +361,14 @@ impl NatsStore {
         }
     }
 
-    /// Publishes the job's work message and records which message owns it. `revision`
-    /// is the record's as written before publishing: a control plane may take the job
-    /// the moment its message is out, so the message is recorded on whatever the record
-    /// has become since, never over it (a taker's `in_flight` stays).
-    async fn enqueue(
-        &self,
-        mut record: Record,
-        revision: u64,
-        msg_id: String,
-    ) -> Result<Job, StoreError> {
-        let ack = self
-            .js
+    /// Publishes the job's work message (`msg_id` makes a second publish within the
+    /// duplicate window a no-op) and waits for the server to have stored it.
+    async fn publish(&self, job: &Job, msg_id: String) -> Result<(), StoreError> {
+        self.js
             .send_publish(
-                subject_of(&record.job),
+                subject_of(job),
                 PublishMessage::build()
-                    .payload(record.job.id.clone().into_bytes().into())
+                    .payload(job.id.clone().into_bytes().into())
                     .message_id(msg_id),
             )
             .await
@@ -344,27 +381,78 @@ impl NatsStore {
                     unavailable(e)
                 }
             })?;
-        let job = record.job.clone();
-        let mut revision = revision;
-        for _ in 0..WRITE_TRIES {
-            record.msg_seq = Some(ack.sequence);
-            if self
-                .write_if(&self.jobs, &record, revision)
-                .await?
-                .is_some()
-            {
-                return Ok(record.job);
+        Ok(())
+    }
+
+    /// The job already stored under `id`, open or finished, if any. A resubmission of a
+    /// job no message has claimed yet publishes its work message again, under the same
+    /// message id (stored once within the duplicate window): its first submission may
+    /// have died before publishing.
+    async fn resubmitted(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        if let Some((record, _)) = self.read(&self.jobs, id).await? {
+            let unclaimed = record.msg_seq.is_none() && record.claimed_by.is_none();
+            if unclaimed && record.job.state == State::Pending {
+                self.publish(&record.job, id.to_owned()).await?;
             }
-            match self.read(&self.jobs, &job.id).await? {
-                Some((fresh, r)) => (record, revision) = (fresh, r),
-                // Delivered (or deleted) already: nothing left to record.
-                None => return Ok(job),
+            return Ok(Some(record.job));
+        }
+        for bucket in [&self.delivered, &self.failed] {
+            if let Some((record, _)) = self.read(bucket, id).await? {
+                return Ok(Some(record.job));
             }
         }
-        Err(unavailable(format!(
-            "job {}: its record keeps changing",
-            job.id
-        )))
+        Ok(None)
+    }
+
+    /// Records the outcome of a job this control plane claimed, from the record its claim
+    /// wrote: the finished record is written, then the open one removed only if it is
+    /// still the one claimed (one request each, no read). A record that changed meanwhile
+    /// (deleted while in flight) takes the long way.
+    async fn finish_claimed(
+        &self,
+        mut record: Record,
+        revision: u64,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<(), StoreError> {
+        let id = record.job.id.clone();
+        record.job.finished_at = Some(attempt.at);
+        record.job.attempts.push(attempt);
+        let bucket = match next {
+            Next::Failed { callback } => {
+                record.job.state = State::Failed;
+                if let Some(callback) = callback {
+                    self.insert(*callback).await?;
+                }
+                &self.failed
+            }
+            _ => {
+                record.job.state = State::Delivered;
+                &self.delivered
+            }
+        };
+        self.write(bucket, &record).await?;
+        match self
+            .jobs
+            .purge_expect_revision(key(&id), Some(revision))
+            .await
+        {
+            Ok(()) => {}
+            // Deleted while in flight: it leaves no finished record either. (Otherwise it
+            // was claimed again meanwhile, its message having come back to another control
+            // plane: the record is left to that claim, whose outcome overwrites this one.)
+            Err(e) if e.kind() == kv::PurgeErrorKind::WrongLastRevision => {
+                if self.read(&self.jobs, &id).await?.is_none() {
+                    remove(bucket, &id).await?;
+                }
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        let held = self.held.lock().remove(&id);
+        if let Some(h) = held {
+            h.answer(None).await?;
+        }
+        Ok(())
     }
 
     /// Creates the lane's consumer once (one message in flight, in order).
@@ -428,16 +516,26 @@ impl NatsStore {
     ) -> Result<Option<Job>, StoreError> {
         let id = String::from_utf8_lossy(&message.payload).into_owned();
         let seq = message.info().map(|i| i.stream_sequence).ok();
-        {
+        let ours = {
             // Ours already: the server sent it again (a progress report came late). The
             // attempt goes on; answers go to this, the newest delivery.
             let mut held = self.held.lock();
-            if let Some(h) = held.get_mut(&id) {
-                if h.due.is_none() {
-                    h.message = message;
+            held.get_mut(&id).map(|h| {
+                let same = h.message.info().map(|i| i.stream_sequence).ok() == seq;
+                if same && h.due.is_none() {
+                    h.message = message.clone();
                 }
+                same
+            })
+        };
+        match ours {
+            Some(true) => return Ok(None),
+            // Another message of a job we hold: the one we hold stays.
+            Some(false) => {
+                let _ = message.ack().await;
                 return Ok(None);
             }
+            None => {}
         }
         let Some((mut record, mut revision)) = self.read(&self.jobs, &id).await? else {
             let _ = message.ack().await; // deleted or finished meanwhile
@@ -446,10 +544,20 @@ impl NatsStore {
         let mut tries = 0;
         loop {
             if record.msg_seq.is_some() && seq.is_some() && record.msg_seq != seq {
-                let _ = message.ack().await; // a stale duplicate
+                let _ = message.ack().await; // not the message an earlier version named
                 return Ok(None);
             }
             if record.job.is_finished() {
+                let _ = message.ack().await;
+                return Ok(None);
+            }
+            if record.job.state == State::InFlight
+                && record.claimed_by.is_some()
+                && seq.is_some()
+                && record.claimed_by != seq
+            {
+                // Another message of this job claimed it; that one stays until the job's
+                // outcome (its holder answers it, or it comes again if the holder died).
                 let _ = message.ack().await;
                 return Ok(None);
             }
@@ -479,11 +587,9 @@ impl NatsStore {
                 return Ok(None);
             }
             record.job.state = State::InFlight;
-            if self
-                .write_if(&self.jobs, &record, revision)
-                .await?
-                .is_some()
-            {
+            record.claimed_by = seq.or(record.claimed_by);
+            if let Some(written) = self.write_if(&self.jobs, &record, revision).await? {
+                revision = written;
                 break;
             }
             // Another writer came first: the submitter recording this message, or another
@@ -494,14 +600,22 @@ impl NatsStore {
                 let _ = message.ack().await;
                 return Ok(None);
             };
+            let theirs = fresh.claimed_by.is_some() && fresh.claimed_by != seq;
+            if fresh.job.state == State::InFlight && theirs && seq.is_some() {
+                let _ = message.ack().await; // claimed through another message of the job
+                return Ok(None);
+            }
             if fresh.job.state == State::InFlight || tries >= WRITE_TRIES {
                 return Ok(None);
             }
             (record, revision) = (fresh, r);
         }
         let host = record.job.host().to_owned();
-        self.held.lock().insert(id, Held::new(message, host, None));
-        Ok(Some(record.job))
+        let job = record.job.clone();
+        let mut held = Held::new(message, host, None);
+        held.claim = Some((record, revision));
+        self.held.lock().insert(id, held);
+        Ok(Some(job))
     }
 
     /// Claims into `claimed`: lane heads we hold that are due, then work messages, then
@@ -535,21 +649,60 @@ impl NatsStore {
                 claimed.push(record.job);
             }
         }
-        if claimed.len() < limit {
+        // No more than the capped targets have room for, and a few for targets without a
+        // cap yet: a message pulled over its target's cap is only sent back.
+        let mut room = limit.saturating_sub(claimed.len());
+        if caps.hosts().next().is_some() {
+            let capped = caps
+                .hosts()
+                .fold(0, |sum: usize, (_, n)| sum.saturating_add(n));
+            let uncapped = {
+                let mut last = self.uncapped_pulled.lock();
+                let due = now >= *last + UNCAPPED_EVERY_MS || now < *last;
+                if due {
+                    *last = now;
+                }
+                if due {
+                    UNCAPPED_PER_CLAIM
+                } else {
+                    0
+                }
+            };
+            room = room.min(capped.saturating_add(uncapped));
+        }
+        if room > 0 {
             // Each take is a few round trips to the server: run them side by side.
-            let mut messages = pull(&self.work, limit - claimed.len()).await?;
-            if messages.len() < limit - claimed.len() {
+            let mut messages = pull(&self.work, room).await?;
+            if messages.len() < room {
                 // Not `?`: the messages pulled above must be taken or given back.
-                match self
-                    .pull_legacy(now, limit - claimed.len() - messages.len())
-                    .await
-                {
+                match self.pull_legacy(now, room - messages.len()).await {
                     Ok(more) => messages.extend(more),
                     Err(e) => tracing::warn!(error = %e, "cannot pull earlier versions' work"),
                 }
             }
-            let mut takes = futures_util::stream::iter(newest_deliveries(messages))
-                .map(|m| self.take_or_return(m, now, Some((caps, &taken)), false))
+            // A capped target's messages over its cap go back before their records are
+            // read (a target's subject names it); only earlier versions' messages, all on
+            // one subject, are counted once their record says where they go.
+            let capped: HashMap<String, &str> = caps
+                .hosts()
+                .map(|(host, _)| (target_subject(host), host))
+                .collect();
+            let mut ready = Vec::new();
+            for message in newest_deliveries(messages) {
+                match capped.get(message.subject.as_str()) {
+                    Some(host) if !caps.take(&mut taken.lock(), host) => {
+                        let wait = Some(Duration::from_millis(100));
+                        let _ = message.ack_with(AckKind::Nak(wait)).await;
+                    }
+                    _ => ready.push(message),
+                }
+            }
+            let mut takes = futures_util::stream::iter(ready)
+                .map(|m| {
+                    let legacy = m.subject.as_str() == LEGACY_SUBJECT;
+                    let caps = legacy.then_some((caps, &taken));
+                    self.take_or_return(m, now, caps, false)
+                })
                 .buffer_unordered(64);
             while let Some(taken) = takes.next().await {
                 claimed.extend(taken);
@@ -836,12 +989,12 @@ async fn keep_alive(held: std::sync::Weak<Mutex<HashMap<String, Held>>>, ack_wai
     }
 }
 
-/// Jobs in the order they arrived: by acceptance time, then by their work message's
-/// place in the stream (jobs accepted together — a broadcast's members — share a time;
-/// their ids would sort `b.10` before `b.2`).
+/// Jobs in the order they arrived: by acceptance time, then by their place (jobs accepted
+/// together — a broadcast's members — share a time; their ids would sort `b.10` before
+/// `b.2`).
 fn in_arrival_order(mut records: Vec<Record>) -> impl Iterator<Item = Job> {
     records.sort_by(|a, b| {
-        let order = |r: &Record| (r.job.created_at, r.msg_seq.unwrap_or(u64::MAX));
+        let order = |r: &Record| (r.job.created_at, r.place());
         order(a)
             .cmp(&order(b))
             .then_with(|| a.job.id.cmp(&b.job.id))
@@ -880,44 +1033,43 @@ fn is_stream_full(e: &async_nats::jetstream::context::PublishError) -> bool {
 impl Store for NatsStore {
     async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
         let started = std::time::Instant::now();
-        if let Some((record, revision)) = self.read(&self.jobs, &job.id).await? {
-            // A resubmission. If the first one died before its work message was
-            // published, publish it now (the same message id: stored once).
-            if record.msg_seq.is_none() && record.job.state == State::Pending {
-                let id = record.job.id.clone();
-                return Ok(Inserted::Existing(
-                    self.enqueue(record, revision, id).await?,
-                ));
-            }
-            return Ok(Inserted::Existing(record.job));
-        }
-        for bucket in [&self.delivered, &self.failed] {
-            if let Some((record, _)) = self.read(bucket, &job.id).await? {
-                return Ok(Inserted::Existing(record.job));
-            }
-        }
         let mut job = job;
         if job.lane.is_some() {
             job.next_attempt_at = PARKED; // its lane's consumer says when it is its turn
         }
-        let record = Record { job, msg_seq: None };
-        let value = serde_json::to_vec(&record).map_err(unavailable)?;
-        let revision = match self.jobs.create(key(&record.job.id), value.into()).await {
-            Ok(revision) => revision,
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                // Created meanwhile by another submission.
-                return match self.find(&record.job.id).await? {
-                    Some(r) => Ok(Inserted::Existing(r.job)),
-                    None => Err(unavailable("job vanished while being created")),
-                };
+        let record = Record::new(job);
+        let value: bytes::Bytes = serde_json::to_vec(&record).map_err(unavailable)?.into();
+        // A key never used before (no message at all on its subject, not even the marker
+        // a finished job leaves) is a new job: one request. Any other goes the long way.
+        match self
+            .jobs
+            .update(key(&record.job.id), value.clone(), 0)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                match self.resubmitted(&record.job.id).await? {
+                    Some(existing) => return Ok(Inserted::Existing(existing)),
+                    None => match self.jobs.create(key(&record.job.id), value).await {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                            // Created meanwhile by another submission.
+                            return match self.find(&record.job.id).await? {
+                                Some(r) => Ok(Inserted::Existing(r.job)),
+                                None => Err(unavailable("job vanished while being created")),
+                            };
+                        }
+                        Err(e) => return Err(unavailable(e)),
+                    },
+                }
             }
             Err(e) => return Err(unavailable(e)),
-        };
+        }
         let id = record.job.id.clone();
-        match self.enqueue(record, revision, id.clone()).await {
-            Ok(job) => {
+        match self.publish(&record.job, id.clone()).await {
+            Ok(()) => {
                 crate::metrics::get().committed(1, started.elapsed());
-                Ok(Inserted::Created(job))
+                Ok(Inserted::Created(record.job))
             }
             Err(e) => {
                 // No receipt is given: leave no record that looks accepted.
@@ -981,6 +1133,13 @@ impl Store for NatsStore {
         attempt: Attempt,
         next: Next,
     ) -> Result<(), StoreError> {
+        let finished = matches!(next, Next::Delivered | Next::Failed { .. });
+        let claim = finished
+            .then(|| self.held.lock().get(&job.id).and_then(|h| h.claim.clone()))
+            .flatten();
+        if let Some((record, revision)) = claim {
+            return self.finish_claimed(record, revision, attempt, next).await;
+        }
         let Some((mut record, _)) = self.read(&self.jobs, &job.id).await? else {
             // Deleted while in flight: nothing to record, the message is done.
             let held = self.held.lock().remove(&job.id);
@@ -1175,11 +1334,14 @@ impl Store for NatsStore {
                 } else {
                     now
                 };
+                // Any message may claim it again: the replay's, or one left over.
                 record.msg_seq = None;
-                let revision = self.write(&self.jobs, &record).await?;
+                record.claimed_by = None;
+                self.write(&self.jobs, &record).await?;
                 remove(bucket, id).await?;
                 let msg_id = format!("{id}#replay{}", record.job.attempts.len());
-                return Ok(Some(self.enqueue(record, revision, msg_id).await?));
+                self.publish(&record.job, msg_id).await?;
+                return Ok(Some(record.job));
             }
         }
         Ok(None)
@@ -1243,10 +1405,8 @@ mod tests {
     async fn earlier_version_submits(server: &NatsServer, job: &Job) {
         let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
         let jobs = open_bucket(&js, JOBS, Duration::ZERO).await.unwrap();
-        let record = Record {
-            job: job.clone(),
-            msg_seq: None,
-        };
+        // As an earlier version wrote it.
+        let record = serde_json::json!({ "job": job, "msg_seq": null });
         jobs.put(key(&job.id), serde_json::to_vec(&record).unwrap().into())
             .await
             .unwrap();
@@ -1255,6 +1415,137 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
+    }
+
+    /// Messages this store's connection has sent so far (after a flush: an
+    /// acknowledgement is sent without waiting).
+    async fn sent(store: &NatsStore) -> u64 {
+        store.js.client().flush().await.unwrap();
+        let stats = store.js.client().statistics();
+        stats
+            .out_messages
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A new job costs two messages to the server (its record, its work message) and its
+    /// outcome three (the finished record, the open one's removal, the acknowledgement):
+    /// no reads. A resubmission of its id, open or finished, goes the long way and finds it.
+    #[tokio::test]
+    async fn a_new_job_is_two_messages_to_the_server_and_its_outcome_three() {
+        let server = NatsServer::start("round-trips");
+        let store = server.store(Duration::from_secs(30)).await;
+        let mut job = test_job("j", "POST", "http://t:1/p");
+        job.next_attempt_at = now_ms();
+        let before = sent(&store).await;
+        assert!(matches!(
+            store.insert(job.clone()).await.unwrap(),
+            Inserted::Created(_)
+        ));
+        assert_eq!(sent(&store).await - before, 2, "record and work message");
+        assert!(matches!(
+            store.insert(job.clone()).await.unwrap(),
+            Inserted::Existing(_)
+        ));
+        let claimed = claim_n(&store, 1, Duration::from_secs(5)).await;
+        assert_eq!(claimed.len(), 1);
+        let before = sent(&store).await;
+        store
+            .finish_attempt(
+                &claimed[0],
+                crate::store::nats_tests::attempt(200),
+                Next::Delivered,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            sent(&store).await - before,
+            3,
+            "finished record, removal, ack"
+        );
+        let found = store.get("j").await.unwrap().unwrap();
+        assert_eq!(found.state, State::Delivered);
+        assert_eq!(found.attempts.len(), 1);
+        assert!(store.read(&store.jobs, "j").await.unwrap().is_none());
+        // Finished: a resubmission is answered with it, and nothing is published.
+        let again = store.insert(job).await.unwrap();
+        assert!(matches!(again, Inserted::Existing(j) if j.state == State::Delivered));
+        assert!(claim_n(&store, 1, Duration::from_millis(300))
+            .await
+            .is_empty());
+        assert_eq!(store.stats().await.unwrap().pending, 0);
+    }
+
+    /// A job with two work messages (a resubmission published again after the duplicate
+    /// window): the one that claims it names itself in the record, the other is dropped
+    /// when it comes while the job is in flight, so the job is attempted once.
+    #[tokio::test]
+    async fn a_second_work_message_of_a_job_is_dropped_not_attempted() {
+        let server = NatsServer::start("second-message");
+        let one = server.store(Duration::from_secs(30)).await;
+        let two = server.store(Duration::from_secs(30)).await;
+        let mut job = test_job("j", "POST", "http://t:1/p");
+        job.next_attempt_at = now_ms();
+        one.insert(job.clone()).await.unwrap();
+        one.publish(&job, "j#again".into()).await.unwrap();
+        let mut claimed = claim_n(&one, 1, Duration::from_secs(5)).await;
+        claimed.extend(claim_n(&two, 1, Duration::from_millis(500)).await);
+        claimed.extend(claim_n(&one, 1, Duration::from_millis(300)).await);
+        assert_eq!(claimed.len(), 1, "attempted once");
+        let holder = if one.held.lock().contains_key("j") {
+            &one
+        } else {
+            &two
+        };
+        holder
+            .finish_attempt(
+                &claimed[0],
+                crate::store::nats_tests::attempt(200),
+                Next::Delivered,
+            )
+            .await
+            .unwrap();
+        assert!(claim_n(&one, 1, Duration::from_millis(300))
+            .await
+            .is_empty());
+        assert!(claim_n(&two, 1, Duration::from_millis(300))
+            .await
+            .is_empty());
+        let mut stream = one.js.get_stream(WORK).await.unwrap();
+        assert_eq!(
+            stream.info().await.unwrap().state.messages,
+            0,
+            "both answered"
+        );
+    }
+
+    /// A claim pulls no more than its capped targets have room for (and a few for targets
+    /// without a cap): the rest stays on the server for the next claim, not pulled only to
+    /// be sent back.
+    #[tokio::test]
+    async fn a_claim_pulls_no_more_than_its_targets_have_room_for() {
+        let server = NatsServer::start("room");
+        let store = server.store(Duration::from_secs(30)).await;
+        let now = now_ms();
+        let jobs: Vec<Job> = (0..60)
+            .map(|i| {
+                let mut job = test_job(&format!("j{i}"), "POST", "http://t:1/p");
+                job.next_attempt_at = now;
+                job
+            })
+            .collect();
+        store.insert_all(jobs).await.unwrap();
+        let host = test_job("x", "POST", "http://t:1/p").host().to_owned();
+        let mut caps = HostCaps::default();
+        caps.cap(&host, 4);
+        let claimed = store.claim_due(now_ms(), 60, &caps).await.unwrap();
+        assert_eq!(claimed.len(), 4);
+        let mut consumer = store.work.clone();
+        let info = consumer.info().await.unwrap();
+        assert!(
+            info.num_pending >= (60 - 4 - UNCAPPED_PER_CLAIM) as u64,
+            "left on the server: {}",
+            info.num_pending
+        );
     }
 
     /// The server sends a held job's message again (here: sent back by hand, as a late
@@ -1320,7 +1611,7 @@ mod tests {
             .unwrap();
         assert!(claimed.is_empty());
         // Readable again: back within a moment, not after the 30 s ack wait.
-        let record = Record { job, msg_seq: None };
+        let record = Record::new(job);
         jobs.put(key("j"), serde_json::to_vec(&record).unwrap().into())
             .await
             .unwrap();
