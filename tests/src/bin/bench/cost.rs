@@ -44,7 +44,7 @@ struct SetUp<'a> {
 }
 
 /// Bytes of the embedded store's files (database, WAL, shared memory) under `dir`.
-fn disk_bytes(dir: &std::path::Path) -> u64 {
+pub(crate) fn disk_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries

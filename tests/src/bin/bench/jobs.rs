@@ -32,7 +32,7 @@ pub(crate) fn settle(cp: &ControlPlane) {
     }
 }
 
-fn rss_mb(pid: u32) -> f64 {
+pub(crate) fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -388,7 +388,8 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let _ = writeln!(
         report,
         "\nRatios in this run: NATS accepts {:.2}× and delivers {:.2}× what the embedded store does \
-         (several round trips to the server per job against one shared fsync per batch).\n",
+         (a new job is two requests to the server and its outcome three, each claim waits for its \
+         records to be read and marked, against one shared fsync per batch).\n",
         nats_rps / sqlite.max(1.0),
         drains[1] / drains[0].max(1.0)
     );

@@ -25,12 +25,16 @@
 //! `envoy/sidecar.yaml` with and without the filter), capture through Envoy and broadcast
 //! to three members: sustained rates and CPU per request.
 //!
+//! Soak (`soak.rs`): a sustained job stream into a store capped far below what it writes:
+//! jobs/s, refusals, store size and RSS per window, and how many finished jobs made room.
+//!
 //! Knobs (environment): `BENCH_FILTER_ROUNDS` (15), `BENCH_FILTER_SECONDS` (3),
 //! `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`
 //! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000),
-//! `BENCH_ENGINE_SECONDS` (5), `BENCH_ENGINE_JOBS` (20000), `BENCH_SIGNING_JOBS` (20000),
+//! `BENCH_ENGINE_SECONDS` (5), `BENCH_SOAK_SECONDS` (120), `BENCH_SOAK_WINDOW` (10),
+//! `BENCH_SOAK_CAP_MIB` (64), `BENCH_ENGINE_JOBS` (20000), `BENCH_SIGNING_JOBS` (20000),
 //! `KNOCKER_ANCHOR` (none), `BENCH_ONLY` (`filter`, `accept`, `drain`, `signing`, `backlog`,
-//! `engines`, `cost` or `modes`: run one
+//! `engines`, `cost`, `modes` or `soak`: run one
 //! section, replacing only that section of `docs/benchmarks.md`).
 
 use std::fmt::Write as _;
@@ -43,6 +47,7 @@ use knocker_e2e::{free_port, repo_root, ControlPlane, Envoy, EnvoyOptions};
 mod cost;
 mod jobs;
 mod load;
+mod soak;
 
 use load::{median, wrk};
 
@@ -335,6 +340,9 @@ fn main() {
     }
     if run("modes") {
         cost::modes(&mut report);
+    }
+    if run("soak") {
+        soak::soak(&mut report);
     }
     let path = repo_root().join("docs/benchmarks.md");
     std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
