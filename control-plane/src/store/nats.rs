@@ -1186,6 +1186,7 @@ impl Store for NatsStore {
                     if job.lane.is_some() {
                         if let Some(h) = held.get_mut(&job.id) {
                             h.due = Some(due); // the head stays with us: the lane waits
+                            h.claim = None; // its record moved on: read it again
                         }
                         None
                     } else {
@@ -1218,6 +1219,7 @@ impl Store for NatsStore {
             if job.lane.is_some() {
                 if let Some(h) = held.get_mut(&job.id) {
                     h.due = Some(now_ms() + again.as_millis() as Millis);
+                    h.claim = None;
                 }
                 None
             } else {

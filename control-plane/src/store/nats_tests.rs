@@ -214,6 +214,9 @@ async fn nats_lanes_deliver_one_at_a_time_in_order() {
         .finish_attempt(&retried[0], attempt(200), Next::Delivered)
         .await
         .unwrap();
+    let l1 = store.get("l1").await.unwrap().unwrap();
+    assert_eq!(l1.state, State::Delivered, "the head's record is finished");
+    assert_eq!(l1.attempts.len(), 2, "both attempts recorded");
     for id in ["l2", "l3"] {
         let next = claim_n(&store, 1, Duration::from_secs(5)).await;
         assert_eq!(next.len(), 1, "{id}");
