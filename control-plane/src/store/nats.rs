@@ -66,10 +66,8 @@ const CONSUMER: &str = "knocker-work";
 /// How long one pull waits for messages.
 const PULL_WAIT: Duration = Duration::from_millis(50);
 /// Messages a claim pulls beyond its capped targets' room, for targets it has no cap for
-/// yet, at most every [`UNCAPPED_EVERY_MS`] (while the capped ones are full, each such
-/// message is one that goes back).
+/// yet.
 const UNCAPPED_PER_CLAIM: usize = 16;
-const UNCAPPED_EVERY_MS: Millis = 100;
 /// Compare-and-set writes of a job record tried before giving up on a busy record.
 const WRITE_TRIES: usize = 5;
 
@@ -182,8 +180,6 @@ pub struct NatsStore {
     lanes: Mutex<HashMap<String, Consumer<PullConfig>>>,
     /// When the lane subjects were last listed (ms), to list them at most every 200 ms.
     lanes_listed: Mutex<Millis>,
-    /// When a claim last pulled for targets without a cap (ms).
-    uncapped_pulled: Mutex<Millis>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -303,7 +299,6 @@ impl NatsStore {
             held,
             lanes: Mutex::default(),
             lanes_listed: Mutex::new(0),
-            uncapped_pulled: Mutex::new(0),
         })
     }
 
@@ -656,19 +651,7 @@ impl NatsStore {
             let capped = caps
                 .hosts()
                 .fold(0, |sum: usize, (_, n)| sum.saturating_add(n));
-            let uncapped = {
-                let mut last = self.uncapped_pulled.lock();
-                let due = now >= *last + UNCAPPED_EVERY_MS || now < *last;
-                if due {
-                    *last = now;
-                }
-                if due {
-                    UNCAPPED_PER_CLAIM
-                } else {
-                    0
-                }
-            };
-            room = room.min(capped.saturating_add(uncapped));
+            room = room.min(capped.saturating_add(UNCAPPED_PER_CLAIM));
         }
         if room > 0 {
             // Each take is a few round trips to the server: run them side by side.
