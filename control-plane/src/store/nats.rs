@@ -1402,6 +1402,13 @@ mod tests {
             .unwrap();
     }
 
+    /// A job of `id` due now.
+    fn due_job(id: &str) -> Job {
+        let mut job = test_job(id, "POST", "http://t:1/p");
+        job.next_attempt_at = now_ms();
+        job
+    }
+
     /// Messages this store's connection has sent so far (after a flush: an
     /// acknowledgement is sent without waiting).
     async fn sent(store: &NatsStore) -> u64 {
@@ -1419,8 +1426,7 @@ mod tests {
     async fn a_new_job_is_two_messages_to_the_server_and_its_outcome_three() {
         let server = NatsServer::start("round-trips");
         let store = server.store(Duration::from_secs(30)).await;
-        let mut job = test_job("j", "POST", "http://t:1/p");
-        job.next_attempt_at = now_ms();
+        let job = due_job("j");
         let before = sent(&store).await;
         assert!(matches!(
             store.insert(job.clone()).await.unwrap(),
@@ -1468,8 +1474,7 @@ mod tests {
         let server = NatsServer::start("second-message");
         let one = server.store(Duration::from_secs(30)).await;
         let two = server.store(Duration::from_secs(30)).await;
-        let mut job = test_job("j", "POST", "http://t:1/p");
-        job.next_attempt_at = now_ms();
+        let job = due_job("j");
         one.insert(job.clone()).await.unwrap();
         one.publish(&job, "j#again".into()).await.unwrap();
         let mut claimed = claim_n(&one, 1, Duration::from_secs(5)).await;
@@ -1542,8 +1547,7 @@ mod tests {
         let server = NatsServer::start("sent-again");
         let one = server.store(Duration::from_secs(30)).await;
         let two = server.store(Duration::from_secs(30)).await;
-        let mut job = test_job("j", "POST", "http://t:1/p");
-        job.next_attempt_at = now_ms();
+        let job = due_job("j");
         one.insert(job).await.unwrap();
         let claimed = claim_n(&one, 1, Duration::from_secs(5)).await;
         assert_eq!(claimed.len(), 1);
@@ -1583,8 +1587,7 @@ mod tests {
     async fn a_message_that_cannot_be_taken_is_given_back_not_left_for_the_ack_wait() {
         let server = NatsServer::start("give-back");
         let store = server.store(Duration::from_secs(30)).await;
-        let mut job = test_job("j", "POST", "http://t:1/p");
-        job.next_attempt_at = now_ms();
+        let job = due_job("j");
         store.insert(job.clone()).await.unwrap();
         // Its record cannot be read when its message comes: it cannot be taken.
         let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
