@@ -313,6 +313,29 @@ notify = ["mail"]
     healthy.store(false, Ordering::SeqCst);
     let mail = smtp.wait_for(1, WAIT).await;
     assert_eq!(mail[0].subject, "[Knocker] DOWN: api");
+    // Delivery is at least once: a kill between the SMTP send and the record of its
+    // outcome sends the alert again, by design. This test is about the monitor's
+    // takeover, so it waits for the alert to be recorded as delivered first.
+    let recorded = tokio::time::timeout(WAIT, async {
+        loop {
+            let delivered = get_json(one.url("/knocker/jobs?state=delivered")).await;
+            let alerts = delivered["jobs"].as_array().map_or(0, |jobs| {
+                jobs.iter()
+                    .filter(|j| {
+                        j["id"]
+                            .as_str()
+                            .is_some_and(|id| id.starts_with("monitor.api."))
+                    })
+                    .count()
+            });
+            if alerts == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(recorded.is_ok(), "the DOWN alert was recorded as delivered");
 
     // Kill the control plane that ran the check which went down: the other takes the
     // monitor over (after the lease lapses) with the same state.
