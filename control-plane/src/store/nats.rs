@@ -399,11 +399,11 @@ impl NatsStore {
         Ok(None)
     }
 
-    /// Records the outcome of a job this control plane claimed, from the record its claim
-    /// wrote: the finished record is written, then the open one removed only if it is
-    /// still the one claimed (one request each, no read). A record that changed meanwhile
-    /// (deleted while in flight) takes the long way.
-    async fn finish_claimed(
+    /// Records a finished outcome from the open record at `revision`: the one this control
+    /// plane's claim wrote (no read), or the one just read. The finished record is written,
+    /// then the open one removed only if it is still at that revision (one request each).
+    /// A record that changed meanwhile (deleted while in flight) takes the long way.
+    async fn finish(
         &self,
         mut record: Record,
         revision: u64,
@@ -1120,10 +1120,11 @@ impl Store for NatsStore {
         let claim = finished
             .then(|| self.held.lock().get(&job.id).and_then(|h| h.claim.clone()))
             .flatten();
-        if let Some((record, revision)) = claim {
-            return self.finish_claimed(record, revision, attempt, next).await;
-        }
-        let Some((mut record, _)) = self.read(&self.jobs, &job.id).await? else {
+        let read = match claim {
+            Some(claimed) => Some(claimed),
+            None => self.read(&self.jobs, &job.id).await?,
+        };
+        let Some((mut record, revision)) = read else {
             // Deleted while in flight: nothing to record, the message is done.
             let held = self.held.lock().remove(&job.id);
             if let Some(h) = held {
@@ -1131,36 +1132,12 @@ impl Store for NatsStore {
             }
             return Ok(());
         };
-        let at = attempt.at;
-        record.job.attempts.push(attempt);
         match next {
             Next::Delivered | Next::Failed { .. } => {
-                let failed = matches!(next, Next::Failed { .. });
-                record.job.state = if failed {
-                    State::Failed
-                } else {
-                    State::Delivered
-                };
-                record.job.finished_at = Some(at);
-                if let Next::Failed {
-                    callback: Some(callback),
-                } = next
-                {
-                    self.insert(*callback).await?;
-                }
-                let bucket = if failed {
-                    &self.failed
-                } else {
-                    &self.delivered
-                };
-                self.write(bucket, &record).await?;
-                self.jobs.purge(key(&job.id)).await.map_err(unavailable)?;
-                let held = self.held.lock().remove(&job.id);
-                if let Some(h) = held {
-                    h.answer(None).await?;
-                }
+                self.finish(record, revision, attempt, next).await?;
             }
             Next::Retry { at: due } => {
+                record.job.attempts.push(attempt);
                 record.job.state = State::Pending;
                 record.job.next_attempt_at = due;
                 self.write(&self.jobs, &record).await?;
