@@ -3,7 +3,9 @@
 //!
 //! - Job records live in key-value buckets: `KNOCKER_JOBS` (open jobs), and
 //!   `KNOCKER_DELIVERED` / `KNOCKER_FAILED` (finished ones, removed by the buckets' own
-//!   age limit, `KNOCKER_RETENTION`). Keys are `j` + the id in hex.
+//!   age limit, `KNOCKER_RETENTION`). Keys are `j` + the id in hex. A finished job
+//!   leaves a marker on its key in `KNOCKER_JOBS` (it tells a used id from a new one);
+//!   retention sweeps the markers once they are as old as the finished records.
 //! - Work is a stream, `KNOCKER_WORK` (work-queue retention): one message per job to
 //!   attempt, carrying its id, published with `Nats-Msg-Id` so a resubmission within the
 //!   duplicate window is stored once, on its target's subject (`knocker.work.<hash of
@@ -37,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
-use async_nats::jetstream::consumer::{AckPolicy, Consumer};
+use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::{AckKind, PublishMessage};
 use async_nats::jetstream::stream::{
@@ -57,6 +59,10 @@ const JOBS: &str = "KNOCKER_JOBS";
 const DELIVERED: &str = "KNOCKER_DELIVERED";
 const FAILED: &str = "KNOCKER_FAILED";
 const WORK: &str = "KNOCKER_WORK";
+/// Entries of the open-jobs bucket read at a time while it is swept of old markers, and
+/// purges of markers under way at once.
+const SWEEP_BATCH: usize = 5000;
+const SWEEP_CONCURRENCY: usize = 64;
 /// Where work messages of earlier versions are (one subject for every target).
 const LEGACY_SUBJECT: &str = "knocker.work";
 const LEGACY_CONSUMER: &str = "knocker-delivery";
@@ -448,6 +454,118 @@ impl NatsStore {
             h.answer(None).await?;
         }
         Ok(())
+    }
+
+    /// Removes the markers finished jobs left in the open-jobs bucket before
+    /// `before` (their finished records have passed the same age limit by then), so the
+    /// bucket holds open jobs and recent markers, not one marker per job ever finished.
+    /// The markers are what tells a used id from a new one; past retention an id is new
+    /// again, as in the embedded store. The bucket is read in order (headers only) up to
+    /// the first entry not older than `before`; each marker goes with a purge of its key
+    /// up to its own sequence, so a record created on the key since is kept. How many
+    /// went.
+    async fn sweep_markers(&self, before: Millis) -> Result<u64, StoreError> {
+        let stream = &self.jobs.stream;
+        let state = stream.get_info().await.map_err(unavailable)?.state;
+        let mut removed = 0;
+        let mut from = state.first_sequence;
+        let mut open_seen = false;
+        while state.messages > 0 && from <= state.last_sequence {
+            // A purge moves the stream's consumers on, so each batch is read by a reader
+            // of its own from where the last one ended: ephemeral, unacknowledged, headers
+            // only, and without a subject filter (a filtered one makes the server count
+            // its pending entries through the whole stream).
+            let reader: Consumer<PullConfig> = stream
+                .create_consumer(PullConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ack_policy: AckPolicy::None,
+                    headers_only: true,
+                    inactive_threshold: Duration::from_secs(60),
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            let batch = fetch(&reader, SWEEP_BATCH).await;
+            let _ = stream.delete_consumer(&reader.cached_info().name).await;
+            let batch = batch?;
+            // An open record this old (a job retrying for longer than the retention) is
+            // written again, so that it moves past the markers (unless it is in flight).
+            // While every entry read so far is a marker, they all go with one purge of the
+            // stream up to there (the stream holds this bucket only; a purge without a
+            // subject filter drops whole blocks, one with a filter cost the server ~60 µs
+            // an entry); markers after an open record go one by one (~120 µs each).
+            let mut below = None;
+            let mut markers = Vec::new();
+            let mut done = batch.is_empty();
+            for entry in &batch {
+                let info = entry.info().map_err(unavailable)?;
+                let seq = info.stream_sequence;
+                if info.published.unix_timestamp_nanos() / 1_000_000 >= i128::from(before) {
+                    done = true;
+                    break;
+                }
+                let marker = entry
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some_and(|op| matches!(op.as_str(), "PURGE" | "DEL"));
+                let open = !marker && self.stays_at(&entry.subject, seq).await?;
+                match (marker, open_seen) {
+                    (true, true) => markers.push((entry.subject.to_string(), seq)),
+                    (_, false) if !open => below = Some(seq + 1),
+                    _ => open_seen = true,
+                }
+                removed += u64::from(marker);
+                from = seq + 1;
+                done |= info.pending == 0;
+            }
+            if let Some(below) = below {
+                stream.purge().sequence(below).await.map_err(unavailable)?;
+            }
+            let mut purges = futures_util::stream::iter(markers)
+                .map(|(subject, seq)| async move {
+                    stream.purge().filter(subject).sequence(seq + 1).await
+                })
+                .buffer_unordered(SWEEP_CONCURRENCY);
+            while let Some(purged) = purges.next().await {
+                purged.map_err(unavailable)?;
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether the open record on `subject` is still at `seq` after the sweep tried to
+    /// move it: a record not in flight is written again over that revision (a claim that
+    /// races it sees another writer came first, as with any concurrent write). `false`
+    /// when it is gone or has moved since.
+    async fn stays_at(&self, subject: &str, seq: u64) -> Result<bool, StoreError> {
+        let Some(id) = subject
+            .strip_prefix(self.jobs.prefix.as_str())
+            .and_then(id_of)
+        else {
+            return Ok(true); // not a job's key: left where it is
+        };
+        match self.read(&self.jobs, &id).await? {
+            Some((record, revision)) if revision == seq => {
+                if record.job.state == State::InFlight {
+                    return Ok(true);
+                }
+                Ok(self
+                    .write_if(&self.jobs, &record, revision)
+                    .await?
+                    .is_none()
+                    && self
+                        .read(&self.jobs, &id)
+                        .await?
+                        .is_some_and(|(_, now)| now == seq))
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Creates the lane's consumer once (one message in flight, in order).
@@ -1325,9 +1443,10 @@ impl Store for NatsStore {
         Ok(existed)
     }
 
-    async fn purge_finished(&self, _before: Millis) -> Result<u64, StoreError> {
-        // The finished buckets remove their entries themselves (max age = retention).
-        Ok(0)
+    async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError> {
+        // The finished buckets remove their records themselves (max age = retention);
+        // what a finished job leaves in the open-jobs bucket goes here.
+        self.sweep_markers(before).await
     }
 }
 
@@ -1441,6 +1560,87 @@ mod tests {
             .await
             .is_empty());
         assert_eq!(store.stats().await.unwrap().pending, 0);
+    }
+
+    /// Retention sweeps the open-jobs bucket of the markers finished jobs left there,
+    /// once they are past it; open jobs and recent markers stay. (A deleted job leaves
+    /// none.)
+    #[tokio::test]
+    async fn retention_removes_the_markers_of_finished_jobs_from_the_open_bucket() {
+        let server = NatsServer::start("markers");
+        let store = server.store(Duration::from_secs(30)).await;
+        let finish = |job: Job| {
+            let store = &store;
+            async move {
+                store
+                    .finish_attempt(&job, attempt(200), Next::Delivered)
+                    .await
+                    .unwrap()
+            }
+        };
+        // A job waiting (a retry an hour away) older than the markers after it: it is
+        // written again, so it does not hold up their purge. Then a marker with only
+        // markers before it (they go with one purge of the stream), then one after an
+        // open record in flight (it goes by its key).
+        let mut waiting = due_job("waiting");
+        waiting.next_attempt_at = now_ms() + 3_600_000;
+        store.insert(waiting).await.unwrap();
+        let (_, was_at) = store.read(&store.jobs, "waiting").await.unwrap().unwrap();
+        store.insert(due_job("early")).await.unwrap();
+        finish(claim_n(&store, 1, Duration::from_secs(5)).await.remove(0)).await;
+        for id in ["open", "done", "gone"] {
+            store.insert(due_job(id)).await.unwrap();
+        }
+        let claimed = claim_n(&store, 3, Duration::from_secs(5)).await;
+        finish(claimed.iter().find(|j| j.id == "done").unwrap().clone()).await;
+        assert!(store.delete("gone", now_ms()).await.unwrap());
+        let count = |id: &'static str| {
+            let subject = format!("{}{}", store.jobs.prefix, key(id));
+            let stream = store.jobs.stream.clone();
+            async move { subject_count(&stream, &subject).await.unwrap() }
+        };
+        let markers = || async { (count("early").await, count("done").await) };
+        assert_eq!(markers().await, (1, 1), "a finished job leaves a marker");
+        assert_eq!(count("gone").await, 0, "a deleted one none");
+
+        // Not yet past retention: nothing goes.
+        let an_hour_ago = now_ms() - 3_600_000;
+        assert_eq!(store.purge_finished(an_hour_ago).await.unwrap(), 0);
+        assert_eq!(markers().await, (1, 1));
+
+        // Past it: the markers go, the open job stays.
+        let later = now_ms() + 1_000;
+        assert_eq!(store.purge_finished(later).await.unwrap(), 2);
+        assert_eq!(markers().await, (0, 0));
+        assert_eq!(count("open").await, 1);
+        let (waiting, now_at) = store.read(&store.jobs, "waiting").await.unwrap().unwrap();
+        assert_eq!(waiting.job.state, State::Pending);
+        assert!(
+            now_at > was_at,
+            "moved past the markers: {was_at} → {now_at}"
+        );
+        let first = store
+            .jobs
+            .stream
+            .get_info()
+            .await
+            .unwrap()
+            .state
+            .first_sequence;
+        assert!(first > was_at, "purged up to there: {first}");
+        let open = store.get("open").await.unwrap().unwrap();
+        assert_eq!(open.state, State::InFlight);
+        assert_eq!(
+            store.purge_finished(later).await.unwrap(),
+            0,
+            "nothing left"
+        );
+        // Its outcome is recorded as ever.
+        finish(claimed.iter().find(|j| j.id == "open").unwrap().clone()).await;
+        assert_eq!(
+            store.get("open").await.unwrap().unwrap().state,
+            State::Delivered
+        );
     }
 
     /// A job with two work messages (a resubmission published again after the duplicate
