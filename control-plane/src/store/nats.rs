@@ -1499,6 +1499,13 @@ mod tests {
     }
 
     /// A job of `id` due now.
+    /// Whether `store` finds nothing to claim within 300 ms.
+    async fn nothing_to_claim(store: &NatsStore) -> bool {
+        claim_n(store, 1, Duration::from_millis(300))
+            .await
+            .is_empty()
+    }
+
     fn due_job(id: &str) -> Job {
         let mut job = test_job(id, "POST", "http://t:1/p");
         job.next_attempt_at = now_ms();
@@ -1556,9 +1563,7 @@ mod tests {
         // Finished: a resubmission is answered with it, and nothing is published.
         let again = store.insert(job).await.unwrap();
         assert!(matches!(again, Inserted::Existing(j) if j.state == State::Delivered));
-        assert!(claim_n(&store, 1, Duration::from_millis(300))
-            .await
-            .is_empty());
+        assert!(nothing_to_claim(&store).await);
         assert_eq!(store.stats().await.unwrap().pending, 0);
     }
 
@@ -1671,12 +1676,8 @@ mod tests {
             )
             .await
             .unwrap();
-        assert!(claim_n(&one, 1, Duration::from_millis(300))
-            .await
-            .is_empty());
-        assert!(claim_n(&two, 1, Duration::from_millis(300))
-            .await
-            .is_empty());
+        assert!(nothing_to_claim(&one).await);
+        assert!(nothing_to_claim(&two).await);
         let mut stream = one.js.get_stream(WORK).await.unwrap();
         assert_eq!(
             stream.info().await.unwrap().state.messages,
@@ -1751,12 +1752,8 @@ mod tests {
             .unwrap();
         // Answered: nothing comes back to anyone.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(claim_n(&one, 1, Duration::from_millis(300))
-            .await
-            .is_empty());
-        assert!(claim_n(&two, 1, Duration::from_millis(300))
-            .await
-            .is_empty());
+        assert!(nothing_to_claim(&one).await);
+        assert!(nothing_to_claim(&two).await);
         assert_eq!(one.stats().await.unwrap().pending, 0);
     }
 
