@@ -461,8 +461,9 @@ impl NatsStore {
     /// bucket holds open jobs and recent markers, not one marker per job ever finished.
     /// The markers are what tells a used id from a new one; past retention an id is new
     /// again, as in the embedded store. The bucket is read in order (headers only) up to
-    /// the first entry not older than `before`; each marker goes with a purge of its key
-    /// up to its own sequence, so a record created on the key since is kept. How many
+    /// the first entry not older than `before`. Markers before the first record in flight
+    /// go with one purge of the stream per batch; those after it with a purge of their key
+    /// up to their own sequence, so a record created on the key since is kept. How many
     /// went.
     async fn sweep_markers(&self, before: Millis) -> Result<u64, StoreError> {
         let stream = &self.jobs.stream;
@@ -511,7 +512,8 @@ impl NatsStore {
                     .as_ref()
                     .and_then(|h| h.get("KV-Operation"))
                     .is_some_and(|op| matches!(op.as_str(), "PURGE" | "DEL"));
-                let open = !marker && self.stays_at(&entry.subject, seq).await?;
+                // Past a record in flight nothing goes in bulk: nothing to move either.
+                let open = !marker && (open_seen || self.stays_at(&entry.subject, seq).await?);
                 match (marker, open_seen) {
                     (true, true) => markers.push((entry.subject.to_string(), seq)),
                     (_, false) if !open => below = Some(seq + 1),
