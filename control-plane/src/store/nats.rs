@@ -27,6 +27,11 @@
 //! Accepting a job is two requests: the record is created (only if its key has never been
 //! used: a key seen before takes the slower path that looks for a finished job of that id),
 //! then its work message is published; the receipt follows the message's acknowledgement.
+//! The work message carries the record as created and its revision (headers
+//! `Knocker-Record`, `Knocker-Record-Revision`; records up to 16 KiB), so the first
+//! delivery claims the job with one compare-and-set write over that revision and no read;
+//! a record changed meanwhile fails the write and is read. Outcomes are three requests:
+//! the finished record, the open one's removal, the acknowledgement.
 //! A job can end up with two work messages (a resubmission after the duplicate window
 //! whose first submission died before publishing, a replay while an old message is still
 //! around): the one that claims the job names itself in the record (`claimed_by`), and
@@ -76,6 +81,13 @@ const PULL_WAIT: Duration = Duration::from_millis(50);
 const UNCAPPED_PER_CLAIM: usize = 16;
 /// Compare-and-set writes of a job record tried before giving up on a busy record.
 const WRITE_TRIES: usize = 5;
+/// Headers of a new job's work message carrying its record as created, and that
+/// record's revision: its first delivery claims the job over that revision without
+/// reading the record (a changed record fails the claim, which then reads it). Records
+/// larger than [`CARRIED_MAX`] bytes are not carried.
+const RECORD_HEADER: &str = "Knocker-Record";
+const REVISION_HEADER: &str = "Knocker-Record-Revision";
+const CARRIED_MAX: usize = 16 * 1024;
 
 /// How the engine is set up.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,8 +162,8 @@ impl Held {
         }
     }
 
-    /// Answers the server for this message: `None` acknowledges it and waits for the
-    /// server to confirm; `Some(kind)` sends that answer.
+    /// Answers the server for this message: `None` acknowledges it; `Some(kind)` sends
+    /// that answer.
     async fn answer(self, kind: Option<AckKind>) -> Result<(), StoreError> {
         let mut answered = self.answered.lock().await;
         *answered = true;
@@ -363,15 +375,30 @@ impl NatsStore {
     }
 
     /// Publishes the job's work message (`msg_id` makes a second publish within the
-    /// duplicate window a no-op) and waits for the server to have stored it.
-    async fn publish(&self, job: &Job, msg_id: String) -> Result<(), StoreError> {
+    /// duplicate window a no-op) and waits for the server to have stored it. `created` is
+    /// the record as just created and its revision, carried for the first claim.
+    async fn publish(
+        &self,
+        job: &Job,
+        msg_id: String,
+        created: Option<(&[u8], u64)>,
+    ) -> Result<(), StoreError> {
+        let mut message = PublishMessage::build()
+            .payload(job.id.clone().into_bytes().into())
+            .message_id(msg_id);
+        let carried = created
+            .filter(|(value, _)| value.len() <= CARRIED_MAX)
+            .and_then(|(value, revision)| {
+                let value = std::str::from_utf8(value).ok()?;
+                Some((value.parse::<async_nats::HeaderValue>().ok()?, revision))
+            });
+        if let Some((value, revision)) = carried {
+            message = message
+                .header(RECORD_HEADER, value)
+                .header(REVISION_HEADER, revision.to_string());
+        }
         self.js
-            .send_publish(
-                subject_of(job),
-                PublishMessage::build()
-                    .payload(job.id.clone().into_bytes().into())
-                    .message_id(msg_id),
-            )
+            .send_publish(subject_of(job), message)
             .await
             .map_err(unavailable)?
             .await
@@ -393,7 +420,7 @@ impl NatsStore {
         if let Some((record, _)) = self.read(&self.jobs, id).await? {
             let unclaimed = record.msg_seq.is_none() && record.claimed_by.is_none();
             if unclaimed && record.job.state == State::Pending {
-                self.publish(&record.job, id.to_owned()).await?;
+                self.publish(&record.job, id.to_owned(), None).await?;
             }
             return Ok(Some(record.job));
         }
@@ -652,7 +679,14 @@ impl NatsStore {
             }
             None => {}
         }
-        let Some((mut record, mut revision)) = self.read(&self.jobs, &id).await? else {
+        // A first delivery carries the record as created: the claim below is written over
+        // its revision, so a record changed since (claimed, deleted) fails it and is read.
+        let carried = if lane { None } else { carried(&message, &id) };
+        let read = match carried {
+            Some(carried) => Some(carried),
+            None => self.read(&self.jobs, &id).await?,
+        };
+        let Some((mut record, mut revision)) = read else {
             let _ = message.ack().await; // deleted or finished meanwhile
             return Ok(None);
         };
@@ -893,6 +927,22 @@ impl NatsStore {
 /// Sends a message back to be delivered again after `wait`. A zero delay is sent as a
 /// plain NAK: nats-server 2.9 left a NAK with `delay: 0` undelivered until the ack wait
 /// ran out (found by the shared-circuit test, where a parked job's retry is due at once).
+/// The record a new job's work message carries, and its revision, on the message's first
+/// delivery only (a message delivered again has seen its record change, or may have).
+fn carried(message: &Message, id: &str) -> Option<(Record, u64)> {
+    if message.info().ok()?.delivered != 1 {
+        return None;
+    }
+    let headers = message.headers.as_ref()?;
+    let revision = headers.get(REVISION_HEADER)?.as_str().parse().ok()?;
+    let mut record: Record = serde_json::from_str(headers.get(RECORD_HEADER)?.as_str()).ok()?;
+    if record.job.id != id {
+        return None;
+    }
+    record.order.get_or_insert(revision);
+    Some((record, revision))
+}
+
 fn nak(wait: Duration) -> AckKind {
     if wait.is_zero() {
         AckKind::Nak(None)
@@ -1144,17 +1194,17 @@ impl Store for NatsStore {
         let value: bytes::Bytes = serde_json::to_vec(&record).map_err(unavailable)?.into();
         // A key never used before (no message at all on its subject, not even the marker
         // a finished job leaves) is a new job: one request. Any other goes the long way.
-        match self
+        let created = match self
             .jobs
             .update(key(&record.job.id), value.clone(), 0)
             .await
         {
-            Ok(_) => {}
+            Ok(revision) => revision,
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 match self.resubmitted(&record.job.id).await? {
                     Some(existing) => return Ok(Inserted::Existing(existing)),
-                    None => match self.jobs.create(key(&record.job.id), value).await {
-                        Ok(_) => {}
+                    None => match self.jobs.create(key(&record.job.id), value.clone()).await {
+                        Ok(revision) => revision,
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                             // Created meanwhile by another submission.
                             return match self.find(&record.job.id).await? {
@@ -1167,9 +1217,10 @@ impl Store for NatsStore {
                 }
             }
             Err(e) => return Err(unavailable(e)),
-        }
+        };
         let id = record.job.id.clone();
-        match self.publish(&record.job, id.clone()).await {
+        let created = Some((&value[..], created));
+        match self.publish(&record.job, id.clone(), created).await {
             Ok(()) => {
                 crate::metrics::get().committed(1, started.elapsed());
                 Ok(Inserted::Created(record.job))
@@ -1422,7 +1473,7 @@ impl Store for NatsStore {
                 self.write(&self.jobs, &record).await?;
                 remove(bucket, id).await?;
                 let msg_id = format!("{id}#replay{}", record.job.attempts.len());
-                self.publish(&record.job, msg_id).await?;
+                self.publish(&record.job, msg_id, None).await?;
                 return Ok(Some(record.job));
             }
         }
@@ -1569,6 +1620,51 @@ mod tests {
         assert_eq!(store.stats().await.unwrap().pending, 0);
     }
 
+    /// A new job's first delivery carries its record: claiming it is one write, over the
+    /// revision the record was created at, no read. A record changed since (edited,
+    /// deleted) fails that write and is read: the claim never runs on a stale copy.
+    #[tokio::test]
+    async fn a_first_delivery_claims_its_job_without_reading_it_and_never_from_a_stale_copy() {
+        let server = NatsServer::start("carried");
+        let store = server.store(Duration::from_secs(30)).await;
+        let take_next = || async {
+            let mut messages = pull(&store.work, 1).await.unwrap();
+            assert_eq!(messages.len(), 1, "one work message");
+            let message = messages.remove(0);
+            let before = sent(&store).await;
+            let taken = store.take(message, now_ms(), None, false).await.unwrap();
+            (taken, sent(&store).await - before)
+        };
+
+        store.insert(due_job("new")).await.unwrap();
+        let (taken, requests) = take_next().await;
+        assert_eq!(taken.map(|j| j.state), Some(State::InFlight));
+        assert_eq!(requests, 1, "the claim only");
+        let (record, _) = store.read(&store.jobs, "new").await.unwrap().unwrap();
+        assert_eq!(record.job.state, State::InFlight, "the claim is stored");
+
+        store.insert(due_job("edited")).await.unwrap();
+        let (mut record, _) = store.read(&store.jobs, "edited").await.unwrap().unwrap();
+        record.job.request.url = "http://t:1/edited".into();
+        store.write(&store.jobs, &record).await.unwrap();
+        let (taken, requests) = take_next().await;
+        let taken = taken.expect("claimed from the stored record");
+        assert_eq!(taken.request.url, "http://t:1/edited");
+        assert_eq!(requests, 3, "the refused claim, the read, the claim");
+
+        store.insert(due_job("deleted")).await.unwrap();
+        assert!(store.delete("deleted", now_ms()).await.unwrap());
+        let (taken, _) = take_next().await;
+        assert!(taken.is_none(), "a deleted job is not attempted");
+        assert!(store.read(&store.jobs, "deleted").await.unwrap().is_none());
+        let mut stream = store.js.get_stream(WORK).await.unwrap();
+        assert_eq!(
+            stream.info().await.unwrap().state.messages,
+            2,
+            "the deleted job's message is answered; the two claimed are held"
+        );
+    }
+
     /// Retention sweeps the open-jobs bucket of the markers finished jobs left there,
     /// once they are past it; open jobs and recent markers stay. (A deleted job leaves
     /// none.)
@@ -1660,7 +1756,7 @@ mod tests {
         let two = server.store(Duration::from_secs(30)).await;
         let job = due_job("j");
         one.insert(job.clone()).await.unwrap();
-        one.publish(&job, "j#again".into()).await.unwrap();
+        one.publish(&job, "j#again".into(), None).await.unwrap();
         let mut claimed = claim_n(&one, 1, Duration::from_secs(5)).await;
         claimed.extend(claim_n(&two, 1, Duration::from_millis(500)).await);
         claimed.extend(claim_n(&one, 1, Duration::from_millis(300)).await);

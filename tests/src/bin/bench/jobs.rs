@@ -388,8 +388,8 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let _ = writeln!(
         report,
         "\nRatios in this run: NATS accepts {:.2}× and delivers {:.2}× what the embedded store does \
-         (a new job is two requests to the server and its outcome three, each claim waits for its \
-         records to be read and marked, against one shared fsync per batch).\n",
+         (a new job is two requests to the server, its claim one and its outcome three, each \
+         waited for, against one shared fsync per batch).\n",
         nats_rps / sqlite.max(1.0),
         drains[1] / drains[0].max(1.0)
     );
