@@ -162,16 +162,14 @@ impl Submitter {
         if let Some(reply) = self.unclaimable() {
             return reply;
         }
-        let asked = receipt(&job);
+        let asked = Reply::json(status, &receipt(&job));
         match self.store.insert(job).await {
             Ok(Inserted::Created(job)) => {
                 self.wake.notify_one();
                 tracing::debug!(job_id = %job.id, url = %job.request.url, "job accepted");
-                Reply::json(status, &asked).with_header("knocker-id", job.id.clone())
+                asked.with_header("knocker-id", job.id.clone())
             }
-            Ok(Inserted::Existing(job)) => {
-                Reply::json(status, &asked).with_header("knocker-id", job.id.clone())
-            }
+            Ok(Inserted::Existing(job)) => asked.with_header("knocker-id", job.id.clone()),
             Err(e) => {
                 tracing::error!(error = %e, "submission refused: the store cannot commit");
                 Reply::from(&e)

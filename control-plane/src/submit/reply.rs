@@ -20,11 +20,15 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn json(status: u16, body: &serde_json::Value) -> Self {
-        Self {
-            status,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: body.to_string().into_bytes(),
+    pub fn json<T: serde::Serialize + ?Sized>(status: u16, body: &T) -> Self {
+        match serde_json::to_vec(body) {
+            Ok(body) => Self {
+                status,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body,
+            },
+            // Not for the shapes written here (string keys only); said, never a panic.
+            Err(e) => Self::text(500, &format!("the answer could not be written: {e}")),
         }
     }
 
