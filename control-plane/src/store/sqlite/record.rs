@@ -241,24 +241,51 @@ pub(super) fn state_from(code: i64) -> State {
     }
 }
 
+/// [`Spec`] as it is written: borrowed from the job, field for field the same encoding
+/// (postcard writes a `&str` as a `String`, an `Option<&T>` as an `Option<T>`), so a
+/// job is not copied (its body included) only to be encoded.
+#[derive(Serialize)]
+struct SpecRef<'a> {
+    kind: Kind,
+    method: &'a str,
+    url: &'a str,
+    headers: &'a Headers,
+    #[serde(with = "serde_bytes")]
+    body: &'a [u8],
+    timeout: f64,
+    retries: u32,
+    backoff_factor: f64,
+    callback: Option<&'a str>,
+    config: String,
+    deadline: Option<Millis>,
+    max_backoff_s: Option<f64>,
+    trust: Trust,
+    callback_trust: Trust,
+    retry: &'a RetryRules,
+    source: Option<&'a str>,
+    rate: Option<Rate>,
+}
+
 pub(super) fn encode_spec(job: &Job) -> Result<Vec<u8>, StoreError> {
-    let spec = Spec {
+    let config = serde_json::to_string(&job.config)
+        .map_err(|e| StoreError::Unavailable(format!("cannot encode job: {e}")))?;
+    let spec = SpecRef {
         kind: job.kind,
-        method: job.request.method.clone(),
-        url: job.request.url.clone(),
-        headers: job.request.headers.clone(),
-        body: job.request.body.clone(),
+        method: &job.request.method,
+        url: &job.request.url,
+        headers: &job.request.headers,
+        body: &job.request.body,
         timeout: job.policy.timeout,
         retries: job.policy.retries,
         backoff_factor: job.policy.backoff_factor,
-        callback: job.policy.callback.clone(),
-        config: serde_json::Value::Object(job.config.clone()).to_string(),
+        callback: job.policy.callback.as_deref(),
+        config,
         deadline: job.policy.deadline,
         max_backoff_s: job.policy.max_backoff_s,
         trust: job.trust,
         callback_trust: job.policy.callback_trust,
-        retry: job.policy.retry.clone(),
-        source: job.policy.source.clone(),
+        retry: &job.policy.retry,
+        source: job.policy.source.as_deref(),
         rate: job.policy.rate,
     };
     postcard::to_extend(&spec, vec![TAG, RECORD_VERSION])
@@ -401,6 +428,33 @@ mod tests {
             (spec.trust, spec.callback_trust),
             (Trust::Operator, Trust::Client)
         );
+    }
+
+    /// A record is written from the job borrowed, and reads back as the owned layout
+    /// it stands for, byte for byte, every field set.
+    #[test]
+    fn a_borrowed_record_is_the_owned_layout_byte_for_byte() {
+        let mut job = crate::job::test_job("j", "PUT", "http://t/p?q=1");
+        job.request.headers = vec![("x-a".into(), vec![1, 2, 0xff])];
+        job.request.body = vec![0, 1, 2, 3];
+        job.config
+            .insert("retry".into(), serde_json::json!({"count": 2}));
+        job.policy.callback = Some("http://cb/".into());
+        job.policy.deadline = Some(12);
+        job.policy.max_backoff_s = Some(3.5);
+        job.policy.source = Some("rule-a".into());
+        job.policy.rate = Some(Rate {
+            per_s: 2.5,
+            burst: 4,
+        });
+        job.policy.retry.schedule_s = vec![1.0, 2.0];
+        job.trust = Trust::Operator;
+        let record = encode_spec(&job).unwrap();
+        let spec = decode_spec(&record).unwrap();
+        assert_eq!(spec.body, job.request.body);
+        assert_eq!(spec.source.as_deref(), Some("rule-a"));
+        let owned = postcard::to_extend(&spec, vec![TAG, RECORD_VERSION]).unwrap();
+        assert_eq!(owned, record);
     }
 
     #[test]

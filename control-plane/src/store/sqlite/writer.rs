@@ -394,7 +394,8 @@ impl Outcome {
 }
 
 /// A claimed row: id, lane, the job (or why it cannot be read).
-type ClaimedRow = (String, Option<String>, rusqlite::Result<Job>);
+/// A due row: its id, its key (`seq`), its lane, and the job as read.
+type ClaimedRow = (String, i64, Option<String>, rusqlite::Result<Job>);
 
 /// Due rows, earliest first, no more of a host than `caps` allows. The scan walks the
 /// due index; when a host reaches its cap the query starts again after the last row
@@ -425,19 +426,20 @@ fn claim_rows(
             sql.push_str(&format!(" AND host NOT IN ({marks})"));
             values.extend(excluded.iter().map(|h| h.clone().into()));
         }
-        sql.push_str(&format!(
-            " ORDER BY next_attempt_at, seq LIMIT {}",
-            limit - rows.len()
-        ));
+        // The limit is bound, not written in: one statement for every batch size, which
+        // the connection's cache keeps prepared.
+        sql.push_str(" ORDER BY next_attempt_at, seq LIMIT ?");
+        values.push(((limit - rows.len()) as i64).into());
         let mut statement = tx.prepare_cached(&sql)?;
         let mut cursor = statement.query(rusqlite::params_from_iter(values))?;
         while let Some(row) = cursor.next()? {
             let host: String = row.get(8)?;
-            after = Some((row.get(2)?, row.get(9)?));
+            let seq: i64 = row.get(9)?;
+            after = Some((row.get(2)?, seq));
             if !caps.take(&mut taken, &host) {
                 continue; // cannot happen: a full host is left out of the query
             }
-            rows.push((row.get(0)?, row.get(7)?, job_from_row(row)));
+            rows.push((row.get(0)?, seq, row.get(7)?, job_from_row(row)));
             if caps
                 .get(&host)
                 .is_some_and(|cap| taken.get(&host) == Some(&cap))
@@ -621,21 +623,26 @@ fn execute(
         } => {
             let rows = claim_rows(tx, *now, *limit, caps)?;
             let mut jobs = Vec::with_capacity(rows.len());
-            for (id, lane, job) in rows {
+            for (id, seq, lane, job) in rows {
                 match job {
-                    Ok(job) => jobs.push(job),
+                    Ok(job) => jobs.push((seq, job)),
                     Err(e) => {
                         quarantine(tx, &id, lane.as_deref(), &e.to_string(), *now)?;
                         deltas.moved(Some(State::Pending), Some(State::Failed));
                     }
                 }
             }
-            let mut mark = tx.prepare_cached("UPDATE jobs SET state = 1 WHERE id = ?1")?;
-            for job in &mut jobs {
-                mark.execute([&job.id])?;
-                job.state = State::InFlight;
-                deltas.moved(Some(State::Pending), Some(State::InFlight));
-            }
+            // By key: the row is found without a seek of the id index.
+            let mut mark = tx.prepare_cached("UPDATE jobs SET state = 1 WHERE seq = ?1")?;
+            let jobs = jobs
+                .into_iter()
+                .map(|(seq, mut job)| {
+                    mark.execute([seq])?;
+                    job.state = State::InFlight;
+                    deltas.moved(Some(State::Pending), Some(State::InFlight));
+                    Ok(job)
+                })
+                .collect::<rusqlite::Result<Vec<Job>>>()?;
             Outcome::Claimed(jobs)
         }
         Command::Finish {
