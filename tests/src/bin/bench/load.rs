@@ -181,6 +181,51 @@ pub struct RateResult {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// What the host did meanwhile (to every process on it).
+    pub host: HostCounters,
+}
+
+/// What the host did to every process over a run: CPU time the hypervisor gave to others
+/// (`steal` in /proc/stat, both cores) and TCP segments sent again (`RetransSegs` in
+/// /proc/net/snmp; on loopback, a sign of drops). A stall in a run's latency with steal
+/// beside it is the machine's, not the program's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCounters {
+    pub steal_ms: u64,
+    pub retransmits: u64,
+}
+
+impl HostCounters {
+    pub fn now() -> Self {
+        // /proc/stat counts in USER_HZ, 100 a second on Linux.
+        let steal_ms = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_owned();
+                line.split_whitespace().nth(8)?.parse::<u64>().ok()
+            })
+            .map_or(0, |ticks| ticks * 10);
+        let retransmits = std::fs::read_to_string("/proc/net/snmp")
+            .ok()
+            .and_then(|s| {
+                let mut tcp = s.lines().filter(|l| l.starts_with("Tcp:"));
+                let (names, values) = (tcp.next()?, tcp.next()?);
+                let at = names.split_whitespace().position(|n| n == "RetransSegs")?;
+                values.split_whitespace().nth(at)?.parse().ok()
+            })
+            .unwrap_or(0);
+        Self {
+            steal_ms,
+            retransmits,
+        }
+    }
+
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            steal_ms: self.steal_ms.saturating_sub(earlier.steal_ms),
+            retransmits: self.retransmits.saturating_sub(earlier.retransmits),
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -217,6 +262,7 @@ pub async fn fixed_rate(
             .map(|(n, v)| ((*n).to_owned(), v.clone()))
             .collect(),
     );
+    let host = HostCounters::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..CONNECTIONS {
         let (addr, path, next, headers) = (
@@ -267,6 +313,7 @@ pub async fn fixed_rate(
         p50_ms: percentile(&sorted, 0.50),
         p99_ms: percentile(&sorted, 0.99),
         max_ms: sorted.last().copied().unwrap_or(0.0),
+        host: HostCounters::now().since(host),
     }
 }
 
