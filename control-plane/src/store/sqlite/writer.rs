@@ -118,8 +118,10 @@ pub(super) enum Command {
         now: Millis,
         reply: Reply<bool>,
     },
+    /// Removes up to `limit` jobs finished before `before`, the longest finished first.
     Purge {
         before: Millis,
+        limit: usize,
         reply: Reply<u64>,
     },
 }
@@ -305,6 +307,12 @@ fn is_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
+/// Finished jobs past their retention, the longest finished first, a chunk at a time.
+pub(super) const PURGE: &str = "DELETE FROM jobs WHERE seq IN \
+     (SELECT seq FROM jobs INDEXED BY jobs_finished \
+      WHERE state >= 2 AND finished_at < ?1 ORDER BY finished_at LIMIT ?2) \
+     RETURNING state";
+
 /// Removes up to `n` finished jobs, the longest finished first (pending and in-flight
 /// jobs are never touched); their pages are reused by what comes next. How many went.
 fn make_room(conn: &mut Connection, counts: &Counts, n: usize) -> rusqlite::Result<u64> {
@@ -393,7 +401,6 @@ impl Outcome {
     }
 }
 
-/// A claimed row: id, lane, the job (or why it cannot be read).
 /// A due row: its id, its key (`seq`), its lane, and the job as read.
 type ClaimedRow = (String, i64, Option<String>, rusqlite::Result<Job>);
 
@@ -715,14 +722,16 @@ fn execute(
             }
             Outcome::Deleted(found.is_some())
         }
-        Command::Purge { before, .. } => {
+        Command::Purge { before, limit, .. } => {
+            // By the finished jobs' index, never a scan of the table: the writer holds
+            // every commit while this runs (`state = ?` alone, bound, did not let SQLite
+            // use the partial index; a scan of a million jobs took 80–300 ms, each minute).
+            let mut delete = tx.prepare_cached(PURGE)?;
+            let mut rows = delete.query(params![*before as i64, *limit as i64])?;
             let mut removed = 0u64;
-            for state in [State::Delivered, State::Failed] {
-                let n = tx
-                    .prepare_cached("DELETE FROM jobs WHERE state = ?1 AND finished_at < ?2")?
-                    .execute(params![state_code(state), *before as i64])?;
-                deltas.add(state, -(n as i64));
-                removed += n as u64;
+            while let Some(row) = rows.next()? {
+                deltas.add(state_from(row.get(0)?), -1);
+                removed += 1;
             }
             Outcome::Purged(removed)
         }
