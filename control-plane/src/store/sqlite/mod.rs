@@ -67,7 +67,7 @@ pub const AUTO_CAP: u64 = u64::MAX;
 /// Floor of the automatic cap (a nearly full disk still gets a working store).
 const AUTO_CAP_FLOOR: u64 = 64 << 20;
 
-/// Finished jobs removed per commit by retention (a few milliseconds of the writer).
+/// Finished jobs removed per commit by retention; other commits go between chunks.
 const PURGE_CHUNK: usize = 5_000;
 
 /// The cap in bytes for `limits.max_bytes` (0: none).

@@ -51,7 +51,8 @@ pub(super) fn open_connection(path: &Path, limits: &Limits) -> rusqlite::Result<
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -32_768)?; // 32 MiB
-                                                      // Every statement the writer and the readers run stays prepared (rusqlite keeps 16).
+
+    // Every statement the writer and the readers run stays prepared (rusqlite keeps 16).
     conn.set_prepared_statement_cache_capacity(64);
     if limits.max_bytes > 0 {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
