@@ -386,18 +386,23 @@ mod tests {
         (dir, store)
     }
 
-    #[test]
-    fn handing_a_lane_on_seeks_its_indexes_instead_of_reading_its_parked_jobs() {
-        let (dir, store) = open_fresh("knocker-lane-plan");
+    /// SQLite's plan for `sql` on the store's database, a line per step.
+    fn query_plan(store: &SqliteStore, sql: &str, params: impl rusqlite::Params) -> String {
         let conn = Connection::open(store.path()).unwrap();
         let plan: Vec<String> = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {WAKE_LANE}"))
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
             .unwrap()
-            .query_map(params!["lane", 1i64, PARKED as i64], |r| r.get(3))
+            .query_map(params, |r| r.get(3))
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        let plan = plan.join("\n");
+        plan.join("\n")
+    }
+
+    #[test]
+    fn handing_a_lane_on_seeks_its_indexes_instead_of_reading_its_parked_jobs() {
+        let (dir, store) = open_fresh("knocker-lane-plan");
+        let plan = query_plan(&store, WAKE_LANE, params!["lane", 1i64, PARKED as i64]);
         // The lane's first open job by `jobs_lane`; whether one is active by
         // `jobs_lane_active`, over the lane's active range only (a lane with 20,000 parked
         // broadcast copies once took 12 ms per hand-over reading them all).
@@ -417,15 +422,7 @@ mod tests {
     #[test]
     fn retention_reads_the_finished_jobs_index_not_the_table() {
         let (dir, store) = open_fresh("knocker-purge-plan");
-        let conn = Connection::open(store.path()).unwrap();
-        let plan: Vec<String> = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {PURGE}"))
-            .unwrap()
-            .query_map(params![1i64, 10i64], |r| r.get(3))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        let plan = plan.join("\n");
+        let plan = query_plan(&store, PURGE, params![1i64, 10i64]);
         assert!(plan.contains("USING INDEX jobs_finished"), "{plan}");
         assert!(!plan.contains("SCAN jobs"), "{plan}");
         let _ = std::fs::remove_dir_all(&dir);
