@@ -7,6 +7,9 @@
 //! - One writer thread owns the write connection. Requests (insert, claim, finish, …)
 //!   queue up while it commits; it takes everything waiting (up to [`MAX_BATCH`]) into
 //!   one transaction: many submissions share one fsync (group commit).
+//! - A claim's room goes to new jobs: a job due on arrival, written while the delivery
+//!   loop has free slots, is written in flight and handed to its next claim as it is,
+//!   not read back from the table (the writer's `Handover`).
 //! - Reads (lookups, lists, next due time) go through a second connection; WAL lets
 //!   them run beside the writer.
 //! - Jobs live on disk: the scheduler asks for what is due, so a million pending jobs
@@ -524,6 +527,133 @@ mod tests {
             })
             .unwrap();
         assert_eq!(kept, vec![0xff, 0xff, 0xff, 0xff, 0x00]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A job of `host`, submitted at 10, due at `due`.
+    fn submitted(id: &str, host: &str, due: Millis) -> Job {
+        let mut job = crate::job::test_job(id, "POST", &format!("http://{host}/p"));
+        job.request.body = id.as_bytes().to_vec();
+        job.created_at = 10;
+        job.next_attempt_at = due;
+        job
+    }
+
+    async fn claim_ids(store: &SqliteStore, limit: usize, caps: &HostCaps) -> Vec<String> {
+        let jobs = store.claim_due(10, limit, caps).await.unwrap();
+        assert!(jobs.iter().all(|j| j.state == State::InFlight));
+        jobs.into_iter().map(|j| j.id).collect()
+    }
+
+    async fn state(store: &SqliteStore, id: &str) -> State {
+        store.get(id).await.unwrap().unwrap().state
+    }
+
+    /// The room a claim leaves goes to new jobs due on arrival: written in flight and
+    /// kept, whole, for the next claim, ahead of the rows it reads. A delayed job, a job
+    /// of an ordered lane and the jobs past the room are written pending.
+    #[tokio::test]
+    async fn new_jobs_due_on_arrival_fill_the_room_the_last_claim_left() {
+        let (dir, store) = open_fresh("knocker-handover");
+        assert!(claim_ids(&store, 3, &HostCaps::default()).await.is_empty());
+        let mut laned = submitted("l", "h", 10);
+        laned.lane = Some("lane".into());
+        for job in [
+            submitted("a", "h", 10),
+            submitted("b", "h", 10),
+            submitted("later", "h", 1_000),
+            laned,
+            submitted("c", "h", 10),
+            submitted("past-the-room", "h", 10),
+        ] {
+            assert!(matches!(
+                store.insert(job).await.unwrap(),
+                Inserted::Created(_)
+            ));
+        }
+        for id in ["a", "b", "c"] {
+            assert_eq!(state(&store, id).await, State::InFlight, "{id}");
+        }
+        for id in ["later", "l", "past-the-room"] {
+            assert_eq!(state(&store, id).await, State::Pending, "{id}");
+        }
+        let stats = store.stats().await.unwrap();
+        assert_eq!((stats.pending, stats.in_flight), (3, 3));
+        let claimed = store.claim_due(10, 10, &HostCaps::default()).await.unwrap();
+        let ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c", "l", "past-the-room"]);
+        // Handed over as submitted, not a copy of less.
+        let mut expected = submitted("a", "h", 10);
+        expected.state = State::InFlight;
+        assert_eq!(claimed[0], expected);
+        // Each once: the next claim has nothing but what is due by then.
+        assert!(claim_ids(&store, 10, &HostCaps::default()).await.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The claim's caps hold for the jobs handed over after it; a resubmitted id takes
+    /// no place.
+    #[tokio::test]
+    async fn jobs_handed_over_keep_to_the_claims_caps() {
+        let (dir, store) = open_fresh("knocker-handover-caps");
+        let mut caps = HostCaps::default();
+        caps.cap("capped", 2);
+        caps.cap("parked", 0);
+        assert!(claim_ids(&store, 10, &caps).await.is_empty());
+        for (id, host) in [
+            ("p", "parked"),
+            ("c1", "capped"),
+            ("c1", "capped"),
+            ("c2", "capped"),
+            ("c3", "capped"),
+            ("free", "other"),
+        ] {
+            store.insert(submitted(id, host, 10)).await.unwrap();
+        }
+        for (id, expected) in [
+            ("p", State::Pending),
+            ("c1", State::InFlight),
+            ("c2", State::InFlight),
+            ("c3", State::Pending),
+            ("free", State::InFlight),
+        ] {
+            assert_eq!(state(&store, id).await, expected, "{id}");
+        }
+        assert_eq!(claim_ids(&store, 10, &caps).await, ["c1", "c2", "free"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A job handed over is in flight on disk: if the process stops before a claim
+    /// takes it, it is pending again at the next start. A job deleted before the next
+    /// claim is not handed over.
+    #[tokio::test]
+    async fn jobs_kept_for_the_next_claim_survive_a_restart_and_a_deletion_withdraws_them() {
+        let (dir, store) = open_fresh("knocker-handover-restart");
+        assert!(claim_ids(&store, 10, &HostCaps::default()).await.is_empty());
+        for id in ["kept", "deleted"] {
+            store.insert(submitted(id, "h", 10)).await.unwrap();
+        }
+        assert!(store.delete("deleted", 10).await.unwrap());
+        assert_eq!(state(&store, "kept").await, State::InFlight);
+        drop(store); // the process "dies" before the next claim
+        let store = SqliteStore::open(
+            &dir,
+            Limits {
+                max_pending: 1000,
+                max_bytes: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(state(&store, "kept").await, State::Pending);
+        assert_eq!(claim_ids(&store, 10, &HostCaps::default()).await, ["kept"]);
+
+        // And in one life: the deleted job is withdrawn from the ones kept.
+        for id in ["one", "two"] {
+            store.insert(submitted(id, "h", 10)).await.unwrap();
+        }
+        assert!(store.delete("one", 10).await.unwrap());
+        assert_eq!(claim_ids(&store, 10, &HostCaps::default()).await, ["two"]);
+        assert_eq!(store.stats().await.unwrap().in_flight, 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -191,6 +191,7 @@ pub(super) fn write_loop(
     limits: &Limits,
 ) {
     let mut sync = Sync::Full;
+    let mut handover = Handover::default();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -203,7 +204,7 @@ pub(super) fn write_loop(
         // A batch whose sync mode cannot be set is refused, never committed less safely.
         let mut outcome = sync
             .choose(&conn, &batch)
-            .and_then(|()| commit_batch(&mut conn, &batch, counts, limits));
+            .and_then(|()| commit_batch(&mut conn, &batch, counts, limits, &handover));
         // Full (the size cap, or the disk): history makes room before work is refused.
         // The oldest finished jobs go, and the batch is tried once more.
         if outcome.as_ref().is_err_and(is_full) {
@@ -214,16 +215,17 @@ pub(super) fn write_loop(
                         jobs = n,
                         "the store is full: the oldest finished jobs were removed to make room"
                     );
-                    outcome = commit_batch(&mut conn, &batch, counts, limits);
+                    outcome = commit_batch(&mut conn, &batch, counts, limits, &handover);
                 }
                 Err(e) => tracing::warn!(error = %e, "the store is full and no room could be made"),
             }
         }
         match outcome {
-            Ok((outcomes, deltas)) => {
+            Ok(mut committed) => {
                 crate::metrics::get().committed(batch.len(), started.elapsed());
-                deltas.apply(counts);
-                for (command, outcome) in batch.into_iter().zip(outcomes) {
+                committed.deltas.apply(counts);
+                committed.hand_over(&batch, &mut handover);
+                for (command, outcome) in batch.into_iter().zip(committed.outcomes) {
                     outcome.send(command);
                 }
             }
@@ -285,21 +287,204 @@ impl Sync {
 const ROOM_JOBS: usize = 1000;
 
 /// One batch in one transaction: each command's outcome and the counts it moved.
+///
+/// Claims run first. A claim takes the jobs kept for it (see [`Handover`]), then the
+/// earliest due rows; the slots it leaves spare go to new jobs due on arrival, in this
+/// batch and the ones after it until the next claim: they are written in flight and
+/// handed over as they are, not written pending and then read back, decoded and marked
+/// by the next claim. Nothing of `handover` changes here: what the batch did to it is
+/// applied by [`Committed::hand_over`] once it is committed.
 fn commit_batch(
     conn: &mut Connection,
     batch: &[Command],
     counts: &Counts,
     limits: &Limits,
-) -> rusqlite::Result<(Vec<Outcome>, Deltas)> {
+    handover: &Handover,
+) -> rusqlite::Result<Committed> {
     let mut deltas = Deltas::default();
     let tx = conn.transaction()?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for command in batch {
-        outcomes.push(execute(&tx, command, counts, limits, &mut deltas)?);
+    let mut spare = handover.spare.clone();
+    let mut claims = Vec::new();
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+    let mut kept = handover.ready.iter();
+    for (i, command) in batch.iter().enumerate() {
+        outcomes.push(match command {
+            Command::Claim {
+                now, limit, caps, ..
+            } => {
+                let mut taken = std::collections::HashMap::new();
+                let from_ready = kept.by_ref().take(*limit).fold(0, |n, job| {
+                    caps.take(&mut taken, job.host());
+                    n + 1
+                });
+                let rows = claim(
+                    &tx,
+                    *now,
+                    *limit - from_ready,
+                    caps,
+                    &mut taken,
+                    &mut deltas,
+                )?;
+                spare = Some(Spare {
+                    now: *now,
+                    left: *limit - from_ready - rows.len(),
+                    caps: caps.clone(),
+                    taken,
+                    fresh: Vec::new(),
+                });
+                claims.push((i, from_ready));
+                Some(Outcome::Claimed(rows))
+            }
+            _ => None,
+        });
+    }
+    for (command, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+        if outcome.is_none() {
+            *outcome = Some(execute(
+                &tx,
+                command,
+                counts,
+                limits,
+                &mut deltas,
+                spare.as_mut(),
+            )?);
+        }
     }
     deltas.store(&tx)?;
     tx.commit()?;
-    Ok((outcomes, deltas))
+    Ok(Committed {
+        outcomes: outcomes.into_iter().flatten().collect(),
+        deltas,
+        spare,
+        claims,
+    })
+}
+
+/// What the writer keeps between batches for the delivery loop's claims: the slots the
+/// latest claim left spare, and the new jobs written in flight into them since, which
+/// the next claim takes first. Bounded by that claim's limit (the delivery loop's free
+/// slots). A job kept here is in flight in the database: if the process stops before
+/// the next claim, it is recovered as pending, like any claimed job.
+#[derive(Default)]
+struct Handover {
+    spare: Option<Spare>,
+    ready: Vec<Job>,
+}
+
+/// The slots a claim left spare, and what has filled them in the current batch.
+#[derive(Clone)]
+struct Spare {
+    now: Millis,
+    left: usize,
+    caps: HostCaps,
+    /// Jobs taken per capped host, the claim's own included.
+    taken: std::collections::HashMap<String, usize>,
+    /// New jobs of this batch, written in flight.
+    fresh: Vec<Job>,
+}
+
+impl Spare {
+    /// Whether a new job can be handed over as it is written: due on arrival (the
+    /// claim's clock may have read a moment before the job's), outside any ordered lane
+    /// (its turn is the lane's to give), and its host has room. Counts it if so.
+    fn takes(&mut self, job: &Job) -> bool {
+        self.left > 0
+            && job.lane.is_none()
+            && job.next_attempt_at <= self.now.max(job.created_at)
+            && self.caps.take(&mut self.taken, job.host())
+    }
+
+    /// Gives back a place [`Self::takes`] counted for a job that was not written after
+    /// all (its id was stored already).
+    fn untake(&mut self, job: &Job) {
+        if let Some(n) = self.taken.get_mut(job.host()) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    fn hand_over(&mut self, job: &Job) {
+        let mut job = job.clone();
+        job.state = State::InFlight;
+        self.fresh.push(job);
+        self.left -= 1;
+    }
+}
+
+/// A committed batch.
+struct Committed {
+    outcomes: Vec<Outcome>,
+    deltas: Deltas,
+    /// The slots left spare after it.
+    spare: Option<Spare>,
+    /// Its claims: where each is in the batch, and how many kept jobs it takes.
+    claims: Vec<(usize, usize)>,
+}
+
+impl Committed {
+    /// Applies the batch to `handover`: each claim gets its kept jobs first and the
+    /// last one the batch's new jobs; without a claim, they are kept for the next one.
+    /// Jobs deleted in the batch are not handed over.
+    fn hand_over(&mut self, batch: &[Command], handover: &mut Handover) {
+        let mut fresh = self
+            .spare
+            .as_mut()
+            .map(|spare| std::mem::take(&mut spare.fresh))
+            .unwrap_or_default();
+        let last = self.claims.len().saturating_sub(1);
+        for (k, &(i, from_ready)) in self.claims.iter().enumerate() {
+            if let Outcome::Claimed(rows) = &mut self.outcomes[i] {
+                let mut jobs: Vec<Job> = handover.ready.drain(..from_ready).collect();
+                jobs.append(rows);
+                if k == last {
+                    jobs.append(&mut fresh);
+                }
+                *rows = jobs;
+            }
+        }
+        handover.ready.append(&mut fresh);
+        handover.spare = self.spare.take();
+        for (command, outcome) in batch.iter().zip(&self.outcomes) {
+            if let (Command::Delete { id, .. }, Outcome::Deleted(true)) = (command, outcome) {
+                handover.ready.retain(|job| &job.id != id);
+            }
+        }
+    }
+}
+
+/// Marks up to `limit` due jobs in flight (earliest first, within `caps`, counting
+/// them in `taken`); rows that cannot be read are quarantined.
+fn claim(
+    tx: &Connection,
+    now: Millis,
+    limit: usize,
+    caps: &HostCaps,
+    taken: &mut std::collections::HashMap<String, usize>,
+    deltas: &mut Deltas,
+) -> rusqlite::Result<Vec<Job>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let rows = claim_rows(tx, now, limit, caps, taken)?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for (id, seq, lane, job) in rows {
+        match job {
+            Ok(job) => jobs.push((seq, job)),
+            Err(e) => {
+                quarantine(tx, &id, lane.as_deref(), &e.to_string(), now)?;
+                deltas.moved(Some(State::Pending), Some(State::Failed));
+            }
+        }
+    }
+    // By key: the row is found without a seek of the id index.
+    let mut mark = tx.prepare_cached("UPDATE jobs SET state = 1 WHERE seq = ?1")?;
+    jobs.into_iter()
+        .map(|(seq, mut job)| {
+            mark.execute([seq])?;
+            job.state = State::InFlight;
+            deltas.moved(Some(State::Pending), Some(State::InFlight));
+            Ok(job)
+        })
+        .collect()
 }
 
 /// SQLite's "database or disk is full": the size cap (`max_page_count`) or the disk.
@@ -426,10 +611,10 @@ fn claim_rows(
     now: Millis,
     limit: usize,
     caps: &HostCaps,
+    taken: &mut std::collections::HashMap<String, usize>,
 ) -> rusqlite::Result<Vec<ClaimedRow>> {
     let mut excluded: Vec<String> = caps.skipped().map(str::to_owned).collect();
     let mut after: Option<(i64, i64)> = None;
-    let mut taken = std::collections::HashMap::new();
     let mut rows: Vec<ClaimedRow> = Vec::new();
     'query: while rows.len() < limit {
         let mut sql = format!(
@@ -456,7 +641,7 @@ fn claim_rows(
             let host: String = row.get(8)?;
             let seq: i64 = row.get(9)?;
             after = Some((row.get(2)?, seq));
-            if !caps.take(&mut taken, &host) {
+            if !caps.take(taken, &host) {
                 continue; // cannot happen: a full host is left out of the query
             }
             rows.push((row.get(0)?, seq, row.get(7)?, job_from_row(row)));
@@ -479,8 +664,29 @@ pub(super) fn load(tx: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
         .optional()
 }
 
-/// Inserts a new pending job; one joining an ordered lane with open jobs waits parked.
-fn insert_row(tx: &Connection, job: &Job) -> rusqlite::Result<bool> {
+/// What [`insert_row`] did.
+#[derive(PartialEq)]
+enum Written {
+    /// A new pending job (or parked, behind its ordered lane).
+    Pending,
+    /// A new job, written in flight and handed to the batch's claim.
+    HandedOver,
+    /// Its id was stored already: nothing was written.
+    Exists,
+}
+
+impl Written {
+    fn state(&self) -> State {
+        match self {
+            Self::HandedOver => State::InFlight,
+            Self::Pending | Self::Exists => State::Pending,
+        }
+    }
+}
+
+/// Inserts a new job: pending, parked when it joins an ordered lane with open jobs, or
+/// in flight and handed over when a claim left a slot spare for it.
+fn insert_row(tx: &Connection, job: &Job, spare: Option<&mut Spare>) -> rusqlite::Result<Written> {
     let spec = encode_spec(job).map_err(corrupt)?;
     let mut due = job.next_attempt_at;
     if let Some(lane) = &job.lane {
@@ -491,20 +697,38 @@ fn insert_row(tx: &Connection, job: &Job) -> rusqlite::Result<bool> {
             due = PARKED;
         }
     }
+    let spare = spare.and_then(|h| h.takes(job).then_some(h));
+    let state = if spare.is_some() {
+        State::InFlight
+    } else {
+        State::Pending
+    };
     let changed = tx
         .prepare_cached(
             "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts, lane)
-             VALUES (?1, 0, ?2, ?3, ?4, ?5, x'', ?6) ON CONFLICT (id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, x'', ?7) ON CONFLICT (id) DO NOTHING",
         )?
         .execute(params![
             job.id,
+            state_code(state),
             due as i64,
             job.created_at as i64,
             job.host(),
             spec,
             job.lane
         ])?;
-    Ok(changed == 1)
+    Ok(match (changed == 1, spare) {
+        (true, Some(h)) => {
+            h.hand_over(job);
+            Written::HandedOver
+        }
+        (true, None) => Written::Pending,
+        (false, Some(h)) => {
+            h.untake(job);
+            Written::Exists
+        }
+        (false, None) => Written::Exists,
+    })
 }
 
 /// Takes a job whose stored form cannot be read out of the queue: its bytes move to the
@@ -601,6 +825,7 @@ fn execute(
     counts: &Counts,
     limits: &Limits,
     deltas: &mut Deltas,
+    mut spare: Option<&mut Spare>,
 ) -> rusqlite::Result<Outcome> {
     let open = i128::from(counts.pending.load(Ordering::Relaxed))
         + i128::from(counts.in_flight.load(Ordering::Relaxed))
@@ -613,11 +838,12 @@ fn execute(
             }
             let mut existing = Vec::with_capacity(jobs.len());
             for job in jobs {
-                if insert_row(tx, job)? {
-                    deltas.moved(None, Some(State::Pending));
-                    existing.push(None);
-                } else {
-                    existing.push(load(tx, &job.id)?);
+                match insert_row(tx, job, spare.as_deref_mut())? {
+                    Written::Exists => existing.push(load(tx, &job.id)?),
+                    written => {
+                        deltas.moved(None, Some(written.state()));
+                        existing.push(None);
+                    }
                 }
             }
             Outcome::InsertedAll(Ok(existing))
@@ -630,41 +856,20 @@ fn execute(
                     None => Err(Refusal::Full(open.max(0) as u64)),
                 }));
             }
-            if insert_row(tx, job)? {
-                deltas.moved(None, Some(State::Pending));
-                Outcome::Inserted(Ok(None))
-            } else {
-                let existing = load(tx, &job.id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-                Outcome::Inserted(Ok(Some(existing)))
-            }
-        }
-        Command::Claim {
-            now, limit, caps, ..
-        } => {
-            let rows = claim_rows(tx, *now, *limit, caps)?;
-            let mut jobs = Vec::with_capacity(rows.len());
-            for (id, seq, lane, job) in rows {
-                match job {
-                    Ok(job) => jobs.push((seq, job)),
-                    Err(e) => {
-                        quarantine(tx, &id, lane.as_deref(), &e.to_string(), *now)?;
-                        deltas.moved(Some(State::Pending), Some(State::Failed));
-                    }
+            match insert_row(tx, job, spare)? {
+                Written::Exists => {
+                    let existing =
+                        load(tx, &job.id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+                    Outcome::Inserted(Ok(Some(existing)))
+                }
+                written => {
+                    deltas.moved(None, Some(written.state()));
+                    Outcome::Inserted(Ok(None))
                 }
             }
-            // By key: the row is found without a seek of the id index.
-            let mut mark = tx.prepare_cached("UPDATE jobs SET state = 1 WHERE seq = ?1")?;
-            let jobs = jobs
-                .into_iter()
-                .map(|(seq, mut job)| {
-                    mark.execute([seq])?;
-                    job.state = State::InFlight;
-                    deltas.moved(Some(State::Pending), Some(State::InFlight));
-                    Ok(job)
-                })
-                .collect::<rusqlite::Result<Vec<Job>>>()?;
-            Outcome::Claimed(jobs)
         }
+        // Run before the rest of the batch (`commit_batch`).
+        Command::Claim { .. } => Outcome::Claimed(Vec::new()),
         Command::Finish {
             job, attempt, next, ..
         } => {
@@ -685,7 +890,7 @@ fn execute(
             if changed == 1 {
                 deltas.moved(Some(State::InFlight), Some(state));
                 if let Next::Failed { callback: Some(cb) } = next {
-                    if insert_row(tx, cb)? {
+                    if insert_row(tx, cb, None)? == Written::Pending {
                         deltas.moved(None, Some(State::Pending));
                     }
                 }
