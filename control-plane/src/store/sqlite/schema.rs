@@ -19,7 +19,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     host            TEXT    NOT NULL,
     spec            BLOB    NOT NULL,
     attempts        BLOB    NOT NULL,
-    lane            TEXT
+    lane            TEXT,
+    -- Bytes a new row keeps for its first outcome (see the writer's `SLACK`).
+    slack           BLOB
 );
 -- Jobs per state, kept in the same commits as the jobs: opening a store with a million
 -- jobs must not count them.
@@ -72,6 +74,12 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         .exists([])?;
     if !has_lane {
         conn.execute_batch("ALTER TABLE jobs ADD COLUMN lane TEXT")?;
+    }
+    let has_slack = conn
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'slack'")?
+        .exists([])?;
+    if !has_slack {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN slack BLOB")?;
     }
     Ok(())
 }

