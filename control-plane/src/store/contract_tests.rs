@@ -538,11 +538,24 @@ async fn sqlite_refuses_over_the_pending_limit_and_when_it_cannot_write() {
         "a resubmission still answers"
     );
 
+    // A cap smaller than the empty tables is refused at open, naming the setting.
+    let tiny = SqliteStore::open(
+        &temp_dir("tiny"),
+        Limits {
+            max_pending: u64::MAX,
+            max_bytes: 16 * 1024,
+        },
+    );
+    let Err(StoreError::Unavailable(why)) = tiny else {
+        panic!("a 16 KiB cap is refused at open");
+    };
+    assert!(why.contains("KNOCKER_MAX_STORE_BYTES"), "{why}");
+
     let store = SqliteStore::open(
         &temp_dir("small"),
         Limits {
             max_pending: u64::MAX,
-            max_bytes: 64 * 1024,
+            max_bytes: 256 * 1024,
         },
     )
     .unwrap();

@@ -122,9 +122,20 @@ impl SqliteStore {
         };
         let writer = open_connection(&path, &limits).map_err(|e| damaged(&path, &e.to_string()))?;
         check_integrity(&writer, &path)?;
-        writer.execute_batch(TABLES).map_err(sql_error)?;
-        migrate(&writer).map_err(sql_error)?;
-        writer.execute_batch(INDEXES).map_err(sql_error)?;
+        // A cap too small for the tables themselves is named, not reported as a full disk.
+        let too_small = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) if limits.max_bytes > 0 => {
+                StoreError::Unavailable(format!(
+                    "KNOCKER_MAX_STORE_BYTES ({} bytes) is too small for the job database's \
+                     tables; give it at least 1 MiB",
+                    limits.max_bytes
+                ))
+            }
+            _ => sql_error(e),
+        };
+        writer.execute_batch(TABLES).map_err(too_small)?;
+        migrate(&writer).map_err(too_small)?;
+        writer.execute_batch(INDEXES).map_err(too_small)?;
         let counts = Arc::new(Counts::default());
         let recovered = recover(&writer, &counts).map_err(sql_error)?;
         if recovered > 0 {
@@ -527,6 +538,42 @@ mod tests {
             })
             .unwrap();
         assert_eq!(kept, vec![0xff, 0xff, 0xff, 0xff, 0x00]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A new database has the page size chosen for its WAL writes; one made with
+    /// SQLite's default keeps it, and opens and works as before.
+    #[tokio::test]
+    async fn a_new_database_has_its_page_size_and_an_older_one_keeps_its_own() {
+        let (dir, store) = open_fresh("knocker-page-size");
+        let page_size = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(page_size(store.path()), schema::PAGE_SIZE);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("knocker.db");
+        let older = Connection::open(&path).unwrap();
+        older
+            .execute_batch("PRAGMA page_size = 4096; VACUUM;")
+            .unwrap();
+        drop(older);
+        let store = SqliteStore::open(
+            &dir,
+            Limits {
+                max_pending: 1000,
+                max_bytes: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(page_size(store.path()), 4096);
+        store.insert(submitted("a", "h", 10)).await.unwrap();
+        assert_eq!(claim_ids(&store, 10, &HostCaps::default()).await, ["a"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

