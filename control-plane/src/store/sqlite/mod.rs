@@ -577,6 +577,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A claim binds its limit, which changes with every claim: the statement stays
+    /// compiled (a plan that depended on the value was compiled again at each new one).
+    #[test]
+    fn a_new_limit_does_not_compile_the_claim_again() {
+        let (dir, store) = open_fresh("knocker-no-reprepare");
+        let limits = Limits {
+            max_pending: 1000,
+            max_bytes: 0,
+        };
+        let conn = schema::open_connection(store.path(), &limits).unwrap();
+        let mut claim = conn
+            .prepare(
+                "SELECT seq FROM jobs WHERE state = 0 AND next_attempt_at <= ?1 \
+                 ORDER BY next_attempt_at, seq LIMIT ?2",
+            )
+            .unwrap();
+        for limit in 1..=5i64 {
+            claim.query(params![10i64, limit]).unwrap().next().unwrap();
+        }
+        assert_eq!(
+            claim.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "compiled again for a new limit"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A job of `host`, submitted at 10, due at `due`.
     fn submitted(id: &str, host: &str, due: Millis) -> Job {
         let mut job = crate::job::test_job(id, "POST", &format!("http://{host}/p"));
