@@ -388,15 +388,22 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// 1000 pending jobs, no size cap.
+    const LIMITS: Limits = Limits {
+        max_pending: 1000,
+        max_bytes: 0,
+    };
+
+    /// The store in `dir`, opened again.
+    fn reopen(dir: &Path) -> SqliteStore {
+        SqliteStore::open(dir, LIMITS).unwrap()
+    }
+
     /// A store in a fresh directory `<temp>/<name>-<pid>` (1000 pending, no size cap).
     fn open_fresh(name: &str) -> (PathBuf, SqliteStore) {
         let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let limits = Limits {
-            max_pending: 1000,
-            max_bytes: 0,
-        };
-        let store = SqliteStore::open(&dir, limits).unwrap();
+        let store = reopen(&dir);
         (dir, store)
     }
 
@@ -478,14 +485,7 @@ mod tests {
             .unwrap();
             tx.commit().unwrap();
         }
-        let store = SqliteStore::open(
-            &dir,
-            Limits {
-                max_pending: 1000,
-                max_bytes: 0,
-            },
-        )
-        .unwrap();
+        let store = reopen(&dir);
         // Finished before `total - 50`: all but the last 51.
         let removed = store.purge_finished((total - 50) as u64).await.unwrap();
         assert_eq!(removed, (total - 51) as u64);
@@ -563,14 +563,7 @@ mod tests {
             .execute_batch("PRAGMA page_size = 4096; VACUUM;")
             .unwrap();
         drop(older);
-        let store = SqliteStore::open(
-            &dir,
-            Limits {
-                max_pending: 1000,
-                max_bytes: 0,
-            },
-        )
-        .unwrap();
+        let store = reopen(&dir);
         assert_eq!(page_size(store.path()), 4096);
         store.insert(submitted("a", "h", 10)).await.unwrap();
         assert_eq!(claim_ids(&store, 10, &HostCaps::default()).await, ["a"]);
@@ -582,11 +575,7 @@ mod tests {
     #[test]
     fn a_new_limit_does_not_compile_the_claim_again() {
         let (dir, store) = open_fresh("knocker-no-reprepare");
-        let limits = Limits {
-            max_pending: 1000,
-            max_bytes: 0,
-        };
-        let conn = schema::open_connection(store.path(), &limits).unwrap();
+        let conn = schema::open_connection(store.path(), &LIMITS).unwrap();
         let mut claim = conn
             .prepare(
                 "SELECT seq FROM jobs WHERE state = 0 AND next_attempt_at <= ?1 \
@@ -710,14 +699,7 @@ mod tests {
         assert!(store.delete("deleted", 10).await.unwrap());
         assert_eq!(state(&store, "kept").await, State::InFlight);
         drop(store); // the process "dies" before the next claim
-        let store = SqliteStore::open(
-            &dir,
-            Limits {
-                max_pending: 1000,
-                max_bytes: 0,
-            },
-        )
-        .unwrap();
+        let store = reopen(&dir);
         assert_eq!(state(&store, "kept").await, State::Pending);
         assert_eq!(claim_ids(&store, 10, &HostCaps::default()).await, ["kept"]);
 
