@@ -23,9 +23,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue};
+use http::Method;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
 use ipnet::IpNet;
-use reqwest::header::HeaderMap;
-use reqwest::{Method, Url};
+use url::Url;
 
 pub use crate::hosts_only::HostsOnly;
 pub use crate::job::Trust;
@@ -261,46 +265,56 @@ impl Lookup {
 
 /// The resolver of both clients; for client-chosen hops it keeps only the addresses the
 /// policy allows, and a name left with none is denied.
+#[derive(Clone)]
 struct PolicyResolver {
     lookup: Arc<Lookup>,
     policy: Option<Arc<OutboundPolicy>>,
 }
 
-impl reqwest::dns::Resolve for PolicyResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<Name> for PolicyResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let lookup = Arc::clone(&self.lookup);
-        let Some(policy) = self.policy.clone() else {
-            return Box::pin(async move {
-                let found = lookup.addresses(name.as_str()).await?;
-                Ok(Box::new(found.into_iter().map(|ip| SocketAddr::new(ip, 0)))
-                    as reqwest::dns::Addrs)
-            });
-        };
+        let policy = self.policy.clone();
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> = lookup
-                .addresses(&host)
-                .await?
-                .into_iter()
-                .map(|ip| SocketAddr::new(ip, 0))
-                .collect();
+            let host = name.as_str();
+            let found = lookup.addresses(host).await?;
+            let Some(policy) = policy else {
+                let all: Vec<SocketAddr> =
+                    found.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
+                return Ok(all.into_iter());
+            };
             let mut denied = None;
             let allowed: Vec<SocketAddr> = found
                 .into_iter()
-                .filter(|a| match policy.check_ip(a.ip()) {
+                .filter(|ip| match policy.check_ip(*ip) {
                     Ok(()) => true,
                     Err(e) => {
                         denied.get_or_insert(e);
                         false
                     }
                 })
+                .map(|ip| SocketAddr::new(ip, 0))
                 .collect();
             match (allowed.is_empty(), denied) {
                 (true, Some(Denied(why))) => {
-                    Err(Box::new(Denied(format!("{host} resolves to {why}")))
-                        as Box<dyn std::error::Error + Send + Sync>)
+                    Err(Box::new(Denied(format!("{host} resolves to {why}"))) as BoxError)
                 }
-                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+                _ => Ok(allowed.into_iter()),
             }
         })
     }
@@ -314,7 +328,7 @@ pub enum Failure {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("{}", error_chain(.0))]
-    Transport(reqwest::Error),
+    Transport(hyper_util::client::legacy::Error),
     #[error("too many redirects (more than {0})")]
     TooManyRedirects(usize),
     #[error("invalid URL {0}")]
@@ -344,12 +358,38 @@ pub struct Request {
     pub trust: Trust,
 }
 
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<PolicyResolver>>;
+type Client = hyper_util::client::legacy::Client<Connector, Full<Bytes>>;
+
+/// An answer: its head, and its body to read (or drop) as the caller sees fit.
+pub type Response = http::Response<hyper::body::Incoming>;
+
+/// The next piece of an answer's body, `None` at its end (trailers are skipped).
+pub async fn chunk(response: &mut Response) -> Result<Option<Bytes>, hyper::Error> {
+    loop {
+        match response.body_mut().frame().await {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP clients cannot be built: no trust store for HTTPS.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up TLS: {0}")]
+pub struct ClientError(String);
+
 /// The HTTP clients and the policy.
 pub struct Outbound {
     policy: Arc<OutboundPolicy>,
     lookup: Arc<Lookup>,
-    operator: reqwest::Client,
-    client: reqwest::Client,
+    operator: Client,
+    client: Client,
     max_redirects: usize,
 }
 
@@ -361,23 +401,42 @@ impl Outbound {
         policy: OutboundPolicy,
         lookup: Lookup,
         max_redirects: u32,
-    ) -> Result<Self, reqwest::Error> {
+    ) -> Result<Self, ClientError> {
         let policy = Arc::new(policy);
         let lookup = Arc::new(lookup);
+        // HTTPS as reqwest sets it up: rustls (aws-lc-rs) verifying against the system's
+        // trust store, HTTP/2 or HTTP/1.1 by ALPN.
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = rustls_platform_verifier::Verifier::new(Arc::clone(&provider))
+            .map_err(|e| ClientError(e.to_string()))?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
         let build = |policy: Option<Arc<OutboundPolicy>>| {
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(MAX_TIMEOUT)
+            let mut http = HttpConnector::new_with_resolver(PolicyResolver {
+                lookup: Arc::clone(&lookup),
+                policy,
+            });
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(MAX_TIMEOUT));
+            http.set_keepalive(Some(Duration::from_secs(15)));
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_all_versions()
+                .wrap_connector(http);
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
-                .dns_resolver(Arc::new(PolicyResolver {
-                    lookup: Arc::clone(&lookup),
-                    policy,
-                }))
-                .build()
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build(https)
         };
         Ok(Self {
-            operator: build(None)?,
-            client: build(Some(Arc::clone(&policy)))?,
+            operator: build(None),
+            client: build(Some(Arc::clone(&policy))),
             policy,
             lookup,
             max_redirects: max_redirects as usize,
@@ -386,7 +445,7 @@ impl Outbound {
 
     /// Sends the request, following redirects hop by hop; each hop that is not the
     /// operator's own origin passes the policy.
-    pub async fn send(&self, request: Request) -> Result<reqwest::Response, Failure> {
+    pub async fn send(&self, request: Request) -> Result<Response, Failure> {
         let Request {
             mut method,
             url,
@@ -396,6 +455,10 @@ impl Outbound {
             trust,
         } = request;
         let mut url = Url::parse(&url).map_err(|_| Failure::BadUrl(url.clone()))?;
+        // As browsers and reqwest do, unless the request says otherwise.
+        headers
+            .entry(http::header::ACCEPT)
+            .or_insert(HeaderValue::from_static("*/*"));
         let trusted_origin = (trust == Trust::Operator).then(|| url.origin());
         let mut redirects = 0;
         loop {
@@ -410,11 +473,21 @@ impl Outbound {
                     &self.client
                 }
             };
-            let send = client
-                .request(method.clone(), url.clone())
-                .headers(headers.clone())
-                .body(body.clone())
-                .send();
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(Failure::BadUrl(format!(
+                    "{url}: scheme {} is not http or https",
+                    url.scheme()
+                )));
+            }
+            let uri: http::Uri = url
+                .as_str()
+                .parse()
+                .map_err(|_| Failure::BadUrl(url.to_string()))?;
+            let mut hop = http::Request::new(Full::new(body.clone()));
+            *hop.method_mut() = method.clone();
+            *hop.uri_mut() = uri;
+            *hop.headers_mut() = headers.clone();
+            let send = client.request(hop);
             let response = match tokio::time::timeout(timeout, send).await {
                 Err(_) => return Err(Failure::Timeout(timeout)),
                 Ok(Err(e)) => return Err(classify_denied(e)),
@@ -423,7 +496,7 @@ impl Outbound {
             let status = response.status().as_u16();
             let location = response
                 .headers()
-                .get(reqwest::header::LOCATION)
+                .get(http::header::LOCATION)
                 .and_then(|l| l.to_str().ok())
                 .map(str::to_owned);
             let Some(location) = location.filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308))
@@ -443,8 +516,8 @@ impl Outbound {
             {
                 method = Method::GET;
                 body = Bytes::new();
-                headers.remove(reqwest::header::CONTENT_TYPE);
-                headers.remove(reqwest::header::CONTENT_LENGTH);
+                headers.remove(http::header::CONTENT_TYPE);
+                headers.remove(http::header::CONTENT_LENGTH);
             }
             if next.origin() != url.origin() {
                 for name in CREDENTIALS {
@@ -476,7 +549,7 @@ impl Outbound {
 }
 
 /// A transport error whose cause is the resolver's denial is a denial.
-fn classify_denied(e: reqwest::Error) -> Failure {
+fn classify_denied(e: hyper_util::client::legacy::Error) -> Failure {
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         if let Some(denied) = s.downcast_ref::<Denied>() {
@@ -487,7 +560,7 @@ fn classify_denied(e: reqwest::Error) -> Failure {
     Failure::Transport(e)
 }
 
-pub fn error_chain(e: &reqwest::Error) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {

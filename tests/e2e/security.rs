@@ -5,7 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use knocker_e2e::{eventually, ControlPlane, DnsServer, Envoy, EnvoyOptions, Reply, Target};
+use knocker_e2e::{
+    eventually, ControlPlane, DnsServer, Envoy, EnvoyOptions, Reply, Target, TestCert,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -859,4 +861,49 @@ async fn api_monitors_are_client_chosen_limited_in_number_and_quote_little() {
         .await
         .unwrap();
     assert_eq!(too_fast.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_targets_are_verified_against_the_systems_trust_store() {
+    // Two HTTPS targets named localhost: one with the certificate this machine's trust
+    // store holds (SSL_CERT_FILE, as the system's store is read), one with another,
+    // equally self-signed.
+    let trusted = TestCert::new(&["localhost"]);
+    let stranger = TestCert::new(&["localhost"]);
+    let good = Target::start_tls(&trusted, |_, _| Reply::status(200).with_body(b"ok")).await;
+    let impostor = Target::start_tls(&stranger, |_, _| Reply::status(200)).await;
+    let cp = ControlPlane::start(&[("SSL_CERT_FILE", trusted.cert_path.to_str().unwrap())]);
+    for (id, target) in [("tls-good", &good), ("tls-impostor", &impostor)] {
+        let host = format!("localhost:{}", target.port());
+        let (status, body) = knock(
+            &cp,
+            &[
+                ("Knocker-Host", &host),
+                ("Knocker-Scheme", "https"),
+                ("Knocker-Retries", "0"),
+                ("Knocker-Id", id),
+            ],
+        )
+        .await;
+        assert_eq!(status, 200, "{id}: {body}");
+    }
+    let delivered = finished(&cp, "tls-good", "").await;
+    assert_eq!(delivered["state"], "delivered", "{delivered}");
+    let got = good.wait_for(1, WAIT).await;
+    assert_eq!(
+        (got[0].method.as_str(), got[0].target.as_str()),
+        ("POST", "/x")
+    );
+    assert_eq!(got[0].body, b"payload");
+    assert_eq!(
+        got[0].header("host").as_deref(),
+        Some(&*format!("localhost:{}", good.port()))
+    );
+    // The impostor's certificate is refused in the handshake: nothing reaches it, and
+    // the attempt says why.
+    let refused = finished(&cp, "tls-impostor", "").await;
+    assert_eq!(refused["state"], "failed", "{refused}");
+    let error = first_error(&refused);
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    assert_eq!(impostor.count(), 0);
 }

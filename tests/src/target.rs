@@ -1,11 +1,12 @@
-//! A scriptable HTTP/1.1 target on a raw socket, recording every request exactly.
+//! A scriptable HTTP/1.1 target on a raw socket (or over TLS), recording every request
+//! exactly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 /// One request as it arrived.
@@ -165,6 +166,36 @@ impl Target {
         Self { addr, shared, task }
     }
 
+    /// The same over TLS (HTTP/1.1 by ALPN) with `cert`, on a loopback port.
+    pub async fn start_tls(
+        cert: &crate::TestCert,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let acceptor = cert.acceptor();
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind target");
+        let addr = listener.local_addr().expect("target addr");
+        let shared = Arc::new(Shared {
+            received: parking_lot::Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            script: Box::new(script),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, shared) = (acceptor.clone(), Arc::clone(&accept_shared));
+                connections.spawn(async move {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        serve(stream, shared).await;
+                    }
+                });
+            }
+        });
+        Self { addr, shared, task }
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -211,7 +242,7 @@ impl Drop for Target {
     }
 }
 
-async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, shared: Arc<Shared>) {
     let mut buf = Vec::new();
     loop {
         let Some(request) = read_request(&mut stream, &mut buf).await else {
@@ -260,7 +291,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 64 * 1024];
     match stream.read(&mut chunk).await {
         Ok(0) | Err(_) => false,
@@ -271,7 +302,7 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     }
 }
 
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Received> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<Received> {
     let head_end = loop {
         if let Some(i) = find(buf, b"\r\n\r\n") {
             break i;

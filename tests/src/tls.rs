@@ -50,6 +50,25 @@ impl TestCert {
     }
 }
 
+impl TestCert {
+    /// A TLS acceptor serving this certificate, HTTP/1.1 by ALPN.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).expect("PEM")];
+        let key = PrivateKeyDer::from_pem_file(&self.key_path).expect("key PEM");
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("certificate and key");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    }
+}
+
 impl Drop for TestCert {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -313,20 +313,17 @@ async fn send(
     id: &str,
     signed: &[(&'static str, String)],
 ) -> Result<u16, ReplayError> {
-    let method = reqwest::Method::from_bytes(request.method.as_bytes())
+    let method = http::Method::from_bytes(request.method.as_bytes())
         .map_err(|_| ReplayError::Unsendable("method"))?;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        "x-knocker",
-        reqwest::header::HeaderValue::from_static(VERSION),
-    );
+    let mut headers = http::header::HeaderMap::new();
+    headers.insert("x-knocker", http::header::HeaderValue::from_static(VERSION));
     headers.insert(
         "x-knocker-id",
-        reqwest::header::HeaderValue::from_str(id).map_err(|_| ReplayError::Unsendable("id"))?,
+        http::header::HeaderValue::from_str(id).map_err(|_| ReplayError::Unsendable("id"))?,
     );
     for (name, value) in signed {
-        if let Ok(v) = reqwest::header::HeaderValue::from_str(value) {
-            headers.insert(reqwest::header::HeaderName::from_static(name), v);
+        if let Ok(v) = http::header::HeaderValue::from_str(value) {
+            headers.insert(http::header::HeaderName::from_static(name), v);
         }
     }
     for (name, value) in &request.headers {
@@ -334,8 +331,8 @@ async fn send(
             continue;
         }
         if let (Ok(n), Ok(v)) = (
-            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
-            reqwest::header::HeaderValue::from_bytes(value),
+            http::header::HeaderName::from_bytes(name.as_bytes()),
+            http::header::HeaderValue::from_bytes(value),
         ) {
             headers.append(n, v);
         }

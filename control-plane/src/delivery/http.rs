@@ -5,7 +5,7 @@
 use std::error::Error as _;
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 
 use super::attempt::{code, Outcome};
 use super::backoff::parse_retry_after;
@@ -115,14 +115,13 @@ pub async fn send(
             "timeout is 0: every attempt times out".into(),
         );
     }
-    let Ok(method) = reqwest::Method::from_bytes(job.request.method.as_bytes()) else {
+    let Ok(method) = http::Method::from_bytes(job.request.method.as_bytes()) else {
         return fail(
             code::PROTOCOL,
             format!("invalid method {:?}", job.request.method),
         );
     };
-    let mut headers =
-        reqwest::header::HeaderMap::with_capacity(job.request.headers.len() + 3 + extra.len());
+    let mut headers = http::HeaderMap::with_capacity(job.request.headers.len() + 3 + extra.len());
     for (name, value) in extra {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(HeaderName::from_static(name), v);
@@ -161,7 +160,7 @@ pub async fn send(
             let retry_after_s = if status == 429 || status == 503 {
                 response
                     .headers()
-                    .get(reqwest::header::RETRY_AFTER)
+                    .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()))
             } else {
@@ -215,9 +214,11 @@ pub fn classify_failure(failure: &Failure) -> (u16, String) {
 
 /// Reads a little of the response so the connection can be reused; a large body is
 /// not worth reading, the connection is dropped instead.
-async fn drain(mut response: reqwest::Response, timeout: Duration) {
+async fn drain(mut response: outbound::Response, timeout: Duration) {
     let mut left: usize = 64 * 1024;
-    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(timeout, response.chunk()).await {
+    while let Ok(Ok(Some(chunk))) =
+        tokio::time::timeout(timeout, outbound::chunk(&mut response)).await
+    {
         match left.checked_sub(chunk.len()) {
             Some(rest) => left = rest,
             None => return,
@@ -227,10 +228,10 @@ async fn drain(mut response: reqwest::Response, timeout: Duration) {
 
 /// The one place that maps a transport failure to Knocker's codes: refused 502, other
 /// network errors 503, timeouts 504, protocol errors and unsupported schemes 418.
-pub fn classify(e: &reqwest::Error) -> (u16, String) {
+pub fn classify(e: &(dyn std::error::Error + 'static)) -> (u16, String) {
     let mut io_kind = None;
     let mut hyper_error = None;
-    let mut source = e.source();
+    let mut source = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
@@ -244,14 +245,11 @@ pub fn classify(e: &reqwest::Error) -> (u16, String) {
         source = s.source();
     }
     let reason = outbound::error_chain(e);
-    if e.is_timeout() || io_kind == Some(std::io::ErrorKind::TimedOut) {
+    if io_kind == Some(std::io::ErrorKind::TimedOut) {
         return (code::TIMEOUT, reason);
     }
     if io_kind == Some(std::io::ErrorKind::ConnectionRefused) {
         return (code::REFUSED, reason);
-    }
-    if e.is_builder() || e.is_redirect() {
-        return (code::PROTOCOL, reason);
     }
     if let Some((true, _)) = hyper_error {
         return (code::PROTOCOL, reason);

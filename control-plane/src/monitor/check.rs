@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::condition::{Check, Observed};
 use super::history::CheckResult;
@@ -68,11 +68,11 @@ async fn request(
     config: &MonitorConfig,
     timeout: std::time::Duration,
 ) -> Result<(u16, Vec<u8>), (String, Option<u16>)> {
-    let method = reqwest::Method::from_bytes(config.method.as_bytes())
+    let method = http::Method::from_bytes(config.method.as_bytes())
         .map_err(|_| (format!("invalid method {}", config.method), None))?;
     let mut headers = HeaderMap::new();
     headers.insert(
-        reqwest::header::USER_AGENT,
+        http::header::USER_AGENT,
         HeaderValue::from_static(concat!("knocker-monitor/", env!("CARGO_PKG_VERSION"))),
     );
     for (name, value) in &config.headers {
@@ -98,7 +98,7 @@ async fn request(
     let status = response.status().as_u16();
     let mut body = Vec::new();
     loop {
-        match response.chunk().await {
+        match outbound::chunk(&mut response).await {
             Ok(Some(chunk)) => {
                 body.extend_from_slice(&chunk);
                 if body.len() >= MAX_BODY {
