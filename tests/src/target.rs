@@ -149,6 +149,24 @@ impl Target {
         addr: SocketAddr,
         script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
     ) -> Self {
+        Self::listen(addr, None, script).await
+    }
+
+    /// The same over TLS (HTTP/1.1 by ALPN) with `cert`, on a loopback port.
+    pub async fn start_tls(
+        cert: &crate::TestCert,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::listen(loopback, Some(cert.acceptor()), script).await
+    }
+
+    /// Serves on `addr`, each connection over TLS when an acceptor is given.
+    async fn listen(
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind target");
         let addr = listener.local_addr().expect("target addr");
         let shared = Arc::new(Shared {
@@ -160,37 +178,15 @@ impl Target {
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                connections.spawn(serve(stream, Arc::clone(&accept_shared)));
-            }
-        });
-        Self { addr, shared, task }
-    }
-
-    /// The same over TLS (HTTP/1.1 by ALPN) with `cert`, on a loopback port.
-    pub async fn start_tls(
-        cert: &crate::TestCert,
-        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
-    ) -> Self {
-        let acceptor = cert.acceptor();
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind target");
-        let addr = listener.local_addr().expect("target addr");
-        let shared = Arc::new(Shared {
-            received: parking_lot::Mutex::new(Vec::new()),
-            arrived: Notify::new(),
-            script: Box::new(script),
-        });
-        let accept_shared = Arc::clone(&shared);
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                let (acceptor, shared) = (acceptor.clone(), Arc::clone(&accept_shared));
-                connections.spawn(async move {
-                    if let Ok(stream) = acceptor.accept(stream).await {
-                        serve(stream, shared).await;
-                    }
-                });
+                let shared = Arc::clone(&accept_shared);
+                match tls.clone() {
+                    None => connections.spawn(serve(stream, shared)),
+                    Some(acceptor) => connections.spawn(async move {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            serve(stream, shared).await;
+                        }
+                    }),
+                };
             }
         });
         Self { addr, shared, task }
