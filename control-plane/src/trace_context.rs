@@ -34,14 +34,18 @@ impl TraceParent {
         if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
             return None;
         }
+        // Lower-case hex only, as the specification says.
+        let nibble = |b: u8| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        };
         let hex = |s: &str, out: &mut [u8]| -> Option<()> {
-            if s.len() != out.len() * 2
-                || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            {
+            if s.len() != out.len() * 2 {
                 return None;
             }
-            for (i, byte) in out.iter_mut().enumerate() {
-                *byte = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+            for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+                *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
             }
             Some(())
         };
@@ -245,6 +249,9 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
             "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4g36-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47é-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-01",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }

@@ -44,7 +44,7 @@ use schema::{check_integrity, damaged, migrate, open_connection, INDEXES, TABLES
 use writer::PURGE;
 #[cfg(test)]
 use writer::WAKE_LANE;
-use writer::{checkpoint_loop, load, recover, write_loop, Command, Counts, Reply};
+use writer::{checkpoint_loop, load, recover, write_loop, AttemptRow, Command, Counts, Reply};
 
 pub use writer::QUARANTINED;
 
@@ -263,14 +263,8 @@ impl Store for SqliteStore {
         attempt: Attempt,
         next: Next,
     ) -> Result<(), StoreError> {
-        let job = Box::new(job.clone());
-        self.ask(|reply| Command::Finish {
-            job,
-            attempt,
-            next,
-            reply,
-        })
-        .await
+        let row = AttemptRow::new(job, &attempt)?;
+        self.ask(|reply| Command::Finish { row, next, reply }).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {

@@ -103,8 +103,7 @@ pub(super) enum Command {
         reply: Reply<()>,
     },
     Finish {
-        job: Box<Job>,
-        attempt: Attempt,
+        row: AttemptRow,
         next: Next,
         reply: Reply<()>,
     },
@@ -124,6 +123,47 @@ pub(super) enum Command {
         limit: usize,
         reply: Reply<u64>,
     },
+}
+
+/// What an attempt's outcome writes to its job's row. Not the job: its request, body and
+/// policy stay as they were written, so finishing an attempt copies none of them.
+pub(super) struct AttemptRow {
+    id: String,
+    /// The job's attempts, this one last, encoded as the row keeps them.
+    attempts: Vec<u8>,
+    /// When this attempt was made (the finish time of a job it ends).
+    at: Millis,
+    /// The job's due time as it stands (kept when the attempt ends the job).
+    next_attempt_at: Millis,
+    lane: Option<String>,
+}
+
+impl AttemptRow {
+    pub(super) fn new(job: &Job, attempt: &Attempt) -> Result<Self, StoreError> {
+        let attempts = postcard::to_stdvec(&Appended(&job.attempts, attempt))
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode the attempts: {e}")))?;
+        Ok(Self {
+            id: job.id.clone(),
+            attempts,
+            at: attempt.at,
+            next_attempt_at: job.next_attempt_at,
+            lane: job.lane.clone(),
+        })
+    }
+}
+
+/// A job's attempts and a new one, written as one list without copying the others.
+struct Appended<'a>(&'a [Attempt], &'a Attempt);
+
+impl serde::Serialize for Appended<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.len() + 1))?;
+        for attempt in self.0.iter().chain([self.1]) {
+            seq.serialize_element(attempt)?;
+        }
+        seq.end()
+    }
 }
 
 /// Makes jobs left in flight pending again and loads the counts by state (computing them
@@ -878,23 +918,18 @@ fn execute(
         }
         // Run before the rest of the batch (`commit_batch`).
         Command::Claim { .. } => Outcome::Claimed(Vec::new()),
-        Command::Finish {
-            job, attempt, next, ..
-        } => {
-            let mut attempts = job.attempts.clone();
-            attempts.push(attempt.clone());
-            let attempts = postcard::to_stdvec(&attempts).map_err(corrupt)?;
+        Command::Finish { row, next, .. } => {
             let (state, next_at, finished_at) = match next {
-                Next::Delivered => (State::Delivered, job.next_attempt_at, Some(attempt.at)),
+                Next::Delivered => (State::Delivered, row.next_attempt_at, Some(row.at)),
                 Next::Retry { at } => (State::Pending, *at, None),
-                Next::Failed { .. } => (State::Failed, job.next_attempt_at, Some(attempt.at)),
+                Next::Failed { .. } => (State::Failed, row.next_attempt_at, Some(row.at)),
             };
             let changed = tx
                 .prepare_cached(
                     "UPDATE jobs SET state = ?2, next_attempt_at = ?3, finished_at = ?4, attempts = ?5,
                      slack = NULL WHERE id = ?1 AND state = 1",
                 )?
-                .execute(params![job.id, state_code(state), next_at as i64, finished_at.map(|f| f as i64), attempts])?;
+                .execute(params![row.id, state_code(state), next_at as i64, finished_at.map(|f| f as i64), row.attempts])?;
             if changed == 1 {
                 deltas.moved(Some(State::InFlight), Some(state));
                 if let Next::Failed { callback: Some(cb) } = next {
@@ -902,7 +937,7 @@ fn execute(
                         deltas.moved(None, Some(State::Pending));
                     }
                 }
-                if let (Some(lane), Some(at)) = (&job.lane, finished_at) {
+                if let (Some(lane), Some(at)) = (&row.lane, finished_at) {
                     wake_lane(tx, lane, at)?;
                 }
             }
@@ -1032,8 +1067,7 @@ mod tests {
             latency_ms: 30_000,
         };
         let finish = Command::Finish {
-            job: Box::new(job),
-            attempt,
+            row: AttemptRow::new(&job, &attempt).unwrap(),
             next: Next::Delivered,
             reply: oneshot::channel().0,
         };
