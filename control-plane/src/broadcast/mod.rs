@@ -132,16 +132,7 @@ pub fn receipt(id: &str, group: &str, jobs: &[Job]) -> Value {
         .and_then(|b| b.get("group"))
         .and_then(Value::as_str)
         .unwrap_or(group);
-    let members: Vec<Value> = jobs
-        .iter()
-        .map(|job| {
-            json!({
-                "member": job.config.get("broadcast").and_then(|b| b.get("member")).map(crate::redact::json),
-                "id": job.id,
-                "url": crate::redact::url(&job.request.url),
-            })
-        })
-        .collect();
+    let members: Vec<Value> = jobs.iter().map(member).collect();
     let headers = first.map_or_else(Vec::new, |job| header_list(&job.request.headers));
     json!({
         "status": true,
@@ -150,6 +141,15 @@ pub fn receipt(id: &str, group: &str, jobs: &[Job]) -> Value {
         "method": first.map(|j| j.request.method.clone()),
         "headers": headers,
         "body-length": first.map_or(0, |j| j.request.body.len()),
+    })
+}
+
+/// One member of a broadcast's receipt: the member (redacted), its job id and URL.
+pub fn member(job: &Job) -> Value {
+    json!({
+        "member": job.config.get("broadcast").and_then(|b| b.get("member")).map(crate::redact::json),
+        "id": job.id,
+        "url": crate::redact::url(&job.request.url),
     })
 }
 

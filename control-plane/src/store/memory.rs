@@ -85,10 +85,10 @@ impl Store for MemoryStore {
     async fn insert(&self, job: Job) -> Result<Inserted, StoreError> {
         let mut inner = self.inner.lock();
         if let Some(existing) = inner.jobs.get(&job.id) {
-            return Ok(Inserted::Existing(existing.clone()));
+            return Ok(Inserted::Existing(Box::new(existing.clone())));
         }
-        inner.add(job.clone());
-        Ok(Inserted::Created(job))
+        inner.add(job);
+        Ok(Inserted::Created)
     }
 
     async fn insert_all(&self, jobs: Vec<Job>) -> Result<Vec<Inserted>, StoreError> {
@@ -96,10 +96,10 @@ impl Store for MemoryStore {
         Ok(jobs
             .into_iter()
             .map(|job| match inner.jobs.get(&job.id) {
-                Some(existing) => Inserted::Existing(existing.clone()),
+                Some(existing) => Inserted::Existing(Box::new(existing.clone())),
                 None => {
-                    inner.add(job.clone());
-                    Inserted::Created(job)
+                    inner.add(job);
+                    Inserted::Created
                 }
             })
             .collect())

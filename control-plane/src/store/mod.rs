@@ -87,9 +87,11 @@ pub enum StoreError {
 /// What [`Store::insert`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inserted {
-    Created(Job),
+    /// The job is committed. It is the store's now (an engine may hand it straight to the
+    /// delivery loop): a caller keeps what it needs of it (its id, its receipt) beforehand.
+    Created,
     /// A job with this id was already there: it is returned, nothing is added.
-    Existing(Job),
+    Existing(Box<Job>),
 }
 
 /// How an attempt ends a job's turn.

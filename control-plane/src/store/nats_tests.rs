@@ -119,7 +119,7 @@ async fn nats_insert_claim_retry_fail_and_callback() {
     let store = server.store(Duration::from_secs(30)).await;
     assert!(matches!(
         store.insert(job("a")).await.unwrap(),
-        Inserted::Created(_)
+        Inserted::Created
     ));
     store.insert(job("b")).await.unwrap();
     let mut again = job("a");
@@ -271,7 +271,7 @@ async fn nats_insert_all_and_find_prefix() {
     let store = server.store(Duration::from_secs(30)).await;
     let jobs: Vec<Job> = (0..3).map(|i| job(&format!("bc.{i}"))).collect();
     let inserted = store.insert_all(jobs).await.unwrap();
-    assert!(inserted.iter().all(|i| matches!(i, Inserted::Created(_))));
+    assert!(inserted.iter().all(|i| matches!(i, Inserted::Created)));
     store.insert(job("bcx")).await.unwrap();
     let found: Vec<String> = store
         .find_prefix("bc.", 10)

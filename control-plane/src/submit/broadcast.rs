@@ -120,18 +120,20 @@ impl Submitter {
             return reply;
         }
         let jobs = broadcast::member_jobs(&fanout, submission, self.time.now_ms());
+        // Written before the commit: the member jobs are the store's once committed.
+        let mut receipt = broadcast::receipt(&id, group, &jobs);
         match self.store.insert_all(jobs).await {
             Ok(inserted) => {
                 self.wake.notify_one();
-                let jobs: Vec<Job> = inserted
-                    .into_iter()
-                    .map(|i| match i {
-                        Inserted::Created(job) | Inserted::Existing(job) => job,
-                    })
-                    .collect();
-                tracing::debug!(broadcast_id = %id, group, members = jobs.len(), "broadcast accepted");
-                Reply::json(status, &broadcast::receipt(&id, group, &jobs))
-                    .with_header("knocker-id", id)
+                // A member stored already (the same broadcast sent twice at once) is
+                // shown as it is stored.
+                for (k, outcome) in inserted.iter().enumerate() {
+                    if let Inserted::Existing(stored) = outcome {
+                        receipt["members"][k] = broadcast::member(stored);
+                    }
+                }
+                tracing::debug!(broadcast_id = %id, group, members = inserted.len(), "broadcast accepted");
+                Reply::json(status, &receipt).with_header("knocker-id", id)
             }
             Err(e) => {
                 tracing::error!(error = %e, "broadcast refused: the store cannot commit");

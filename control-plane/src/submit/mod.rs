@@ -163,13 +163,16 @@ impl Submitter {
             return reply;
         }
         let asked = Reply::json(status, &receipt(&job));
+        // The job is the store's once committed (it may go straight to delivery).
+        let id = job.id.clone();
+        let url = tracing::enabled!(tracing::Level::DEBUG).then(|| job.request.url.clone());
         match self.store.insert(job).await {
-            Ok(Inserted::Created(job)) => {
+            Ok(Inserted::Created) => {
                 self.wake.notify_one();
-                tracing::debug!(job_id = %job.id, url = %job.request.url, "job accepted");
-                asked.with_header("knocker-id", job.id.clone())
+                tracing::debug!(job_id = %id, url = url.as_deref().unwrap_or_default(), "job accepted");
+                asked.with_header("knocker-id", id)
             }
-            Ok(Inserted::Existing(job)) => asked.with_header("knocker-id", job.id.clone()),
+            Ok(Inserted::Existing(_)) => asked.with_header("knocker-id", id),
             Err(e) => {
                 tracing::error!(error = %e, "submission refused: the store cannot commit");
                 Reply::from(&e)

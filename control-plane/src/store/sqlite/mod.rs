@@ -625,7 +625,7 @@ mod tests {
         ] {
             assert!(matches!(
                 store.insert(job).await.unwrap(),
-                Inserted::Created(_)
+                Inserted::Created
             ));
         }
         for id in ["a", "b", "c"] {

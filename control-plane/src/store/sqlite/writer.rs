@@ -261,13 +261,10 @@ pub(super) fn write_loop(
             }
         }
         match outcome {
-            Ok(mut committed) => {
+            Ok(committed) => {
                 crate::metrics::get().committed(batch.len(), started.elapsed());
                 committed.deltas.apply(counts);
-                committed.hand_over(&batch, &mut handover);
-                for (command, outcome) in batch.into_iter().zip(committed.outcomes) {
-                    outcome.send(command);
-                }
+                committed.answer(batch, &mut handover);
             }
             Err(e) => {
                 tracing::error!(error = %e, batch = batch.len(), "the store could not commit; the batch is refused");
@@ -333,7 +330,7 @@ const ROOM_JOBS: usize = 1000;
 /// batch and the ones after it until the next claim: they are written in flight and
 /// handed over as they are, not written pending and then read back, decoded and marked
 /// by the next claim. Nothing of `handover` changes here: what the batch did to it is
-/// applied by [`Committed::hand_over`] once it is committed.
+/// applied by [`Committed::answer`] once it is committed.
 fn commit_batch(
     conn: &mut Connection,
     batch: &[Command],
@@ -347,7 +344,7 @@ fn commit_batch(
     let mut claims = Vec::new();
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
     let mut kept = handover.ready.iter();
-    for (i, command) in batch.iter().enumerate() {
+    for command in batch {
         outcomes.push(match command {
             Command::Claim {
                 now, limit, caps, ..
@@ -370,9 +367,8 @@ fn commit_batch(
                     left: *limit - from_ready - rows.len(),
                     caps: caps.clone(),
                     taken,
-                    fresh: Vec::new(),
                 });
-                claims.push((i, from_ready));
+                claims.push(from_ready);
                 Some(Outcome::Claimed(rows))
             }
             _ => None,
@@ -419,8 +415,6 @@ struct Spare {
     caps: HostCaps,
     /// Jobs taken per capped host, the claim's own included.
     taken: std::collections::HashMap<String, usize>,
-    /// New jobs of this batch, written in flight.
-    fresh: Vec<Job>,
 }
 
 impl Spare {
@@ -442,10 +436,9 @@ impl Spare {
         }
     }
 
-    fn hand_over(&mut self, job: &Job) {
-        let mut job = job.clone();
-        job.state = State::InFlight;
-        self.fresh.push(job);
+    /// Counts a slot filled by a new job written in flight. The job itself moves out of
+    /// its command once the batch is committed ([`Committed::answer`]).
+    fn hand_over(&mut self) {
         self.left -= 1;
     }
 }
@@ -456,39 +449,80 @@ struct Committed {
     deltas: Deltas,
     /// The slots left spare after it.
     spare: Option<Spare>,
-    /// Its claims: where each is in the batch, and how many kept jobs it takes.
-    claims: Vec<(usize, usize)>,
+    /// How many kept jobs each of its claims takes, in batch order.
+    claims: Vec<usize>,
 }
 
 impl Committed {
-    /// Applies the batch to `handover`: each claim gets its kept jobs first and the
-    /// last one the batch's new jobs; without a claim, they are kept for the next one.
-    /// Jobs deleted in the batch are not handed over.
-    fn hand_over(&mut self, batch: &[Command], handover: &mut Handover) {
-        let mut fresh = self
-            .spare
-            .as_mut()
-            .map(|spare| std::mem::take(&mut spare.fresh))
-            .unwrap_or_default();
-        let last = self.claims.len().saturating_sub(1);
-        for (k, &(i, from_ready)) in self.claims.iter().enumerate() {
-            if let Outcome::Claimed(rows) = &mut self.outcomes[i] {
-                let mut jobs: Vec<Job> = handover.ready.drain(..from_ready).collect();
-                jobs.append(rows);
-                if k == last {
-                    jobs.append(&mut fresh);
+    /// Answers each command of the batch and applies the batch to `handover`. The new
+    /// jobs written in flight move out of their commands (the store is their owner now,
+    /// see [`Inserted::Created`]); each claim gets its kept jobs first and the last one
+    /// the batch's new jobs; without a claim, they are kept for the next one. Jobs
+    /// deleted in the batch are not kept.
+    fn answer(self, batch: Vec<Command>, handover: &mut Handover) {
+        let mut fresh = Vec::new();
+        let mut claimed = Vec::with_capacity(self.claims.len());
+        let mut deleted = Vec::new();
+        for (command, outcome) in batch.into_iter().zip(self.outcomes) {
+            match (command, outcome) {
+                (
+                    Command::Insert(job, reply),
+                    Outcome::Inserted(Ok(Stored::New { handed_over })),
+                ) => {
+                    if handed_over {
+                        fresh.push(in_flight(*job));
+                    }
+                    let _ = reply.send(Ok(Inserted::Created));
                 }
-                *rows = jobs;
+                (Command::InsertAll(jobs, reply), Outcome::InsertedAll(Ok(stored))) => {
+                    let answers = jobs
+                        .into_iter()
+                        .zip(stored)
+                        .map(|(job, stored)| match stored {
+                            Stored::New { handed_over } => {
+                                if handed_over {
+                                    fresh.push(in_flight(job));
+                                }
+                                Inserted::Created
+                            }
+                            Stored::Existing(existing) => Inserted::Existing(existing),
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(answers));
+                }
+                (Command::Claim { reply, .. }, Outcome::Claimed(rows)) => {
+                    claimed.push((reply, rows));
+                }
+                (command, outcome) => {
+                    if let (Command::Delete { id, .. }, Outcome::Deleted(true)) =
+                        (&command, &outcome)
+                    {
+                        deleted.push(id.clone());
+                    }
+                    outcome.send(command);
+                }
             }
+        }
+        let last = claimed.len().saturating_sub(1);
+        for (k, ((reply, rows), from_ready)) in claimed.into_iter().zip(self.claims).enumerate() {
+            let mut jobs: Vec<Job> = handover.ready.drain(..from_ready).collect();
+            jobs.extend(rows);
+            if k == last {
+                jobs.append(&mut fresh);
+            }
+            let _ = reply.send(Ok(jobs));
         }
         handover.ready.append(&mut fresh);
-        handover.spare = self.spare.take();
-        for (command, outcome) in batch.iter().zip(&self.outcomes) {
-            if let (Command::Delete { id, .. }, Outcome::Deleted(true)) = (command, outcome) {
-                handover.ready.retain(|job| &job.id != id);
-            }
+        handover.spare = self.spare;
+        for id in deleted {
+            handover.ready.retain(|job| job.id != id);
         }
     }
+}
+
+fn in_flight(mut job: Job) -> Job {
+    job.state = State::InFlight;
+    job
 }
 
 /// Marks up to `limit` due jobs in flight (earliest first, within `caps`, counting
@@ -578,13 +612,12 @@ fn delete_finished(
 
 /// The result of one command inside a batch, sent once the batch is committed.
 enum Outcome {
-    /// `Ok(None)`: created (the job is moved out of the command); `Ok(Some)`: existing.
-    Inserted(Result<Option<Job>, Refusal>),
+    Inserted(Result<Stored, Refusal>),
     /// The same, per job of an `InsertAll`.
-    InsertedAll(Result<Vec<Option<Job>>, Refusal>),
+    InsertedAll(Result<Vec<Stored>, Refusal>),
     Claimed(Vec<Job>),
     Finished,
-    Replayed(Option<Job>),
+    Replayed(Option<Box<Job>>),
     Deleted(bool),
     Purged(u64),
     Failed(String),
@@ -594,23 +627,15 @@ impl Outcome {
     fn send(self, command: Command) {
         let failed = |e: &str| StoreError::Unavailable(e.to_owned());
         match (command, self) {
-            (Command::Insert(job, reply), Self::Inserted(r)) => {
+            (Command::Insert(_, reply), Self::Inserted(r)) => {
                 let _ = reply.send(match r {
-                    Ok(None) => Ok(Inserted::Created(*job)),
-                    Ok(Some(existing)) => Ok(Inserted::Existing(existing)),
+                    Ok(stored) => Ok(stored.into()),
                     Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
                 });
             }
-            (Command::InsertAll(jobs, reply), Self::InsertedAll(r)) => {
+            (Command::InsertAll(_, reply), Self::InsertedAll(r)) => {
                 let _ = reply.send(match r {
-                    Ok(existing) => Ok(jobs
-                        .into_iter()
-                        .zip(existing)
-                        .map(|(job, existing)| match existing {
-                            None => Inserted::Created(job),
-                            Some(stored) => Inserted::Existing(stored),
-                        })
-                        .collect()),
+                    Ok(stored) => Ok(stored.into_iter().map(Into::into).collect()),
                     Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
                 });
             }
@@ -618,7 +643,9 @@ impl Outcome {
             (Command::Finish { reply, .. } | Command::Release { reply, .. }, Self::Finished) => {
                 drop(reply.send(Ok(())))
             }
-            (Command::Replay { reply, .. }, Self::Replayed(job)) => drop(reply.send(Ok(job))),
+            (Command::Replay { reply, .. }, Self::Replayed(job)) => {
+                drop(reply.send(Ok(job.map(|job| *job))))
+            }
             (Command::Delete { reply, .. }, Self::Deleted(existed)) => {
                 drop(reply.send(Ok(existed)))
             }
@@ -716,6 +743,22 @@ const INSERT: &str =
     "INSERT INTO jobs (id, state, next_attempt_at, created_at, host, spec, attempts, lane, slack)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, x'', ?7, zeroblob(?8)) ON CONFLICT (id) DO NOTHING";
 
+/// What a submission found: its job is new (and whether it was written in flight for
+/// the batch's claim), or the job stored with its id.
+enum Stored {
+    New { handed_over: bool },
+    Existing(Box<Job>),
+}
+
+impl From<Stored> for Inserted {
+    fn from(stored: Stored) -> Self {
+        match stored {
+            Stored::New { .. } => Self::Created,
+            Stored::Existing(job) => Self::Existing(job),
+        }
+    }
+}
+
 /// What [`insert_row`] did.
 #[derive(PartialEq)]
 enum Written {
@@ -767,7 +810,7 @@ fn insert_row(tx: &Connection, job: &Job, spare: Option<&mut Spare>) -> rusqlite
     ])?;
     Ok(match (changed == 1, spare) {
         (true, Some(h)) => {
-            h.hand_over(job);
+            h.hand_over();
             Written::HandedOver
         }
         (true, None) => Written::Pending,
@@ -884,23 +927,27 @@ fn execute(
             if open + jobs.len() as i128 > i128::from(limits.max_pending) {
                 return Ok(Outcome::InsertedAll(Err(Refusal::Full(open.max(0) as u64))));
             }
-            let mut existing = Vec::with_capacity(jobs.len());
+            let mut stored = Vec::with_capacity(jobs.len());
             for job in jobs {
-                match insert_row(tx, job, spare.as_deref_mut())? {
-                    Written::Exists => existing.push(load(tx, &job.id)?),
+                stored.push(match insert_row(tx, job, spare.as_deref_mut())? {
+                    Written::Exists => Stored::Existing(Box::new(
+                        load(tx, &job.id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?,
+                    )),
                     written => {
                         deltas.moved(None, Some(written.state()));
-                        existing.push(None);
+                        Stored::New {
+                            handed_over: written == Written::HandedOver,
+                        }
                     }
-                }
+                });
             }
-            Outcome::InsertedAll(Ok(existing))
+            Outcome::InsertedAll(Ok(stored))
         }
         Command::Insert(job, _) => {
             if open >= i128::from(limits.max_pending) {
                 // Full — but a resubmission of a stored job still gets its receipt.
                 return Ok(Outcome::Inserted(match load(tx, &job.id)? {
-                    Some(existing) => Ok(Some(existing)),
+                    Some(existing) => Ok(Stored::Existing(Box::new(existing))),
                     None => Err(Refusal::Full(open.max(0) as u64)),
                 }));
             }
@@ -908,11 +955,13 @@ fn execute(
                 Written::Exists => {
                     let existing =
                         load(tx, &job.id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-                    Outcome::Inserted(Ok(Some(existing)))
+                    Outcome::Inserted(Ok(Stored::Existing(Box::new(existing))))
                 }
                 written => {
                     deltas.moved(None, Some(written.state()));
-                    Outcome::Inserted(Ok(None))
+                    Outcome::Inserted(Ok(Stored::New {
+                        handed_over: written == Written::HandedOver,
+                    }))
                 }
             }
         }
@@ -966,7 +1015,7 @@ fn execute(
                     wake_lane(tx, lane, *now)?;
                 }
             }
-            Outcome::Replayed(load(tx, id)?)
+            Outcome::Replayed(load(tx, id)?.map(Box::new))
         }
         Command::Delete { id, now, .. } => {
             let found: Option<(i64, Option<String>)> = tx
