@@ -215,7 +215,7 @@ pub async fn serve(
     );
     let http = ingress::http::serve(
         listeners.http,
-        ingress::http::router(Arc::clone(&submit), api, doors),
+        ingress::http::Front::new(Arc::clone(&submit), api, doors),
         doors,
         shutdown.clone(),
     );

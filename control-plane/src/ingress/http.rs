@@ -2,16 +2,18 @@
 //! plus the status URL (through the shared submit path); `/knocker/…` and `GET /metrics`
 //! go to the admin API.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{ConnectInfo, Request};
+use axum::response::{IntoResponse as _, Response};
 use axum::Router;
+use bytes::Bytes;
 use futures_util::StreamExt as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -25,18 +27,52 @@ use crate::job::spec::Submission;
 use crate::metrics::Door;
 use crate::submit::{Reply, Submitter};
 
-/// Every request is a Knocker submission, except `/knocker/…` API calls (those without
-/// a `Knocker-Host` header; the status URL goes through the submit path), which go to
-/// `api`.
-pub fn router(ingress: Arc<Submitter>, api: Router, doors: &Doors) -> Router {
-    let limits = BodyLimits {
-        bytes: doors.max_body_bytes,
-        time: doors.body_timeout,
-    };
-    Router::new()
-        .fallback(move |state, peer, request: Request| dispatch(api.clone(), state, peer, request))
-        .layer(axum::middleware::from_fn_with_state(limits, read_body))
-        .with_state(ingress)
+/// The HTTP door: every request is a Knocker submission, except `/knocker/…` API calls
+/// (those without a `Knocker-Host` header; the status URL goes through the submit path)
+/// and `GET /metrics`, which go to `api`.
+///
+/// Submissions are answered here, not through the API's router: a job costs no routing,
+/// no middleware and no extractors (6% of the control plane's instructions per job went
+/// there, `scripts/instructions-per-job.sh`).
+pub struct Front {
+    submitter: Arc<Submitter>,
+    api: Router,
+    limits: BodyLimits,
+}
+
+impl Front {
+    pub fn new(submitter: Arc<Submitter>, api: Router, doors: &Doors) -> Self {
+        Self {
+            submitter,
+            api,
+            limits: BodyLimits {
+                bytes: doors.max_body_bytes,
+                time: doors.body_timeout,
+            },
+        }
+    }
+
+    async fn answer(&self, peer: SocketAddr, request: http::Request<Incoming>) -> Response {
+        let (parts, body) = request.into_parts();
+        let body = match read_body(body, self.limits).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
+        };
+        let path = parts.uri.path();
+        // `/metrics` without `Knocker-Host` could only be refused as a submission.
+        let is_api = (path.starts_with("/knocker/") && path != self.submitter.status_url
+            || path == "/metrics")
+            && !parts.headers.contains_key("knocker-host");
+        if is_api {
+            let mut request = Request::from_parts(parts, Body::from(body));
+            request.extensions_mut().insert(ConnectInfo(peer));
+            return match self.api.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(infallible) => match infallible {},
+            };
+        }
+        submit(&self.submitter, peer, parts, body).await
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -48,11 +84,9 @@ struct BodyLimits {
 /// Every request's body is read here, whole, within `KNOCKER_MAX_BODY_BYTES` (413) and
 /// `KNOCKER_BODY_TIMEOUT` (408): a client that stalls in its body does not hold a
 /// connection and a task for ever, on the submit path and the API alike.
-async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
-    let (parts, body) = request.into_parts();
-    let body = match tokio::time::timeout(limits.time, axum::body::to_bytes(body, limits.bytes))
-        .await
-    {
+async fn read_body(body: Incoming, limits: BodyLimits) -> Result<Bytes, Response> {
+    let limited = http_body_util::Limited::new(body, limits.bytes);
+    match tokio::time::timeout(limits.time, limited.collect()).await {
         Err(_) => {
             let reply = Reply::error(
                 408,
@@ -62,20 +96,32 @@ async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Nex
                     limits.time
                 ),
             );
-            return Reply::into_response(reply.with_header("connection", "close"));
+            Err(Reply::into_response(
+                reply.with_header("connection", "close"),
+            ))
         }
-        Ok(Err(_)) => {
-            return Reply::into_response(Reply::error(413, "body", &body_too_large(limits.bytes)))
-        }
-        Ok(Ok(body)) => body,
-    };
-    next.run(Request::from_parts(parts, Body::from(body))).await
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Reply::into_response(
+            Reply::error(413, "body", &body_too_large(limits.bytes)),
+        )),
+        Ok(Err(e)) => Err(Reply::into_response(Reply::error(
+            400,
+            "body",
+            &format!("The request body could not be read: {e}."),
+        ))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
 }
 
-/// Serves the router on `listener` until `shutdown`, with the connection limits of
+/// Serves `front` on `listener` until `shutdown`, with the connection limits of
 /// [`super::conn`] and hyper's header deadline; then lets open requests finish (5 s at
 /// most).
-pub async fn serve(listener: TcpListener, app: Router, doors: &Doors, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    front: Front,
+    doors: &Doors,
+    shutdown: CancellationToken,
+) {
+    let front = Arc::new(front);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -95,10 +141,10 @@ pub async fn serve(listener: TcpListener, app: Router, doors: &Doors, shutdown: 
         };
         let Some(Ok(io)) = next else { break };
         let peer = io.peer();
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(request.map(Body::new))
+        let front = Arc::clone(&front);
+        let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let front = Arc::clone(&front);
+            async move { Ok::<_, Infallible>(front.answer(peer, request).await) }
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -118,37 +164,12 @@ pub async fn serve(listener: TcpListener, app: Router, doors: &Doors, shutdown: 
     }
 }
 
-async fn dispatch(
-    api: Router,
-    state: State<Arc<Submitter>>,
-    peer: ConnectInfo<SocketAddr>,
-    request: Request,
-) -> Response {
-    let path = request.uri().path();
-    // `/metrics` without `Knocker-Host` could only be refused as a submission.
-    let is_api = (path.starts_with("/knocker/") && path != state.0.status_url
-        || path == "/metrics")
-        && !request.headers().contains_key("knocker-host");
-    if is_api {
-        return match api.oneshot(request).await {
-            Ok(response) => response,
-            Err(infallible) => match infallible {},
-        };
-    }
-    submit(state, peer, request).await
-}
-
 async fn submit(
-    State(ingress): State<Arc<Submitter>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
+    ingress: &Submitter,
+    peer: SocketAddr,
+    parts: http::request::Parts,
+    body: Bytes,
 ) -> Response {
-    let (parts, body) = request.into_parts();
-    // Read whole, within the limits, by `read_body` already.
-    let body = match axum::body::to_bytes(body, usize::MAX).await {
-        Ok(body) => body,
-        Err(e) => return Reply::into_response(Reply::error(400, "body", &e.to_string())),
-    };
     let submission = Submission {
         method: parts.method.as_str().to_owned(),
         path: parts
