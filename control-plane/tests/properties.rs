@@ -72,7 +72,7 @@ proptest! {
     ) {
         let settings = Defaults::default();
         let s = submission(headers, "/p?q".into(), "POST".into());
-        match build_job(&settings, &s, 1000, || "id".into()) {
+        match build_job(&settings, s, 1000, || "id".into()) {
             Ok(job) => {
                 prop_assert!(job.policy.timeout.is_finite() && job.policy.timeout <= settings.timeout_max);
                 prop_assert!(job.policy.backoff_factor <= settings.backoff_factor_max);

@@ -64,6 +64,12 @@ const HOP_BY_HOP: &[&str] = &[
 /// internal `x-envoy-*` dropped; `knocker-*` become config (first value wins); the rest
 /// is forwarded in its original order.
 pub fn split_headers(headers: &[(String, Vec<u8>)]) -> (BTreeMap<String, Vec<u8>>, Headers) {
+    split_owned_headers(headers.to_vec())
+}
+
+/// [`split_headers`] of headers the caller gives up: names are lower-cased in place and
+/// values moved, nothing is copied.
+pub fn split_owned_headers(headers: Headers) -> (BTreeMap<String, Vec<u8>>, Headers) {
     // Headers named by `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
     let connection_named: Vec<String> = headers
         .iter()
@@ -76,9 +82,9 @@ pub fn split_headers(headers: &[(String, Vec<u8>)]) -> (BTreeMap<String, Vec<u8>
         })
         .collect();
     let mut config = BTreeMap::new();
-    let mut forwarded = Vec::new();
-    for (name, value) in headers {
-        let name = name.to_ascii_lowercase();
+    let mut forwarded = Vec::with_capacity(headers.len());
+    for (mut name, value) in headers {
+        name.make_ascii_lowercase();
         if name.starts_with(':')
             || HOP_BY_HOP.contains(&name.as_str())
             || name.starts_with("x-envoy-")
@@ -87,9 +93,9 @@ pub fn split_headers(headers: &[(String, Vec<u8>)]) -> (BTreeMap<String, Vec<u8>
             continue;
         }
         if name.starts_with("knocker-") {
-            config.entry(name).or_insert_with(|| value.clone());
+            config.entry(name).or_insert(value);
         } else {
-            forwarded.push((name, value.clone()));
+            forwarded.push((name, value));
         }
     }
     (config, forwarded)
@@ -150,20 +156,51 @@ pub fn reserved_id(id: &str) -> Option<String> {
     None
 }
 
+/// The bytes of an HTTP token (RFC 9110 §5.6.2), and `:` (of pseudo-headers).
+const TOKEN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+                    | b':'
+            );
+        i += 1;
+    }
+    table
+};
+
 /// The first header a client may not send as it is: a name that is not an HTTP token,
 /// or a value with a control character (tab aside) — nothing of the kind is stored or
 /// forwarded. Returns the field to name and why.
 pub fn unsafe_header(headers: &[(String, Vec<u8>)]) -> Option<(String, &'static str)> {
     headers.iter().find_map(|(name, value)| {
-        let is_token = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) || b == b':');
+        let is_token = !name.is_empty() && name.bytes().all(|b| TOKEN[usize::from(b)]);
         if !is_token {
             let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
             return Some((shown, "Not a valid header name."));
         }
-        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        // Without an early exit the loop is vectorised: a value is short, and clean.
+        let control = value.iter().fold(false, |seen, &b| {
+            seen | (b < 0x20 && b != b'\t') | (b == 0x7f)
+        });
+        if control {
             return Some((
                 name.to_ascii_lowercase(),
                 "Control characters are not allowed.",
@@ -204,14 +241,22 @@ impl Default for Defaults {
     }
 }
 
-/// Builds the job a submission asks for, or every reason it cannot.
+/// Builds the job a submission asks for, or every reason it cannot. The job takes the
+/// submission's headers and body as they are.
 pub fn build_job(
     defaults: &Defaults,
-    submission: &Submission,
+    submission: Submission,
     now: Millis,
     new_id: impl FnOnce() -> String,
 ) -> Result<Job, Errors> {
-    let (raw, forwarded) = split_headers(&submission.headers);
+    let Submission {
+        method,
+        path,
+        headers,
+        body,
+        ..
+    } = submission;
+    let (raw, forwarded) = split_owned_headers(headers);
     let mut errors = Errors::default();
     let text = |name: &str, errors: &mut Errors| -> Option<String> {
         let value = raw.get(name)?;
@@ -311,12 +356,12 @@ pub fn build_job(
         }
     }
 
-    let path = submission.absolute_path();
+    let slash = if path.starts_with('/') { "" } else { "/" };
     let request = Request {
-        method: submission.method.clone(),
-        url: format!("{scheme}://{host_port}{path}"),
+        method,
+        url: format!("{scheme}://{host_port}{slash}{path}"),
         headers: forwarded,
-        body: submission.body.clone(),
+        body,
     };
     let policy = Policy {
         timeout,
@@ -490,7 +535,7 @@ mod tests {
             rule: None,
             broadcast_rule: None,
         };
-        build_job(&settings(), &sub, 1000, || "generated".into())
+        build_job(&settings(), sub, 1000, || "generated".into())
     }
 
     fn errors(headers: &[(&str, &str)]) -> BTreeMap<String, Vec<String>> {
@@ -677,7 +722,7 @@ mod tests {
             headers: vec![("knocker-host".into(), b"c.example".to_vec())],
             ..Submission::default()
         };
-        let e = build_job(&s, &sub, 0, String::new).unwrap_err();
+        let e = build_job(&s, sub, 0, String::new).unwrap_err();
         assert_eq!(
             e.0["knocker-host"],
             ["Host 'c.example' is not in allowed hosts: a.example, b.example"]
@@ -686,7 +731,7 @@ mod tests {
             headers: vec![("knocker-host".into(), b"a.example:8443".to_vec())],
             ..Submission::default()
         };
-        assert!(build_job(&s, &ok, 0, String::new).is_ok());
+        assert!(build_job(&s, ok, 0, String::new).is_ok());
     }
 
     #[test]
@@ -738,6 +783,23 @@ mod tests {
             "Not a valid header name."
         );
         assert_eq!(unsafe_header(&h("x", b"\x00")).unwrap().0, "x");
+        assert!(unsafe_header(&h("x", b"a\x7fb")).is_some(), "DEL");
+        assert_eq!(unsafe_header(&h("x", "é, obs-text".as_bytes())), None);
+    }
+
+    /// Every byte, in a name and in a value, against RFC 9110's definitions.
+    #[test]
+    fn header_bytes_are_judged_one_by_one() {
+        for b in 0..=255u8 {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b);
+            let name = String::from_utf8_lossy(&[b'x', b]).into_owned();
+            let judged = unsafe_header(&[(name, b"v".to_vec())]);
+            assert_eq!(judged.is_none(), tchar, "byte {b:#04x} in a name");
+            let control = (b < 0x20 && b != b'\t') || b == 0x7f;
+            let judged =
+                unsafe_header(&[("x".into(), vec![b'v'; 40].into_iter().chain([b]).collect())]);
+            assert_eq!(judged.is_some(), control, "byte {b:#04x} in a value");
+        }
     }
 
     #[test]

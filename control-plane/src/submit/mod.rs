@@ -146,7 +146,7 @@ impl Submitter {
             return self.broadcast(&submission, &group, None, 200).await;
         }
         let now = self.time.now_ms();
-        let job = match build_job(&self.defaults, &submission, now, new_id) {
+        let job = match build_job(&self.defaults, submission, now, new_id) {
             Ok(job) => job,
             Err(errors) => return Reply::invalid(&errors),
         };
