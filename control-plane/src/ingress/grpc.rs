@@ -179,7 +179,7 @@ pub async fn handle(
         headers: r
             .headers
             .into_iter()
-            .map(|h| (String::from_utf8_lossy(&h.name).into_owned(), h.value))
+            .map(|h| (header_name(h.name), h.value))
             .collect(),
         body: r.body,
         remote: Some(r.downstream_address).filter(|a| !a.is_empty()),
@@ -188,6 +188,12 @@ pub async fn handle(
         broadcast_rule,
     };
     to_proto(ingress.submit_by(Door::Grpc, submission).await)
+}
+
+/// A header name as sent (its bytes kept, not copied), or with U+FFFD for what is not
+/// UTF-8 (the submission check then refuses it by name).
+fn header_name(name: Vec<u8>) -> String {
+    String::from_utf8(name).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Why the filter handed a request over.
@@ -274,5 +280,16 @@ fn to_proto(reply: Reply) -> SubmitReply {
             })
             .collect(),
         body: reply.body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_name;
+
+    #[test]
+    fn a_header_name_is_kept_as_sent_or_shows_what_is_not_utf8() {
+        assert_eq!(header_name(b"knocker-host".to_vec()), "knocker-host");
+        assert_eq!(header_name(b"x-\xffa".to_vec()), "x-\u{fffd}a");
     }
 }
