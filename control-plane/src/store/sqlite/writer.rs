@@ -467,11 +467,9 @@ impl Committed {
             match (command, outcome) {
                 (
                     Command::Insert(job, reply),
-                    Outcome::Inserted(Ok(Stored::New { handed_over })),
+                    Outcome::Inserted(Ok(Stored::New { handed_over: true })),
                 ) => {
-                    if handed_over {
-                        fresh.push(in_flight(*job));
-                    }
+                    fresh.push(in_flight(*job));
                     let _ = reply.send(Ok(Inserted::Created));
                 }
                 (Command::InsertAll(jobs, reply), Outcome::InsertedAll(Ok(stored))) => {
