@@ -20,9 +20,11 @@
 //!   keep their id, so targets see the same `x-knocker-id`).
 //!
 //! Files: [`schema`] (tables, opening, upgrades, integrity), [`record`] (a job's stored
-//! form), [`writer`] (the writer thread, group commit, counts, recovery), and here the
-//! [`Store`] implementation and its reads.
+//! form), [`writer`] (the writer thread, group commit, counts, recovery), [`due`] (which
+//! due jobs a claim takes, passing by hosts that take no more), and here the [`Store`]
+//! implementation and its reads.
 
+mod due;
 mod record;
 mod schema;
 mod writer;
@@ -273,24 +275,10 @@ impl Store for SqliteStore {
     }
 
     async fn next_due(&self, caps: &HostCaps) -> Result<Option<Millis>, StoreError> {
-        let skipped: Vec<String> = caps.skipped().map(str::to_owned).collect();
-        self.read(move |c| {
-            let mut sql =
-                "SELECT next_attempt_at FROM jobs WHERE state = 0 AND next_attempt_at < ?1"
-                    .to_owned();
-            if !skipped.is_empty() {
-                let marks = vec!["?"; skipped.len()].join(", ");
-                sql.push_str(&format!(" AND host NOT IN ({marks})"));
-            }
-            sql.push_str(" ORDER BY next_attempt_at LIMIT 1");
-            let mut values: Vec<rusqlite::types::Value> = vec![(PARKED as i64).into()];
-            values.extend(skipped.into_iter().map(Into::into));
-            c.prepare_cached(&sql)?
-                .query_row(rusqlite::params_from_iter(values), |r| r.get::<_, i64>(0))
-                .optional()
-                .map(|v| v.map(|v| v as Millis))
-        })
-        .await
+        let skipped: std::collections::HashSet<String> =
+            caps.skipped().map(str::to_owned).collect();
+        self.read(move |c| due::next_due(c, &skipped, due::WALK))
+            .await
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {

@@ -34,8 +34,12 @@ CREATE TABLE IF NOT EXISTS quarantine (
 ";
 
 pub(super) const INDEXES: &str = "
--- Partial indexes: a new (pending) job touches only jobs_due besides the keys.
+-- Partial indexes: besides the keys, a new pending job touches only jobs_due and jobs_host,
+-- one handed straight to delivery only jobs_in_flight.
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt_at, seq, host) WHERE state = 0;
+-- The same host by host, for a claim to pass a full host's backlog by (see `due`). An
+-- index ends with the row's key (`seq`), so it is in due order within a host as it is.
+CREATE INDEX IF NOT EXISTS jobs_host ON jobs (host, next_attempt_at) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (seq) WHERE state = 3;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state >= 2;
 CREATE INDEX IF NOT EXISTS jobs_in_flight ON jobs (seq) WHERE state = 1;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use super::due;
 use super::record::{corrupt, encode_spec, job_from_row, state_code, state_from, COLUMNS};
 use super::{Limits, MAX_BATCH};
 use crate::clock::Millis;
@@ -536,7 +537,7 @@ fn claim(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let rows = claim_rows(tx, now, limit, caps, taken)?;
+    let rows = due::claim_rows(tx, now, limit, caps, taken, due::WALK)?;
     let mut jobs = Vec::with_capacity(rows.len());
     for (id, seq, lane, job) in rows {
         match job {
@@ -662,65 +663,6 @@ impl Outcome {
             _ => {}
         }
     }
-}
-
-/// A due row: its id, its key (`seq`), its lane, and the job as read.
-type ClaimedRow = (String, i64, Option<String>, rusqlite::Result<Job>);
-
-/// Due rows, earliest first, no more of a host than `caps` allows. The scan walks the
-/// due index; when a host reaches its cap the query starts again after the last row
-/// read, with that host left out — so a big backlog of one host is never read through
-/// to reach the others.
-fn claim_rows(
-    tx: &Connection,
-    now: Millis,
-    limit: usize,
-    caps: &HostCaps,
-    taken: &mut std::collections::HashMap<String, usize>,
-) -> rusqlite::Result<Vec<ClaimedRow>> {
-    let mut excluded: Vec<String> = caps.skipped().map(str::to_owned).collect();
-    let mut after: Option<(i64, i64)> = None;
-    let mut rows: Vec<ClaimedRow> = Vec::new();
-    'query: while rows.len() < limit {
-        let mut sql = format!(
-            "SELECT {COLUMNS}, host, seq FROM jobs WHERE state = 0 AND next_attempt_at <= ?"
-        );
-        let mut values: Vec<rusqlite::types::Value> = vec![(now as i64).into()];
-        if let Some((at, seq)) = after {
-            sql.push_str(" AND (next_attempt_at, seq) > (?, ?)");
-            values.push(at.into());
-            values.push(seq.into());
-        }
-        if !excluded.is_empty() {
-            let marks = vec!["?"; excluded.len()].join(", ");
-            sql.push_str(&format!(" AND host NOT IN ({marks})"));
-            values.extend(excluded.iter().map(|h| h.clone().into()));
-        }
-        // The limit is bound, not written in: one statement for every batch size, which
-        // the connection's cache keeps prepared.
-        sql.push_str(" ORDER BY next_attempt_at, seq LIMIT ?");
-        values.push(((limit - rows.len()) as i64).into());
-        let mut statement = tx.prepare_cached(&sql)?;
-        let mut cursor = statement.query(rusqlite::params_from_iter(values))?;
-        while let Some(row) = cursor.next()? {
-            let host: String = row.get(8)?;
-            let seq: i64 = row.get(9)?;
-            after = Some((row.get(2)?, seq));
-            if !caps.take(taken, &host) {
-                continue; // cannot happen: a full host is left out of the query
-            }
-            rows.push((row.get(0)?, seq, row.get(7)?, job_from_row(row)));
-            if caps
-                .get(&host)
-                .is_some_and(|cap| taken.get(&host) == Some(&cap))
-            {
-                excluded.push(host);
-                continue 'query;
-            }
-        }
-        break;
-    }
-    Ok(rows)
 }
 
 pub(super) fn load(tx: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
