@@ -549,3 +549,145 @@ pub fn signing(report: &mut String, runtime: &tokio::runtime::Runtime) {
         on_cpu / off_cpu
     );
 }
+
+/// What a target that takes no more costs: a target rate-limited to 50 jobs/s holding a
+/// large backlog, alone and beside another target's job stream; the reference is the same
+/// with a backlog only long enough to last the run, measured in the same run.
+pub fn capped(report: &mut String, runtime: &tokio::runtime::Runtime) {
+    let jobs = env_or("BENCH_CAPPED_JOBS", 50_000) as usize;
+    let seconds = env_or("BENCH_SECONDS", 10);
+    let connections = env_or("BENCH_CONNECTIONS", 32);
+    let slow = Echo::start();
+    let fast = Echo::start();
+    let config = knocker_e2e::temp_dir("bench-capped").join("knocker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[targets.hosts.\"127.0.0.1:{}\"]\nrate_per_s = 50\nburst = 1\n",
+            slow.port
+        ),
+    )
+    .expect("write the config");
+    let config = config.display().to_string();
+
+    struct Run {
+        idle_cpu: f64,
+        idle_delivered: u64,
+        stream: WrkResult,
+        stream_us: f64,
+        left: u64,
+    }
+    let run = |backlog: usize| -> Run {
+        let mut cp = ControlPlane::start(&[
+            ("LOG_LEVEL", "warning"),
+            ("KNOCKER_DELIVERY", "off"),
+            ("KNOCKER_CONFIG", &config),
+        ]);
+        if backlog > 0 {
+            runtime.block_on(submit_n(
+                &cp.url("/capped"),
+                backlog,
+                64,
+                &knocker_headers(&slow),
+            ));
+        }
+        cp.set_env("KNOCKER_DELIVERY", "on");
+        cp.restart();
+        let pid = cp.pid().expect("running");
+        // The first claims after the start, then a window with nothing but the backlog.
+        std::thread::sleep(Duration::from_secs(2));
+        let (cpu, done) = (cpu_s(pid), delivered(&cp));
+        std::thread::sleep(Duration::from_secs(seconds));
+        let idle_cpu = (cpu_s(pid) - cpu) / seconds as f64;
+        let idle_delivered = delivered(&cp) - done;
+        let cpu = cpu_s(pid);
+        let stream = wrk_post(
+            &cp.url("/stream"),
+            seconds,
+            connections,
+            &knocker_headers(&fast),
+        );
+        // Until the stream's own jobs are delivered (the backlog keeps its 50/s).
+        let fast_host = format!("127.0.0.1:{}", fast.port);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while delivered_to(&cp, &fast_host) < stream.requests && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stream_us = (cpu_s(pid) - cpu) * 1e6 / stream.requests.max(1) as f64;
+        let left = status(&cp)["queue"]["pending"].as_u64().unwrap_or(0);
+        Run {
+            idle_cpu,
+            idle_delivered,
+            stream,
+            stream_us,
+            left,
+        }
+    };
+    // Enough for 50 jobs/s through both windows and the stream's drain.
+    let short = 50 * (2 + 2 * seconds as usize + 20);
+    let without = run(short);
+    let with = run(jobs);
+
+    let _ = writeln!(
+        report,
+        "## A rate-limited target's backlog beside other traffic\n"
+    );
+    let _ = writeln!(
+        report,
+        "A target limited to 50 jobs/s (`rate_per_s = 50` in the config file) holds a backlog \
+         (submitted with delivery off, then the control plane restarted with delivery on). Measured: \
+         {seconds} s with nothing else to do but deliver it at its rate, then a {seconds}-second wrk stream \
+         (`-c{connections}`) to another target until its jobs are delivered. The reference has a backlog just \
+         long enough to last the run ({short} jobs), so both deliver the same 50 jobs/s and only the \
+         backlog's length differs.\n"
+    );
+    let _ = writeln!(
+        report,
+        "| backlog | control plane, delivering only the backlog | delivered in that window | other stream, jobs/s | p99 | control plane per stream job | backlog left |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (n, r) in [(short, &without), (jobs, &with)] {
+        let _ = writeln!(
+            report,
+            "| {n} | {:.1}% of a core | {} | {:.0} | {:.2} ms | {:.0} µs | {} |",
+            r.idle_cpu * 100.0,
+            r.idle_delivered,
+            r.stream.rps,
+            r.stream.p99_ms,
+            r.stream_us,
+            r.left
+        );
+    }
+    let ratio = with.stream.rps / without.stream.rps.max(1.0);
+    let _ = writeln!(
+        report,
+        "\nWith {jobs} jobs waiting, the other stream ran at **{:.0}%** of its rate beside the short \
+         backlog, and delivering the backlog alone took **{:.1}%** of a core against {:.1}% ({:.1} ms of \
+         CPU per delivered job against {:.1}: at 50 jobs/s each job is a commit of its own).\n",
+        ratio * 100.0,
+        with.idle_cpu * 100.0,
+        without.idle_cpu * 100.0,
+        with.idle_cpu * 1000.0 / (with.idle_delivered.max(1) as f64 / seconds as f64),
+        without.idle_cpu * 1000.0 / (without.idle_delivered.max(1) as f64 / seconds as f64),
+    );
+}
+
+/// Attempts delivered to `host`, from the control plane's `/metrics`.
+fn delivered_to(cp: &ControlPlane, host: &str) -> u64 {
+    let series = format!(
+        "knocker_attempts_total{{target=\"{host}\",kind=\"target\",outcome=\"delivered\",status_class=\"2xx\"}} "
+    );
+    reqwest::blocking::get(cp.url("/metrics"))
+        .and_then(|r| r.text())
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(series.as_str())?
+                    .split(' ')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .map_or(0, |n| n as u64)
+}

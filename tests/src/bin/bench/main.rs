@@ -9,6 +9,9 @@
 //! delivery off and on (wrk), open-loop latency at half the goal rate, drain rate from a
 //! 100,000-job backlog, and a 1,000,000-job backlog (memory, time to first delivery).
 //!
+//! A rate-limited target's backlog (`jobs.rs`): what the control plane spends while it
+//! waits, and another target's job stream beside it against the same stream without it.
+//!
 //! Signing (`jobs.rs`): drains of signed deliveries with circuits on against unsigned ones
 //! with circuits off, alternating rounds: deliveries/s and CPU per job.
 //!
@@ -33,8 +36,8 @@
 //! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000),
 //! `BENCH_ENGINE_SECONDS` (5), `BENCH_SOAK_SECONDS` (120), `BENCH_SOAK_WINDOW` (10),
 //! `BENCH_SOAK_CAP_MIB` (64), `BENCH_ENGINE_JOBS` (20000), `BENCH_SIGNING_JOBS` (20000),
-//! `KNOCKER_ANCHOR` (none), `BENCH_ONLY` (`filter`, `accept`, `drain`, `signing`, `backlog`,
-//! `engines`, `cost`, `modes` or `soak`: run one
+//! `BENCH_CAPPED_JOBS` (50000), `KNOCKER_ANCHOR` (none), `BENCH_ONLY` (`filter`, `accept`,
+//! `drain`, `signing`, `backlog`, `capped`, `engines`, `cost`, `modes` or `soak`: run one
 //! section, replacing only that section of `docs/benchmarks.md`).
 
 use std::fmt::Write as _;
@@ -331,6 +334,9 @@ fn main() {
     }
     if run("backlog") {
         jobs::backlog(&mut report, &runtime);
+    }
+    if run("capped") {
+        jobs::capped(&mut report, &runtime);
     }
     if run("engines") {
         jobs::engines(&mut report, &runtime);
