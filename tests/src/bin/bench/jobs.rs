@@ -663,7 +663,7 @@ pub fn capped(report: &mut String, runtime: &tokio::runtime::Runtime) {
         report,
         "\nWith {jobs} jobs waiting, the other stream ran at **{:.0}%** of its rate beside the short \
          backlog, and delivering the backlog alone took **{:.1}%** of a core against {:.1}% ({:.1} ms of \
-         CPU per delivered job against {:.1}: at 50 jobs/s each job is a commit of its own).\n",
+         CPU per delivered job against {:.1}).\n",
         ratio * 100.0,
         with.idle_cpu * 100.0,
         without.idle_cpu * 100.0,
