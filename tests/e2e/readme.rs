@@ -184,23 +184,33 @@ fn run_session(file: &str, index: usize) {
         finished,
         "{file} session {index} did not finish in 240 s; make run:\n{run_log}"
     );
+    let background = |step: &Step| {
+        step.command
+            .trim_end()
+            .split(" #")
+            .next()
+            .unwrap_or_default()
+            .trim_end()
+            .ends_with('&')
+    };
+    // What the servers a session starts in the background printed (their logs go to
+    // the output of the step that started them), for a failure to show.
+    let servers: String = steps
+        .iter()
+        .enumerate()
+        .filter(|(_, step)| background(step))
+        .map(|(n, step)| format!("`{}`:\n{}\n", step.command, read(format!("out.{n}"))))
+        .collect();
     for (n, step) in steps.iter().enumerate() {
         let (rc, ok, out) = (
             read(format!("rc.{n}")),
             read(format!("ok.{n}")),
             read(format!("out.{n}")),
         );
-        let background = step
-            .command
-            .trim_end()
-            .split(" #")
-            .next()
-            .unwrap_or_default()
-            .trim_end()
-            .ends_with('&');
         assert!(
-            (rc.trim() == "0" || background) && ok.trim() == "1",
-            "{file} session {index}: `{}` (exit {}) should show {:?}; it printed:\n{out}\nmake run:\n{run_log}",
+            (rc.trim() == "0" || background(step)) && ok.trim() == "1",
+            "{file} session {index}: `{}` (exit {}) should show {:?}; it printed:\n{out}\n\
+             make run:\n{run_log}\nservers started in the background:\n{servers}",
             step.command,
             rc.trim(),
             step.expect
