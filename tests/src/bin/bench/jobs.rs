@@ -1,4 +1,5 @@
-//! Durable jobs: acceptance rate, latency at a fixed rate, drain rate, a large backlog.
+//! Durable jobs: acceptance rate, latency at a fixed rate, drain rate, a large backlog, a
+//! rate-limited target's backlog beside other traffic.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};

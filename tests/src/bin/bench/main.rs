@@ -9,8 +9,9 @@
 //! delivery off and on (wrk), open-loop latency at half the goal rate, drain rate from a
 //! 100,000-job backlog, and a 1,000,000-job backlog (memory, time to first delivery).
 //!
-//! A rate-limited target's backlog (`jobs.rs`): what the control plane spends while it
-//! waits, and another target's job stream beside it against the same stream without it.
+//! A rate-limited target's backlog (`jobs.rs`): what the control plane spends delivering it,
+//! and another target's job stream beside it, against a backlog just long enough to last
+//! the run.
 //!
 //! Signing (`jobs.rs`): drains of signed deliveries with circuits on against unsigned ones
 //! with circuits off, alternating rounds: deliveries/s and CPU per job.
