@@ -230,17 +230,27 @@ impl HostCaps {
             .map(|(h, _)| h.as_str())
     }
 
+    /// How many more jobs of `host` fit beside those counted in `taken`; `None`: any
+    /// number (the host has no cap).
+    pub fn room(
+        &self,
+        taken: &std::collections::HashMap<String, usize>,
+        host: &str,
+    ) -> Option<usize> {
+        let cap = self.get(host)?;
+        Some(cap.saturating_sub(taken.get(host).copied().unwrap_or(0)))
+    }
+
     /// Whether one more job of `host` fits, counting it in `taken` when it does.
     pub fn take(&self, taken: &mut std::collections::HashMap<String, usize>, host: &str) -> bool {
-        let Some(cap) = self.get(host) else {
-            return true;
-        };
-        let n = taken.entry(host.to_owned()).or_default();
-        if *n >= cap {
-            return false;
+        match self.room(taken, host) {
+            None => true,
+            Some(0) => false,
+            Some(_) => {
+                *taken.entry(host.to_owned()).or_default() += 1;
+                true
+            }
         }
-        *n += 1;
-        true
     }
 }
 

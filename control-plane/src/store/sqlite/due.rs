@@ -204,10 +204,9 @@ fn host_by_host(
         if full.contains(&host) {
             continue;
         }
-        let room = caps.get(&host).map_or(wanted, |cap| {
-            cap.saturating_sub(taken.get(&host).copied().unwrap_or(0))
-                .min(wanted)
-        });
+        let room = caps
+            .room(taken, &host)
+            .map_or(wanted, |room| room.min(wanted));
         if room == 0 {
             continue;
         }
@@ -258,8 +257,7 @@ struct PerHost {
 
 /// Whether `host` has taken all its cap allows.
 fn is_full(caps: &HostCaps, taken: &HashMap<String, usize>, host: &str) -> bool {
-    caps.get(host)
-        .is_some_and(|cap| taken.get(host).copied().unwrap_or(0) >= cap)
+    caps.room(taken, host) == Some(0)
 }
 
 /// Every host with a pending job (due or not, parked included), one seek each in
