@@ -634,3 +634,61 @@ async fn one_slow_host_cannot_hold_up_the_others() {
         "at most KNOCKER_HOST_CONCURRENCY attempts to one host"
     );
 }
+
+/// One control plane owns a data directory. A second one started on it stops with an
+/// error that names the database, instead of recovering the first one's jobs in flight
+/// as a crash's leftovers and attempting them a second time; the first one goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_control_plane_on_the_same_data_directory_is_refused() {
+    let cp = ControlPlane::start(&[]);
+    let target = Target::ok().await;
+    let headers = |id: &str| {
+        vec![
+            ("Knocker-Host".to_owned(), target.host()),
+            ("Knocker-Id".to_owned(), id.to_owned()),
+        ]
+    };
+    assert_eq!(submit(&cp.url(""), "/x", headers("before")).await, 200);
+    target.wait_for(1, WAIT).await;
+
+    let log = cp.dir.join("second.log");
+    let mut second = Command::new(knocker_bin())
+        .arg("serve")
+        .env("KNOCKER_HTTP_ADDR", "127.0.0.1:0")
+        .env("KNOCKER_GRPC_ADDR", "127.0.0.1:0")
+        .env("KNOCKER_DATA_DIR", cp.dir.join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!("a second control plane ran on the same data directory for 30 s: {text}")
+    });
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("knocker.db") && text.contains("in use by another process"),
+        "{text}"
+    );
+
+    assert_eq!(submit(&cp.url(""), "/x", headers("after")).await, 200);
+    target.wait_for(2, WAIT).await;
+    let before = client()
+        .get(cp.url("/knocker/jobs/before"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(before.status(), 200);
+}

@@ -12,6 +12,9 @@
 //!   not read back from the table (the writer's `Handover`).
 //! - Reads (lookups, lists, next due time) go through a second connection; WAL lets
 //!   them run beside the writer.
+//! - One process owns the database (SQLite's `unix-excl` VFS, see [`schema`]): its
+//!   connections lock each other in memory, and a second control plane started on the
+//!   same directory is refused.
 //! - Jobs live on disk: the scheduler asks for what is due, so a million pending jobs
 //!   need no million in RAM.
 //! - Each job's record carries its layout's version ([`record`]): a database of an
@@ -41,7 +44,7 @@ use super::{HostCaps, Inserted, Next, Stats, Store, StoreError};
 use crate::clock::Millis;
 use crate::job::{Attempt, Job, State, PARKED};
 use record::{job_from_row, state_code, COLUMNS};
-use schema::{check_integrity, damaged, migrate, open_connection, INDEXES, TABLES};
+use schema::{check_integrity, migrate, open_connection, unopenable, INDEXES, TABLES};
 #[cfg(test)]
 use writer::PURGE;
 #[cfg(test)]
@@ -122,7 +125,7 @@ impl SqliteStore {
             max_bytes: resolve_cap(dir, &path, limits.max_bytes),
             ..limits
         };
-        let writer = open_connection(&path, &limits).map_err(|e| damaged(&path, &e.to_string()))?;
+        let writer = open_connection(&path, &limits).map_err(|e| unopenable(&path, &e))?;
         check_integrity(&writer, &path)?;
         // A cap too small for the tables themselves is named, not reported as a full disk.
         let too_small = |e: rusqlite::Error| match e.sqlite_error_code() {
@@ -592,6 +595,31 @@ mod tests {
 
     async fn state(store: &SqliteStore, id: &str) -> State {
         store.get(id).await.unwrap().unwrap().state
+    }
+
+    /// The store's connections share their WAL index in this process's memory (the
+    /// `unix-excl` VFS): no `-shm` file, and no lock system call per transaction. The
+    /// writer and the reader still see each other's commits.
+    #[tokio::test]
+    async fn the_wal_index_is_kept_in_memory_and_shared_by_the_stores_connections() {
+        let (dir, store) = open_fresh("knocker-excl");
+        assert!(matches!(
+            store.insert(submitted("a", "h", 1_000)).await.unwrap(),
+            Inserted::Created
+        ));
+        assert_eq!(state(&store, "a").await, State::Pending);
+        assert!(dir.join("knocker.db-wal").exists(), "the WAL is a file");
+        assert!(
+            !dir.join("knocker.db-shm").exists(),
+            "the WAL index is a file: the store is not on unix-excl"
+        );
+        assert!(store.delete("a", 2_000).await.unwrap());
+        assert_eq!(
+            store.get("a").await.unwrap(),
+            None,
+            "the reader sees the delete"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The room a claim leaves goes to new jobs due on arrival: written in flight and
