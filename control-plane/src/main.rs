@@ -92,7 +92,14 @@ fn main() -> ExitCode {
         args.insert(1, "serve".into());
     }
     let cli = Cli::parse_from(args);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match &cli.command {
+        Command::Serve(settings) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(settings.worker_threads())
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("knocker: cannot start the runtime: {e}");

@@ -180,7 +180,14 @@ pub async fn serve(
 
     let http_addr = listeners.http.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
-    tracing::info!(%http_addr, %grpc_addr, version = VERSION, "knocker control plane listening");
+    let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(
+        %http_addr,
+        %grpc_addr,
+        worker_threads,
+        version = VERSION,
+        "knocker control plane listening"
+    );
 
     if let (Some(bus), Some(agent)) = (agents, config.agent.clone()) {
         tokio::spawn(agents::run(

@@ -29,6 +29,8 @@ fn invalid_settings_stop_startup_with_a_message_naming_them() {
         ("SENTRY_FAILED_REQUESTS", "maybe"),
         ("KNOCKER_HTTP_ADDR", "nowhere"),
         ("KNOCKER_MAX_BODY_BYTES", "0"),
+        ("KNOCKER_WORKER_THREADS", "0"),
+        ("KNOCKER_WORKER_THREADS", "many"),
     ];
     for (name, value) in table {
         let mut child = Command::new(knocker_bin())
@@ -90,6 +92,40 @@ fn knocker_1_4_1_settings_are_accepted_as_they_are() {
         .unwrap();
     assert_eq!(body["status"], true);
     assert!(cp.terminate(), "SIGTERM stops it cleanly");
+}
+
+/// The control plane runs its tasks on one fewer thread than the CPUs (at least one),
+/// or on `KNOCKER_WORKER_THREADS`; its start-up line says how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_threads_are_one_fewer_than_the_cpus_unless_set() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    for (setting, expected) in [(None, cpus.saturating_sub(1).max(1)), (Some("3"), 3)] {
+        let env: Vec<(&str, &str)> = setting
+            .map(|n| ("KNOCKER_WORKER_THREADS", n))
+            .into_iter()
+            .collect();
+        let cp = ControlPlane::start(&env);
+        let target = Target::ok().await;
+        let status = client()
+            .post(cp.url("/x"))
+            .header("Knocker-Host", target.host())
+            .body("work")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+        target.wait_for(1, WAIT).await;
+        let log = cp.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("knocker control plane listening"))
+            .unwrap_or_else(|| panic!("no start-up line: {log}"));
+        assert!(
+            line.contains(&format!("worker_threads={expected}")),
+            "{setting:?}: {line}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
