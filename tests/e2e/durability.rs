@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use knocker_e2e::process::knocker_bin;
+use knocker_e2e::process::{knocker_bin, wait_exit};
 use knocker_e2e::{eventually, ControlPlane, Received, Reply, Target};
 use serde_json::Value;
 
@@ -661,18 +661,11 @@ async fn a_second_control_plane_on_the_same_data_directory_is_refused() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = second.kill();
-            let _ = second.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = tokio::task::block_in_place(|| wait_exit(&mut second, Duration::from_secs(30)));
+    if status.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let status = status.unwrap_or_else(|| {
         panic!("a second control plane ran on the same data directory for 30 s: {text}")

@@ -4,9 +4,10 @@
 //! component's error.
 
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use knocker_e2e::process::wait_exit;
 use knocker_e2e::{repo_root, temp_dir};
 
 /// `scripts/run.sh` with `env`, in its own network namespace and process group (as a
@@ -42,17 +43,6 @@ fn wait_for_line(log: &Path, line: &str, child: &mut Child) {
         assert!(Instant::now() < deadline, "no {line:?} in:\n{text}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 /// The processes still running in a process group (exited ones waiting for their new

@@ -1,9 +1,9 @@
 //! Global settings from the environment, logs, and Sentry, on the real binary.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use knocker_e2e::process::knocker_bin;
+use knocker_e2e::process::{knocker_bin, wait_exit};
 use knocker_e2e::{eventually, free_port, ControlPlane, Reply, Target};
 use serde_json::Value;
 
@@ -50,17 +50,10 @@ fn invalid_settings_stop_startup_with_a_message_naming_them() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start knocker");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_exit(&mut child, Duration::from_secs(10));
+        if status.is_none() {
+            let _ = child.kill();
+        }
         let output = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -200,12 +200,8 @@ impl ControlPlane {
             .arg("-TERM")
             .arg(child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(status) = wait_exit(&mut child, Duration::from_secs(15)) {
+            return status.success();
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -244,6 +240,18 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// How `child` exited, if it did within `within` (it is left running otherwise).
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// What to change in an Envoy file from `envoy/`.
