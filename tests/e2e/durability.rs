@@ -241,8 +241,16 @@ async fn a_full_store_removes_the_oldest_finished_jobs_before_refusing_work() {
             "job {i} refused: {}",
             response.text().await.unwrap()
         );
-        // Delivered before the next one: what fills the store is history.
+        // Delivered, and its outcome recorded, before the next one: what fills the store
+        // is history. (The target answers these 8 KiB requests after ~40 ms at times; a
+        // job it has received is still in flight until then.)
         target.wait_for(i + 1, WAIT).await;
+        let url = cp.url(&format!("/knocker/jobs/room-{i}"));
+        let recorded = eventually(WAIT, || async {
+            crate::get_json(url.clone()).await["state"] == "delivered"
+        })
+        .await;
+        assert!(recorded, "job {i} delivered but its outcome not recorded");
     }
     let finished = eventually(WAIT, || async {
         let status = crate::get_json(cp.url("/knocker/status")).await;
