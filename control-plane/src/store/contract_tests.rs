@@ -577,6 +577,86 @@ async fn sqlite_refuses_over_the_pending_limit_and_when_it_cannot_write() {
     assert_eq!(store.stats().await.unwrap().pending, i as u64);
 }
 
+/// A store whose size cap fills up with open jobs (submitted, claimed, not yet answered)
+/// still records their outcomes, failure callbacks included: submissions stop while a
+/// reserve under the cap is left for those. The outcomes make history, and history makes
+/// room for new work.
+#[tokio::test]
+async fn sqlite_full_of_open_jobs_still_records_their_outcomes_and_then_takes_new_work() {
+    let store = SqliteStore::open(
+        &temp_dir("open-full"),
+        Limits {
+            max_pending: u64::MAX,
+            max_bytes: 256 * 1024,
+        },
+    )
+    .unwrap();
+    let big = |id: &str| {
+        let mut j = job(id, "h", 0);
+        j.request.body = vec![7; 4096];
+        j
+    };
+    let mut open = Vec::new();
+    let mut refused = None;
+    for i in 0..1000 {
+        if let Err(e) = store.insert(big(&format!("open{i}"))).await {
+            refused = Some(e);
+            break;
+        }
+        open.extend(store.claim_due(0, 10, &HostCaps::default()).await.unwrap());
+    }
+    let Some(StoreError::Unavailable(why)) = refused else {
+        panic!("the capped store never refused: {refused:?}");
+    };
+    assert!(why.contains("KNOCKER_MAX_STORE_BYTES"), "{why}");
+    assert!(open.len() > 4, "{} open jobs", open.len());
+    assert_eq!(store.stats().await.unwrap().in_flight, open.len() as u64);
+    assert!(
+        matches!(store.insert(big("open0")).await, Ok(Inserted::Existing(_))),
+        "a resubmission of a stored job still gets its receipt"
+    );
+
+    // Every outcome is recorded; every fourth job fails and commits its callback job.
+    for (k, j) in open.iter().enumerate() {
+        let next = if k % 4 == 3 {
+            Next::Failed {
+                callback: Some(Box::new(job(&format!("cb{k}"), "cb", 0))),
+            }
+        } else {
+            Next::Delivered
+        };
+        store
+            .finish_attempt(j, attempt(1, 200), next)
+            .await
+            .unwrap_or_else(|e| panic!("the outcome of {} was refused: {e}", j.id));
+    }
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.in_flight, 0, "{stats:?}");
+    assert_eq!(
+        stats.pending,
+        open.len() as u64 / 4,
+        "the callbacks: {stats:?}"
+    );
+
+    // Now the store is history: the oldest of it goes to make room for new work.
+    for i in 0..open.len() {
+        store
+            .insert(big(&format!("new{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("new job {i} refused: {e}"));
+        for j in store.claim_due(0, 10, &HostCaps::default()).await.unwrap() {
+            store
+                .finish_attempt(&j, attempt(2, 200), Next::Delivered)
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        store.get("open0").await.unwrap().is_none(),
+        "the oldest went"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_keeps_its_write_ahead_log_bounded_under_sustained_writes() {
     let dir = temp_dir("wal");

@@ -15,6 +15,10 @@
 //! - One process owns the database (SQLite's `unix-excl` VFS, see [`schema`]): its
 //!   connections lock each other in memory, and a second control plane started on the
 //!   same directory is refused.
+//! - Under the size cap, history makes room (the oldest finished jobs go first), and
+//!   new jobs stop a sixteenth of the cap short of it: the jobs already accepted keep
+//!   room to be claimed and to have their outcomes recorded, and a batch whose
+//!   submissions find no room commits without them (the writer's `Room` and `Admit`).
 //! - Jobs live on disk: the scheduler asks for what is due, so a million pending jobs
 //!   need no million in RAM.
 //! - Each job's record carries its layout's version ([`record`]): a database of an
@@ -62,7 +66,8 @@ pub struct Limits {
     /// Pending + in-flight jobs above which submissions are refused (503).
     pub max_pending: u64,
     /// Size cap of the database file; 0 for none, [`AUTO_CAP`] for one chosen at open.
-    /// At the cap the oldest finished jobs make room; only when none are left do
+    /// Near the cap (a sixteenth of it is kept for the claims and outcomes of the jobs
+    /// already accepted) the oldest finished jobs make room; only when none are left do
     /// submissions fail (503).
     pub max_bytes: u64,
 }

@@ -222,7 +222,88 @@ pub(super) fn checkpoint_loop(conn: &Connection) {
 
 /// A command's own refusal (not the batch's): the rest of the batch still commits.
 enum Refusal {
+    /// `KNOCKER_MAX_PENDING`: this many jobs are open.
     Full(u64),
+    /// No room under the size cap (its bytes; 0: none, the disk is full) for a new job.
+    NoRoom(u64),
+}
+
+impl Refusal {
+    fn error(self) -> StoreError {
+        match self {
+            Self::Full(open) => StoreError::Full(open),
+            Self::NoRoom(0) => StoreError::Unavailable(
+                "the disk of KNOCKER_DATA_DIR is full and the store holds no finished jobs \
+                 to remove; new jobs are refused until open ones finish or space is freed"
+                    .into(),
+            ),
+            Self::NoRoom(cap) => StoreError::Unavailable(format!(
+                "the store is at its size cap (KNOCKER_MAX_STORE_BYTES, {cap} bytes) and holds \
+                 no finished jobs to remove; new jobs are refused until open ones finish"
+            )),
+        }
+    }
+}
+
+/// Which new jobs a batch may write.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Admit {
+    /// All of them, within the room [`Room`] leaves them.
+    All,
+    /// None: the store is full, and the batch's claims, outcomes and the rest commit
+    /// without its submissions, which are refused ([`Refusal::NoRoom`]).
+    OpenOnly,
+}
+
+/// Pages kept under the size cap for what the jobs already accepted still write: their
+/// claims, outcomes (an attempt record, an index entry) and failure callbacks. New jobs
+/// stop this far below the cap, so a store that open jobs fill keeps recording their
+/// outcomes, which then become history that makes room. Without it the submission that
+/// filled the last page would leave an outcome that needs a page nowhere to go: the jobs
+/// would stay in flight, and nothing would ever make room.
+#[derive(Clone, Copy, Debug)]
+struct Room {
+    /// Pages new jobs may fill (the cap less the reserve).
+    pages: i64,
+}
+
+impl Room {
+    /// A sixteenth of the cap, at least two pages (one for a table, one for an index).
+    fn under(conn: &Connection, limits: &Limits) -> rusqlite::Result<Option<Self>> {
+        if limits.max_bytes == 0 {
+            return Ok(None);
+        }
+        let max: i64 = conn.query_row("PRAGMA max_page_count", [], |r| r.get(0))?;
+        Ok(Some(Self {
+            pages: max - (max / 16).max(2),
+        }))
+    }
+
+    /// Whether the pages in use in `tx` (its own writes included) pass the room.
+    fn passed(&self, tx: &Connection) -> rusqlite::Result<bool> {
+        let used: i64 = tx
+            .prepare_cached(
+                "SELECT p.page_count - f.freelist_count \
+                 FROM pragma_page_count() AS p, pragma_freelist_count() AS f",
+            )?
+            .query_row([], |r| r.get(0))?;
+        Ok(used > self.pages)
+    }
+}
+
+/// SQLite's own "full" error, for a batch whose new jobs pass the [`Room`].
+fn past_room() -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+        Some("new jobs would use the room kept for open jobs".into()),
+    )
+}
+
+/// Whether a batch carries submissions (what [`Admit`] and [`Room`] hold back).
+fn submits(batch: &[Command]) -> bool {
+    batch
+        .iter()
+        .any(|c| matches!(c, Command::Insert(..) | Command::InsertAll(..)))
 }
 
 pub(super) fn write_loop(
@@ -233,6 +314,14 @@ pub(super) fn write_loop(
 ) {
     let mut sync = Sync::Full;
     let mut handover = Handover::default();
+    let room = match Room::under(&conn, limits) {
+        Ok(room) => room,
+        Err(e) => {
+            // Unreadable settings of an open connection: run on the hard cap alone.
+            tracing::warn!(error = %e, "cannot read the store's page limit; no room is kept for open jobs");
+            None
+        }
+    };
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -243,11 +332,21 @@ pub(super) fn write_loop(
         }
         let started = std::time::Instant::now();
         // A batch whose sync mode cannot be set is refused, never committed less safely.
+        let commit = |conn: &mut Connection, admit| {
+            let batch = Batch {
+                commands: &batch,
+                admit,
+                room: room.as_ref(),
+            };
+            commit_batch(conn, batch, counts, limits, &handover)
+        };
         let mut outcome = sync
             .choose(&conn, &batch)
-            .and_then(|()| commit_batch(&mut conn, &batch, counts, limits, &handover));
+            .and_then(|()| commit(&mut conn, Admit::All));
         // Full (the size cap, or the disk): history makes room before work is refused.
-        // The oldest finished jobs go, and the batch is tried once more.
+        // The oldest finished jobs go, and the batch is tried once more. If it is still
+        // full, the batch commits without its submissions: the claims and outcomes of
+        // the jobs already accepted never wait for room that only they can make.
         if outcome.as_ref().is_err_and(is_full) {
             match make_room(&mut conn, counts, ROOM_JOBS) {
                 Ok(0) => {}
@@ -256,9 +355,12 @@ pub(super) fn write_loop(
                         jobs = n,
                         "the store is full: the oldest finished jobs were removed to make room"
                     );
-                    outcome = commit_batch(&mut conn, &batch, counts, limits, &handover);
+                    outcome = commit(&mut conn, Admit::All);
                 }
                 Err(e) => tracing::warn!(error = %e, "the store is full and no room could be made"),
+            }
+            if outcome.as_ref().is_err_and(is_full) && submits(&batch) {
+                outcome = commit(&mut conn, Admit::OpenOnly);
             }
         }
         match outcome {
@@ -334,7 +436,11 @@ const ROOM_JOBS: usize = 1000;
 /// applied by [`Committed::answer`] once it is committed.
 fn commit_batch(
     conn: &mut Connection,
-    batch: &[Command],
+    Batch {
+        commands: batch,
+        admit,
+        room,
+    }: Batch<'_>,
     counts: &Counts,
     limits: &Limits,
     handover: &Handover,
@@ -377,14 +483,22 @@ fn commit_batch(
     }
     for (command, outcome) in batch.iter().zip(outcomes.iter_mut()) {
         if outcome.is_none() {
-            *outcome = Some(execute(
-                &tx,
-                command,
-                counts,
-                limits,
-                &mut deltas,
-                spare.as_mut(),
-            )?);
+            *outcome = Some(match (admit, command) {
+                (Admit::OpenOnly, Command::Insert(job, _)) => Outcome::Inserted(existing_or(
+                    &tx,
+                    &job.id,
+                    Refusal::NoRoom(limits.max_bytes),
+                )?),
+                (Admit::OpenOnly, Command::InsertAll(..)) => {
+                    Outcome::InsertedAll(Err(Refusal::NoRoom(limits.max_bytes)))
+                }
+                _ => execute(&tx, command, counts, limits, &mut deltas, spare.as_mut())?,
+            });
+        }
+    }
+    if let (Admit::All, Some(room)) = (admit, room) {
+        if submits(batch) && room.passed(&tx)? {
+            return Err(past_room());
         }
     }
     deltas.store(&tx)?;
@@ -395,6 +509,13 @@ fn commit_batch(
         spare,
         claims,
     })
+}
+
+/// One batch as [`commit_batch`] writes it.
+struct Batch<'a> {
+    commands: &'a [Command],
+    admit: Admit,
+    room: Option<&'a Room>,
 }
 
 /// What the writer keeps between batches for the delivery loop's claims: the slots the
@@ -627,16 +748,13 @@ impl Outcome {
         let failed = |e: &str| StoreError::Unavailable(e.to_owned());
         match (command, self) {
             (Command::Insert(_, reply), Self::Inserted(r)) => {
-                let _ = reply.send(match r {
-                    Ok(stored) => Ok(stored.into()),
-                    Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
-                });
+                let _ = reply.send(r.map(Into::into).map_err(Refusal::error));
             }
             (Command::InsertAll(_, reply), Self::InsertedAll(r)) => {
-                let _ = reply.send(match r {
-                    Ok(stored) => Ok(stored.into_iter().map(Into::into).collect()),
-                    Err(Refusal::Full(n)) => Err(StoreError::Full(n)),
-                });
+                let _ = reply.send(
+                    r.map(|stored| stored.into_iter().map(Into::into).collect())
+                        .map_err(Refusal::error),
+                );
             }
             (Command::Claim { reply, .. }, Self::Claimed(jobs)) => drop(reply.send(Ok(jobs))),
             (Command::Finish { reply, .. } | Command::Release { reply, .. }, Self::Finished) => {
@@ -850,6 +968,18 @@ pub(super) const WAKE_LANE: &str = "UPDATE jobs SET next_attempt_at = ?2
       AND NOT EXISTS (SELECT 1 FROM jobs
                       WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)";
 
+/// A refused submission — but a resubmission of a stored job still gets its receipt.
+fn existing_or(
+    tx: &Connection,
+    id: &str,
+    refusal: Refusal,
+) -> rusqlite::Result<Result<Stored, Refusal>> {
+    Ok(match load(tx, id)? {
+        Some(existing) => Ok(Stored::Existing(Box::new(existing))),
+        None => Err(refusal),
+    })
+}
+
 fn execute(
     tx: &Connection,
     command: &Command,
@@ -885,11 +1015,8 @@ fn execute(
         }
         Command::Insert(job, _) => {
             if open >= i128::from(limits.max_pending) {
-                // Full — but a resubmission of a stored job still gets its receipt.
-                return Ok(Outcome::Inserted(match load(tx, &job.id)? {
-                    Some(existing) => Ok(Stored::Existing(Box::new(existing))),
-                    None => Err(Refusal::Full(open.max(0) as u64)),
-                }));
+                let full = Refusal::Full(open.max(0) as u64);
+                return Ok(Outcome::Inserted(existing_or(tx, &job.id, full)?));
             }
             match insert_row(tx, job, spare)? {
                 Written::Exists => {
@@ -1083,6 +1210,130 @@ mod tests {
             1 + 6 + attempts <= SLACK as i64,
             "{attempts}-byte attempt record"
         );
+    }
+
+    /// A 256 KiB store filled with open jobs by submissions, one at a time, then a batch
+    /// that brings a claim, an outcome and one more submission together.
+    #[test]
+    fn a_full_store_commits_a_batchs_claims_and_outcomes_without_its_submissions() {
+        use super::super::schema::{open_connection, INDEXES, TABLES};
+        let dir = std::env::temp_dir().join(format!("knocker-room-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("knocker.db");
+        let limits = Limits {
+            max_pending: u64::MAX,
+            max_bytes: 256 * 1024,
+        };
+        let connect = || {
+            let conn = open_connection(&path, &limits).unwrap();
+            conn.execute_batch(TABLES).unwrap();
+            conn.execute_batch(INDEXES).unwrap();
+            let counts = Counts::default();
+            recover(&conn, &counts).unwrap();
+            (conn, counts)
+        };
+        let big = |id: String| {
+            let mut job = crate::job::test_job(&id, "POST", "http://t/");
+            job.request.body = vec![7; 4096];
+            job
+        };
+
+        // Submissions stop short of the cap: the reserve stays free.
+        let (conn, counts) = connect();
+        let (commands, rx) = mpsc::unbounded_channel();
+        let writer = std::thread::spawn(move || write_loop(conn, rx, &counts, &limits));
+        let mut open = Vec::new();
+        let refusal = loop {
+            let job = big(format!("open{}", open.len()));
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::Insert(Box::new(job.clone()), reply))
+                .unwrap();
+            match answer.blocking_recv().unwrap() {
+                Ok(_) => open.push(job),
+                Err(e) => break e,
+            }
+            assert!(open.len() < 100, "the capped store never refused");
+        };
+        drop(commands);
+        writer.join().unwrap();
+        assert!(
+            refusal.to_string().contains("KNOCKER_MAX_STORE_BYTES"),
+            "{refusal}"
+        );
+        let (conn, counts) = connect();
+        let (max, used): (i64, i64) = conn
+            .query_row(
+                "SELECT m.max_page_count, p.page_count - f.freelist_count FROM \
+                 pragma_max_page_count() AS m, pragma_page_count() AS p, pragma_freelist_count() AS f",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(max, 32);
+        assert!(used <= max - 2, "{used} of {max} pages in use");
+
+        // Queued before the writer starts, the three commands make one batch.
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (claim_reply, claimed) = oneshot::channel();
+        commands
+            .send(Command::Claim {
+                now: open[0].next_attempt_at,
+                limit: 1000,
+                caps: HostCaps::default(),
+                reply: claim_reply,
+            })
+            .unwrap();
+        let attempt = Attempt {
+            at: 5,
+            status: 503,
+            error: None,
+            latency_ms: 2,
+        };
+        let (finish_reply, finished) = oneshot::channel();
+        commands
+            .send(Command::Finish {
+                row: AttemptRow::new(&open[0], &attempt).unwrap(),
+                next: Next::Retry { at: 10_000 },
+                reply: finish_reply,
+            })
+            .unwrap();
+        let (insert_reply, inserted) = oneshot::channel();
+        commands
+            .send(Command::Insert(
+                Box::new(big("one-more".into())),
+                insert_reply,
+            ))
+            .unwrap();
+        drop(commands);
+        let path_for_check = path.clone();
+        write_loop(conn, rx, &counts, &limits);
+
+        let claimed = claimed.blocking_recv().unwrap().expect("the claim commits");
+        assert_eq!(claimed.len(), open.len());
+        finished
+            .blocking_recv()
+            .unwrap()
+            .expect("the outcome commits");
+        let refused = inserted.blocking_recv().unwrap().unwrap_err();
+        assert!(
+            refused.to_string().contains("KNOCKER_MAX_STORE_BYTES"),
+            "{refused}"
+        );
+        let conn = Connection::open(path_for_check).unwrap();
+        let states: Vec<(String, i64, i64)> = conn
+            .prepare("SELECT id, state, length(attempts) FROM jobs ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(states.len(), open.len(), "nothing of the refused job");
+        assert_eq!(states[0].1, 0, "retried: pending again");
+        assert!(states[0].2 > 0, "with its attempt recorded");
+        assert!(states[1..].iter().all(|(_, state, _)| *state == 1));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
