@@ -13,8 +13,6 @@ pub trait Host {
     fn has_knocker_header(&self) -> bool;
     /// All request headers, pseudo-headers included. `None` when Envoy refuses.
     fn request_headers(&self) -> Option<Vec<HeaderPair>>;
-    /// One request header's value (pseudo-headers such as `:path` included).
-    fn request_header(&self, name: &str) -> Option<String>;
     /// The buffered request body (`size` bytes from the start); while the body streams
     /// on, the chunk Envoy is passing.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;

@@ -94,22 +94,28 @@ impl Stream {
         config: &PluginConfig,
         end_of_stream: bool,
     ) -> Action {
-        let knocker = host.has_knocker_header();
-        if config.rules.is_empty() && !knocker {
+        // Without rules only Knocker requests matter: the cheap scan lets the rest go
+        // without copying their headers.
+        if config.rules.is_empty() && !host.has_knocker_header() {
             return Action::Continue;
         }
-        let rule = if knocker && host.request_header("knocker-host").is_some() {
-            None
-        } else {
-            match_rule(host, config)
-        };
-        if rule.is_none() && !knocker {
-            return Action::Continue;
-        }
+        // One copy of the headers from Envoy serves the Knocker check, the rules and
+        // the job. Each host call crosses between Envoy and the VM: a request that a
+        // fallback rule takes made six or more of them here (one per header looked
+        // at), now one.
         let Some(headers) = host.request_headers() else {
             host.warn("knocker: request headers unavailable; passing the request through");
             return Action::Continue;
         };
+        let knocker = crate::classify::has_knocker_header(&headers);
+        let rule = if knocker && header(&headers, "knocker-host").is_some() {
+            None
+        } else {
+            match_rule(&headers, config)
+        };
+        if rule.is_none() && !knocker {
+            return Action::Continue;
+        }
         let fallback = rule.filter(|i| {
             config
                 .rules
@@ -265,6 +271,13 @@ impl Stream {
             return Action::Continue;
         };
         let status = host.response_status().unwrap_or(0);
+        // Envoy answers for a failed upstream with a 5xx (or a 408), never a 1xx-3xx: a
+        // healthy answer the rule does not retry on is let go without asking Envoy for
+        // the response's details.
+        if !*overflow && (100..400).contains(&status) && !rule_config.retry_on().contains(&status) {
+            self.state = State::Released;
+            return Action::Continue;
+        }
         let details = host.response_code_details().unwrap_or_default();
         let from_upstream = details == "via_upstream";
         // Envoy answered for an upstream that reset, timed out or was not there
@@ -486,13 +499,12 @@ impl Stream {
 
 /// The first rule that selects the request (none carrying `x-knocker`: Knocker's own
 /// deliveries are never taken over again).
-fn match_rule<H: Host>(host: &H, config: &PluginConfig) -> Option<usize> {
-    if config.rules.is_empty() || host.request_header("x-knocker").is_some() {
+fn match_rule(headers: &[HeaderPair], config: &PluginConfig) -> Option<usize> {
+    if config.rules.is_empty() || header(headers, "x-knocker").is_some() {
         return None;
     }
-    let authority = host.request_header(":authority").unwrap_or_default();
-    let path = host.request_header(":path").unwrap_or_default();
-    let method = host.request_header(":method").unwrap_or_default();
+    let text = |name| header(headers, name).map_or_else(Default::default, String::from_utf8_lossy);
+    let (authority, path, method) = (text(":authority"), text(":path"), text(":method"));
     let view = RequestView {
         authority: &authority,
         path: &path,
@@ -501,7 +513,16 @@ fn match_rule<H: Host>(host: &H, config: &PluginConfig) -> Option<usize> {
     config
         .rules
         .iter()
-        .position(|r| r.matches(view, |name| host.request_header(name).is_some()))
+        .position(|r| r.matches(view, |name| header(headers, name).is_some()))
+}
+
+/// The first value of the request header `name` (names compare in any case, as Envoy's
+/// own lookups do).
+fn header<'a>(headers: &'a [HeaderPair], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
 }
 
 /// A header value: printable ASCII only, bounded.
@@ -544,6 +565,8 @@ mod tests {
         response_headers: RefCell<Vec<(String, String)>>,
         resumed: RefCell<bool>,
         counted: RefCell<Vec<String>>,
+        /// What was read from Envoy about the request and its response, in order.
+        reads: RefCell<Vec<&'static str>>,
     }
 
     impl FakeHost {
@@ -555,16 +578,12 @@ mod tests {
 
     impl Host for FakeHost {
         fn has_knocker_header(&self) -> bool {
+            self.reads.borrow_mut().push("knocker scan");
             has_knocker_header(&self.headers)
         }
         fn request_headers(&self) -> Option<Vec<HeaderPair>> {
+            self.reads.borrow_mut().push("request headers");
             Some(self.headers.clone())
-        }
-        fn request_header(&self, name: &str) -> Option<String> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         }
         fn request_body(&self, size: usize) -> Option<Vec<u8>> {
             if let Some(chunk) = self.chunks.borrow_mut().pop_front() {
@@ -573,9 +592,11 @@ mod tests {
             self.body.get(..size).map(<[u8]>::to_vec)
         }
         fn response_status(&self) -> Option<u32> {
+            self.reads.borrow_mut().push("status");
             Some(self.status)
         }
         fn response_code_details(&self) -> Option<String> {
+            self.reads.borrow_mut().push("details");
             Some(self.details.clone())
         }
         fn set_response_header(&self, name: &str, value: &str) {
@@ -934,6 +955,24 @@ mod tests {
         assert_eq!(s.on_response_body(), Action::Continue);
         assert!(host.dispatched.borrow().is_empty());
         assert!(host.response_headers.borrow().is_empty());
+        // Each read crosses between Envoy and the VM: the headers are copied once (the
+        // rules match on the copy), and a healthy status needs no response details.
+        assert_eq!(*host.reads.borrow(), ["request headers", "status"]);
+    }
+
+    #[test]
+    fn a_knocker_request_without_rules_is_scanned_then_copied_once() {
+        let host = FakeHost {
+            headers: request(&[("knocker-host", "t:1")]),
+            ..Default::default()
+        };
+        let mut s = Stream::default();
+        assert_eq!(
+            s.on_request_headers(&host, &PluginConfig::default(), true),
+            Action::Pause
+        );
+        assert_eq!(*host.reads.borrow(), ["knocker scan", "request headers"]);
+        assert_eq!(host.dispatched.borrow().len(), 1);
     }
 
     #[test]

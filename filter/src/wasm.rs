@@ -388,12 +388,6 @@ impl Host for Envoy<'_> {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()
     }
 
-    fn request_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-    }
-
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
             .ok()
