@@ -331,7 +331,6 @@ pub(super) fn write_loop(
             }
         }
         let started = std::time::Instant::now();
-        // A batch whose sync mode cannot be set is refused, never committed less safely.
         let commit = |conn: &mut Connection, admit| {
             let batch = Batch {
                 commands: &batch,
@@ -340,6 +339,7 @@ pub(super) fn write_loop(
             };
             commit_batch(conn, batch, counts, limits, &handover)
         };
+        // A batch whose sync mode cannot be set is refused, never committed less safely.
         let mut outcome = sync
             .choose(&conn, &batch)
             .and_then(|()| commit(&mut conn, Admit::All));
