@@ -278,6 +278,68 @@ async fn a_full_store_removes_the_oldest_finished_jobs_before_refusing_work() {
     );
 }
 
+/// A store whose size cap fills up with jobs still to deliver refuses new ones, naming
+/// the cap; it goes on recording the open jobs' outcomes, and takes new work again once
+/// they are history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_full_of_open_jobs_records_their_outcomes_then_takes_new_work() {
+    // The attempts hang until their 2 s timeout, and fail (no retries): until then every
+    // accepted job is open.
+    let target = Target::start(|_, _| Reply::Hang).await;
+    let cp = ControlPlane::start(&[("KNOCKER_MAX_STORE_BYTES", "262144")]);
+    let body = vec![b'x'; 8 * 1024];
+    let submit = |id: String| {
+        client()
+            .post(cp.url("/x"))
+            .header("Knocker-Host", target.host())
+            .header("Knocker-Id", id)
+            .header("Knocker-Timeout", "2")
+            .header("Knocker-Retries", "0")
+            .body(body.clone())
+            .send()
+    };
+    let mut accepted = 0usize;
+    let refusal = loop {
+        let response = submit(format!("open-{accepted}")).await.unwrap();
+        if response.status() != 200 {
+            break response;
+        }
+        accepted += 1;
+        assert!(accepted < 200, "the capped store never refused");
+    };
+    assert_eq!(refusal.status(), 503);
+    let error: Value = refusal.json().await.unwrap();
+    assert!(
+        error["errors"]["store"][0]
+            .as_str()
+            .is_some_and(|why| why.contains("KNOCKER_MAX_STORE_BYTES")),
+        "{error}"
+    );
+    assert!(accepted > 4, "{accepted} jobs accepted");
+
+    let recorded = eventually(WAIT, || async {
+        let status = crate::get_json(cp.url("/knocker/status")).await;
+        let queue = &status["queue"];
+        queue["failed"] == accepted && queue["in_flight"] == 0 && queue["pending"] == 0
+    })
+    .await;
+    assert!(
+        recorded,
+        "every outcome recorded: {}\n{}",
+        crate::get_json(cp.url("/knocker/status")).await,
+        cp.log()
+    );
+
+    let after = submit("after".into()).await.unwrap();
+    assert_eq!(after.status(), 200, "{}", after.text().await.unwrap());
+    let first = client()
+        .get(cp.url("/knocker/jobs/open-0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 404, "the oldest failed job made room");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_commit_answers_503_and_gives_no_receipt() {
     for door in DOORS {
