@@ -55,7 +55,8 @@ pub fn serialized_has_knocker_header(buf: &[u8]) -> bool {
     false
 }
 
-/// The same decision on an already deserialized map (used by the fake host in tests).
+/// The same decision on an already deserialized map: the copy a request with rules
+/// configured is matched on (and the fake host in tests).
 pub fn has_knocker_header<N: AsRef<[u8]>, V>(headers: &[(N, V)]) -> bool {
     headers
         .iter()

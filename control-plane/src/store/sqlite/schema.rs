@@ -145,7 +145,7 @@ pub(super) fn unopenable(path: &Path, e: &rusqlite::Error) -> StoreError {
     }
 }
 
-pub(super) fn in_use(path: &Path) -> StoreError {
+fn in_use(path: &Path) -> StoreError {
     StoreError::Unavailable(format!(
         "the job database {} is in use by another process (a control plane already running \
          on this KNOCKER_DATA_DIR?); one control plane owns a data directory: stop the \
