@@ -340,6 +340,77 @@ async fn a_store_full_of_open_jobs_records_their_outcomes_then_takes_new_work() 
     assert_eq!(first.status(), 404, "the oldest failed job made room");
 }
 
+/// A file system of its own (tmpfs) of a given size, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Self {
+        let dir = knocker_e2e::process::temp_dir("disk");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a {bytes}-byte tmpfs on {} failed (the tests run as root)",
+            dir.display()
+        );
+        Self(dir)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temporary path")
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A disk that fills up before the store reaches its size cap: the refusal names the
+/// disk (SQLite says "database or disk is full" for both), and every job accepted before
+/// it is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_before_the_size_cap_is_named_in_the_refusal() {
+    let disk = SmallDisk::mount(512 * 1024);
+    let cp = ControlPlane::start(&[
+        ("KNOCKER_DATA_DIR", disk.path()),
+        ("KNOCKER_MAX_STORE_BYTES", "67108864"),
+        ("KNOCKER_DELIVERY", "off"),
+    ]);
+    let body = vec![b'x'; 8 * 1024];
+    let mut accepted = 0u64;
+    let refusal = loop {
+        let response = client()
+            .post(cp.url("/x"))
+            .header("Knocker-Host", "127.0.0.1:9")
+            .header("Knocker-Id", format!("disk-{accepted}"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        if response.status() != 200 {
+            break response;
+        }
+        accepted += 1;
+        assert!(accepted < 200, "a 512 KiB disk never filled");
+    };
+    assert_eq!(refusal.status(), 503);
+    let error: Value = refusal.json().await.unwrap();
+    let why = error["errors"]["store"][0].as_str().unwrap_or_default();
+    assert!(
+        why.contains("the disk of KNOCKER_DATA_DIR is full") && !why.contains("MAX_STORE_BYTES"),
+        "{error}"
+    );
+    assert!(accepted > 0, "no job fitted on the disk");
+    let status = crate::get_json(cp.url("/knocker/status")).await;
+    assert_eq!(status["queue"]["pending"], accepted, "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_commit_answers_503_and_gives_no_receipt() {
     for door in DOORS {

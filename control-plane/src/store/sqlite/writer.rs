@@ -224,20 +224,20 @@ pub(super) fn checkpoint_loop(conn: &Connection) {
 enum Refusal {
     /// `KNOCKER_MAX_PENDING`: this many jobs are open.
     Full(u64),
-    /// No room under the size cap (its bytes; 0: none, the disk is full) for a new job.
-    NoRoom(u64),
+    /// No room for a new job: the store is full up to this limit.
+    NoRoom(Limit),
 }
 
 impl Refusal {
     fn error(self) -> StoreError {
         match self {
             Self::Full(open) => StoreError::Full(open),
-            Self::NoRoom(0) => StoreError::Unavailable(
+            Self::NoRoom(Limit::Disk) => StoreError::Unavailable(
                 "the disk of KNOCKER_DATA_DIR is full and the store holds no finished jobs \
                  to remove; new jobs are refused until open ones finish or space is freed"
                     .into(),
             ),
-            Self::NoRoom(cap) => StoreError::Unavailable(format!(
+            Self::NoRoom(Limit::Cap(cap)) => StoreError::Unavailable(format!(
                 "the store is at its size cap (KNOCKER_MAX_STORE_BYTES, {cap} bytes) and holds \
                  no finished jobs to remove; new jobs are refused until open ones finish"
             )),
@@ -250,9 +250,61 @@ impl Refusal {
 enum Admit {
     /// All of them, within the room [`Room`] leaves them.
     All,
-    /// None: the store is full, and the batch's claims, outcomes and the rest commit
-    /// without its submissions, which are refused ([`Refusal::NoRoom`]).
-    OpenOnly,
+    /// None: the store is full up to this limit, and the batch's claims, outcomes and
+    /// the rest commit without its submissions, which are refused ([`Refusal::NoRoom`]).
+    OpenOnly(Limit),
+}
+
+/// What a store that takes no more new jobs is full up to. SQLite answers "database or
+/// disk is full" for both; the refusal names the one to act on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Limit {
+    /// The size cap (`KNOCKER_MAX_STORE_BYTES`), in bytes.
+    Cap(u64),
+    /// The file system of `KNOCKER_DATA_DIR`.
+    Disk,
+}
+
+impl Limit {
+    /// The disk when there is no cap, or when its file system has less space free than
+    /// the database may still grow by under the cap (then the cap is not what stops it);
+    /// the cap otherwise, or when the free space cannot be read.
+    fn binding(conn: &Connection, limits: &Limits) -> Self {
+        if limits.max_bytes == 0 {
+            return Self::Disk;
+        }
+        match disk_below_cap(conn) {
+            Ok(true) => Self::Disk,
+            Ok(false) => Self::Cap(limits.max_bytes),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the space free for the store");
+                Self::Cap(limits.max_bytes)
+            }
+        }
+    }
+}
+
+/// Whether the file system holding the database has less space free than the database
+/// may still grow by under its page limit.
+fn disk_below_cap(conn: &Connection) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    let (max, count, size): (i64, i64, i64) = conn.query_row(
+        "SELECT m.max_page_count, p.page_count, s.page_size \
+         FROM pragma_max_page_count() AS m, pragma_page_count() AS p, pragma_page_size() AS s",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let path = conn
+        .path()
+        .filter(|p| !p.is_empty())
+        .context("the database has no file")?;
+    let dir = std::path::Path::new(path)
+        .parent()
+        .context("the database file has no directory")?;
+    let fs = rustix::fs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    let growth = max.saturating_sub(count).max(0).saturating_mul(size);
+    Ok(free < u64::try_from(growth).unwrap_or(u64::MAX))
 }
 
 /// Pages kept under the size cap for what the jobs already accepted still write: their
@@ -360,7 +412,8 @@ pub(super) fn write_loop(
                 Err(e) => tracing::warn!(error = %e, "the store is full and no room could be made"),
             }
             if outcome.as_ref().is_err_and(is_full) && submits(&batch) {
-                outcome = commit(&mut conn, Admit::OpenOnly);
+                let limit = Limit::binding(&conn, limits);
+                outcome = commit(&mut conn, Admit::OpenOnly(limit));
             }
         }
         match outcome {
@@ -484,13 +537,11 @@ fn commit_batch(
     for (command, outcome) in batch.iter().zip(outcomes.iter_mut()) {
         if outcome.is_none() {
             *outcome = Some(match (admit, command) {
-                (Admit::OpenOnly, Command::Insert(job, _)) => Outcome::Inserted(existing_or(
-                    &tx,
-                    &job.id,
-                    Refusal::NoRoom(limits.max_bytes),
-                )?),
-                (Admit::OpenOnly, Command::InsertAll(..)) => {
-                    Outcome::InsertedAll(Err(Refusal::NoRoom(limits.max_bytes)))
+                (Admit::OpenOnly(limit), Command::Insert(job, _)) => {
+                    Outcome::Inserted(existing_or(&tx, &job.id, Refusal::NoRoom(limit))?)
+                }
+                (Admit::OpenOnly(limit), Command::InsertAll(..)) => {
+                    Outcome::InsertedAll(Err(Refusal::NoRoom(limit)))
                 }
                 _ => execute(&tx, command, counts, limits, &mut deltas, spare.as_mut())?,
             });
