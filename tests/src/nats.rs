@@ -8,6 +8,8 @@ use crate::process::{free_port, temp_dir};
 /// A running server; killed when dropped.
 pub struct NatsServer {
     pub url: String,
+    /// Its JetStream store directory.
+    pub store_dir: std::path::PathBuf,
     child: Child,
 }
 
@@ -15,9 +17,10 @@ impl NatsServer {
     pub fn start() -> Self {
         let port = free_port();
         let dir = temp_dir("nats");
+        let store_dir = dir.join("jetstream");
         let child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("jetstream"))
+            .arg(&store_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -33,8 +36,30 @@ impl NatsServer {
         }
         Self {
             url: format!("nats://127.0.0.1:{port}"),
+            store_dir,
             child,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Bytes of the files under its store directory.
+    pub fn store_bytes(&self) -> u64 {
+        fn walk(dir: &std::path::Path) -> u64 {
+            std::fs::read_dir(dir).map_or(0, |entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => walk(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+        }
+        walk(&self.store_dir)
     }
 }
 
