@@ -18,7 +18,8 @@
 //! - Under the size cap, history makes room (the oldest finished jobs go first), and
 //!   new jobs stop a sixteenth of the cap short of it: the jobs already accepted keep
 //!   room to be claimed and to have their outcomes recorded, and a batch whose
-//!   submissions find no room commits without them (the writer's `Room` and `Admit`).
+//!   submissions find no room commits without them (the writer's `Room` and `Admit`);
+//!   their refusal names what is full, the cap or the disk (`Limit`).
 //! - Jobs live on disk: the scheduler asks for what is due, so a million pending jobs
 //!   need no million in RAM.
 //! - Each job's record carries its layout's version ([`record`]): a database of an
