@@ -278,6 +278,31 @@ async fn a_full_store_removes_the_oldest_finished_jobs_before_refusing_work() {
     );
 }
 
+/// Posts job `id`, an 8 KiB body, to `url` with `headers`.
+async fn post_8k(url: &str, id: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = client().post(url).header("Knocker-Id", id);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(vec![b'x'; 8 * 1024]).send().await.unwrap()
+}
+
+/// Posts 8 KiB jobs (`{prefix}-0`, `{prefix}-1`, …) until one is refused, at most 200:
+/// how many were accepted, and the refusal.
+async fn fill_until_refused(
+    url: &str,
+    prefix: &str,
+    headers: &[(&str, &str)],
+) -> (u64, reqwest::Response) {
+    for accepted in 0..200 {
+        let response = post_8k(url, &format!("{prefix}-{accepted}"), headers).await;
+        if response.status() != 200 {
+            return (accepted, response);
+        }
+    }
+    panic!("{url}: 200 jobs of 8 KiB accepted, none refused");
+}
+
 /// A store whose size cap fills up with jobs still to deliver refuses new ones, naming
 /// the cap; it goes on recording the open jobs' outcomes, and takes new work again once
 /// they are history.
@@ -287,26 +312,13 @@ async fn a_store_full_of_open_jobs_records_their_outcomes_then_takes_new_work() 
     // accepted job is open.
     let target = Target::start(|_, _| Reply::Hang).await;
     let cp = ControlPlane::start(&[("KNOCKER_MAX_STORE_BYTES", "262144")]);
-    let body = vec![b'x'; 8 * 1024];
-    let submit = |id: String| {
-        client()
-            .post(cp.url("/x"))
-            .header("Knocker-Host", target.host())
-            .header("Knocker-Id", id)
-            .header("Knocker-Timeout", "2")
-            .header("Knocker-Retries", "0")
-            .body(body.clone())
-            .send()
-    };
-    let mut accepted = 0usize;
-    let refusal = loop {
-        let response = submit(format!("open-{accepted}")).await.unwrap();
-        if response.status() != 200 {
-            break response;
-        }
-        accepted += 1;
-        assert!(accepted < 200, "the capped store never refused");
-    };
+    let host = target.host();
+    let headers = [
+        ("Knocker-Host", host.as_str()),
+        ("Knocker-Timeout", "2"),
+        ("Knocker-Retries", "0"),
+    ];
+    let (accepted, refusal) = fill_until_refused(&cp.url("/x"), "open", &headers).await;
     assert_eq!(refusal.status(), 503);
     let error: Value = refusal.json().await.unwrap();
     assert!(
@@ -330,7 +342,7 @@ async fn a_store_full_of_open_jobs_records_their_outcomes_then_takes_new_work() 
         cp.log()
     );
 
-    let after = submit("after".into()).await.unwrap();
+    let after = post_8k(&cp.url("/x"), "after", &headers).await;
     assert_eq!(after.status(), 200, "{}", after.text().await.unwrap());
     let first = client()
         .get(cp.url("/knocker/jobs/open-0"))
@@ -382,23 +394,8 @@ async fn a_disk_that_fills_before_the_size_cap_is_named_in_the_refusal() {
         ("KNOCKER_MAX_STORE_BYTES", "67108864"),
         ("KNOCKER_DELIVERY", "off"),
     ]);
-    let body = vec![b'x'; 8 * 1024];
-    let mut accepted = 0u64;
-    let refusal = loop {
-        let response = client()
-            .post(cp.url("/x"))
-            .header("Knocker-Host", "127.0.0.1:9")
-            .header("Knocker-Id", format!("disk-{accepted}"))
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
-        if response.status() != 200 {
-            break response;
-        }
-        accepted += 1;
-        assert!(accepted < 200, "a 512 KiB disk never filled");
-    };
+    let headers = [("Knocker-Host", "127.0.0.1:9")];
+    let (accepted, refusal) = fill_until_refused(&cp.url("/x"), "disk", &headers).await;
     assert_eq!(refusal.status(), 503);
     let error: Value = refusal.json().await.unwrap();
     let why = error["errors"]["store"][0].as_str().unwrap_or_default();
@@ -423,34 +420,19 @@ async fn a_store_that_cannot_commit_answers_503_and_gives_no_receipt() {
             ],
         )
         .await;
-        let body = vec![b'x'; 8 * 1024];
-        let mut refused = None;
-        for i in 0..200 {
-            let response = client()
-                .post(stack.url("/x"))
-                .header("Knocker-Host", "127.0.0.1:9")
-                .header("Knocker-Id", format!("fill-{i}"))
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap();
-            if response.status() != 200 {
-                assert_eq!(response.status(), 503, "{door:?}");
-                assert_eq!(response.headers()["retry-after"], "1");
-                let error: Value = response.json().await.unwrap();
-                assert_eq!(error["status"], false, "never a receipt");
-                assert!(
-                    error["errors"]["store"][0]
-                        .as_str()
-                        .unwrap()
-                        .contains("cannot commit"),
-                    "{error}"
-                );
-                refused = Some(i);
-                break;
-            }
-        }
-        let i = refused.unwrap_or_else(|| panic!("{door:?}: the full store never refused"));
+        let headers = [("Knocker-Host", "127.0.0.1:9")];
+        let (i, response) = fill_until_refused(&stack.url("/x"), "fill", &headers).await;
+        assert_eq!(response.status(), 503, "{door:?}");
+        assert_eq!(response.headers()["retry-after"], "1");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["status"], false, "never a receipt");
+        assert!(
+            error["errors"]["store"][0]
+                .as_str()
+                .unwrap()
+                .contains("cannot commit"),
+            "{error}"
+        );
         assert!(i > 0);
         let lookup = client()
             .get(stack.cp.url(&format!("/knocker/jobs/fill-{i}")))

@@ -1358,7 +1358,6 @@ mod tests {
             ))
             .unwrap();
         drop(commands);
-        let path_for_check = path.clone();
         write_loop(conn, rx, &counts, &limits);
 
         let claimed = claimed.blocking_recv().unwrap().expect("the claim commits");
@@ -1372,7 +1371,7 @@ mod tests {
             refused.to_string().contains("KNOCKER_MAX_STORE_BYTES"),
             "{refused}"
         );
-        let conn = Connection::open(path_for_check).unwrap();
+        let conn = Connection::open(&path).unwrap();
         let states: Vec<(String, i64, i64)> = conn
             .prepare("SELECT id, state, length(attempts) FROM jobs ORDER BY seq")
             .unwrap()
