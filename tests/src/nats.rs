@@ -44,23 +44,6 @@ impl NatsServer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
-
-    /// Bytes of the files under its store directory.
-    pub fn store_bytes(&self) -> u64 {
-        fn walk(dir: &std::path::Path) -> u64 {
-            std::fs::read_dir(dir).map_or(0, |entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .map(|e| match e.metadata() {
-                        Ok(m) if m.is_dir() => walk(&e.path()),
-                        Ok(m) => m.len(),
-                        Err(_) => 0,
-                    })
-                    .sum()
-            })
-        }
-        walk(&self.store_dir)
-    }
 }
 
 impl Drop for NatsServer {

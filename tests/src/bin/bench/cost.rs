@@ -43,17 +43,19 @@ struct SetUp<'a> {
     copies: u64,
 }
 
-/// Bytes of the embedded store's files (database, WAL, shared memory) under `dir`.
+/// Bytes of the files under `dir`, its subdirectories included: the embedded store's
+/// (database, WAL, shared memory), or a NATS server's store directory.
 pub(crate) fn disk_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+                Ok(m) if m.is_file() => m.len(),
+                _ => 0,
+            })
+            .sum()
+    })
 }
 
 /// `wrk -c50` POSTs of `body` bytes (`None`: [`POST_BODY`]) for `seconds` at `url`, then

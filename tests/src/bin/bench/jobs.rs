@@ -374,10 +374,11 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         }
         let rate = backlog as f64 / started.elapsed().as_secs_f64();
         let per_job = |now: f64, then: f64| (now - then) * 1e6 / backlog as f64;
-        let disk = match server {
-            Some(_) => drain_nats.store_bytes(),
-            None => crate::cost::disk_bytes(&cp.dir.join("data")),
+        let store = match server {
+            Some(_) => drain_nats.store_dir.clone(),
+            None => cp.dir.join("data"),
         };
+        let disk = crate::cost::disk_bytes(&store);
         drains.push(Drain {
             rate,
             control_plane_us: per_job(cpu_s(pid), before.0),
