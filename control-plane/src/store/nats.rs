@@ -16,7 +16,8 @@
 //!   itself, are still pulled (consumer `knocker-delivery`) while there are any.
 //! - A claim pulls no more messages than its capped targets have room for (a message's
 //!   subject names its target, so one over the cap goes back unread), and a few for
-//!   targets it has no cap for yet.
+//!   targets it has no cap for yet only while such targets have work (the stream's
+//!   subjects are counted at most every 100 ms).
 //! - A retry is a NAK with a delay: the server redelivers the message when it is due,
 //!   to whichever control plane asks first.
 //! - Ordered lanes: each lane has a subject (`knocker.lane.<hash>`) and a durable
@@ -77,8 +78,11 @@ const CONSUMER: &str = "knocker-work";
 /// How long one pull waits for messages.
 const PULL_WAIT: Duration = Duration::from_millis(50);
 /// Messages a claim pulls beyond its capped targets' room, for targets it has no cap for
-/// yet.
+/// yet, while there is work of such targets (see [`Uncapped`]).
 const UNCAPPED_PER_CLAIM: usize = 16;
+/// How often the work stream's subjects are counted to learn whether targets without a
+/// cap have work (ms).
+const UNCAPPED_EVERY: Millis = 100;
 /// Compare-and-set writes of a job record tried before giving up on a busy record.
 const WRITE_TRIES: usize = 5;
 /// Headers of a new job's work message carrying its record as created, and that
@@ -198,6 +202,20 @@ pub struct NatsStore {
     lanes: Mutex<HashMap<String, Consumer<PullConfig>>>,
     /// When the lane subjects were last listed (ms), to list them at most every 200 ms.
     lanes_listed: Mutex<Millis>,
+    /// When claims pull messages for targets without a cap.
+    uncapped: Mutex<Uncapped>,
+}
+
+/// Whether targets without a cap have work: only then does a claim pull
+/// [`UNCAPPED_PER_CLAIM`] messages beyond its capped targets' room. When all the work is
+/// the capped targets', each of those messages would only be sent back, to be delivered
+/// again and its record read (in a drain to one target, 16 of every 79 messages pulled).
+#[derive(Default)]
+struct Uncapped {
+    /// What the last count of the work stream's subjects, or a pull since, found.
+    found: bool,
+    /// When the subjects were last counted (ms).
+    counted: Millis,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -317,6 +335,7 @@ impl NatsStore {
             held,
             lanes: Mutex::default(),
             lanes_listed: Mutex::new(0),
+            uncapped: Mutex::default(),
         })
     }
 
@@ -799,13 +818,19 @@ impl NatsStore {
             }
         }
         // No more than the capped targets have room for, and a few for targets without a
-        // cap yet: a message pulled over its target's cap is only sent back.
+        // cap while they have work (see [`Uncapped`]): a message pulled over its target's
+        // cap is only sent back.
         let mut room = limit.saturating_sub(claimed.len());
         if caps.hosts().next().is_some() {
             let capped = caps
                 .hosts()
                 .fold(0, |sum: usize, (_, n)| sum.saturating_add(n));
-            room = room.min(capped.saturating_add(UNCAPPED_PER_CLAIM));
+            let extra = if self.uncapped_work(now, caps).await {
+                UNCAPPED_PER_CLAIM
+            } else {
+                0
+            };
+            room = room.min(capped.saturating_add(extra));
         }
         if room > 0 {
             // Each take is a few round trips to the server: run them side by side.
@@ -824,6 +849,12 @@ impl NatsStore {
                 .hosts()
                 .map(|(host, _)| (target_subject(host), host))
                 .collect();
+            if messages
+                .iter()
+                .any(|m| !capped.contains_key(m.subject.as_str()))
+            {
+                self.uncapped.lock().found = true;
+            }
             let mut ready = Vec::new();
             for message in newest_deliveries(messages) {
                 match capped.get(message.subject.as_str()) {
@@ -860,6 +891,48 @@ impl NatsStore {
             }
         }
         Ok(())
+    }
+
+    /// Whether targets not in `caps` have work on the stream: counted at most every
+    /// [`UNCAPPED_EVERY`] ms (by subject: a target's subject names it), and known at once
+    /// when a pull brings some. When the count fails, they are assumed to.
+    async fn uncapped_work(&self, now: Millis, caps: &HostCaps) -> bool {
+        {
+            let mut uncapped = self.uncapped.lock();
+            let fresh = now < uncapped.counted + UNCAPPED_EVERY && uncapped.counted <= now;
+            if fresh {
+                return uncapped.found;
+            }
+            uncapped.counted = now;
+        }
+        let capped: std::collections::HashSet<String> =
+            caps.hosts().map(|(host, _)| target_subject(host)).collect();
+        let found = match self.subjects_with_work().await {
+            Ok(subjects) => subjects.iter().any(|s| !capped.contains(s)),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot count the work stream's subjects");
+                true
+            }
+        };
+        self.uncapped.lock().found = found;
+        found
+    }
+
+    /// The target subjects of the work stream that hold messages.
+    async fn subjects_with_work(&self) -> Result<Vec<String>, StoreError> {
+        let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
+        let mut subjects = stream
+            .info_with_subjects(WORK_SUBJECTS)
+            .await
+            .map_err(unavailable)?;
+        let mut found = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, count) = subject.map_err(unavailable)?;
+            if count > 0 {
+                found.push(subject);
+            }
+        }
+        Ok(found)
     }
 
     /// Work an earlier version left on `knocker.work`, while there is any: once a pull
@@ -1784,9 +1857,9 @@ mod tests {
         );
     }
 
-    /// A claim pulls no more than its capped targets have room for (and a few for targets
-    /// without a cap): the rest stays on the server for the next claim, not pulled only to
-    /// be sent back.
+    /// A claim pulls no more than its capped targets have room for when no other target
+    /// has work: the rest stays on the server for the next claim, not pulled only to be
+    /// sent back (and delivered again, and its record read).
     #[tokio::test]
     async fn a_claim_pulls_no_more_than_its_targets_have_room_for() {
         let server = NatsServer::start("room");
@@ -1803,15 +1876,46 @@ mod tests {
         let host = test_job("x", "POST", "http://t:1/p").host().to_owned();
         let mut caps = HostCaps::default();
         caps.cap(&host, 4);
+        let mut consumer = store.work.clone();
         let claimed = store.claim_due(now_ms(), 60, &caps).await.unwrap();
         assert_eq!(claimed.len(), 4);
-        let mut consumer = store.work.clone();
+        let first = consumer.info().await.unwrap().delivered.consumer_sequence;
+        assert_eq!(first, 4, "nothing pulled only to be sent back");
+        let claimed = store.claim_due(now_ms(), 60, &caps).await.unwrap();
+        assert_eq!(claimed.len(), 4);
         let info = consumer.info().await.unwrap();
-        assert!(
-            info.num_pending >= (60 - 4 - UNCAPPED_PER_CLAIM) as u64,
-            "left on the server: {}",
-            info.num_pending
-        );
+        assert_eq!(info.delivered.consumer_sequence, 8);
+        assert_eq!(info.num_pending, 60 - 8, "the rest is left on the server");
+    }
+
+    /// Work of a target without a cap, queued behind a capped target's backlog whose
+    /// cap is used up, is still found and claimed.
+    #[tokio::test]
+    async fn a_target_without_a_cap_is_found_behind_a_capped_backlog() {
+        let server = NatsServer::start("uncapped");
+        let store = server.store(Duration::from_secs(30)).await;
+        let now = now_ms();
+        let mut jobs: Vec<Job> = (0..40)
+            .map(|i| {
+                let mut job = test_job(&format!("t{i}"), "POST", "http://t:1/p");
+                job.next_attempt_at = now;
+                job
+            })
+            .collect();
+        let mut other = test_job("u", "POST", "http://u:1/p");
+        other.next_attempt_at = now;
+        jobs.push(other);
+        store.insert_all(jobs).await.unwrap();
+        let host = test_job("x", "POST", "http://t:1/p").host().to_owned();
+        let caps = HostCaps::skipping(&[host]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut found = Vec::new();
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            found = store.claim_due(now_ms(), 60, &caps).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ids: Vec<&str> = found.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["u"], "only the uncapped target's job, within 5 s");
     }
 
     /// The server sends a held job's message again (here: sent back by hand, as a late
