@@ -899,8 +899,12 @@ impl NatsStore {
 
     /// Whether targets not in `caps` have work on the stream: counted at most every
     /// [`UNCAPPED_EVERY`] ms (by subject: a target's subject names it), and known at once
-    /// when a pull brings some. When the count fails, they are assumed to.
+    /// when a pull brings some. Work of earlier versions counts (its target is only known
+    /// once its record is read); when the count fails, they are assumed to.
     async fn uncapped_work(&self, now: Millis, caps: &HostCaps) -> bool {
+        if self.legacy.lock().is_some() {
+            return true;
+        }
         {
             let mut uncapped = self.uncapped.lock();
             let fresh = now < uncapped.counted + UNCAPPED_EVERY && uncapped.counted <= now;
@@ -911,32 +915,32 @@ impl NatsStore {
         }
         let capped: std::collections::HashSet<String> =
             caps.hosts().map(|(host, _)| target_subject(host)).collect();
-        let found = match self.subjects_with_work().await {
-            Ok(subjects) => subjects.iter().any(|s| !capped.contains(s)),
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot count the work stream's subjects");
-                true
-            }
-        };
+        let found = self.work_beyond(&capped).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot count the work stream's subjects");
+            true
+        });
         self.uncapped.lock().found = found;
         found
     }
 
-    /// The target subjects of the work stream that hold messages.
-    async fn subjects_with_work(&self) -> Result<Vec<String>, StoreError> {
+    /// Whether the work stream holds messages on a target subject not in `capped`: read
+    /// up to the first one (the server lists the subjects in pages).
+    async fn work_beyond(
+        &self,
+        capped: &std::collections::HashSet<String>,
+    ) -> Result<bool, StoreError> {
         let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
         let mut subjects = stream
             .info_with_subjects(WORK_SUBJECTS)
             .await
             .map_err(unavailable)?;
-        let mut found = Vec::new();
         while let Some(subject) = subjects.next().await {
             let (subject, count) = subject.map_err(unavailable)?;
-            if count > 0 {
-                found.push(subject);
+            if count > 0 && !capped.contains(&subject) {
+                return Ok(true);
             }
         }
-        Ok(found)
+        Ok(false)
     }
 
     /// Work an earlier version left on `knocker.work`, while there is any: once a pull
