@@ -25,8 +25,14 @@ pub enum RuleMode {
     /// Store the request and answer `202` with a receipt at once; deliver to the target.
     Capture,
     /// Send the request upstream as usual; on a retryable failure hand it to the control
-    /// plane and answer `202` with a receipt instead of the error.
+    /// plane and answer `202` with a receipt instead of the error. The filter keeps a copy
+    /// of each body until the upstream answers.
     Fallback,
+    /// The second half of a fallback that Envoy's retry policy makes: the request already
+    /// failed upstream and Envoy retried it to the listener this rule runs on. Store it
+    /// as a fallback job and answer `202` with a receipt; healthy traffic never reaches
+    /// the filter (`envoy/sidecar.yaml`).
+    Handover,
     /// Store the request once per member of a group (the control plane's configuration)
     /// and answer `202` with a receipt listing the members.
     Broadcast,
@@ -36,7 +42,7 @@ impl RuleMode {
     pub fn proto(self) -> Mode {
         match self {
             Self::Capture => Mode::Capture,
-            Self::Fallback => Mode::Fallback,
+            Self::Fallback | Self::Handover => Mode::Fallback,
             Self::Broadcast => Mode::Broadcast,
         }
     }

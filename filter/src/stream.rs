@@ -6,6 +6,9 @@
 //!   (Envoy holds it until then, up to the rule's buffer limit), with a copy kept; a
 //!   retryable failure is replaced by the control plane's `202` receipt, anything else
 //!   passes through untouched.
+//! - `handover` rules: as capture, but the job is a fallback (Envoy's retry policy sent
+//!   a request its upstream failed to this listener); a failure says so in
+//!   `knocker-fallback`.
 
 use std::time::Duration;
 
@@ -385,9 +388,9 @@ impl Stream {
         if t != token {
             return;
         }
-        let rule = rule
-            .and_then(|i| config.rules.get(i))
-            .map(|r| r.name.as_str());
+        let rule = rule.and_then(|i| config.rules.get(i));
+        let handover = rule.is_some_and(|r| r.mode == RuleMode::Handover);
+        let rule = rule.map(|r| r.name.as_str());
         let (grpc_status, body, message) = match outcome {
             Outcome::Reply(body) => (0, body, None),
             Outcome::Failed {
@@ -395,7 +398,7 @@ impl Stream {
                 message,
             } => (grpc_status, None, message),
         };
-        let response = reply::from_grpc(
+        let mut response = reply::from_grpc(
             grpc_status,
             body.as_deref(),
             message.as_deref(),
@@ -422,8 +425,17 @@ impl Stream {
             return;
         }
         host.count(Counter::for_status(response.status), rule);
-        if fallback {
+        if fallback || (handover && (200..300).contains(&response.status)) {
             host.count(Counter::FallbackTaken, rule);
+        } else if handover {
+            // The upstream's own failure is gone (Envoy retried past it): the caller gets
+            // this answer, and why.
+            host.count(Counter::FallbackFailed, rule);
+            let reason = reply::error_text(&response);
+            response.headers.push((
+                FALLBACK_HEADER.to_owned(),
+                format!("failed; {}", header_safe(&reason)),
+            ));
         }
         self.answer(host, &response);
     }
@@ -480,7 +492,15 @@ impl Stream {
                     self.state = State::Released;
                 } else {
                     host.count(Counter::ControlPlaneUnavailable, rule_name);
-                    self.answer(host, &Response::unavailable(&reason, config.retry_after_s));
+                    let mut response = Response::unavailable(&reason, config.retry_after_s);
+                    if rule.is_some_and(|r| r.mode == RuleMode::Handover) {
+                        host.count(Counter::FallbackFailed, rule_name);
+                        response.headers.push((
+                            FALLBACK_HEADER.to_owned(),
+                            format!("failed; {}", header_safe(&reason)),
+                        ));
+                    }
+                    self.answer(host, &response);
                 }
             }
         }
@@ -1021,6 +1041,89 @@ mod tests {
                 ]
             );
         }
+    }
+
+    fn handover_config() -> PluginConfig {
+        PluginConfig::parse(
+            br#"{"rules":[{"name":"app","mode":"handover","delivery":{"target":"http://u:2"}}]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn handover_stores_the_request_as_a_fallback_job_at_once() {
+        let host = FakeHost {
+            headers: with_path("/orders", &[]),
+            body: b"abcde".to_vec(),
+            grpc_reply: receipt(),
+            ..Default::default()
+        };
+        let config = handover_config();
+        let mut s = Stream::default();
+        // Buffered whole and submitted, as capture does: the upstream already failed.
+        assert_eq!(s.on_request_headers(&host, &config, false), Action::Pause);
+        assert_eq!(s.on_request_body(&host, &config, 5, true), Action::Pause);
+        let req = dispatched_request(&host);
+        assert_eq!(req.mode, Mode::Fallback as i32);
+        assert_eq!(req.rule, "app");
+        assert_eq!(req.body, b"abcde");
+        assert_eq!(req.policy.unwrap().target, "http://u:2");
+        s.on_grpc_response(&host, &config, 7, 0, host.grpc_reply.len());
+        let sent = host.sent.borrow();
+        assert_eq!(sent.first().map(|r| r.0), Some(202));
+        assert!(sent[0].1.iter().all(|(n, _)| n != FALLBACK_HEADER));
+        assert_eq!(
+            host.counted(),
+            [
+                "knocker.submitted",
+                "knocker.rule.app.submitted",
+                "knocker.receipts",
+                "knocker.rule.app.receipts",
+                "knocker.fallback_taken",
+                "knocker.rule.app.fallback_taken",
+            ]
+        );
+    }
+
+    #[test]
+    fn handover_says_why_when_the_control_plane_fails() {
+        // The call fails (gRPC UNAVAILABLE), or cannot even be made.
+        for dispatch_error in [None, Some("no cluster".to_owned())] {
+            let host = FakeHost {
+                headers: with_path("/orders", &[]),
+                dispatch_error: dispatch_error.clone(),
+                ..Default::default()
+            };
+            let config = handover_config();
+            let mut s = Stream::default();
+            s.on_request_headers(&host, &config, true);
+            if dispatch_error.is_none() {
+                s.on_grpc_response(&host, &config, 7, 14, 0);
+            }
+            let sent = host.sent.borrow();
+            assert_eq!(sent.first().map(|r| r.0), Some(503), "{dispatch_error:?}");
+            let why = sent[0].1.iter().find(|(n, _)| n == FALLBACK_HEADER);
+            assert!(
+                why.is_some_and(|(_, v)| v.starts_with("failed; ")),
+                "{:?}",
+                sent[0].1
+            );
+            assert!(host
+                .counted()
+                .contains(&"knocker.rule.app.fallback_failed".to_owned()));
+            assert!(!host
+                .counted()
+                .contains(&"knocker.rule.app.fallback_taken".to_owned()));
+        }
+    }
+
+    #[test]
+    fn handover_rules_take_no_fallback_only_fields() {
+        let err = PluginConfig::parse(
+            br#"{"rules":[{"name":"app","mode":"handover","delivery":{"target":"http://u:2"},"buffer_limit_bytes":8}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("buffer_limit_bytes"), "{err}");
     }
 
     #[test]
