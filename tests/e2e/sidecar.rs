@@ -1,8 +1,9 @@
 //! `envoy/sidecar.yaml`, rendered by `scripts/envoy-config.sh` as users do, in front of
 //! an app on loopback: the app's answers pass untouched while it is up; while it is down
-//! (restarting: its port refuses connections) its writes get `202` and reach it when it
-//! is back, through the sidecar again; Knocker requests go through the sidecar too. The
-//! filter reaches the control plane with the gRPC token the variables give it.
+//! (restarting: its port refuses connections) or failing, its writes get `202` (Envoy
+//! retries each to the handover listener, where the filter stores it) and reach it when
+//! it is back, through the sidecar again; Knocker requests go through the sidecar too.
+//! The filter reaches the control plane with the gRPC token the variables give it.
 
 use std::time::Duration;
 
@@ -181,6 +182,99 @@ async fn writes_the_app_misses_while_it_restarts_reach_it_when_it_is_back() {
     assert_eq!(
         envoy.stat("wasmcustom.knocker.rule.app.fallback_taken"),
         Some(2)
+    );
+}
+
+/// Envoy's retry sends each failed write to the handover listener, never to the app a
+/// second time, and every write in flight gets its retry when the app fails them all at
+/// once (Envoy allows 3 retries at a time per cluster unless told otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_the_app_fails_together_are_each_handed_over_once() {
+    const WRITES: usize = 64;
+    // The app fails its callers' writes (503) but takes what Knocker delivers.
+    let app = Target::start(|request, _| match request.header("x-knocker") {
+        Some(_) => Reply::status(200),
+        None => Reply::status(503).with_body(b"overloaded"),
+    })
+    .await;
+    let (cp, envoy) = start(app.port());
+
+    let writes = (0..WRITES).map(|i| {
+        let url = envoy.url(&format!("/orders/{i}"));
+        async move {
+            let response = client().post(url).body(format!("order {i}")).send().await;
+            let response = response.unwrap();
+            (
+                response.status(),
+                response.headers().get("knocker-id").cloned(),
+            )
+        }
+    });
+    let answers = futures_util::future::join_all(writes).await;
+    let mut ids: Vec<_> = answers
+        .iter()
+        .map(|(status, id)| {
+            assert_eq!(*status, 202, "{answers:?}");
+            id.clone().expect("a receipt's knocker-id")
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), WRITES, "one job per write");
+    assert_eq!(
+        envoy.stat("cluster.app_with_handover.upstream_rq_retry"),
+        Some(WRITES as u64)
+    );
+    assert_eq!(
+        envoy.stat("cluster.app_with_handover.upstream_rq_retry_overflow"),
+        Some(0)
+    );
+
+    // Each write reached the app once from its caller, then once more from Knocker.
+    let got = app.wait_for(2 * WRITES, WAIT).await;
+    let (delivered, original): (Vec<_>, Vec<_>) =
+        got.iter().partition(|r| r.header("x-knocker").is_some());
+    assert_eq!(original.len(), WRITES, "no write went to the app twice");
+    let mut bodies: Vec<_> = delivered.iter().map(|r| r.body.clone()).collect();
+    bodies.sort();
+    let mut expected: Vec<_> = (0..WRITES)
+        .map(|i| format!("order {i}").into_bytes())
+        .collect();
+    expected.sort();
+    assert_eq!(bodies, expected);
+    let jobs = jobs(&cp).await;
+    assert_eq!(jobs.len(), WRITES);
+    assert!(
+        jobs.iter().all(|j| j["config"]["mode"] == "fallback"),
+        "{:#}",
+        jobs[0]
+    );
+    assert_eq!(
+        envoy.stat("wasmcustom.knocker.rule.app.fallback_taken"),
+        Some(WRITES as u64)
+    );
+}
+
+/// With the control plane gone, a write the app fails gets a 503 that says why (the
+/// app's own answer went by in Envoy's retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_the_control_plane_cannot_take_says_why() {
+    let app = Target::start(|_, _| Reply::status(502)).await;
+    let (mut cp, envoy) = start(app.port());
+    cp.kill();
+    let response = client()
+        .put(envoy.url("/orders/9"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503, "{response:?}");
+    let why = response.headers()["knocker-fallback"].to_str().unwrap();
+    assert!(why.starts_with("failed; "), "{why}");
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(
+        envoy.stat("wasmcustom.knocker.rule.app.fallback_failed"),
+        Some(1)
     );
 }
 

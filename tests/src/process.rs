@@ -266,7 +266,8 @@ pub struct EnvoyOptions {
     pub buffer_limit: Option<u64>,
     /// Replaces the plugin configuration JSON when set.
     pub plugin_config: Option<String>,
-    /// Removes the knocker filter (the baseline of the benchmarks).
+    /// Removes the knocker filter, and the retry to the handover listener (the baseline
+    /// of the benchmarks).
     pub without_filter: bool,
     /// Runs the filter on every route, as a naive config would (benchmarks only).
     pub filter_on_every_route: bool,
@@ -315,6 +316,7 @@ pub fn render_envoy_config(
     let mut out = String::with_capacity(text.len());
     let mut skipping = false;
     let mut drop_lines = 0;
+    let mut retry_indent = None;
     for line in text.lines() {
         if options.filter_on_every_route {
             if drop_lines > 0 {
@@ -330,6 +332,18 @@ pub fn render_envoy_config(
             }
         }
         if options.without_filter {
+            // Knocker's fallback in `sidecar.yaml` is Envoy's retry to the handover
+            // listener: without Knocker the writes go to the app alone.
+            if let Some(indent) = retry_indent {
+                if line.len() - line.trim_start().len() > indent {
+                    continue;
+                }
+                retry_indent = None;
+            }
+            if line.trim_start().starts_with("retry_policy:") {
+                retry_indent = Some(line.len() - line.trim_start().len());
+                continue;
+            }
             if line
                 .trim_start()
                 .starts_with("- name: envoy.filters.http.wasm")
@@ -343,6 +357,9 @@ pub fn render_envoy_config(
             }
         }
         let mut line = line.to_owned();
+        if options.without_filter {
+            line = line.replace("cluster: app_with_handover", "cluster: app");
+        }
         for (from, to) in &ports {
             let needle = format!("port_value: {from} ");
             if line.contains(&needle) {
@@ -382,6 +399,7 @@ fn render_variables(path: &Path, options: &EnvoyOptions, port: u16, admin_port: 
         ("KNOCKER_CONTROL_PLANE_GRPC_PORT", options.grpc_port),
         ("KNOCKER_CONTROL_PLANE_HTTP_PORT", options.http_port),
         ("KNOCKER_APP_PORT", options.upstream_port),
+        ("KNOCKER_HANDOVER_PORT", free_port()),
     ];
     let mut command = Command::new(repo_root().join("scripts/envoy-config.sh"));
     command.arg(path).env_clear().env(
