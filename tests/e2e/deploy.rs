@@ -121,9 +121,10 @@ fn every_manifest_matches_its_schema_and_what_it_configures_loads_in_envoy_and_t
         }
     }
 
-    // Every plugin configuration, by the filter's own parser.
+    // Every plugin configuration, by the filter's own parser (the sidecar has two: its
+    // inbound listener's and its handover listener's).
     let plugins = files(&out.join("plugin"));
-    assert_eq!(plugins.len(), 6, "{:?}", names(&plugins));
+    assert_eq!(plugins.len(), 7, "{:?}", names(&plugins));
     for plugin in plugins {
         let text = std::fs::read(&plugin).unwrap();
         if let Err(e) = knocker_filter::config::PluginConfig::parse(&text) {

@@ -1,6 +1,6 @@
 //! What a job costs end to end (accepted, stored, delivered, recorded) through each door,
 //! per process, against the same Envoy proxying and against Knocker 1.4.1; and what the
-//! rule modes cost: fallback's shadowing of healthy traffic, capture and broadcast.
+//! rule modes cost: fallback on healthy traffic, capture and broadcast.
 
 use std::fmt::Write as _;
 use std::process::{Child, Command, Stdio};
@@ -404,8 +404,7 @@ pub fn cost(report: &mut String, runtime: &tokio::runtime::Runtime) {
     report.push('\n');
 }
 
-/// Fallback's shadowing of healthy traffic, and the sustained rates of capture and
-/// broadcast.
+/// What fallback costs healthy traffic, and the sustained rates of capture and broadcast.
 pub fn modes(report: &mut String) {
     let seconds = env_or("BENCH_SECONDS", 10);
     let rounds = env_or("BENCH_ROUNDS", 3);
@@ -431,7 +430,7 @@ pub fn modes(report: &mut String) {
     let with = sidecar(false);
     let without = sidecar(true);
 
-    // Fallback on a healthy app: every write's body is kept until the app answers.
+    // Fallback on a healthy app: Envoy keeps every write's body for a retry it never makes.
     let mut shadow = String::new();
     for bytes in [1024usize, 64 * 1024] {
         let (mut on, mut off) = (Vec::new(), Vec::new());
@@ -537,9 +536,10 @@ pub fn modes(report: &mut String) {
     let _ = writeln!(
         report,
         "Fallback on healthy traffic: `envoy/sidecar.yaml` in front of a `knocker echo` app, \
-         with and without the knocker filter, `wrk -t1 -c50 -d{seconds}s` POSTs of each body \
-         size (the filter keeps each write's body until the app answers); median of {rounds} \
-         rounds, the two taking turns.\n\n| body | without filter: req/s | p99 ms | Envoy µs/req | \
+         with and without Knocker (its filter, and the retry of failed writes to the handover \
+         listener), `wrk -t1 -c50 -d{seconds}s` POSTs of each body size. With fallback, Envoy \
+         keeps each write's body for that retry and the filter never sees a healthy write. \
+         Median of {rounds} rounds, the two taking turns.\n\n| body | without Knocker: req/s | p99 ms | Envoy µs/req | \
          with fallback: req/s | p99 ms | Envoy µs/req | throughput cost (goal ≤ 10%) |\n| --- | \
          ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
