@@ -1,7 +1,7 @@
 //! `envoy/gateway.yaml`, rendered by `scripts/envoy-config.sh` as users do: one HTTPS
 //! listener (a certificate the test makes) in front of two services chosen by host name,
-//! capture for one while it is down, fallback for the other when it fails, and Knocker
-//! requests and the status URL on a third name.
+//! capture for one while it is down, fallback for the other when it fails (Envoy's retry
+//! to the handover listener), and Knocker requests and the status URL on a third name.
 
 use knocker_e2e::{free_port, ControlPlane, Envoy, EnvoyOptions, Reply, Target, TestCert};
 use serde_json::Value;
@@ -189,6 +189,14 @@ async fn fallback_for_one_service_and_knocker_requests_on_their_own_name() {
     );
     assert_eq!(got[1].body, b"seven");
     assert!(got[1].header("x-knocker").is_some());
+    // Envoy retried the failed write to the handover listener, not to the service.
+    assert!(got[0].header("x-knocker").is_none());
+    assert_eq!(
+        gateway
+            .envoy
+            .stat("cluster.api_with_handover.upstream_rq_retry"),
+        Some(1)
+    );
 
     // A Knocker request on the knocker name goes to its own target.
     let knocked = client
@@ -225,5 +233,10 @@ async fn fallback_for_one_service_and_knocker_requests_on_their_own_name() {
             .envoy
             .stat("wasmcustom.knocker.rule.api.fallback_taken"),
         Some(1)
+    );
+    assert_eq!(
+        api.count(),
+        2,
+        "the failed write and its delivery, nothing more"
     );
 }
