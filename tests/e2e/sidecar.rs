@@ -255,6 +255,39 @@ async fn writes_the_app_fails_together_are_each_handed_over_once() {
     );
 }
 
+/// Envoy keeps a write's body for the retry up to the listener's buffer limit (1 MiB): a
+/// larger write the app fails gets the app's own answer, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_over_the_buffer_limit_gets_the_apps_own_failure() {
+    let app = Target::start(|request, _| match request.header("x-knocker") {
+        Some(_) => Reply::status(200),
+        None => Reply::status(503).with_body(b"overloaded"),
+    })
+    .await;
+    let (cp, envoy) = start(app.port());
+    let kept = client()
+        .put(envoy.url("/files/1"))
+        .body(vec![b'a'; 512 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kept.status(), 202, "{kept:?}");
+    let over = client()
+        .put(envoy.url("/files/2"))
+        .body(vec![b'b'; 3 * 512 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 503, "{over:?}");
+    assert_eq!(over.text().await.unwrap(), "overloaded");
+    let jobs = jobs(&cp).await;
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    assert_eq!(
+        envoy.stat("cluster.app_with_handover.retry_or_shadow_abandoned"),
+        Some(1)
+    );
+}
+
 /// With the control plane gone, a write the app fails gets a 503 that says why (the
 /// app's own answer went by in Envoy's retry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
