@@ -25,9 +25,10 @@
 //! Envoy proxying the same POSTs, and Knocker 1.4.1 when `KNOCKER_ANCHOR` names its
 //! checkout (its `run.sh`; its target listens on port 80), as the references.
 //!
-//! Rule modes (`cost.rs`): fallback on healthy traffic (1 KB and 64 KB bodies,
-//! `envoy/sidecar.yaml` with and without Knocker), capture through Envoy and broadcast
-//! to three members: sustained rates and CPU per request.
+//! Rule modes (`cost.rs`): fallback on healthy traffic (1 KB and 64 KB bodies; by
+//! handover, `envoy/sidecar.yaml`, and in the filter, `envoy/fallback.yaml`, each with and
+//! without Knocker), capture through Envoy and broadcast to three members: sustained
+//! rates and CPU per request.
 //!
 //! Soak (`soak.rs`): a sustained job stream into a store capped far below what it writes:
 //! jobs/s, refusals, store size and RSS per window, and how many finished jobs made room.
