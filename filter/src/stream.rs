@@ -416,10 +416,7 @@ impl Stream {
             host.count(Counter::FallbackFailed, rule);
             // No receipt: the caller gets the upstream's own answer, and why.
             let reason = reply::error_text(&response);
-            host.set_response_header(
-                FALLBACK_HEADER,
-                &format!("failed; {}", header_safe(&reason)),
-            );
+            host.set_response_header(FALLBACK_HEADER, &failed(&reason));
             self.state = State::Released;
             host.resume_response();
             return;
@@ -432,10 +429,9 @@ impl Stream {
             // this answer, and why.
             host.count(Counter::FallbackFailed, rule);
             let reason = reply::error_text(&response);
-            response.headers.push((
-                FALLBACK_HEADER.to_owned(),
-                format!("failed; {}", header_safe(&reason)),
-            ));
+            response
+                .headers
+                .push((FALLBACK_HEADER.to_owned(), failed(&reason)));
         }
         self.answer(host, &response);
     }
@@ -485,20 +481,16 @@ impl Stream {
                 host.warn(&format!("knocker: cannot call the control plane: {reason}"));
                 if fallback {
                     host.count(Counter::FallbackFailed, rule_name);
-                    host.set_response_header(
-                        FALLBACK_HEADER,
-                        &format!("failed; {}", header_safe(&reason)),
-                    );
+                    host.set_response_header(FALLBACK_HEADER, &failed(&reason));
                     self.state = State::Released;
                 } else {
                     host.count(Counter::ControlPlaneUnavailable, rule_name);
                     let mut response = Response::unavailable(&reason, config.retry_after_s);
                     if rule.is_some_and(|r| r.mode == RuleMode::Handover) {
                         host.count(Counter::FallbackFailed, rule_name);
-                        response.headers.push((
-                            FALLBACK_HEADER.to_owned(),
-                            format!("failed; {}", header_safe(&reason)),
-                        ));
+                        response
+                            .headers
+                            .push((FALLBACK_HEADER.to_owned(), failed(&reason)));
                     }
                     self.answer(host, &response);
                 }
@@ -543,6 +535,11 @@ fn header<'a>(headers: &'a [HeaderPair], name: &str) -> Option<&'a [u8]> {
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_slice())
+}
+
+/// The `knocker-fallback` value for a request the control plane could not take.
+fn failed(reason: &str) -> String {
+    format!("failed; {}", header_safe(reason))
 }
 
 /// A header value: printable ASCII only, bounded.
