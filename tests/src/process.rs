@@ -332,8 +332,8 @@ pub fn render_envoy_config(
             }
         }
         if options.without_filter {
-            // Knocker's fallback in `sidecar.yaml` is Envoy's retry to the handover
-            // listener: without Knocker the writes go to the app alone.
+            // Knocker's fallback in `sidecar.yaml` and `gateway.yaml` is Envoy's retry to
+            // the handover listener: without Knocker the writes go to the service alone.
             if let Some(indent) = retry_indent {
                 if line.len() - line.trim_start().len() > indent {
                     continue;
@@ -357,8 +357,8 @@ pub fn render_envoy_config(
             }
         }
         let mut line = line.to_owned();
-        if options.without_filter {
-            line = line.replace("cluster: app_with_handover", "cluster: app");
+        if options.without_filter && line.contains("cluster: ") {
+            line = line.replace("_with_handover", ""); // `app_with_handover` → `app`
         }
         for (from, to) in &ports {
             let needle = format!("port_value: {from} ");

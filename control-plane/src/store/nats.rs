@@ -823,18 +823,23 @@ impl NatsStore {
         }
         // No more than the capped targets have room for, and a few for targets without a
         // cap while they have work (see [`Uncapped`]): a message pulled over its target's
-        // cap is only sent back.
+        // cap is only sent back. A target's subject names it: the capped targets by
+        // subject serve the count of that work and the pull below.
+        let capped: HashMap<String, &str> = caps
+            .hosts()
+            .map(|(host, _)| (target_subject(host), host))
+            .collect();
         let mut room = limit.saturating_sub(claimed.len());
-        if caps.hosts().next().is_some() {
-            let capped = caps
+        if !capped.is_empty() {
+            let room_of_caps = caps
                 .hosts()
                 .fold(0, |sum: usize, (_, n)| sum.saturating_add(n));
-            let extra = if self.uncapped_work(now, caps).await {
+            let extra = if self.uncapped_work(now, &capped).await {
                 UNCAPPED_PER_CLAIM
             } else {
                 0
             };
-            room = room.min(capped.saturating_add(extra));
+            room = room.min(room_of_caps.saturating_add(extra));
         }
         if room > 0 {
             // Each take is a few round trips to the server: run them side by side.
@@ -847,12 +852,8 @@ impl NatsStore {
                 }
             }
             // A capped target's messages over its cap go back before their records are
-            // read (a target's subject names it); only earlier versions' messages, all on
-            // one subject, are counted once their record says where they go.
-            let capped: HashMap<String, &str> = caps
-                .hosts()
-                .map(|(host, _)| (target_subject(host), host))
-                .collect();
+            // read; only earlier versions' messages, all on one subject, are counted once
+            // their record says where they go.
             if messages
                 .iter()
                 .any(|m| !capped.contains_key(m.subject.as_str()))
@@ -897,11 +898,10 @@ impl NatsStore {
         Ok(())
     }
 
-    /// Whether targets not in `caps` have work on the stream: counted at most every
-    /// [`UNCAPPED_EVERY`] ms (by subject: a target's subject names it), and known at once
-    /// when a pull brings some. Work of earlier versions counts (its target is only known
+    /// Whether targets not in `capped` (by subject) have work on the stream: counted at
+    /// most every [`UNCAPPED_EVERY`] ms, and known at once when a pull brings some. Work of earlier versions counts (its target is only known
     /// once its record is read); when the count fails, they are assumed to.
-    async fn uncapped_work(&self, now: Millis, caps: &HostCaps) -> bool {
+    async fn uncapped_work(&self, now: Millis, capped: &HashMap<String, &str>) -> bool {
         if self.legacy.lock().is_some() {
             return true;
         }
@@ -913,9 +913,7 @@ impl NatsStore {
             }
             uncapped.counted = now;
         }
-        let capped: std::collections::HashSet<String> =
-            caps.hosts().map(|(host, _)| target_subject(host)).collect();
-        let found = self.work_beyond(&capped).await.unwrap_or_else(|e| {
+        let found = self.work_beyond(capped).await.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "cannot count the work stream's subjects");
             true
         });
@@ -925,10 +923,7 @@ impl NatsStore {
 
     /// Whether the work stream holds messages on a target subject not in `capped`: read
     /// up to the first one (the server lists the subjects in pages).
-    async fn work_beyond(
-        &self,
-        capped: &std::collections::HashSet<String>,
-    ) -> Result<bool, StoreError> {
+    async fn work_beyond(&self, capped: &HashMap<String, &str>) -> Result<bool, StoreError> {
         let stream = self.js.get_stream(WORK).await.map_err(unavailable)?;
         let mut subjects = stream
             .info_with_subjects(WORK_SUBJECTS)
@@ -936,7 +931,7 @@ impl NatsStore {
             .map_err(unavailable)?;
         while let Some(subject) = subjects.next().await {
             let (subject, count) = subject.map_err(unavailable)?;
-            if count > 0 && !capped.contains(&subject) {
+            if count > 0 && !capped.contains_key(&subject) {
                 return Ok(true);
             }
         }
