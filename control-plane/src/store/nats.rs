@@ -899,8 +899,9 @@ impl NatsStore {
     }
 
     /// Whether targets not in `capped` (by subject) have work on the stream: counted at
-    /// most every [`UNCAPPED_EVERY`] ms, and known at once when a pull brings some. Work of earlier versions counts (its target is only known
-    /// once its record is read); when the count fails, they are assumed to.
+    /// most every [`UNCAPPED_EVERY`] ms, and known at once when a pull brings some. Work
+    /// of earlier versions counts (its target is only known once its record is read);
+    /// when the count fails, they are assumed to.
     async fn uncapped_work(&self, now: Millis, capped: &HashMap<String, &str>) -> bool {
         if self.legacy.lock().is_some() {
             return true;
