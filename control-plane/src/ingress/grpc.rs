@@ -169,18 +169,19 @@ async fn reply_to(ingress: &Submitter, max_body_bytes: usize, submit: StreamSubm
     }
 }
 
-/// `submission`, or a 503 if it panics: the panic stays with it.
-async fn alone(submission: impl Future<Output = SubmitReply>) -> SubmitReply {
-    AssertUnwindSafe(submission)
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| {
+/// `submission`, or a 503 if it panics: the panic stays with it. A combinator, not an
+/// `async fn`: that would keep the submission's future twice over (as its argument and
+/// as what it awaits), and every submission of a stream is moved into it.
+fn alone(submission: impl Future<Output = SubmitReply>) -> impl Future<Output = SubmitReply> {
+    AssertUnwindSafe(submission).catch_unwind().map(|done| {
+        done.unwrap_or_else(|_| {
             to_proto(Reply::error(
                 503,
                 "request",
                 "The control plane failed while taking this submission; send it again.",
             ))
         })
+    })
 }
 
 /// One submission from the filter, whichever method carried it.

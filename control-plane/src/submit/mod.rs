@@ -122,14 +122,14 @@ impl Submitter {
             };
             return self.commit(job, 202).await;
         }
+        // The broadcast and status branches are boxed: every submission's future is as
+        // large as its largest branch, and most submissions are one job.
         if let Some(b) = &submission.broadcast_rule {
-            return self
-                .broadcast(&submission, &b.group, Some(&b.rule), 202)
-                .await;
+            return Box::pin(self.broadcast(&submission, &b.group, Some(&b.rule), 202)).await;
         }
         let path_only = submission.path.split('?').next().unwrap_or_default();
         if path_only == self.status_url {
-            return self.status().await;
+            return Box::pin(self.status()).await;
         }
         let loop_guard = submission.headers.iter().any(|(n, v)| {
             n.eq_ignore_ascii_case("x-knocker") && !v.iter().all(u8::is_ascii_whitespace)
@@ -143,7 +143,7 @@ impl Submitter {
             .find(|(n, _)| n.eq_ignore_ascii_case("knocker-broadcast"))
             .map(|(_, v)| String::from_utf8_lossy(v).trim().to_owned());
         if let Some(group) = group {
-            return self.broadcast(&submission, &group, None, 200).await;
+            return Box::pin(self.broadcast(&submission, &group, None, 200)).await;
         }
         let now = self.time.now_ms();
         let job = match build_job(&self.defaults, submission, now, new_id) {
