@@ -22,8 +22,9 @@
 //! Cost per job (`cost.rs`): a sustained job stream, delivery on, through each door: CPU
 //! per job of every process (control plane, Envoy, sink) over the load and its drain,
 //! p50/p99, bytes on disk per job, open-loop latency at half the sustained rate; the same
-//! Envoy proxying the same POSTs, and Knocker 1.4.1 when `KNOCKER_ANCHOR` names its
-//! checkout (its `run.sh`; its target listens on port 80), as the references.
+//! Envoy proxying the same POSTs, the Envoy door on the in-memory store, and Knocker 1.4.1
+//! when `KNOCKER_ANCHOR` names its checkout (its `run.sh`; its target listens on port 80),
+//! as the references; and how long the machine's disk takes to flush a write.
 //!
 //! Rule modes (`cost.rs`): fallback on healthy traffic (1 KB and 64 KB bodies; by
 //! handover, `envoy/sidecar.yaml`, and in the filter, `envoy/fallback.yaml`, each with and
