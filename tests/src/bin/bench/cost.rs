@@ -302,8 +302,8 @@ pub fn cost(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let headers = knocker_headers(&sink);
     let cp = ControlPlane::start(&[("LOG_LEVEL", "warning")]);
     let envoy = envoy_for(&cp, &sink);
-    // The Envoy door again on a store that never waits for the disk: what is left of the
-    // gap to proxying once the disk's flushes are out of it.
+    // The Envoy door again on a store that keeps its jobs in memory: what is left of the
+    // gap to proxying without the embedded store (its commits, its waits for the disk).
     let memory_cp = ControlPlane::start(&[("LOG_LEVEL", "warning"), ("KNOCKER_STORE", "memory")]);
     let memory_envoy = envoy_for(&memory_cp, &sink);
     let anchor = Anchor::start();
@@ -434,9 +434,9 @@ pub fn cost(report: &mut String, runtime: &tokio::runtime::Runtime) {
         report,
         "On the in-memory store the same door runs at **{:.0}%** of the proxying: between the \
          two is the embedded store, its commits and each submission's wait for its commit to \
-         reach the disk before the receipt. This machine's disk, measured in the store's directory after the runs: a \
-         48 KiB write and `fdatasync` takes {:.0} µs (p50) back to back, {:.0} µs with 1 ms \
-         between them.",
+         reach the disk before the receipt. This machine's disk, measured in the store's \
+         directory after the runs: a 48 KiB write and `fdatasync` takes {:.0} µs (p50) back \
+         to back, {:.0} µs with 1 ms between them.",
         memory.rps / proxy.rps * 100.0,
         flush.back_to_back_us,
         flush.spaced_us,
