@@ -18,8 +18,9 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     /// By id. A B-tree, not a hash map: a hash map that grows rehashes every key at once,
-    /// under the store's lock (with 230,000 jobs, ~20 ms in which no submission is
-    /// answered); a B-tree grows a node at a time.
+    /// under the store's lock, and nothing is answered meanwhile (the Envoy door on this
+    /// store had a p99 of 24–26 ms with hash maps, 2.9 ms with B-trees); a B-tree grows a
+    /// node at a time.
     jobs: BTreeMap<String, Job>,
     /// Arrival order, for listing.
     order: Vec<String>,
