@@ -17,7 +17,7 @@ pub mod target;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use serde_json::{json, Map};
+use serde_json::{json, Map, Value};
 
 use crate::clock::Millis;
 use crate::delivery::email;
@@ -106,6 +106,47 @@ impl NotifierConfig {
             _ => None,
         }
     }
+
+    /// The job that sends one notification through this notifier, `name`: `report`
+    /// POSTed as JSON to its webhook (with its `headers`), or `mail` through its SMTP
+    /// server; delivered by its own policy. `config` is what the job's receipt carries.
+    /// `None` for a notifier without a channel (validation refuses one).
+    pub(crate) fn job(
+        &self,
+        name: &str,
+        id: String,
+        config: Map<String, Value>,
+        report: impl FnOnce() -> Value,
+        mail: impl FnOnce() -> email::Message,
+        now: Millis,
+    ) -> Option<Job> {
+        let (kind, request) = match self.channel()? {
+            Channel::Webhook(url) => (Kind::Target, self.webhook(url, &report())),
+            Channel::Email(smtp) => (Kind::Email, email::request(smtp, &mail())),
+        };
+        let policy = self.delivery.policy(
+            format!("notifier:{name}"),
+            self.callback.clone(),
+            Trust::Operator,
+            now,
+        );
+        Some(Job::new_pending(id, kind, request, policy, Trust::Operator, now).with_config(config))
+    }
+
+    fn webhook(&self, url: &str, report: &Value) -> Request {
+        let mut headers: Vec<(String, Vec<u8>)> = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
+            .collect();
+        headers.push(("content-type".into(), b"application/json".to_vec()));
+        Request {
+            method: "POST".into(),
+            url: url.to_owned(),
+            headers,
+            body: report.to_string().into_bytes(),
+        }
+    }
 }
 
 enum Channel<'a> {
@@ -177,32 +218,27 @@ pub fn jobs(event: &Event<'_>, notifiers: &[(&str, &NotifierConfig)], now: Milli
                 "monitor.{}.{}.{}.{name}",
                 event.monitor, event.since, event.number
             );
-            let (kind, request) = match notifier.channel()? {
-                Channel::Webhook(url) => (Kind::Target, webhook(event, notifier, url)),
-                Channel::Email(mail) => (Kind::Email, email::request(mail, &mail_message(event))),
-            };
             let mut config = Map::new();
             config.insert("id".into(), json!(id));
             config.insert("monitor".into(), json!(event.monitor));
             config.insert("event".into(), json!(event.word()));
             config.insert("notifier".into(), json!(name));
             config.insert("callback".into(), json!(notifier.callback));
-            let policy = notifier.delivery.policy(
-                format!("notifier:{name}"),
-                notifier.callback.clone(),
-                Trust::Operator,
+            notifier.job(
+                name,
+                id,
+                config,
+                || report(event),
+                || mail_message(event),
                 now,
-            );
-            Some(
-                Job::new_pending(id, kind, request, policy, Trust::Operator, now)
-                    .with_config(config),
             )
         })
         .collect()
 }
 
-fn webhook(event: &Event<'_>, notifier: &NotifierConfig, url: &str) -> Request {
-    let body = json!({
+/// A webhook's JSON body.
+fn report(event: &Event<'_>) -> Value {
+    json!({
         "monitor": event.monitor,
         "event": event.word(),
         "status": event.status(),
@@ -213,19 +249,7 @@ fn webhook(event: &Event<'_>, notifier: &NotifierConfig, url: &str) -> Request {
         "transition": event.number,
         "at": crate::clock::rfc3339(event.at),
         "message": event.summary(),
-    });
-    let mut headers: Vec<(String, Vec<u8>)> = notifier
-        .headers
-        .iter()
-        .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
-        .collect();
-    headers.push(("content-type".into(), b"application/json".to_vec()));
-    Request {
-        method: "POST".into(),
-        url: url.to_owned(),
-        headers,
-        body: body.to_string().into_bytes(),
-    }
+    })
 }
 
 fn mail_message(event: &Event<'_>) -> email::Message {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::{json, Map};
+use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 
 use super::NotifierConfig;
@@ -15,7 +15,7 @@ use crate::clock::{rfc3339, Millis, Time};
 use crate::delivery::email;
 use crate::delivery::observe::{Attempted, Observer};
 use crate::delivery::targets::Change;
-use crate::job::{Job, Kind, Request, Trust};
+use crate::job::Job;
 use crate::store::Store;
 
 /// Turns circuit transitions into notification jobs.
@@ -142,73 +142,57 @@ pub fn jobs(change: &Change, notifiers: &[(String, NotifierConfig)], now: Millis
         .collect();
     notifiers
         .iter()
-        .map(|(name, notifier)| {
+        .filter_map(|(name, notifier)| {
             let id = format!(
                 "target.{safe}.{}.{}.{name}",
                 event.paused_since,
                 event.word.trim_start_matches("target.")
             );
-            let (kind, request) = match (&notifier.webhook, &notifier.email) {
-                (_, Some(mail)) => (
-                    Kind::Email,
-                    email::request(
-                        mail,
-                        &email::Message {
-                            subject: format!("[Knocker] {}: {}", event.word, event.target),
-                            text: format!(
-                                "{}\n\nTarget: {}\nAt: {}\n",
-                                event.summary(),
-                                event.target,
-                                rfc3339(event.at)
-                            ),
-                        },
-                    ),
-                ),
-                (Some(url), None) => (Kind::Target, webhook(&event, notifier, url)),
-                (None, None) => (Kind::Target, webhook(&event, notifier, "")),
-            };
             let mut config = Map::new();
             config.insert("id".into(), json!(id));
             config.insert("target".into(), json!(event.target));
             config.insert("event".into(), json!(event.word));
             config.insert("notifier".into(), json!(name));
-            let policy = notifier.delivery.policy(
-                format!("notifier:{name}"),
-                notifier.callback.clone(),
-                Trust::Operator,
+            notifier.job(
+                name,
+                id,
+                config,
+                || report(&event),
+                || mail_message(&event),
                 now,
-            );
-            Job::new_pending(id, kind, request, policy, Trust::Operator, now).with_config(config)
+            )
         })
         .collect()
 }
 
-fn webhook(event: &Event<'_>, notifier: &NotifierConfig, url: &str) -> Request {
-    let body = json!({
+/// A webhook's JSON body.
+fn report(event: &Event<'_>) -> Value {
+    json!({
         "event": event.word,
         "target": event.target,
         "reason": event.reason,
         "paused_since": rfc3339(event.paused_since),
         "at": rfc3339(event.at),
         "message": event.summary(),
-    });
-    let mut headers: Vec<(String, Vec<u8>)> = notifier
-        .headers
-        .iter()
-        .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
-        .collect();
-    headers.push(("content-type".into(), b"application/json".to_vec()));
-    Request {
-        method: "POST".into(),
-        url: url.to_owned(),
-        headers,
-        body: body.to_string().into_bytes(),
+    })
+}
+
+fn mail_message(event: &Event<'_>) -> email::Message {
+    email::Message {
+        subject: format!("[Knocker] {}: {}", event.word, event.target),
+        text: format!(
+            "{}\n\nTarget: {}\nAt: {}\n",
+            event.summary(),
+            event.target,
+            rfc3339(event.at)
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::Kind;
 
     #[test]
     fn one_job_per_notifier_with_ids_that_repeat_for_the_same_transition() {
