@@ -10,6 +10,7 @@
 //! | family | type | labels |
 //! | --- | --- | --- |
 //! | `knocker_submissions_total` | counter | door, mode, result |
+//! | `knocker_submission_duration_seconds` | histogram | door, result (arrival to answer) |
 //! | `knocker_jobs` | gauge | state |
 //! | `knocker_oldest_pending_age_seconds` | gauge | |
 //! | `knocker_attempts_total` | counter | target, kind, outcome, status_class |
@@ -143,6 +144,12 @@ struct SubmissionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubmissionTimeLabels {
+    door: Door,
+    result: Submitted,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
     target: String,
     kind: &'static str,
@@ -212,6 +219,7 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     submissions: Family<SubmissionLabels, Counter>,
+    submission_seconds: Histograms<SubmissionTimeLabels>,
     attempts: Family<AttemptLabels, Counter>,
     attempt_seconds: Histograms<KindLabel>,
     finished: Family<FinishedLabels, Counter>,
@@ -239,6 +247,13 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
+fn short_histogram() -> Histogram {
+    // 100 µs to ~3.3 s: what waits for a commit.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 16,
+    ))
+}
+
 fn age_histogram() -> Histogram {
     // 10 ms to ~1.8 days: a job's life can be its retries.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -257,13 +272,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("knocker");
         let m = Self {
             submissions: Family::default(),
+            submission_seconds: Family::new_with_constructor(short_histogram),
             attempts: Family::default(),
             attempt_seconds: Family::new_with_constructor(latency_histogram),
             finished: Family::default(),
             job_seconds: Family::new_with_constructor(age_histogram),
-            commit_seconds: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
-            ),
+            commit_seconds: short_histogram(),
             commit_batch: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 12),
             ),
@@ -285,6 +299,13 @@ impl Metrics {
             "submissions",
             "Requests handed to the control plane, by door, mode and how they were answered",
             m.submissions.clone(),
+        );
+        registry.register_with_unit(
+            "submission_duration",
+            "From a submission's arrival at the control plane to its answer (an accepted one: \
+             read, committed, the receipt), by door and how it was answered",
+            Unit::Seconds,
+            m.submission_seconds.clone(),
         );
         registry.register("jobs", "Jobs in the store, by state", m.jobs.clone());
         registry.register_with_unit(
@@ -370,15 +391,15 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// A submission and how it was answered.
-    pub fn submitted(&self, door: Door, mode: Mode, status: u16) {
+    /// A submission, how it was answered, and how long after its arrival.
+    pub fn submitted(&self, door: Door, mode: Mode, status: u16, took: Duration) {
+        let result = Submitted::from_status(status);
         self.submissions
-            .get_or_create(&SubmissionLabels {
-                door,
-                mode,
-                result: Submitted::from_status(status),
-            })
+            .get_or_create(&SubmissionLabels { door, mode, result })
             .inc();
+        self.submission_seconds
+            .get_or_create(&SubmissionTimeLabels { door, result })
+            .observe(took.as_secs_f64());
     }
 
     /// One attempt: `status` 0 when there was no answer.
@@ -506,8 +527,8 @@ mod tests {
     #[test]
     fn families_encode_as_openmetrics_with_their_labels() {
         let m = Metrics::new();
-        m.submitted(Door::Grpc, Mode::Capture, 202);
-        m.submitted(Door::Http, Mode::Knock, 400);
+        m.submitted(Door::Grpc, Mode::Capture, 202, Duration::from_micros(900));
+        m.submitted(Door::Http, Mode::Knock, 400, Duration::from_micros(50));
         m.attempted(
             "t:80",
             "target",
@@ -521,6 +542,10 @@ mod tests {
         for line in [
             "knocker_submissions_total{door=\"grpc\",mode=\"capture\",result=\"accepted\"} 1",
             "knocker_submissions_total{door=\"http\",mode=\"knock\",result=\"rejected\"} 1",
+            "knocker_submission_duration_seconds_count{door=\"grpc\",result=\"accepted\"} 1",
+            "knocker_submission_duration_seconds_bucket{le=\"0.0001\",door=\"http\",result=\"rejected\"} 1",
+            "knocker_submission_duration_seconds_bucket{le=\"0.0008\",door=\"grpc\",result=\"accepted\"} 0",
+            "knocker_submission_duration_seconds_bucket{le=\"0.0016\",door=\"grpc\",result=\"accepted\"} 1",
             "knocker_attempts_total{target=\"t:80\",kind=\"target\",outcome=\"retry\",status_class=\"5xx\"} 1",
             "knocker_jobs_finished_total{kind=\"target\",result=\"delivered\"} 1",
             "knocker_attempt_duration_seconds_count{kind=\"target\"} 1",

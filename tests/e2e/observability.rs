@@ -138,6 +138,19 @@ async fn metrics_count_both_doors_attempts_jobs_and_a_monitor_and_need_the_token
             "knocker_jobs_finished_total{kind=\"target\",result=\"failed\"}".into(),
             1.0,
         ),
+        // Each submission is timed, by door and answer.
+        (
+            "knocker_submission_duration_seconds_count{door=\"grpc\",result=\"accepted\"}".into(),
+            2.0,
+        ),
+        (
+            "knocker_submission_duration_seconds_count{door=\"http\",result=\"accepted\"}".into(),
+            1.0,
+        ),
+        (
+            "knocker_submission_duration_seconds_count{door=\"http\",result=\"rejected\"}".into(),
+            1.0,
+        ),
         ("knocker_job_duration_seconds_count{kind=\"target\",result=\"delivered\"}".into(), 2.0),
         ("knocker_attempt_duration_seconds_count{kind=\"target\"}".into(), 3.0),
         ("knocker_jobs{state=\"pending\"}".into(), 0.0),
@@ -145,6 +158,14 @@ async fn metrics_count_both_doors_attempts_jobs_and_a_monitor_and_need_the_token
     ] {
         assert_eq!(sample(&text, &series), Some(value), "{series} in:\n{text}");
     }
+    // An accepted submission waited for its commit: it took some time, and less than
+    // the whole test.
+    let waited = sample(
+        &text,
+        "knocker_submission_duration_seconds_sum{door=\"grpc\",result=\"accepted\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(waited > 0.0 && waited < 10.0, "{text}");
     // Each commit is one or more changes: three submissions and their attempts.
     let commits = sample(&text, "knocker_store_commit_duration_seconds_count").unwrap_or(0.0);
     assert!(commits >= 1.0, "{text}");

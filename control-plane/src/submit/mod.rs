@@ -13,7 +13,7 @@ mod broadcast;
 pub mod reply;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use serde_json::json;
 use tokio::sync::Notify;
@@ -50,8 +50,9 @@ pub struct Submitter {
 }
 
 impl Submitter {
-    /// [`Self::submit`], counted in `knocker_submissions_total` by door, mode and answer
-    /// (the status URL is not a submission).
+    /// [`Self::submit`], counted in `knocker_submissions_total` by door, mode and answer,
+    /// and timed from here to the answer in `knocker_submission_duration_seconds` (the
+    /// status URL is not a submission).
     ///
     /// A submission is a span of the request's trace ([`trace_context::accept`]); its
     /// jobs keep that span's `traceparent`.
@@ -59,11 +60,12 @@ impl Submitter {
         let Some(mode) = self.mode(&submission) else {
             return self.submit(submission).await;
         };
+        let arrived = Instant::now();
         let start = SystemTime::now();
         let trace = trace_context::accept(&mut submission.headers);
         let tracestate = trace_context::tracestate(&submission.headers);
         let reply = self.submit(submission).await;
-        metrics::get().submitted(door, mode, reply.status);
+        metrics::get().submitted(door, mode, reply.status, arrived.elapsed());
         if trace_context::enabled() {
             let mut attributes = vec![
                 ("knocker.door", Value::Str(door.name().to_owned())),
