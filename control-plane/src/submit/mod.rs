@@ -65,7 +65,8 @@ impl Submitter {
         let trace = trace_context::accept(&mut submission.headers);
         let tracestate = trace_context::tracestate(&submission.headers);
         let reply = self.submit(submission).await;
-        metrics::get().submitted(door, mode, reply.status, arrived.elapsed());
+        let took = arrived.elapsed();
+        metrics::get().submitted(door, mode, reply.status, took);
         if trace_context::enabled() {
             let mut attributes = vec![
                 ("knocker.door", Value::Str(door.name().to_owned())),
@@ -84,7 +85,7 @@ impl Submitter {
                 trace,
                 tracestate,
                 start,
-                end: SystemTime::now(),
+                end: start + took,
                 attributes,
                 error: (reply.status >= 500).then(|| format!("answered {}", reply.status)),
             });
