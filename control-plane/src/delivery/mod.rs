@@ -93,12 +93,14 @@ impl Delivery {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let total_slots = self.slots.available_permits();
         loop {
+            // Stopping first: with a slot free as well, nothing new is claimed.
             let first = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
                 permit = Arc::clone(&self.slots).acquire_owned() => match permit {
                     Ok(p) => p,
                     Err(_) => break,
                 },
-                () = shutdown.cancelled() => break,
             };
             let limit = 1 + self.slots.available_permits();
             let now = self.time.now_ms();
@@ -156,17 +158,9 @@ impl Delivery {
                 // In claim order, so rate-limited turns follow arrival.
                 let admitted = self.targets.admit(&job, self.time.now_ms()).await;
                 let me = Arc::clone(&self);
+                let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    match admitted {
-                        Admit::At { at, slot, .. } => {
-                            let wait = me.time.until(at);
-                            if !wait.is_zero() {
-                                tokio::time::sleep(wait).await;
-                            }
-                            me.deliver(job, slot).await;
-                        }
-                        Admit::Park => me.release(&job).await,
-                    }
+                    me.attempt(job, admitted, &shutdown).await;
                     drop(permit);
                 });
             }
@@ -177,13 +171,45 @@ impl Delivery {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.slots.acquire_many(all)).await;
     }
 
+    /// Attempts a claimed `job` as the targets `admitted` it; then, while each outcome
+    /// hands the job's ordered lane on, the lane's next job, in the same slot of the
+    /// loop. Not while the process stops: a job handed over then is given back.
+    async fn attempt(&self, mut job: Job, mut admitted: Admit, shutdown: &CancellationToken) {
+        loop {
+            let next = match admitted {
+                Admit::At { at, slot, .. } => {
+                    let wait = self.time.until(at);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    self.deliver(job, slot).await
+                }
+                Admit::Park => {
+                    self.release(&job).await;
+                    None
+                }
+            };
+            let Some(next) = next else { return };
+            if shutdown.is_cancelled() {
+                self.release(&next).await;
+                return;
+            }
+            admitted = self.targets.admit(&next, self.time.now_ms()).await;
+            job = next;
+        }
+    }
+
     /// One attempt of `job`, holding its target's `slot`, and its outcome recorded.
-    pub async fn deliver(&self, job: Job, slot: Slot) {
+    /// When that outcome ends the job and hands its ordered lane on, the lane's next job
+    /// comes back, claimed in the same commit, for the caller to attempt next: a lane
+    /// goes from one job to the next without waiting for a claim (a broadcast member's
+    /// copies, an ordered rule's jobs). Otherwise the delivery loop is woken: a slot is
+    /// free.
+    pub async fn deliver(&self, job: Job, slot: Slot) -> Option<Job> {
         if let Some(deadline) = job.policy.deadline {
             let now = self.time.now_ms();
             if now >= deadline {
-                self.expire(&job, now).await;
-                return;
+                return self.expire(&job, now).await;
             }
         }
         let mut slot = slot;
@@ -222,8 +248,7 @@ impl Delivery {
             error: outcome.error.clone(),
             latency_ms: outcome.latency.as_millis() as u64,
         };
-        self.record(&job, record, next).await;
-        self.wake.notify_one();
+        self.record(&job, record, next).await
     }
 
     /// A circuit opened or closed: shared with the other control planes, heard by the
@@ -309,8 +334,9 @@ impl Delivery {
     }
 
     /// A job claimed after its maximum age (the control plane was down, or it waited in
-    /// an ordered lane): failed without another attempt, its callback sent.
-    async fn expire(&self, job: &Job, now: u64) {
+    /// an ordered lane): failed without another attempt, its callback sent. Its lane's
+    /// next job, as [`Self::deliver`].
+    async fn expire(&self, job: &Job, now: u64) -> Option<Job> {
         let last_status = job.attempts.last().map_or(0, |a| a.status);
         tracing::warn!(
             job_id = %job.id, url = %job.request.url, attempts = job.attempts.len(),
@@ -325,23 +351,27 @@ impl Delivery {
         let next = Next::Failed {
             callback: callback::callback_job(job, last_status, now).map(Box::new),
         };
-        self.record(job, record, next).await;
-        self.wake.notify_one();
+        self.record(job, record, next).await
     }
 
     /// Records an attempt's outcome, retrying while the store cannot commit (disk full,
     /// size cap): giving up would leave the job marked in flight, never attempted again
     /// before a restart. The attempt's slot stays taken meanwhile, which slows delivery
-    /// down while the store is in trouble.
-    async fn record(&self, job: &Job, attempt: Attempt, next: Next) {
+    /// down while the store is in trouble. The lane's next job if the outcome handed it
+    /// over; otherwise the delivery loop is woken.
+    async fn record(&self, job: &Job, attempt: Attempt, next: Next) -> Option<Job> {
         let mut wait = RECORD_RETRY_FIRST;
         loop {
             match self
                 .store
-                .finish_attempt(job, attempt.clone(), next.clone())
+                .finish_and_take_next(job, attempt.clone(), next.clone())
                 .await
             {
-                Ok(()) => return,
+                Ok(Some(taken)) => return Some(taken),
+                Ok(None) => {
+                    self.wake.notify_one();
+                    return None;
+                }
                 Err(e) => {
                     tracing::error!(
                         job_id = %job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
@@ -459,6 +489,37 @@ mod tests {
         .await
     }
 
+    /// A delivery loop over `store` whose circuits stay closed (the schedule alone is
+    /// under test), four slots.
+    fn delivery_over(
+        store: &Arc<dyn Store>,
+        transport: Arc<dyn Transport>,
+        clock: &TokioClock,
+        jitter: f64,
+        cap: f64,
+    ) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            store: Arc::clone(store),
+            time: Time {
+                clock: Arc::new(clock.clone()),
+                jitter: Arc::new(FixedJitter(jitter)),
+            },
+            transport,
+            wake: Arc::new(Notify::new()),
+            slots: Arc::new(Semaphore::new(4)),
+            backoff_cap_s: cap,
+            observers: Vec::new(),
+            health: Arc::default(),
+            targets: Arc::new(Targets::new(
+                TargetSettings {
+                    failure_threshold: 0,
+                    ..TargetSettings::default()
+                },
+                8,
+            )),
+        })
+    }
+
     /// Runs the delivery loop over `store` for an hour of virtual time with `job` in it
     /// (its `next_attempt_at` and `deadline` counted from the start).
     async fn run_on(
@@ -470,27 +531,13 @@ mod tests {
     ) -> (Arc<FakeTransport>, Arc<dyn Store>, tokio::time::Instant) {
         let clock = TokioClock::new();
         let transport = Arc::new(transport);
-        let delivery = Arc::new(Delivery {
-            store: Arc::clone(&store),
-            time: Time {
-                clock: Arc::new(clock.clone()),
-                jitter: Arc::new(FixedJitter(jitter)),
-            },
-            transport: Arc::clone(&transport) as Arc<dyn Transport>,
-            wake: Arc::new(Notify::new()),
-            slots: Arc::new(Semaphore::new(4)),
-            backoff_cap_s: cap,
-            observers: Vec::new(),
-            health: Arc::default(),
-            // Circuits stay closed here: the schedule alone is under test.
-            targets: Arc::new(Targets::new(
-                TargetSettings {
-                    failure_threshold: 0,
-                    ..TargetSettings::default()
-                },
-                8,
-            )),
-        });
+        let delivery = delivery_over(
+            &store,
+            Arc::clone(&transport) as Arc<dyn Transport>,
+            &clock,
+            jitter,
+            cap,
+        );
         let start = tokio::time::Instant::now();
         let now = clock.now_ms();
         let policy = Policy {
@@ -830,10 +877,24 @@ mod tests {
         assert_eq!(targets.circuit("t"), targets::Circuit::Closed);
     }
 
-    /// A memory store whose first `refusals` finish_attempt calls fail.
+    /// A memory store whose first `refusals` outcomes fail, and which notes the jobs
+    /// each claim hands out.
+    #[derive(Default)]
     struct RefusingStore {
         inner: MemoryStore,
         refusals: Mutex<usize>,
+        claimed: Mutex<Vec<String>>,
+    }
+
+    impl RefusingStore {
+        fn refuse(&self) -> Result<(), crate::store::StoreError> {
+            let mut left = self.refusals.lock();
+            if *left > 0 {
+                *left -= 1;
+                return Err(crate::store::StoreError::Unavailable("disk full".into()));
+            }
+            Ok(())
+        }
     }
 
     #[async_trait::async_trait]
@@ -850,7 +911,11 @@ mod tests {
             limit: usize,
             caps: &HostCaps,
         ) -> Result<Vec<Job>, crate::store::StoreError> {
-            self.inner.claim_due(now, limit, caps).await
+            let jobs = self.inner.claim_due(now, limit, caps).await?;
+            self.claimed
+                .lock()
+                .extend(jobs.iter().map(|j| j.id.clone()));
+            Ok(jobs)
         }
         async fn release(&self, job: &Job) -> Result<(), crate::store::StoreError> {
             self.inner.release(job).await
@@ -861,14 +926,17 @@ mod tests {
             a: Attempt,
             n: Next,
         ) -> Result<(), crate::store::StoreError> {
-            {
-                let mut left = self.refusals.lock();
-                if *left > 0 {
-                    *left -= 1;
-                    return Err(crate::store::StoreError::Unavailable("disk full".into()));
-                }
-            }
+            self.refuse()?;
             self.inner.finish_attempt(job, a, n).await
+        }
+        async fn finish_and_take_next(
+            &self,
+            job: &Job,
+            a: Attempt,
+            n: Next,
+        ) -> Result<Option<Job>, crate::store::StoreError> {
+            self.refuse()?;
+            self.inner.finish_and_take_next(job, a, n).await
         }
         async fn get(&self, id: &str) -> Result<Option<Job>, crate::store::StoreError> {
             self.inner.get(id).await
@@ -923,8 +991,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_outcome_the_store_refuses_is_recorded_once_it_can() {
         let store: Arc<dyn Store> = Arc::new(RefusingStore {
-            inner: MemoryStore::default(),
             refusals: Mutex::new(3),
+            ..RefusingStore::default()
         });
         let transport = FakeTransport {
             failures: 0,
@@ -953,5 +1021,120 @@ mod tests {
         };
         let (transport, _, start) = run(job(3, 600.0, None), transport, 0.9, 2.0).await;
         assert_eq!(offsets_ms(&transport, start), [0, 2000, 4000, 6000]);
+    }
+
+    /// Sends every attempt (200); the first one cancels `stop` (the process stops
+    /// while it is in flight).
+    struct StopsOnFirst {
+        stop: CancellationToken,
+        sent: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for StopsOnFirst {
+        async fn send(&self, job: &Job) -> Outcome {
+            let mut sent = self.sent.lock();
+            if sent.is_empty() {
+                self.stop.cancel();
+            }
+            sent.push(job.id.clone());
+            Outcome {
+                status: 200,
+                error: None,
+                retry_after_s: None,
+                latency: Duration::ZERO,
+                local_shortage: false,
+            }
+        }
+    }
+
+    /// Jobs `ids` of one ordered lane (target host `t`), all due at `now`.
+    async fn lane_jobs(store: &dyn Store, ids: &[&str], now: u64) {
+        for id in ids {
+            let mut j = job(0, 0.0, None);
+            j.id = (*id).to_owned();
+            j.lane = Some("L".into());
+            j.created_at = now;
+            j.next_attempt_at = now;
+            store.insert(j).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ordered_lane_goes_on_to_its_next_job_without_a_claim() {
+        let refusing = Arc::new(RefusingStore::default());
+        let store: Arc<dyn Store> = Arc::clone(&refusing) as Arc<dyn Store>;
+        let clock = TokioClock::new();
+        let ids = ["l1", "l2", "l3", "l4"];
+        lane_jobs(store.as_ref(), &ids, clock.now_ms()).await;
+        let transport = Arc::new(FakeTransport {
+            failures: 0,
+            status: 200,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        });
+        let delivery = delivery_over(
+            &store,
+            Arc::clone(&transport) as Arc<dyn Transport>,
+            &clock,
+            0.0,
+            600.0,
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        let sent: Vec<String> = transport.calls.lock().iter().map(|c| c.1.clone()).collect();
+        assert_eq!(sent, ids, "each once, in the lane's order");
+        for id in ids {
+            let job = store.get(id).await.unwrap().unwrap();
+            assert_eq!(job.state, State::Delivered, "{id}");
+        }
+        // Each outcome handed the lane's next job to the attempt's own task: only the
+        // lane's head came from a claim.
+        assert_eq!(*refusing.claimed.lock(), ["l1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_job_handed_over_while_the_process_stops_is_given_back_unattempted() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let clock = TokioClock::new();
+        lane_jobs(store.as_ref(), &["l1", "l2", "l3"], clock.now_ms()).await;
+        let shutdown = CancellationToken::new();
+        let transport = Arc::new(StopsOnFirst {
+            stop: shutdown.clone(),
+            sent: Mutex::default(),
+        });
+        let delivery = delivery_over(
+            &store,
+            Arc::clone(&transport) as Arc<dyn Transport>,
+            &clock,
+            0.0,
+            600.0,
+        );
+        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        task.await.unwrap();
+        assert_eq!(
+            *transport.sent.lock(),
+            ["l1"],
+            "nothing new starts while stopping"
+        );
+        let state = |job: Option<Job>| job.map(|j| (j.state, j.attempts.len(), j.is_parked()));
+        assert_eq!(
+            state(store.get("l1").await.unwrap()),
+            Some((State::Delivered, 1, false))
+        );
+        assert_eq!(
+            state(store.get("l2").await.unwrap()),
+            Some((State::Pending, 0, false)),
+            "the lane's next job, pending again, due: the lane's head after a restart"
+        );
+        assert_eq!(
+            state(store.get("l3").await.unwrap()),
+            Some((State::Pending, 0, true)),
+            "still waiting behind it"
+        );
     }
 }

@@ -767,6 +767,122 @@ async fn ordered_lanes_deliver_one_job_at_a_time_in_arrival_order() {
 }
 
 #[tokio::test]
+async fn an_outcome_that_hands_a_lane_on_can_take_its_next_job_at_once() {
+    // NATS leaves the hand-over to the lane's consumer (the default: `None`).
+    for e in engines("lane-take")
+        .await
+        .into_iter()
+        .filter(|e| e.nats.is_none())
+    {
+        let (engine, store) = (e.name, &e.store);
+        for id in ["a1", "a2", "a3"] {
+            store.insert(laned(id, "A", 10)).await.unwrap();
+        }
+        store.insert(job("free", "h", 10)).await.unwrap();
+        assert_eq!(
+            claim_ids(store.as_ref(), 10).await,
+            ["a1", "free"],
+            "{engine}"
+        );
+
+        // A retry keeps the lane: nothing is taken.
+        let a1 = store.get("a1").await.unwrap().unwrap();
+        let taken = store
+            .finish_and_take_next(&a1, attempt(20, 503), Next::Retry { at: 30 })
+            .await
+            .unwrap();
+        assert!(taken.is_none(), "{engine}");
+        assert_eq!(claim_ids(store.as_ref(), 30).await, ["a1"], "{engine}");
+
+        // Its success hands the lane to a2, claimed in the same commit.
+        let a1 = store.get("a1").await.unwrap().unwrap();
+        let a2 = store
+            .finish_and_take_next(&a1, attempt(40, 200), Next::Delivered)
+            .await
+            .unwrap()
+            .expect("the lane's next job");
+        assert_eq!(a2.id, "a2", "{engine}");
+        assert_eq!(a2.state, State::InFlight, "{engine}");
+        assert_eq!(a2.next_attempt_at, 40, "{engine}: due when a1 finished");
+        assert_eq!(a2.policy.deadline, Some(1_000_000), "{engine}: as stored");
+        assert_eq!(a2.request.body, [0, 1, 2, 255], "{engine}: as stored");
+        assert_eq!(
+            store.get("a1").await.unwrap().unwrap().state,
+            State::Delivered,
+            "{engine}"
+        );
+        assert_eq!(
+            store.get("a2").await.unwrap().unwrap().state,
+            State::InFlight,
+            "{engine}"
+        );
+        let stats = store.stats().await.unwrap();
+        assert_eq!(
+            (stats.pending, stats.in_flight, stats.delivered),
+            (1, 2, 1),
+            "{engine}: a3 waits; a2 and free in flight"
+        );
+        assert!(
+            claim_ids(store.as_ref(), 10_000).await.is_empty(),
+            "{engine}: a2 is taken, a3 waits behind it"
+        );
+
+        // Failing for good hands it on as well; the last one hands nothing.
+        let a3 = store
+            .finish_and_take_next(&a2, attempt(50, 0), Next::Failed { callback: None })
+            .await
+            .unwrap()
+            .expect("a3");
+        assert_eq!(a3.id, "a3", "{engine}");
+        let none = store
+            .finish_and_take_next(&a3, attempt(60, 200), Next::Delivered)
+            .await
+            .unwrap();
+        assert!(none.is_none(), "{engine}: the lane is empty");
+        // A job outside any lane takes nothing.
+        let free = store.get("free").await.unwrap().unwrap();
+        let none = store
+            .finish_and_take_next(&free, attempt(60, 200), Next::Delivered)
+            .await
+            .unwrap();
+        assert!(none.is_none(), "{engine}");
+        let stats = store.stats().await.unwrap();
+        assert_eq!(
+            (
+                stats.pending,
+                stats.in_flight,
+                stats.delivered,
+                stats.failed
+            ),
+            (0, 0, 3, 1),
+            "{engine}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_a_lane_job_taken_at_a_stop_is_the_lanes_head_after_a_reopen() {
+    let dir = temp_dir("lane-take-reopen");
+    {
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        for id in ["x1", "x2", "x3"] {
+            store.insert(laned(id, "L", 0)).await.unwrap();
+        }
+        assert_eq!(claim_ids(&store, 0).await, ["x1"]);
+        let x1 = store.get("x1").await.unwrap().unwrap();
+        let x2 = store
+            .finish_and_take_next(&x1, attempt(5, 200), Next::Delivered)
+            .await
+            .unwrap();
+        assert_eq!(x2.map(|j| j.id).as_deref(), Some("x2"));
+    }
+    let store = SqliteStore::open(&dir, limits()).unwrap();
+    // x2 was in flight: pending again and due, the lane's head; x3 still waits.
+    assert_eq!(claim_ids(&store, 5).await, ["x2"]);
+    assert!(store.get("x3").await.unwrap().unwrap().is_parked());
+}
+
+#[tokio::test]
 async fn sqlite_lanes_survive_a_reopen() {
     let dir = temp_dir("lanes-reopen");
     {

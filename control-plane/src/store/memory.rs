@@ -50,11 +50,12 @@ impl Inner {
         self.jobs.insert(job.id.clone(), job);
     }
 
-    /// Gives an ordered lane its next job when none of its open jobs is active.
-    fn wake_lane(&mut self, lane: &str, now: Millis) {
+    /// Gives an ordered lane its next job when none of its open jobs is active; its key
+    /// in the due order, if one was given.
+    fn wake_lane(&mut self, lane: &str, now: Millis) -> Option<(Millis, u64, String)> {
         let open = |j: &&Job| j.lane.as_deref() == Some(lane) && !j.is_finished();
         if self.jobs.values().filter(open).any(|j| !j.is_parked()) {
-            return;
+            return None;
         }
         let next = self
             .jobs
@@ -62,12 +63,59 @@ impl Inner {
             .filter(open)
             .filter_map(|j| Some((*self.seqs.get(&j.id)?, j.id.clone())))
             .min();
-        if let Some((seq, id)) = next {
-            if let Some(job) = self.jobs.get_mut(&id) {
-                job.next_attempt_at = now;
-                self.due.insert((now, seq, id));
+        let (seq, id) = next?;
+        let job = self.jobs.get_mut(&id)?;
+        job.next_attempt_at = now;
+        let key = (now, seq, id);
+        self.due.insert(key.clone());
+        Some(key)
+    }
+
+    /// Records an attempt's outcome; the key of the lane's next job if it handed its
+    /// lane on.
+    fn finish(
+        &mut self,
+        claimed: &Job,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<Option<(Millis, u64, String)>, StoreError> {
+        let at = attempt.at;
+        let Some(job) = self.jobs.get_mut(&claimed.id) else {
+            return Err(StoreError::Unavailable(format!(
+                "job {} vanished",
+                claimed.id
+            )));
+        };
+        job.attempts.push(attempt);
+        let mut callback_job = None;
+        match next {
+            Next::Delivered => {
+                job.state = State::Delivered;
+                job.finished_at = Some(at);
+            }
+            Next::Retry { at } => {
+                job.state = State::Pending;
+                job.next_attempt_at = at;
+            }
+            Next::Failed { callback } => {
+                job.state = State::Failed;
+                job.finished_at = Some(at);
+                callback_job = callback;
             }
         }
+        let job_finished = job.is_finished();
+        if job.state == State::Pending {
+            let due = (job.next_attempt_at, job.id.clone());
+            let seq = self.seqs.get(&due.1).copied().unwrap_or_default();
+            self.due.insert((due.0, seq, due.1));
+        }
+        let lane = claimed.lane.as_deref().filter(|_| job_finished);
+        if let Some(cb) = callback_job {
+            if !self.jobs.contains_key(&cb.id) {
+                self.add(*cb);
+            }
+        }
+        Ok(lane.and_then(|lane| self.wake_lane(lane, at)))
     }
 
     fn stats(&self) -> Stats {
@@ -159,47 +207,24 @@ impl Store for MemoryStore {
         attempt: Attempt,
         next: Next,
     ) -> Result<(), StoreError> {
+        self.inner.lock().finish(claimed, attempt, next).map(|_| ())
+    }
+
+    async fn finish_and_take_next(
+        &self,
+        claimed: &Job,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<Option<Job>, StoreError> {
         let mut inner = self.inner.lock();
-        let at = attempt.at;
-        let Some(job) = inner.jobs.get_mut(&claimed.id) else {
-            return Err(StoreError::Unavailable(format!(
-                "job {} vanished",
-                claimed.id
-            )));
+        let Some(key) = inner.finish(claimed, attempt, next)? else {
+            return Ok(None);
         };
-        job.attempts.push(attempt);
-        let mut callback_job = None;
-        match next {
-            Next::Delivered => {
-                job.state = State::Delivered;
-                job.finished_at = Some(at);
-            }
-            Next::Retry { at } => {
-                job.state = State::Pending;
-                job.next_attempt_at = at;
-            }
-            Next::Failed { callback } => {
-                job.state = State::Failed;
-                job.finished_at = Some(at);
-                callback_job = callback;
-            }
-        }
-        let job_finished = job.is_finished();
-        if job.state == State::Pending {
-            let due = (job.next_attempt_at, job.id.clone());
-            let seq = inner.seqs.get(&due.1).copied().unwrap_or_default();
-            inner.due.insert((due.0, seq, due.1));
-        }
-        let lane = claimed.lane.as_deref().filter(|_| job_finished);
-        if let Some(cb) = callback_job {
-            if !inner.jobs.contains_key(&cb.id) {
-                inner.add(*cb);
-            }
-        }
-        if let Some(lane) = lane {
-            inner.wake_lane(lane, at);
-        }
-        Ok(())
+        inner.due.remove(&key);
+        Ok(inner.jobs.get_mut(&key.2).map(|job| {
+            job.state = State::InFlight;
+            job.clone()
+        }))
     }
 
     async fn backlog(&self, host: &str) -> Result<Option<u64>, StoreError> {

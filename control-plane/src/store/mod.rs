@@ -150,6 +150,20 @@ pub trait Store: Send + Sync + 'static {
         next: Next,
     ) -> Result<(), StoreError>;
 
+    /// [`Self::finish_attempt`]; and when the outcome ends the job and so hands its
+    /// ordered lane on, the lane's next job, claimed (in flight) in the same commit, for
+    /// the caller to attempt next. `None` when there is no such job, or when the engine
+    /// leaves the hand-over to the next claim (the default; on NATS the lane's consumer
+    /// releases the next job).
+    async fn finish_and_take_next(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<Option<Job>, StoreError> {
+        self.finish_attempt(job, attempt, next).await.map(|()| None)
+    }
+
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
 
     /// When the earliest pending job is due, leaving out the target hosts `caps` gives

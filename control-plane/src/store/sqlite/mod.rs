@@ -52,9 +52,9 @@ use record::{job_from_row, state_code, COLUMNS};
 use schema::{check_integrity, migrate, open_connection, unopenable, INDEXES, TABLES};
 #[cfg(test)]
 use writer::PURGE;
-#[cfg(test)]
-use writer::WAKE_LANE;
 use writer::{checkpoint_loop, load, recover, write_loop, AttemptRow, Command, Counts, Reply};
+#[cfg(test)]
+use writer::{take_lane_sql, WAKE_LANE};
 
 pub use writer::QUARANTINED;
 
@@ -275,7 +275,30 @@ impl Store for SqliteStore {
         next: Next,
     ) -> Result<(), StoreError> {
         let row = AttemptRow::new(job, &attempt)?;
-        self.ask(|reply| Command::Finish { row, next, reply }).await
+        self.ask(|reply| Command::Finish {
+            row,
+            next,
+            take_next: false,
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn finish_and_take_next(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        next: Next,
+    ) -> Result<Option<Job>, StoreError> {
+        let row = AttemptRow::new(job, &attempt)?;
+        self.ask(|reply| Command::Finish {
+            row,
+            next,
+            take_next: true,
+            reply,
+        })
+        .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
@@ -414,17 +437,22 @@ mod tests {
     #[test]
     fn handing_a_lane_on_seeks_its_indexes_instead_of_reading_its_parked_jobs() {
         let (dir, store) = open_fresh("knocker-lane-plan");
-        let plan = query_plan(&store, WAKE_LANE, params!["lane", 1i64, PARKED as i64]);
-        // The lane's first open job by `jobs_lane`; whether one is active by
-        // `jobs_lane_active`, over the lane's active range only (a lane with 20,000 parked
-        // broadcast copies once took 12 ms per hand-over reading them all).
-        assert!(plan.contains("USING INDEX jobs_lane "), "{plan}");
-        assert!(
-            plan.contains("USING COVERING INDEX jobs_lane_active (lane=? AND next_attempt_at<?)")
-                || plan.contains("USING INDEX jobs_lane_active (lane=? AND next_attempt_at<?)"),
-            "{plan}"
-        );
-        assert!(!plan.contains("SCAN"), "{plan}");
+        // Made due for the next claim, or taken at once by the attempt that ended the
+        // lane's active job: the same seeks.
+        for sql in [WAKE_LANE.to_owned(), take_lane_sql()] {
+            let plan = query_plan(&store, &sql, params!["lane", 1i64, PARKED as i64]);
+            // The lane's first open job by `jobs_lane`; whether one is active by
+            // `jobs_lane_active`, over the lane's active range only (a lane with 20,000
+            // parked broadcast copies once took 12 ms per hand-over reading them all).
+            assert!(plan.contains("USING INDEX jobs_lane "), "{plan}");
+            assert!(
+                plan.contains(
+                    "USING COVERING INDEX jobs_lane_active (lane=? AND next_attempt_at<?)"
+                ) || plan.contains("USING INDEX jobs_lane_active (lane=? AND next_attempt_at<?)"),
+                "{plan}"
+            );
+            assert!(!plan.contains("SCAN"), "{plan}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
