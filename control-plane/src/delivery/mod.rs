@@ -562,6 +562,17 @@ mod tests {
         (transport, store, start)
     }
 
+    /// A 200 at once.
+    fn delivered() -> Outcome {
+        Outcome {
+            status: 200,
+            error: None,
+            retry_after_s: None,
+            latency: Duration::ZERO,
+            local_shortage: false,
+        }
+    }
+
     /// Out of descriptors for the first `shortages` sends, then a 200.
     struct ShortOfDescriptors {
         shortages: usize,
@@ -583,13 +594,7 @@ mod tests {
                     )
                 };
             }
-            Outcome {
-                status: 200,
-                error: None,
-                retry_after_s: None,
-                latency: Duration::ZERO,
-                local_shortage: false,
-            }
+            delivered()
         }
     }
 
@@ -1038,53 +1043,48 @@ mod tests {
                 self.stop.cancel();
             }
             sent.push(job.id.clone());
-            Outcome {
-                status: 200,
-                error: None,
-                retry_after_s: None,
-                latency: Duration::ZERO,
-                local_shortage: false,
-            }
+            delivered()
         }
     }
 
-    /// Jobs `ids` of one ordered lane (target host `t`), all due at `now`.
-    async fn lane_jobs(store: &dyn Store, ids: &[&str], now: u64) {
+    /// Runs the delivery loop over `store` for a minute of virtual time, jobs `ids` of
+    /// one ordered lane (target host `t`) in it, due at once; it stops on `shutdown`
+    /// (cancelled after the minute, if `transport` did not do it first).
+    async fn run_a_lane(
+        store: &Arc<dyn Store>,
+        ids: &[&str],
+        transport: Arc<dyn Transport>,
+        shutdown: CancellationToken,
+    ) {
+        let clock = TokioClock::new();
         for id in ids {
             let mut j = job(0, 0.0, None);
             j.id = (*id).to_owned();
             j.lane = Some("L".into());
-            j.created_at = now;
-            j.next_attempt_at = now;
+            j.created_at = clock.now_ms();
+            j.next_attempt_at = clock.now_ms();
             store.insert(j).await.unwrap();
         }
+        let delivery = delivery_over(store, transport, &clock, 0.0, 600.0);
+        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_ordered_lane_goes_on_to_its_next_job_without_a_claim() {
         let refusing = Arc::new(RefusingStore::default());
         let store: Arc<dyn Store> = Arc::clone(&refusing) as Arc<dyn Store>;
-        let clock = TokioClock::new();
         let ids = ["l1", "l2", "l3", "l4"];
-        lane_jobs(store.as_ref(), &ids, clock.now_ms()).await;
         let transport = Arc::new(FakeTransport {
             failures: 0,
             status: 200,
             retry_after_s: None,
             calls: Mutex::default(),
         });
-        let delivery = delivery_over(
-            &store,
-            Arc::clone(&transport) as Arc<dyn Transport>,
-            &clock,
-            0.0,
-            600.0,
-        );
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        shutdown.cancel();
-        task.await.unwrap();
+        let sending = Arc::clone(&transport) as Arc<dyn Transport>;
+        run_a_lane(&store, &ids, sending, CancellationToken::new()).await;
         let sent: Vec<String> = transport.calls.lock().iter().map(|c| c.1.clone()).collect();
         assert_eq!(sent, ids, "each once, in the lane's order");
         for id in ids {
@@ -1099,23 +1099,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lane_job_handed_over_while_the_process_stops_is_given_back_unattempted() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-        let clock = TokioClock::new();
-        lane_jobs(store.as_ref(), &["l1", "l2", "l3"], clock.now_ms()).await;
         let shutdown = CancellationToken::new();
         let transport = Arc::new(StopsOnFirst {
             stop: shutdown.clone(),
             sent: Mutex::default(),
         });
-        let delivery = delivery_over(
-            &store,
-            Arc::clone(&transport) as Arc<dyn Transport>,
-            &clock,
-            0.0,
-            600.0,
-        );
-        let task = tokio::spawn(Arc::clone(&delivery).run(shutdown));
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        task.await.unwrap();
+        let sending = Arc::clone(&transport) as Arc<dyn Transport>;
+        run_a_lane(&store, &["l1", "l2", "l3"], sending, shutdown).await;
         assert_eq!(
             *transport.sent.lock(),
             ["l1"],

@@ -186,6 +186,25 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Records an attempt's outcome; with `take_next`, the lane's next job it hands on
+    /// to ([`Store::finish_and_take_next`]).
+    async fn finish(
+        &self,
+        job: &Job,
+        attempt: &Attempt,
+        next: Next,
+        take_next: bool,
+    ) -> Result<Option<Job>, StoreError> {
+        let row = AttemptRow::new(job, attempt)?;
+        self.ask(|reply| Command::Finish {
+            row,
+            next,
+            take_next,
+            reply,
+        })
+        .await
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.commands
@@ -274,15 +293,7 @@ impl Store for SqliteStore {
         attempt: Attempt,
         next: Next,
     ) -> Result<(), StoreError> {
-        let row = AttemptRow::new(job, &attempt)?;
-        self.ask(|reply| Command::Finish {
-            row,
-            next,
-            take_next: false,
-            reply,
-        })
-        .await
-        .map(|_| ())
+        self.finish(job, &attempt, next, false).await.map(|_| ())
     }
 
     async fn finish_and_take_next(
@@ -291,14 +302,7 @@ impl Store for SqliteStore {
         attempt: Attempt,
         next: Next,
     ) -> Result<Option<Job>, StoreError> {
-        let row = AttemptRow::new(job, &attempt)?;
-        self.ask(|reply| Command::Finish {
-            row,
-            next,
-            take_next: true,
-            reply,
-        })
-        .await
+        self.finish(job, &attempt, next, true).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
