@@ -359,14 +359,24 @@ impl Delivery {
     /// before a restart. The attempt's slot stays taken meanwhile, which slows delivery
     /// down while the store is in trouble. The lane's next job if the outcome handed it
     /// over; otherwise the delivery loop is woken.
+    ///
+    /// A lane keeps its slot only while the loop has slots to spare: with none free,
+    /// other due jobs may be waiting for one, so the lane's next job becomes due like
+    /// theirs and takes its turn in the due order (many busy lanes never hold every
+    /// slot between them).
     async fn record(&self, job: &Job, attempt: Attempt, next: Next) -> Option<Job> {
         let mut wait = RECORD_RETRY_FIRST;
         loop {
-            match self
-                .store
-                .finish_and_take_next(job, attempt.clone(), next.clone())
-                .await
-            {
+            let (attempt, next) = (attempt.clone(), next.clone());
+            let recorded = if self.slots.available_permits() > 0 {
+                self.store.finish_and_take_next(job, attempt, next).await
+            } else {
+                self.store
+                    .finish_attempt(job, attempt, next)
+                    .await
+                    .map(|()| None)
+            };
+            match recorded {
                 Ok(Some(taken)) => return Some(taken),
                 Ok(None) => {
                     self.wake.notify_one();
@@ -498,6 +508,17 @@ mod tests {
         jitter: f64,
         cap: f64,
     ) -> Arc<Delivery> {
+        delivery_with_slots(store, transport, clock, jitter, cap, 4)
+    }
+
+    fn delivery_with_slots(
+        store: &Arc<dyn Store>,
+        transport: Arc<dyn Transport>,
+        clock: &TokioClock,
+        jitter: f64,
+        cap: f64,
+        slots: usize,
+    ) -> Arc<Delivery> {
         Arc::new(Delivery {
             store: Arc::clone(store),
             time: Time {
@@ -506,7 +527,7 @@ mod tests {
             },
             transport,
             wake: Arc::new(Notify::new()),
-            slots: Arc::new(Semaphore::new(4)),
+            slots: Arc::new(Semaphore::new(slots)),
             backoff_cap_s: cap,
             observers: Vec::new(),
             health: Arc::default(),
@@ -1047,25 +1068,27 @@ mod tests {
         }
     }
 
-    /// Runs the delivery loop over `store` for a minute of virtual time, jobs `ids` of
-    /// one ordered lane (target host `t`) in it, due at once; it stops on `shutdown`
-    /// (cancelled after the minute, if `transport` did not do it first).
-    async fn run_a_lane(
+    /// Runs a delivery loop with `slots` over `store` for a minute of virtual time, jobs
+    /// `ids` in it (of the ordered lane their first letter names, target host `t`), due
+    /// at once; it stops on `shutdown` (cancelled after the minute, if `transport` did
+    /// not do it first).
+    async fn run_lanes(
         store: &Arc<dyn Store>,
         ids: &[&str],
         transport: Arc<dyn Transport>,
         shutdown: CancellationToken,
+        slots: usize,
     ) {
         let clock = TokioClock::new();
         for id in ids {
             let mut j = job(0, 0.0, None);
             j.id = (*id).to_owned();
-            j.lane = Some("L".into());
+            j.lane = Some(id[..1].to_owned());
             j.created_at = clock.now_ms();
             j.next_attempt_at = clock.now_ms();
             store.insert(j).await.unwrap();
         }
-        let delivery = delivery_over(store, transport, &clock, 0.0, 600.0);
+        let delivery = delivery_with_slots(store, transport, &clock, 0.0, 600.0, slots);
         let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
         tokio::time::sleep(Duration::from_secs(60)).await;
         shutdown.cancel();
@@ -1084,7 +1107,7 @@ mod tests {
             calls: Mutex::default(),
         });
         let sending = Arc::clone(&transport) as Arc<dyn Transport>;
-        run_a_lane(&store, &ids, sending, CancellationToken::new()).await;
+        run_lanes(&store, &ids, sending, CancellationToken::new(), 4).await;
         let sent: Vec<String> = transport.calls.lock().iter().map(|c| c.1.clone()).collect();
         assert_eq!(sent, ids, "each once, in the lane's order");
         for id in ids {
@@ -1097,6 +1120,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn lanes_keep_no_slot_when_none_is_spare_and_take_turns_in_the_due_order() {
+        let refusing = Arc::new(RefusingStore::default());
+        let store: Arc<dyn Store> = Arc::clone(&refusing) as Arc<dyn Store>;
+        let transport = Arc::new(FakeTransport {
+            failures: 0,
+            status: 200,
+            retry_after_s: None,
+            calls: Mutex::default(),
+        });
+        let sending = Arc::clone(&transport) as Arc<dyn Transport>;
+        // Arriving in turns, all due at once.
+        let ids = ["a1", "b1", "a2", "b2", "a3", "b3"];
+        run_lanes(&store, &ids, sending, CancellationToken::new(), 1).await;
+        let sent: Vec<String> = transport.calls.lock().iter().map(|c| c.1.clone()).collect();
+        // One slot, and it is taken: neither lane keeps it, each next job becomes due
+        // and takes its turn behind the other lane's, which came first (a lane keeping
+        // the slot would send a1, a2, a3 before b1).
+        assert_eq!(sent, ids);
+        assert_eq!(*refusing.claimed.lock(), sent, "every job from a claim");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_lane_job_handed_over_while_the_process_stops_is_given_back_unattempted() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let shutdown = CancellationToken::new();
@@ -1105,7 +1150,7 @@ mod tests {
             sent: Mutex::default(),
         });
         let sending = Arc::clone(&transport) as Arc<dyn Transport>;
-        run_a_lane(&store, &["l1", "l2", "l3"], sending, shutdown).await;
+        run_lanes(&store, &["l1", "l2", "l3"], sending, shutdown, 4).await;
         assert_eq!(
             *transport.sent.lock(),
             ["l1"],
