@@ -464,6 +464,23 @@ mod tests {
         }
     }
 
+    impl FakeTransport {
+        /// Every attempt succeeds.
+        fn succeeding() -> Self {
+            Self {
+                failures: 0,
+                status: 200,
+                retry_after_s: None,
+                calls: Mutex::default(),
+            }
+        }
+
+        /// The ids sent, in order.
+        fn ids(&self) -> Vec<String> {
+            self.calls.lock().iter().map(|c| c.1.clone()).collect()
+        }
+    }
+
     fn job(retries: u32, backoff_factor: f64, callback: Option<&str>) -> Job {
         let policy = Policy {
             timeout: 1.0,
@@ -499,19 +516,9 @@ mod tests {
         .await
     }
 
-    /// A delivery loop over `store` whose circuits stay closed (the schedule alone is
-    /// under test), four slots.
+    /// A delivery loop over `store` with `slots`, whose circuits stay closed (the
+    /// schedule alone is under test).
     fn delivery_over(
-        store: &Arc<dyn Store>,
-        transport: Arc<dyn Transport>,
-        clock: &TokioClock,
-        jitter: f64,
-        cap: f64,
-    ) -> Arc<Delivery> {
-        delivery_with_slots(store, transport, clock, jitter, cap, 4)
-    }
-
-    fn delivery_with_slots(
         store: &Arc<dyn Store>,
         transport: Arc<dyn Transport>,
         clock: &TokioClock,
@@ -558,6 +565,7 @@ mod tests {
             &clock,
             jitter,
             cap,
+            4,
         );
         let start = tokio::time::Instant::now();
         let now = clock.now_ms();
@@ -773,12 +781,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_job_claimed_after_its_maximum_age_fails_without_an_attempt() {
-        let transport = FakeTransport {
-            failures: 0,
-            status: 200,
-            retry_after_s: None,
-            calls: Mutex::default(),
-        };
+        let transport = FakeTransport::succeeding();
         let mut job = job(u32::MAX, 1.0, Some("http://cb/"));
         job.next_attempt_at = 5_000;
         job.policy.deadline = Some(1_000);
@@ -1020,12 +1023,7 @@ mod tests {
             refusals: Mutex::new(3),
             ..RefusingStore::default()
         });
-        let transport = FakeTransport {
-            failures: 0,
-            status: 200,
-            retry_after_s: None,
-            calls: Mutex::default(),
-        };
+        let transport = FakeTransport::succeeding();
         let (transport, store, _) = run_on(store, job(0, 0.0, None), transport, 0.0, 600.0).await;
         assert_eq!(transport.calls.lock().len(), 1, "sent once");
         let job = store.get("j").await.unwrap().unwrap();
@@ -1088,7 +1086,7 @@ mod tests {
             j.next_attempt_at = clock.now_ms();
             store.insert(j).await.unwrap();
         }
-        let delivery = delivery_with_slots(store, transport, &clock, 0.0, 600.0, slots);
+        let delivery = delivery_over(store, transport, &clock, 0.0, 600.0, slots);
         let task = tokio::spawn(Arc::clone(&delivery).run(shutdown.clone()));
         tokio::time::sleep(Duration::from_secs(60)).await;
         shutdown.cancel();
@@ -1100,15 +1098,10 @@ mod tests {
         let refusing = Arc::new(RefusingStore::default());
         let store: Arc<dyn Store> = Arc::clone(&refusing) as Arc<dyn Store>;
         let ids = ["l1", "l2", "l3", "l4"];
-        let transport = Arc::new(FakeTransport {
-            failures: 0,
-            status: 200,
-            retry_after_s: None,
-            calls: Mutex::default(),
-        });
+        let transport = Arc::new(FakeTransport::succeeding());
         let sending = Arc::clone(&transport) as Arc<dyn Transport>;
         run_lanes(&store, &ids, sending, CancellationToken::new(), 4).await;
-        let sent: Vec<String> = transport.calls.lock().iter().map(|c| c.1.clone()).collect();
+        let sent = transport.ids();
         assert_eq!(sent, ids, "each once, in the lane's order");
         for id in ids {
             let job = store.get(id).await.unwrap().unwrap();
@@ -1123,17 +1116,12 @@ mod tests {
     async fn lanes_keep_no_slot_when_none_is_spare_and_take_turns_in_the_due_order() {
         let refusing = Arc::new(RefusingStore::default());
         let store: Arc<dyn Store> = Arc::clone(&refusing) as Arc<dyn Store>;
-        let transport = Arc::new(FakeTransport {
-            failures: 0,
-            status: 200,
-            retry_after_s: None,
-            calls: Mutex::default(),
-        });
+        let transport = Arc::new(FakeTransport::succeeding());
         let sending = Arc::clone(&transport) as Arc<dyn Transport>;
         // Arriving in turns, all due at once.
         let ids = ["a1", "b1", "a2", "b2", "a3", "b3"];
         run_lanes(&store, &ids, sending, CancellationToken::new(), 1).await;
-        let sent: Vec<String> = transport.calls.lock().iter().map(|c| c.1.clone()).collect();
+        let sent = transport.ids();
         // One slot, and it is taken: neither lane keeps it, each next job becomes due
         // and takes its turn behind the other lane's, which came first (a lane keeping
         // the slot would send a1, a2, a3 before b1).

@@ -698,14 +698,20 @@ async fn claim_ids(store: &dyn Store, now: u64) -> Vec<String> {
     claimed.into_iter().map(|j| j.id).collect()
 }
 
-#[tokio::test]
-async fn ordered_lanes_deliver_one_job_at_a_time_in_arrival_order() {
-    // NATS lanes are server-side consumers with their own real-time test (nats_tests).
-    for e in engines("lanes")
+/// The engines whose ordered lanes are the store's own: memory and SQLite. NATS lanes are
+/// server-side consumers (the next job released by the lane's consumer, never handed
+/// over by an outcome), with their own real-time test (nats_tests).
+async fn lane_engines(name: &str) -> Vec<Engine> {
+    engines(name)
         .await
         .into_iter()
         .filter(|e| e.nats.is_none())
-    {
+        .collect()
+}
+
+#[tokio::test]
+async fn ordered_lanes_deliver_one_job_at_a_time_in_arrival_order() {
+    for e in lane_engines("lanes").await {
         let (engine, store) = (e.name, &e.store);
         for id in ["a1", "a2", "a3"] {
             store.insert(laned(id, "A", 10)).await.unwrap();
@@ -768,12 +774,7 @@ async fn ordered_lanes_deliver_one_job_at_a_time_in_arrival_order() {
 
 #[tokio::test]
 async fn an_outcome_that_hands_a_lane_on_can_take_its_next_job_at_once() {
-    // NATS leaves the hand-over to the lane's consumer (the default: `None`).
-    for e in engines("lane-take")
-        .await
-        .into_iter()
-        .filter(|e| e.nats.is_none())
-    {
+    for e in lane_engines("lane-take").await {
         let (engine, store) = (e.name, &e.store);
         for id in ["a1", "a2", "a3"] {
             store.insert(laned(id, "A", 10)).await.unwrap();

@@ -1011,21 +1011,27 @@ pub const QUARANTINED: &str = "quarantined: the stored job cannot be read";
 /// Gives an ordered lane its next job when none of its open jobs is active: the oldest
 /// parked one becomes due at `now`.
 fn wake_lane(tx: &Connection, lane: &str, now: Millis) -> rusqlite::Result<()> {
-    tx.prepare_cached(WAKE_LANE)?
+    tx.prepare_cached(&wake_lane_sql())?
         .execute(params![lane, now as i64, PARKED as i64])?;
     Ok(())
 }
 
-/// The lane's oldest parked job becomes due, unless one of its open jobs is active. Both
-/// parts are index seeks (`jobs_lane`, `jobs_lane_active`): the cost of handing a lane on
-/// does not grow with the jobs parked in it.
-pub(super) const WAKE_LANE: &str = "UPDATE jobs SET next_attempt_at = ?2
-    WHERE seq = (SELECT min(seq) FROM jobs WHERE lane = ?1 AND state <= 1 AND state = 0)
+/// A lane's next job (`?1` the lane, `?3` [`PARKED`]): its oldest parked one, unless one
+/// of its open jobs is active. Both parts are index seeks (`jobs_lane`,
+/// `jobs_lane_active`): the cost of handing a lane on does not grow with the jobs
+/// parked in it.
+const LANES_NEXT: &str =
+    "WHERE seq = (SELECT min(seq) FROM jobs WHERE lane = ?1 AND state <= 1 AND state = 0)
       AND NOT EXISTS (SELECT 1 FROM jobs
                       WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)";
 
+/// The lane's next job becomes due at `?2`.
+pub(super) fn wake_lane_sql() -> String {
+    format!("UPDATE jobs SET next_attempt_at = ?2 {LANES_NEXT}")
+}
+
 /// Hands an ordered lane on to its next job and claims it (in flight) for the attempt
-/// that just ended the lane's active job: the [`WAKE_LANE`] seeks, but the job goes
+/// that just ended the lane's active job: the [`wake_lane`] seeks, but the job goes
 /// straight to in flight instead of becoming due, and is answered to that attempt's
 /// task, which attempts it next. A lane handed on this way costs one commit and no
 /// claim, where [`wake_lane`] leaves the job to the next claim, a commit of its own.
@@ -1055,15 +1061,10 @@ fn take_lane(
     })
 }
 
-/// [`WAKE_LANE`], the job taken in flight at once; it answers the job as stored.
+/// The lane's next job taken in flight at once, due at `?2`; it answers the job as
+/// stored.
 pub(super) fn take_lane_sql() -> String {
-    format!(
-        "UPDATE jobs SET state = 1, next_attempt_at = ?2
-         WHERE seq = (SELECT min(seq) FROM jobs WHERE lane = ?1 AND state <= 1 AND state = 0)
-           AND NOT EXISTS (SELECT 1 FROM jobs
-                           WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)
-         RETURNING {COLUMNS}"
-    )
+    format!("UPDATE jobs SET state = 1, next_attempt_at = ?2 {LANES_NEXT} RETURNING {COLUMNS}")
 }
 
 /// A refused submission — but a resubmission of a stored job still gets its receipt.
