@@ -457,8 +457,16 @@ impl NatsStore {
 
     /// Records a finished outcome from the open record at `revision`: the one this control
     /// plane's claim wrote (no read), or the one just read. The finished record is written,
-    /// then the open one removed only if it is still at that revision (one request each).
-    /// A record that changed meanwhile (deleted while in flight) takes the long way.
+    /// then the open one removed only if it is still at that revision (one request each,
+    /// in that order: a job is never without a record). When the open record changed
+    /// meanwhile:
+    /// - gone without a trace (deleted while in flight): it leaves no finished record
+    ///   either;
+    /// - a delete marker (the job was finished already: by an earlier try of this outcome
+    ///   whose answer was lost, or by another control plane that claimed it again): the
+    ///   finished record stays;
+    /// - a newer record (claimed again, its message having come back to another control
+    ///   plane): the record is left to that claim, whose outcome overwrites this one.
     ///
     /// The removal is a delete marker, not a purge: the bucket keeps one message per key,
     /// so the marker replaces the record either way, but a purge makes the server look
@@ -494,12 +502,10 @@ impl NatsStore {
             .await
         {
             Ok(()) => {}
-            // Deleted while in flight: it leaves no finished record either. (Otherwise it
-            // was claimed again meanwhile, its message having come back to another control
-            // plane: the record is left to that claim, whose outcome overwrites this one.)
             Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
-                if self.read(&self.jobs, &id).await?.is_none() {
-                    remove(bucket, &id).await?;
+                let entry = self.jobs.entry(key(&id)).await.map_err(unavailable)?;
+                if entry.is_none_or(|e| e.operation == kv::Operation::Purge) {
+                    remove(bucket, &id).await?; // deleted while in flight
                 }
             }
             Err(e) => return Err(unavailable(e)),
@@ -1700,6 +1706,91 @@ mod tests {
         assert!(matches!(again, Inserted::Existing(j) if j.state == State::Delivered));
         assert!(nothing_to_claim(&store).await);
         assert_eq!(store.stats().await.unwrap().pending, 0);
+    }
+
+    /// The work messages still on the work stream (held ones included).
+    async fn work_messages(store: &NatsStore) -> u64 {
+        let mut stream = store.js.get_stream(WORK).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+
+    /// An outcome can find the open record changed when it comes to remove it. A job
+    /// deleted while in flight (its key purged) leaves no finished record; one whose key
+    /// holds a delete marker was finished already (by an earlier try of this outcome
+    /// whose answer was lost, or by another control plane that claimed it again), and its
+    /// finished record stays: before, it was removed too, and a delivered job vanished.
+    #[tokio::test]
+    async fn an_outcome_over_a_changed_open_record_keeps_the_finished_record_only_if_the_job_was_finished(
+    ) {
+        let server = NatsServer::start("changed-open");
+        let store = server.store(Duration::from_secs(30)).await;
+        for id in ["deleted", "marked"] {
+            store.insert(due_job(id)).await.unwrap();
+        }
+        let claimed = claim_n(&store, 2, Duration::from_secs(5)).await;
+        assert_eq!(claimed.len(), 2);
+        assert!(store.delete("deleted", now_ms()).await.unwrap());
+        store.jobs.delete(key("marked")).await.unwrap();
+        for job in &claimed {
+            store
+                .finish_attempt(job, attempt(200), Next::Delivered)
+                .await
+                .unwrap();
+        }
+        assert!(
+            store.get("deleted").await.unwrap().is_none(),
+            "a job deleted while in flight leaves nothing"
+        );
+        let marked = store.get("marked").await.unwrap().expect("finished record");
+        assert_eq!(marked.state, State::Delivered);
+        assert_eq!(marked.attempts.len(), 1);
+        assert_eq!(work_messages(&store).await, 0, "both messages answered");
+    }
+
+    /// The server refuses the finished record: the open record stays as it was (in
+    /// flight, its attempt not counted), the message stays held, and the outcome tried
+    /// again is recorded once. A job is never left without a record.
+    #[tokio::test]
+    async fn a_finished_record_the_server_refuses_leaves_the_job_open_and_held_for_the_retry() {
+        let server = NatsServer::start("refused-finish");
+        let store = server.store(Duration::from_secs(30)).await;
+        store.insert(due_job("j")).await.unwrap();
+        let claimed = claim_n(&store, 1, Duration::from_secs(5)).await;
+        assert_eq!(claimed.len(), 1);
+        let delivered_limit = |size: i32| {
+            let js = store.js.clone();
+            async move {
+                let mut stream = js.get_stream(format!("KV_{DELIVERED}")).await.unwrap();
+                let mut config = stream.info().await.unwrap().config.clone();
+                config.max_message_size = size;
+                js.update_stream(config).await.unwrap();
+            }
+        };
+        delivered_limit(16).await;
+        let refused = store
+            .finish_attempt(&claimed[0], attempt(200), Next::Delivered)
+            .await;
+        assert!(refused.is_err(), "the finished record was refused");
+        let (open, _) = store
+            .read(&store.jobs, "j")
+            .await
+            .unwrap()
+            .expect("the open record stays");
+        assert_eq!(open.job.state, State::InFlight);
+        assert!(open.job.attempts.is_empty() && open.job.finished_at.is_none());
+        assert!(store.get("j").await.unwrap().is_some());
+        assert_eq!(work_messages(&store).await, 1, "the message stays held");
+
+        delivered_limit(-1).await;
+        store
+            .finish_attempt(&claimed[0], attempt(200), Next::Delivered)
+            .await
+            .unwrap();
+        let done = store.get("j").await.unwrap().expect("finished record");
+        assert_eq!(done.state, State::Delivered);
+        assert_eq!(done.attempts.len(), 1);
+        assert!(store.read(&store.jobs, "j").await.unwrap().is_none());
+        assert_eq!(work_messages(&store).await, 0);
     }
 
     /// A new job's first delivery carries its record: claiming it is one write, over the
