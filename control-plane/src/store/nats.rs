@@ -397,6 +397,45 @@ impl NatsStore {
         }
     }
 
+    /// Writes a held job's open record back, changed by `change`, over the revision it
+    /// was read at (`read`, or read here), so that a job deleted between the read and the
+    /// write is not brought back; a record changed otherwise meanwhile is read again.
+    /// `false` when the job is gone.
+    async fn rewrite_open(
+        &self,
+        id: &str,
+        mut read: Option<(Record, u64)>,
+        change: impl Fn(&mut Record),
+    ) -> Result<bool, StoreError> {
+        for _ in 0..WRITE_TRIES {
+            let found = match read.take() {
+                Some(found) => Some(found),
+                None => self.read(&self.jobs, id).await?,
+            };
+            let Some((mut record, revision)) = found else {
+                return Ok(false);
+            };
+            change(&mut record);
+            if self
+                .write_if(&self.jobs, &record, revision)
+                .await?
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Err(unavailable(format!("job record {id} kept changing")))
+    }
+
+    /// Answers the message of a held job that is gone (deleted while in flight): nothing
+    /// is left to attempt or record.
+    async fn drop_held(&self, id: &str) {
+        let held = self.held.lock().remove(id);
+        if let Some(h) = held {
+            let _ = h.answer(Some(AckKind::Ack)).await;
+        }
+    }
+
     /// Publishes the job's work message (`msg_id` makes a second publish within the
     /// duplicate window a no-op) and waits for the server to have stored it. `created` is
     /// the record as just created and its revision, carried for the first claim.
@@ -1383,12 +1422,9 @@ impl Store for NatsStore {
             Some(claimed) => Some(claimed),
             None => self.read(&self.jobs, &job.id).await?,
         };
-        let Some((mut record, revision)) = read else {
+        let Some((record, revision)) = read else {
             // Deleted while in flight: nothing to record, the message is done.
-            let held = self.held.lock().remove(&job.id);
-            if let Some(h) = held {
-                let _ = h.answer(Some(AckKind::Ack)).await;
-            }
+            self.drop_held(&job.id).await;
             return Ok(());
         };
         match next {
@@ -1396,10 +1432,18 @@ impl Store for NatsStore {
                 self.finish(record, revision, attempt, next).await?;
             }
             Next::Retry { at: due } => {
-                record.job.attempts.push(attempt);
-                record.job.state = State::Pending;
-                record.job.next_attempt_at = due;
-                self.write(&self.jobs, &record).await?;
+                let pending = |record: &mut Record| {
+                    record.job.attempts.push(attempt.clone());
+                    record.job.state = State::Pending;
+                    record.job.next_attempt_at = due;
+                };
+                if !self
+                    .rewrite_open(&job.id, Some((record, revision)), pending)
+                    .await?
+                {
+                    self.drop_held(&job.id).await;
+                    return Ok(());
+                }
                 let released = {
                     let mut held = self.held.lock();
                     if job.lane.is_some() {
@@ -1422,15 +1466,11 @@ impl Store for NatsStore {
     }
 
     async fn release(&self, job: &Job) -> Result<(), StoreError> {
-        let Some((mut record, _)) = self.read(&self.jobs, &job.id).await? else {
-            let held = self.held.lock().remove(&job.id);
-            if let Some(h) = held {
-                let _ = h.answer(Some(AckKind::Ack)).await;
-            }
+        let pending = |record: &mut Record| record.job.state = State::Pending;
+        if !self.rewrite_open(&job.id, None, pending).await? {
+            self.drop_held(&job.id).await;
             return Ok(());
-        };
-        record.job.state = State::Pending;
-        self.write(&self.jobs, &record).await?;
+        }
         // Its target is parked: asked again in a second (a lane keeps its head).
         let again = Duration::from_secs(1);
         let released = {
@@ -1791,6 +1831,42 @@ mod tests {
         assert_eq!(done.attempts.len(), 1);
         assert!(store.read(&store.jobs, "j").await.unwrap().is_none());
         assert_eq!(work_messages(&store).await, 0);
+    }
+
+    /// A retry or a release writes the open record back over the revision it was read at:
+    /// a job deleted between that read and the write stays deleted (written blindly, it
+    /// came back pending and was attempted again), and a record changed otherwise is read
+    /// again and written over.
+    #[tokio::test]
+    async fn a_record_read_before_its_job_was_deleted_is_not_written_back() {
+        let server = NatsServer::start("rewrite-open");
+        let store = server.store(Duration::from_secs(30)).await;
+        for id in ["deleted", "edited"] {
+            store.insert(due_job(id)).await.unwrap();
+        }
+        let claimed = claim_n(&store, 2, Duration::from_secs(5)).await;
+        assert_eq!(claimed.len(), 2);
+        let pending = |record: &mut Record| record.job.state = State::Pending;
+
+        let stale = store.read(&store.jobs, "deleted").await.unwrap();
+        assert!(store.delete("deleted", now_ms()).await.unwrap());
+        assert!(!store.rewrite_open("deleted", stale, pending).await.unwrap());
+        assert!(
+            store.get("deleted").await.unwrap().is_none(),
+            "stays deleted"
+        );
+
+        let stale = store.read(&store.jobs, "edited").await.unwrap();
+        let (mut edited, _) = store.read(&store.jobs, "edited").await.unwrap().unwrap();
+        edited.job.request.url = "http://t:1/edited".into();
+        store.write(&store.jobs, &edited).await.unwrap();
+        assert!(store.rewrite_open("edited", stale, pending).await.unwrap());
+        let (now, _) = store.read(&store.jobs, "edited").await.unwrap().unwrap();
+        assert_eq!(now.job.state, State::Pending);
+        assert_eq!(
+            now.job.request.url, "http://t:1/edited",
+            "written over the edit"
+        );
     }
 
     /// A new job's first delivery carries its record: claiming it is one write, over the
