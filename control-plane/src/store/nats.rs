@@ -400,20 +400,20 @@ impl NatsStore {
     /// Writes a held job's open record back, changed by `change`, over the revision it
     /// was read at (`read`, or read here), so that a job deleted between the read and the
     /// write is not brought back; a record changed otherwise meanwhile is read again.
-    /// `false` when the job is gone.
+    /// The record as written, or `None` when the job is gone.
     async fn rewrite_open(
         &self,
         id: &str,
         mut read: Option<(Record, u64)>,
         change: impl Fn(&mut Record),
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Record>, StoreError> {
         for _ in 0..WRITE_TRIES {
             let found = match read.take() {
                 Some(found) => Some(found),
                 None => self.read(&self.jobs, id).await?,
             };
             let Some((mut record, revision)) = found else {
-                return Ok(false);
+                return Ok(None);
             };
             change(&mut record);
             if self
@@ -421,7 +421,7 @@ impl NatsStore {
                 .await?
                 .is_some()
             {
-                return Ok(true);
+                return Ok(Some(record));
             }
         }
         Err(unavailable(format!("job record {id} kept changing")))
@@ -862,13 +862,16 @@ impl NatsStore {
             if claimed.len() >= limit {
                 break;
             }
-            if let Some((mut record, _)) = self.read(&self.jobs, &id).await? {
-                record.job.state = State::InFlight;
-                self.write(&self.jobs, &record).await?;
-                if let Some(h) = self.held.lock().get_mut(&id) {
-                    h.due = None;
+            let in_flight = |record: &mut Record| record.job.state = State::InFlight;
+            match self.rewrite_open(&id, None, in_flight).await? {
+                Some(record) => {
+                    if let Some(h) = self.held.lock().get_mut(&id) {
+                        h.due = None;
+                    }
+                    claimed.push(record.job);
                 }
-                claimed.push(record.job);
+                // Deleted meanwhile (through any control plane): the lane goes on.
+                None => self.drop_held(&id).await,
             }
         }
         // No more than the capped targets have room for, and a few for targets without a
@@ -1437,10 +1440,10 @@ impl Store for NatsStore {
                     record.job.state = State::Pending;
                     record.job.next_attempt_at = due;
                 };
-                if !self
+                let written = self
                     .rewrite_open(&job.id, Some((record, revision)), pending)
-                    .await?
-                {
+                    .await?;
+                if written.is_none() {
                     self.drop_held(&job.id).await;
                     return Ok(());
                 }
@@ -1467,7 +1470,7 @@ impl Store for NatsStore {
 
     async fn release(&self, job: &Job) -> Result<(), StoreError> {
         let pending = |record: &mut Record| record.job.state = State::Pending;
-        if !self.rewrite_open(&job.id, None, pending).await? {
+        if self.rewrite_open(&job.id, None, pending).await?.is_none() {
             self.drop_held(&job.id).await;
             return Ok(());
         }
@@ -1850,7 +1853,8 @@ mod tests {
 
         let stale = store.read(&store.jobs, "deleted").await.unwrap();
         assert!(store.delete("deleted", now_ms()).await.unwrap());
-        assert!(!store.rewrite_open("deleted", stale, pending).await.unwrap());
+        let written = store.rewrite_open("deleted", stale, pending).await.unwrap();
+        assert!(written.is_none());
         assert!(
             store.get("deleted").await.unwrap().is_none(),
             "stays deleted"
@@ -1860,13 +1864,47 @@ mod tests {
         let (mut edited, _) = store.read(&store.jobs, "edited").await.unwrap().unwrap();
         edited.job.request.url = "http://t:1/edited".into();
         store.write(&store.jobs, &edited).await.unwrap();
-        assert!(store.rewrite_open("edited", stale, pending).await.unwrap());
+        let written = store.rewrite_open("edited", stale, pending).await.unwrap();
+        assert_eq!(written.map(|r| r.job.state), Some(State::Pending));
         let (now, _) = store.read(&store.jobs, "edited").await.unwrap().unwrap();
         assert_eq!(now.job.state, State::Pending);
         assert_eq!(
             now.job.request.url, "http://t:1/edited",
             "written over the edit"
         );
+    }
+
+    /// A lane's head waiting here for its retry, deleted meanwhile through another control
+    /// plane (its key purged; this one still holds its message): when the retry is due,
+    /// its message is answered and the lane goes on to its next job. Before, the head
+    /// stayed held, kept alive, and the lane waited for ever.
+    #[tokio::test]
+    async fn a_lane_head_deleted_elsewhere_while_it_waits_for_its_retry_lets_the_lane_go_on() {
+        let server = NatsServer::start("lane-deleted");
+        let store = server.store(Duration::from_secs(30)).await;
+        for id in ["h", "n"] {
+            let mut job = due_job(id);
+            job.lane = Some("L".into());
+            store.insert(job).await.unwrap();
+        }
+        let head = claim_n(&store, 1, Duration::from_secs(5)).await;
+        assert_eq!(
+            head.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["h"]
+        );
+        store
+            .finish_attempt(&head[0], attempt(503), Next::Retry { at: now_ms() + 200 })
+            .await
+            .unwrap();
+        remove(&store.jobs, "h").await.unwrap(); // what a delete elsewhere does
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let next = claim_n(&store, 1, Duration::from_secs(5)).await;
+        assert_eq!(
+            next.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["n"]
+        );
+        assert!(store.get("h").await.unwrap().is_none());
+        assert!(!store.held.lock().contains_key("h"), "its message answered");
     }
 
     /// A new job's first delivery carries its record: claiming it is one write, over the
