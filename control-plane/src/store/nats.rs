@@ -1751,6 +1751,16 @@ mod tests {
         assert_eq!(store.stats().await.unwrap().pending, 0);
     }
 
+    /// New due jobs, inserted and claimed.
+    async fn claim_new(store: &NatsStore, ids: &[&str]) -> Vec<Job> {
+        for id in ids {
+            store.insert(due_job(id)).await.unwrap();
+        }
+        let claimed = claim_n(store, ids.len(), Duration::from_secs(5)).await;
+        assert_eq!(claimed.len(), ids.len());
+        claimed
+    }
+
     /// The work messages still on the work stream (held ones included).
     async fn work_messages(store: &NatsStore) -> u64 {
         let mut stream = store.js.get_stream(WORK).await.unwrap();
@@ -1767,11 +1777,7 @@ mod tests {
     ) {
         let server = NatsServer::start("changed-open");
         let store = server.store(Duration::from_secs(30)).await;
-        for id in ["deleted", "marked"] {
-            store.insert(due_job(id)).await.unwrap();
-        }
-        let claimed = claim_n(&store, 2, Duration::from_secs(5)).await;
-        assert_eq!(claimed.len(), 2);
+        let claimed = claim_new(&store, &["deleted", "marked"]).await;
         assert!(store.delete("deleted", now_ms()).await.unwrap());
         store.jobs.delete(key("marked")).await.unwrap();
         for job in &claimed {
@@ -1797,9 +1803,7 @@ mod tests {
     async fn a_finished_record_the_server_refuses_leaves_the_job_open_and_held_for_the_retry() {
         let server = NatsServer::start("refused-finish");
         let store = server.store(Duration::from_secs(30)).await;
-        store.insert(due_job("j")).await.unwrap();
-        let claimed = claim_n(&store, 1, Duration::from_secs(5)).await;
-        assert_eq!(claimed.len(), 1);
+        let claimed = claim_new(&store, &["j"]).await;
         let delivered_limit = |size: i32| {
             let js = store.js.clone();
             async move {
@@ -1844,11 +1848,7 @@ mod tests {
     async fn a_record_read_before_its_job_was_deleted_is_not_written_back() {
         let server = NatsServer::start("rewrite-open");
         let store = server.store(Duration::from_secs(30)).await;
-        for id in ["deleted", "edited"] {
-            store.insert(due_job(id)).await.unwrap();
-        }
-        let claimed = claim_n(&store, 2, Duration::from_secs(5)).await;
-        assert_eq!(claimed.len(), 2);
+        claim_new(&store, &["deleted", "edited"]).await;
         let pending = |record: &mut Record| record.job.state = State::Pending;
 
         let stale = store.read(&store.jobs, "deleted").await.unwrap();
