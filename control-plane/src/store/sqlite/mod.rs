@@ -564,6 +564,62 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A lane's next job that cannot be read, met when an outcome hands the lane on to it:
+    /// quarantined as a claim would, nothing handed over, and the lane goes on to the job
+    /// after it.
+    #[tokio::test]
+    async fn a_lane_job_that_cannot_be_read_is_quarantined_when_handed_over_and_the_lane_goes_on() {
+        let (dir, store) = open_fresh("knocker-quarantine-lane");
+        for (i, id) in ["a1", "bad", "a3"].into_iter().enumerate() {
+            let mut job = crate::job::test_job(id, "POST", "http://t/");
+            job.lane = Some("A".into());
+            job.created_at = i as u64;
+            job.next_attempt_at = 10;
+            store.insert(job).await.unwrap();
+        }
+        let raw = Connection::open(dir.join("knocker.db")).unwrap();
+        raw.execute("UPDATE jobs SET spec = x'ffffffff00' WHERE id = 'bad'", [])
+            .unwrap();
+        let claimed = store.claim_due(10, 10, &HostCaps::default()).await.unwrap();
+        assert_eq!(
+            claimed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["a1"]
+        );
+        let attempt = Attempt {
+            at: 20,
+            status: 200,
+            error: None,
+            latency_ms: 1,
+        };
+        let taken = store
+            .finish_and_take_next(&claimed[0], attempt, Next::Delivered)
+            .await
+            .unwrap();
+        assert!(taken.is_none(), "nothing readable to hand over");
+        let bad = store.get("bad").await.unwrap().unwrap();
+        assert_eq!(bad.state, State::Failed);
+        let error = bad.attempts[0].error.as_deref().unwrap();
+        assert!(error.starts_with(QUARANTINED), "{error}");
+        let a3 = store.get("a3").await.unwrap().unwrap();
+        assert!(!a3.is_parked(), "the lane goes on");
+        let next = store.claim_due(20, 10, &HostCaps::default()).await.unwrap();
+        assert_eq!(
+            next.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["a3"]
+        );
+        let stats = store.stats().await.unwrap();
+        assert_eq!(
+            (
+                stats.pending,
+                stats.in_flight,
+                stats.delivered,
+                stats.failed
+            ),
+            (0, 1, 1, 1)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A new database has the page size chosen for its WAL writes; one made with
     /// SQLite's default keeps it, and opens and works as before.
     #[tokio::test]
