@@ -54,7 +54,7 @@ use schema::{check_integrity, migrate, open_connection, unopenable, INDEXES, TAB
 use writer::PURGE;
 use writer::{checkpoint_loop, load, recover, write_loop, AttemptRow, Command, Counts, Reply};
 #[cfg(test)]
-use writer::{take_lane_sql, wake_lane_sql};
+use writer::{TAKE_LANE, WAKE_LANE};
 
 pub use writer::QUARANTINED;
 
@@ -443,8 +443,8 @@ mod tests {
         let (dir, store) = open_fresh("knocker-lane-plan");
         // Made due for the next claim, or taken at once by the attempt that ended the
         // lane's active job: the same seeks.
-        for sql in [wake_lane_sql(), take_lane_sql()] {
-            let plan = query_plan(&store, &sql, params!["lane", 1i64, PARKED as i64]);
+        for sql in [&*WAKE_LANE, &*TAKE_LANE] {
+            let plan = query_plan(&store, sql, params!["lane", 1i64, PARKED as i64]);
             // The lane's first open job by `jobs_lane`; whether one is active by
             // `jobs_lane_active`, over the lane's active range only (a lane with 20,000
             // parked broadcast copies once took 12 ms per hand-over reading them all).

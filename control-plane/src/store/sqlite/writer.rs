@@ -5,6 +5,7 @@
 //! the quarantine of rows that cannot be read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
@@ -1011,7 +1012,7 @@ pub const QUARANTINED: &str = "quarantined: the stored job cannot be read";
 /// Gives an ordered lane its next job when none of its open jobs is active: the oldest
 /// parked one becomes due at `now`.
 fn wake_lane(tx: &Connection, lane: &str, now: Millis) -> rusqlite::Result<()> {
-    tx.prepare_cached(&wake_lane_sql())?
+    tx.prepare_cached(&WAKE_LANE)?
         .execute(params![lane, now as i64, PARKED as i64])?;
     Ok(())
 }
@@ -1025,10 +1026,10 @@ const LANES_NEXT: &str =
       AND NOT EXISTS (SELECT 1 FROM jobs
                       WHERE lane = ?1 AND state <= 1 AND next_attempt_at < ?3)";
 
-/// The lane's next job becomes due at `?2`.
-pub(super) fn wake_lane_sql() -> String {
-    format!("UPDATE jobs SET next_attempt_at = ?2 {LANES_NEXT}")
-}
+/// The lane's next job becomes due at `?2`. (The statements are made once: they run
+/// at every hand-over of a lane.)
+pub(super) static WAKE_LANE: LazyLock<String> =
+    LazyLock::new(|| format!("UPDATE jobs SET next_attempt_at = ?2 {LANES_NEXT}"));
 
 /// Hands an ordered lane on to its next job and claims it (in flight) for the attempt
 /// that just ended the lane's active job: the [`wake_lane`] seeks, but the job goes
@@ -1042,7 +1043,7 @@ fn take_lane(
     deltas: &mut Deltas,
 ) -> rusqlite::Result<Option<Job>> {
     let taken = tx
-        .prepare_cached(&take_lane_sql())?
+        .prepare_cached(&TAKE_LANE)?
         .query_row(params![lane, now as i64, PARKED as i64], |row| {
             Ok((row.get::<_, String>(0)?, job_from_row(row)))
         })
@@ -1063,9 +1064,9 @@ fn take_lane(
 
 /// The lane's next job taken in flight at once, due at `?2`; it answers the job as
 /// stored.
-pub(super) fn take_lane_sql() -> String {
+pub(super) static TAKE_LANE: LazyLock<String> = LazyLock::new(|| {
     format!("UPDATE jobs SET state = 1, next_attempt_at = ?2 {LANES_NEXT} RETURNING {COLUMNS}")
-}
+});
 
 /// A refused submission — but a resubmission of a stored job still gets its receipt.
 fn existing_or(
