@@ -799,7 +799,7 @@ impl NatsStore {
                 let wait = Duration::from_millis(job.next_attempt_at - now);
                 if lane {
                     // The head stays with us until it is due (its previous holder died).
-                    self.write(&self.jobs, &record).await?;
+                    // Nothing is written: its claim, when due, reads the record again.
                     let host = record.job.host().to_owned();
                     let due = Some(record.job.next_attempt_at);
                     self.held.lock().insert(id, Held::new(message, host, due));
@@ -1905,6 +1905,48 @@ mod tests {
         );
         assert!(store.get("h").await.unwrap().is_none());
         assert!(!store.held.lock().contains_key("h"), "its message answered");
+    }
+
+    /// A lane's head whose holder died while it waited for its retry is taken over by
+    /// another control plane and held there until it is due, without writing its record:
+    /// a blind write of the record as read would bring back a job deleted meanwhile.
+    /// When the retry is due, the head is claimed and attempted again.
+    #[tokio::test]
+    async fn a_lane_head_taken_over_before_its_retry_is_held_without_writing_its_record() {
+        let server = NatsServer::start("lane-takeover");
+        let one = server.store(Duration::from_secs(1)).await;
+        let two = server.store(Duration::from_secs(1)).await;
+        for id in ["h", "n"] {
+            let mut job = due_job(id);
+            job.lane = Some("L".into());
+            one.insert(job).await.unwrap();
+        }
+        let head = claim_n(&one, 1, Duration::from_secs(5)).await;
+        assert_eq!(head.len(), 1);
+        let due = now_ms() + 4000;
+        one.finish_attempt(&head[0], attempt(503), Next::Retry { at: due })
+            .await
+            .unwrap();
+        let revision = |store: &NatsStore| {
+            let jobs = store.jobs.clone();
+            async move { jobs.entry(key("h")).await.unwrap().unwrap().revision }
+        };
+        let before = revision(&two).await;
+        drop(one); // dies holding the head: after the ack wait its message goes to `two`
+        assert!(claim_n(&two, 1, Duration::from_millis(2500))
+            .await
+            .is_empty());
+        assert!(
+            two.held.lock().get("h").is_some_and(|h| h.due == Some(due)),
+            "the head is held until its retry"
+        );
+        assert_eq!(revision(&two).await, before, "its record is not written");
+        let retried = claim_n(&two, 1, Duration::from_secs(5)).await;
+        assert_eq!(
+            retried.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["h"]
+        );
+        assert_eq!(retried[0].attempts.len(), 1);
     }
 
     /// A new job's first delivery carries its record: claiming it is one write, over the
