@@ -1874,6 +1874,21 @@ mod tests {
         );
     }
 
+    /// Two jobs on lane `L`, `h` then `n`: the head, `h`, claimed.
+    async fn claim_lane_head(store: &NatsStore) -> Job {
+        for id in ["h", "n"] {
+            let mut job = due_job(id);
+            job.lane = Some("L".into());
+            store.insert(job).await.unwrap();
+        }
+        let mut head = claim_n(store, 1, Duration::from_secs(5)).await;
+        assert_eq!(
+            head.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["h"]
+        );
+        head.remove(0)
+    }
+
     /// A lane's head waiting here for its retry, deleted meanwhile through another control
     /// plane (its key purged; this one still holds its message): when the retry is due,
     /// its message is answered and the lane goes on to its next job. Before, the head
@@ -1882,18 +1897,9 @@ mod tests {
     async fn a_lane_head_deleted_elsewhere_while_it_waits_for_its_retry_lets_the_lane_go_on() {
         let server = NatsServer::start("lane-deleted");
         let store = server.store(Duration::from_secs(30)).await;
-        for id in ["h", "n"] {
-            let mut job = due_job(id);
-            job.lane = Some("L".into());
-            store.insert(job).await.unwrap();
-        }
-        let head = claim_n(&store, 1, Duration::from_secs(5)).await;
-        assert_eq!(
-            head.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
-            ["h"]
-        );
+        let head = claim_lane_head(&store).await;
         store
-            .finish_attempt(&head[0], attempt(503), Next::Retry { at: now_ms() + 200 })
+            .finish_attempt(&head, attempt(503), Next::Retry { at: now_ms() + 200 })
             .await
             .unwrap();
         remove(&store.jobs, "h").await.unwrap(); // what a delete elsewhere does
@@ -1916,15 +1922,9 @@ mod tests {
         let server = NatsServer::start("lane-takeover");
         let one = server.store(Duration::from_secs(1)).await;
         let two = server.store(Duration::from_secs(1)).await;
-        for id in ["h", "n"] {
-            let mut job = due_job(id);
-            job.lane = Some("L".into());
-            one.insert(job).await.unwrap();
-        }
-        let head = claim_n(&one, 1, Duration::from_secs(5)).await;
-        assert_eq!(head.len(), 1);
+        let head = claim_lane_head(&one).await;
         let due = now_ms() + 4000;
-        one.finish_attempt(&head[0], attempt(503), Next::Retry { at: due })
+        one.finish_attempt(&head, attempt(503), Next::Retry { at: due })
             .await
             .unwrap();
         let revision = |store: &NatsStore| {
