@@ -1923,7 +1923,7 @@ mod tests {
         let one = server.store(Duration::from_secs(1)).await;
         let two = server.store(Duration::from_secs(1)).await;
         let head = claim_lane_head(&one).await;
-        let due = now_ms() + 4000;
+        let due = now_ms() + 6000;
         one.finish_attempt(&head, attempt(503), Next::Retry { at: due })
             .await
             .unwrap();
@@ -1933,15 +1933,17 @@ mod tests {
         };
         let before = revision(&two).await;
         drop(one); // dies holding the head: after the ack wait its message goes to `two`
-        assert!(claim_n(&two, 1, Duration::from_millis(2500))
-            .await
-            .is_empty());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !two.held.lock().contains_key("h") && tokio::time::Instant::now() < deadline {
+            let claimed = claim_n(&two, 1, Duration::from_millis(100)).await;
+            assert!(claimed.is_empty(), "nothing before the head's retry");
+        }
         assert!(
             two.held.lock().get("h").is_some_and(|h| h.due == Some(due)),
             "the head is held until its retry"
         );
         assert_eq!(revision(&two).await, before, "its record is not written");
-        let retried = claim_n(&two, 1, Duration::from_secs(5)).await;
+        let retried = claim_n(&two, 1, Duration::from_secs(10)).await;
         assert_eq!(
             retried.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
             ["h"]
