@@ -847,15 +847,14 @@ async fn an_outcome_that_hands_a_lane_on_can_take_its_next_job_at_once() {
             .await
             .unwrap();
         assert!(none.is_none(), "{engine}");
-        let stats = store.stats().await.unwrap();
         assert_eq!(
-            (
-                stats.pending,
-                stats.in_flight,
-                stats.delivered,
-                stats.failed
-            ),
-            (0, 0, 3, 1),
+            store.stats().await.unwrap(),
+            Stats {
+                pending: 0,
+                in_flight: 0,
+                delivered: 3,
+                failed: 1
+            },
             "{engine}"
         );
     }

@@ -1927,11 +1927,8 @@ mod tests {
         one.finish_attempt(&head, attempt(503), Next::Retry { at: due })
             .await
             .unwrap();
-        let revision = |store: &NatsStore| {
-            let jobs = store.jobs.clone();
-            async move { jobs.entry(key("h")).await.unwrap().unwrap().revision }
-        };
-        let before = revision(&two).await;
+        let revision = || async { two.read(&two.jobs, "h").await.unwrap().unwrap().1 };
+        let before = revision().await;
         drop(one); // dies holding the head: after the ack wait its message goes to `two`
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !two.held.lock().contains_key("h") && tokio::time::Instant::now() < deadline {
@@ -1942,7 +1939,7 @@ mod tests {
             two.held.lock().get("h").is_some_and(|h| h.due == Some(due)),
             "the head is held until its retry"
         );
-        assert_eq!(revision(&two).await, before, "its record is not written");
+        assert_eq!(revision().await, before, "its record is not written");
         let retried = claim_n(&two, 1, Duration::from_secs(10)).await;
         assert_eq!(
             retried.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),

@@ -607,15 +607,14 @@ mod tests {
             next.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
             ["a3"]
         );
-        let stats = store.stats().await.unwrap();
         assert_eq!(
-            (
-                stats.pending,
-                stats.in_flight,
-                stats.delivered,
-                stats.failed
-            ),
-            (0, 1, 1, 1)
+            store.stats().await.unwrap(),
+            Stats {
+                pending: 0,
+                in_flight: 1,
+                delivered: 1,
+                failed: 1
+            }
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
