@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use super::memory::MemoryStore;
-use super::nats_tests::NatsServer;
+use super::nats::tests::NatsServer;
 use super::sqlite::{Limits, SqliteStore};
 use super::{HostCaps, Inserted, Next, Stats, Store, StoreError};
 use crate::clock::{Clock as _, SystemClock};
@@ -700,7 +700,7 @@ async fn claim_ids(store: &dyn Store, now: u64) -> Vec<String> {
 
 /// The engines whose ordered lanes are the store's own: memory and SQLite. NATS lanes are
 /// server-side consumers (the next job released by the lane's consumer, never handed
-/// over by an outcome), with their own real-time test (nats_tests).
+/// over by an outcome), with their own real-time test (nats/tests.rs).
 async fn lane_engines(name: &str) -> Vec<Engine> {
     engines(name)
         .await

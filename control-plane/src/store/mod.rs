@@ -295,5 +295,3 @@ impl ClaimHealth {
 
 #[cfg(test)]
 mod contract_tests;
-#[cfg(test)]
-pub(crate) mod nats_tests;
