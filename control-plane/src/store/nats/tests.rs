@@ -1,7 +1,7 @@
-//! The NATS engine against a real nats-server (JetStream) on a loopback port. Its
-//! schedule is the server's, in real time, so these tests use short real delays where
-//! the contract tests use virtual times.
-//! Also the engine's own tests, which look at what it sends and keeps on the server.
+//! The NATS engine against a real nats-server (JetStream) on a loopback port (the server
+//! the contract tests run it on too): through the `Store` contract, and what it sends and
+//! keeps on the server. Its schedule is the server's, in real time, so these tests use
+//! short real delays where the contract tests use virtual times.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -328,7 +328,6 @@ async fn earlier_version_submits(server: &NatsServer, job: &Job) {
         .unwrap();
 }
 
-/// A job of `id` due now.
 /// Whether `store` finds nothing to claim within 300 ms.
 async fn nothing_to_claim(store: &NatsStore) -> bool {
     claim_n(store, 1, Duration::from_millis(300))
@@ -336,6 +335,7 @@ async fn nothing_to_claim(store: &NatsStore) -> bool {
         .is_empty()
 }
 
+/// A job of `id` due now.
 fn due_job(id: &str) -> Job {
     let mut job = test_job(id, "POST", "http://t:1/p");
     job.next_attempt_at = now_ms();
