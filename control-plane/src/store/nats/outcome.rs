@@ -137,8 +137,9 @@ impl NatsStore {
         Ok(())
     }
 
-    /// Gives back a job whose target is parked (the store's `release`): pending again, its
-    /// message asked for again in a second (a lane's head stays here, due then).
+    /// Gives back a job whose target is parked (the store's `release`): its record pending
+    /// again, its message sent back to come again in a second (a lane's head stays here,
+    /// due then).
     pub(super) async fn release_parked(&self, job: &Job) -> Result<(), StoreError> {
         let pending = |record: &mut Record| record.job.state = State::Pending;
         if self.rewrite_open(&job.id, None, pending).await?.is_none() {
