@@ -96,9 +96,10 @@ pub(super) async fn keep_alive(
     }
 }
 
-/// Sends a message back to be delivered again after `wait`. A zero delay is sent as a
-/// plain NAK: nats-server 2.9 left a NAK with `delay: 0` undelivered until the ack wait
-/// ran out (found by the shared-circuit test, where a parked job's retry is due at once).
+/// The answer that sends a message back to be delivered again after `wait`. A zero
+/// delay is sent as a plain NAK: nats-server 2.9 left a NAK with `delay: 0` undelivered
+/// until the ack wait ran out (found by the shared-circuit test, where a parked job's
+/// retry is due at once).
 pub(super) fn nak(wait: Duration) -> AckKind {
     if wait.is_zero() {
         AckKind::Nak(None)
