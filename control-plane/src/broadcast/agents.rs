@@ -76,15 +76,18 @@ impl AgentBus {
             .await
             .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
         let js = jetstream::new(client);
-        js.get_or_create_stream(StreamConfig {
-            name: STREAM.to_owned(),
-            subjects: vec!["knocker.broadcast.>".to_owned()],
-            retention: RetentionPolicy::Interest,
-            storage: StorageType::File,
-            max_age: retention,
-            duplicate_window: retention.min(Duration::from_secs(120)),
-            ..Default::default()
-        })
+        crate::store::nats::stream_made(
+            &js,
+            StreamConfig {
+                name: STREAM.to_owned(),
+                subjects: vec!["knocker.broadcast.>".to_owned()],
+                retention: RetentionPolicy::Interest,
+                storage: StorageType::File,
+                max_age: retention,
+                duplicate_window: retention.min(Duration::from_secs(120)),
+                ..Default::default()
+            },
+        )
         .await
         .map_err(unavailable)?;
         let records = crate::store::nats::open_bucket(&js, RECORDS, retention).await?;

@@ -157,8 +157,7 @@ impl NatsStore {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        let mut stream = js
-            .get_or_create_stream(config.clone())
+        let mut stream = stream_made(&js, config.clone())
             .await
             .map_err(|e| unavailable(format!("stream {WORK}: {e}")))?;
         let existing = stream
@@ -216,7 +215,7 @@ pub(crate) async fn open_bucket(
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
-    js.get_or_create_stream(StreamConfig {
+    let config = StreamConfig {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
@@ -233,12 +232,42 @@ pub(crate) async fn open_bucket(
             max_age.min(Duration::from_secs(120))
         },
         ..Default::default()
-    })
-    .await
-    .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))?;
+    };
+    stream_made(js, config)
+        .await
+        .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))?;
     js.get_key_value(bucket)
         .await
         .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))
+}
+
+/// Creations of a stream tried before giving up, and the pause after the first refusal.
+const STREAM_TRIES: u32 = 4;
+const STREAM_PAUSE: Duration = Duration::from_millis(100);
+
+/// The stream `config` names, created when it is missing. A refused creation is not the
+/// end: the stream is looked for again after a pause (made by then), a few times.
+/// nats-server 2.9 refused a control plane's creation of a bucket with "subjects overlap
+/// with an existing stream" while another control plane, started at the same moment, was
+/// making the same one; the refused control plane exited.
+pub(crate) async fn stream_made(
+    js: &jetstream::Context,
+    config: StreamConfig,
+) -> Result<jetstream::stream::Stream, jetstream::context::CreateStreamError> {
+    let mut pause = STREAM_PAUSE;
+    let mut tries = 1;
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if tries < STREAM_TRIES => {
+                tracing::debug!(stream = %config.name, error = %e, "cannot make a stream yet; looking again");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        tries += 1;
+    }
 }
 
 #[async_trait]

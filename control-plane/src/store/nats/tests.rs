@@ -936,3 +936,36 @@ fn keys_round_trip_and_keep_prefixes() {
     assert_eq!(subject_hash("a"), subject_hash("a"));
     assert_ne!(subject_hash("a"), subject_hash("b"));
 }
+
+/// A bucket whose creation the server refuses while another control plane makes the same
+/// one (seen at start-up: "subjects overlap with an existing stream") is looked for again,
+/// and found: the control plane starts instead of exiting.
+#[tokio::test]
+async fn a_bucket_whose_creation_is_refused_while_another_makes_it_is_found() {
+    let server = NatsServer::start("bucket-made-meanwhile");
+    let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
+    // The bucket's subjects taken, so that the first creation is refused as in the race.
+    js.create_stream(StreamConfig {
+        name: "MEANWHILE".to_owned(),
+        subjects: vec![format!("$KV.{JOBS}.>")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let other = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            js.delete_stream("MEANWHILE").await.unwrap();
+            // The other control plane's bucket, made.
+            open_bucket(&js, JOBS, Duration::ZERO).await.unwrap()
+        })
+    };
+    let jobs = open_bucket(&js, JOBS, Duration::ZERO)
+        .await
+        .expect("the bucket is found once the other control plane has made it");
+    let made = other.await.unwrap();
+    jobs.put(key("j"), "v".into()).await.unwrap();
+    let seen = made.get(key("j")).await.unwrap();
+    assert_eq!(seen.as_deref(), Some(&b"v"[..]), "one bucket");
+}
