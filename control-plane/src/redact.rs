@@ -30,9 +30,10 @@ pub fn is_secret_name(name: &str) -> bool {
 }
 
 /// `https://user:pass@host/x?token=…` → `https://[redacted]@host/x?token=[redacted]`.
+/// Text that does not parse as a URL still loses what stands before an `@` after `://`.
 pub fn url(text: &str) -> String {
     let Ok(mut url) = reqwest::Url::parse(text) else {
-        return text.to_owned();
+        return userinfo_cut(text);
     };
     let mut changed = false;
     if !url.username().is_empty() || url.password().is_some() {
@@ -61,6 +62,20 @@ pub fn url(text: &str) -> String {
         url.to_string()
     } else {
         text.to_owned()
+    }
+}
+
+/// `scheme://anything@rest` → `scheme://[redacted]@rest`, for text no URL parser takes.
+fn userinfo_cut(text: &str) -> String {
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.to_owned();
+    };
+    let authority_end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    match text[start..authority_end].rfind('@') {
+        Some(at) => format!("{}{REDACTED}{}", &text[..start], &text[start + at..]),
+        None => text.to_owned(),
     }
 }
 
@@ -101,6 +116,10 @@ mod tests {
         );
         assert_eq!(url("http://h/x?a=1"), "http://h/x?a=1");
         assert_eq!(url("not a url"), "not a url");
+        // Not a URL to the parser (no host), credentials all the same.
+        assert_eq!(url("nats://u:hunter2@:4222"), "nats://[redacted]@:4222");
+        assert_eq!(url("x://a@b@[c/p@q"), "x://[redacted]@[c/p@q");
+        assert_eq!(url("x://[c/p@q"), "x://[c/p@q");
         let v = json(&json!({
             "headers": {"Authorization": "Bearer s3cret", "x-a": "1"},
             "knocker-api-key": "k",
