@@ -27,7 +27,7 @@ use crate::job::spec::Defaults;
 use crate::monitor::MonitorConfig;
 use crate::notify::NotifierConfig;
 use crate::outbound::OutboundPolicy;
-use crate::store::nats::NatsOptions;
+use crate::store::nats::{is_nats, NatsAccess, NatsOptions, TlsFiles};
 use crate::store::sqlite::Limits;
 use crate::store::Engine;
 use crate::telemetry::{LogConfig, SentryConfig};
@@ -203,10 +203,26 @@ pub struct Settings {
     )]
     pub data_dir: PathBuf,
 
-    /// Job store: `sqlite` (embedded, durable), `nats://host:port` (NATS JetStream, shared
-    /// by every control plane on it) or `memory` (not durable; tests only).
-    #[arg(long, env = "KNOCKER_STORE", value_name = "KNOCKER_STORE", default_value = "sqlite", value_parser = parse_store)]
+    /// Job store: `sqlite` (embedded, durable), `nats://host:port` or `tls://host:port`
+    /// (NATS JetStream, shared by every control plane on it; `user:password@` or `token@`
+    /// before the host to log in, commas between the servers of a cluster) or `memory`
+    /// (not durable; tests only).
+    #[arg(long, env = "KNOCKER_STORE", value_name = "KNOCKER_STORE", default_value = "sqlite", value_parser = trimmed, hide_env_values = true)]
     pub store: String,
+
+    /// NATS: the certificate authority (PEM) the server's certificate must chain to,
+    /// instead of the system's trust store. Makes TLS required.
+    #[arg(long, env = "KNOCKER_NATS_CA", value_name = "KNOCKER_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+
+    /// NATS: this control plane's certificate (PEM), for a server that verifies its
+    /// clients (mutual TLS); with `KNOCKER_NATS_KEY`. Makes TLS required.
+    #[arg(long, env = "KNOCKER_NATS_CERT", value_name = "KNOCKER_NATS_CERT")]
+    pub nats_cert: Option<PathBuf>,
+
+    /// NATS: the private key (PEM) of `KNOCKER_NATS_CERT`.
+    #[arg(long, env = "KNOCKER_NATS_KEY", value_name = "KNOCKER_NATS_KEY")]
+    pub nats_key: Option<PathBuf>,
 
     /// NATS engine: how long a claimed job may go without word from its control plane
     /// before another one gets it (e.g. `30s`).
@@ -427,8 +443,8 @@ impl Settings {
     /// The settings (validated) and the file, by subsystem.
     fn nested(self, file: FileConfig) -> Result<Config, ConfigError> {
         let store = match self.store.as_str() {
-            url if url.starts_with("nats://") => Engine::Nats(NatsOptions {
-                url: url.to_owned(),
+            store if is_nats(store) => Engine::Nats(NatsOptions {
+                server: NatsAccess::new(store, self.nats_tls()).map_err(ConfigError)?,
                 max_pending: self.max_pending,
                 retention: self.retention,
                 ack_wait: self.nats_ack_wait,
@@ -538,6 +554,15 @@ impl Settings {
         }
     }
 
+    /// The NATS connection's TLS files.
+    fn nats_tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.nats_ca.clone(),
+            cert: self.nats_cert.clone(),
+            key: self.nats_key.clone(),
+        }
+    }
+
     /// Cross-field checks that single-value parsers cannot make.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.timeout > self.timeout_max {
@@ -582,7 +607,23 @@ impl Settings {
                 "KNOCKER_AGENT_GROUP and KNOCKER_AGENT_ENDPOINT go together",
             ));
         }
-        if self.agent_group.is_some() && !self.store.starts_with("nats://") {
+        parse_store(&self.store)?;
+        if !is_nats(&self.store) {
+            let tls = self.nats_tls();
+            for (var, set) in [
+                ("KNOCKER_NATS_CA", &tls.ca),
+                ("KNOCKER_NATS_CERT", &tls.cert),
+                ("KNOCKER_NATS_KEY", &tls.key),
+            ] {
+                if set.is_some() {
+                    return Err(ConfigError(format!(
+                        "{var} is for a NATS server, but KNOCKER_STORE is `{}`",
+                        self.store
+                    )));
+                }
+            }
+        }
+        if self.agent_group.is_some() && !is_nats(&self.store) {
             return Err(ConfigError::new(
                 "KNOCKER_AGENT_GROUP needs KNOCKER_STORE=nats://host:port",
             ));
@@ -738,17 +779,28 @@ fn non_negative_float(s: &str) -> Result<f64, ConfigError> {
     Ok(v)
 }
 
+/// A value as given, less the white space around it; checked in [`Settings::validate`]
+/// (a parser's error would quote the value, credentials included).
+fn trimmed(s: &str) -> Result<String, ConfigError> {
+    Ok(s.trim().to_owned())
+}
+
+/// `sqlite`, `memory`, or a NATS server's address (checked whole; the TLS files are
+/// checked with the rest of the settings). The error shows no credentials.
 fn parse_store(s: &str) -> Result<String, ConfigError> {
     let t = s.trim();
     if t == "sqlite" || t == "memory" {
         return Ok(t.to_owned());
     }
-    match t.strip_prefix("nats://") {
-        Some(rest) if !rest.is_empty() && !rest.contains(['/', ' ']) => Ok(t.to_owned()),
-        _ => Err(ConfigError(format!(
-            "`{s}` must be sqlite, memory or nats://host:port"
-        ))),
+    if is_nats(t) {
+        return NatsAccess::new(t, TlsFiles::default())
+            .map(|_| t.to_owned())
+            .map_err(ConfigError);
     }
+    Err(ConfigError(format!(
+        "KNOCKER_STORE: `{}` must be sqlite, memory, nats://host:port or tls://host:port",
+        crate::redact::url(s)
+    )))
 }
 
 fn parse_scheme(s: &str) -> Result<String, ConfigError> {
@@ -870,6 +922,15 @@ mod tests {
         assert_eq!(parse_store("sqlite"), Ok("sqlite".into()));
         assert!(parse_store("nats://").is_err());
         assert!(parse_store("postgres://x").is_err());
+        assert_eq!(
+            parse_store("tls://u:p@a:4222,tls://b"),
+            Ok("tls://u:p@a:4222,tls://b".into())
+        );
+        let e = parse_store("postgres://u:hunter2@x").unwrap_err().0;
+        assert!(
+            e.contains("tls://host:port") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 
     #[test]

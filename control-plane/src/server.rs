@@ -59,9 +59,9 @@ pub async fn serve(
     time: Time,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let nats_url = config.store.nats_url().map(str::to_owned);
-    let agents = match &nats_url {
-        Some(url) => Some(Arc::new(AgentBus::open(url, config.retention).await?)),
+    let nats = config.store.nats().cloned();
+    let agents = match &nats {
+        Some(server) => Some(Arc::new(AgentBus::open(server, config.retention).await?)),
         None => None,
     };
     let groups = Arc::new(Groups::new(
@@ -91,9 +91,9 @@ pub async fn serve(
         )
         .context("cannot build the HTTP client")?,
     );
-    let monitor_store = match &nats_url {
-        Some(url) => MonitorStore::Shared(Box::new(
-            SharedStore::open(url, config.monitors.history).await?,
+    let monitor_store = match &nats {
+        Some(server) => MonitorStore::Shared(Box::new(
+            SharedStore::open(server, config.monitors.history).await?,
         )),
         None => MonitorStore::Local(LocalStore::open(
             config.store.data_dir(),
@@ -144,9 +144,9 @@ pub async fn serve(
     // Target circuits: shared through NATS by every control plane on it.
     let mut targets = Targets::new(config.targets.clone(), config.delivery.host_concurrency)
         .with_start(time.now_ms());
-    let board = match &nats_url {
-        Some(url) => {
-            let board = NatsBoard::open(url).await?;
+    let board = match &nats {
+        Some(server) => {
+            let board = NatsBoard::open(server).await?;
             targets = targets.with_board(Arc::clone(&board) as _);
             Some(board)
         }

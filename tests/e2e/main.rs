@@ -12,6 +12,7 @@ mod images;
 mod link;
 mod make_run;
 mod monitors;
+mod nats_access;
 mod observability;
 mod protocol;
 mod readme;

@@ -16,11 +16,33 @@ pub struct NatsServer {
 impl NatsServer {
     pub fn start() -> Self {
         let port = free_port();
+        let store_dir = temp_dir("nats").join("jetstream");
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&store_dir);
+        Self::spawn(command, port, store_dir)
+    }
+
+    /// With `conf` added to its configuration file (an `authorization` or `tls` block,
+    /// say); `url` is still `nats://127.0.0.1:<port>`.
+    pub fn start_with(conf: &str) -> Self {
+        let port = free_port();
         let dir = temp_dir("nats");
         let store_dir = dir.join("jetstream");
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&store_dir)
+        let file = dir.join("nats.conf");
+        let text = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {:?} }}\n{conf}\n",
+            store_dir.display().to_string()
+        );
+        std::fs::write(&file, text).expect("write nats.conf");
+        let mut command = Command::new("nats-server");
+        command.arg("-c").arg(&file);
+        Self::spawn(command, port, store_dir)
+    }
+
+    fn spawn(mut command: Command, port: u16, store_dir: std::path::PathBuf) -> Self {
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -26,6 +26,7 @@ use crate::clock::{Clock as _, SystemClock};
 use crate::delivery::signing::{self, Signing};
 use crate::job::{Headers, Request, Trust, VERSION};
 use crate::outbound::Outbound;
+use crate::store::nats::NatsAccess;
 use crate::store::StoreError;
 
 const STREAM: &str = "KNOCKER_BROADCAST";
@@ -69,12 +70,8 @@ pub struct AgentBus {
 }
 
 impl AgentBus {
-    pub async fn open(url: &str, retention: Duration) -> Result<Self, StoreError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("knocker-broadcast")
-            .connect(url)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+    pub async fn open(server: &NatsAccess, retention: Duration) -> Result<Self, StoreError> {
+        let client = server.connect("knocker-broadcast").await?;
         let js = jetstream::new(client);
         crate::store::nats::stream_made(
             &js,

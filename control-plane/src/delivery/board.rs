@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::targets::{reserve, Board, Circuit, Targets};
 use crate::clock::Millis;
 use crate::job::Rate;
-use crate::store::nats::open_bucket;
+use crate::store::nats::{open_bucket, NatsAccess};
 use crate::store::StoreError;
 
 const BUCKET: &str = "KNOCKER_TARGETS";
@@ -61,12 +61,8 @@ fn key(target: &str) -> String {
 }
 
 impl NatsBoard {
-    pub async fn open(url: &str) -> Result<Arc<Self>, StoreError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("knocker-targets")
-            .connect(url)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("NATS {url}: {e}")))?;
+    pub async fn open(server: &NatsAccess) -> Result<Arc<Self>, StoreError> {
+        let client = server.connect("knocker-targets").await?;
         let js = jetstream::new(client);
         Ok(Arc::new(Self {
             kv: open_bucket(&js, BUCKET, Duration::ZERO).await?,

@@ -20,7 +20,7 @@ use super::history::{store_error, MonitorStoreError, StoreResult};
 use super::history::{CheckResult, Source, TransitionRecord, Uptime, HOUR_MS, MONTH_HOURS};
 use super::MonitorConfig;
 use crate::clock::Millis;
-use crate::store::nats::open_bucket;
+use crate::store::nats::{open_bucket, NatsAccess};
 
 /// How long a monitor stays with a control plane that stopped checking it.
 pub const LEASE: Duration = Duration::from_secs(15);
@@ -54,12 +54,8 @@ fn err(e: impl std::fmt::Display) -> MonitorStoreError {
 }
 
 impl SharedStore {
-    pub async fn open(url: &str, history: usize) -> StoreResult<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .name("knocker-monitors")
-            .connect(url)
-            .await
-            .map_err(err)?;
+    pub async fn open(server: &NatsAccess, history: usize) -> StoreResult<Self> {
+        let client = server.connect("knocker-monitors").await.map_err(err)?;
         let js = jetstream::new(client);
         Ok(Self {
             definitions: open_bucket(&js, "KNOCKER_MONITORS", Duration::ZERO).await?,

@@ -42,7 +42,7 @@ impl Engine {
         Ok(match self {
             Engine::Nats(options) => {
                 let store = nats::NatsStore::open(options.clone()).await?;
-                tracing::info!(url = %options.url, "job store: NATS JetStream");
+                tracing::info!(server = %options.server, "job store: NATS JetStream");
                 Arc::new(store)
             }
             Engine::Memory => {
@@ -57,10 +57,10 @@ impl Engine {
         })
     }
 
-    /// The NATS server's URL, for the parts that share it (agents, monitors).
-    pub fn nats_url(&self) -> Option<&str> {
+    /// The NATS server, for the parts that share it (agents, monitors, circuits).
+    pub fn nats(&self) -> Option<&nats::NatsAccess> {
         match self {
-            Engine::Nats(options) => Some(&options.url),
+            Engine::Nats(options) => Some(&options.server),
             _ => None,
         }
     }

@@ -40,11 +40,12 @@
 //! written by an earlier version names its message instead (`msg_seq`), and only that
 //! message may claim it.
 //!
-//! One file per part: `record.rs` (the job records, their keys and writes), `submit.rs`
-//! (accepting a job), `claim.rs` (pulling work and taking its jobs), `held.rs` (claimed
-//! messages until their outcome), `outcome.rs` (finished, retried, given back),
-//! `retention.rs` (markers swept); this file opens the engine and answers the `Store`
-//! contract.
+//! One file per part: `connect.rs` (the server's address, login and TLS, for every NATS
+//! connection of the control plane), `record.rs` (the job records, their keys and
+//! writes), `submit.rs` (accepting a job), `claim.rs` (pulling work and taking its jobs),
+//! `held.rs` (claimed messages until their outcome), `outcome.rs` (finished, retried,
+//! given back), `retention.rs` (markers swept); this file opens the engine and answers
+//! the `Store` contract.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -67,6 +68,7 @@ use crate::clock::{Clock as _, Millis, SystemClock};
 use crate::job::{Attempt, Job, State, PARKED};
 
 mod claim;
+mod connect;
 mod held;
 mod outcome;
 mod record;
@@ -76,6 +78,7 @@ mod submit;
 pub(crate) mod tests;
 
 use claim::{consumer, subject_count, Uncapped};
+pub use connect::{is_nats, NatsAccess, TlsFiles};
 use held::{keep_alive, Held};
 pub(crate) use record::key;
 use record::{id_of, in_arrival_order, remove};
@@ -95,7 +98,8 @@ const CONSUMER: &str = "knocker-work";
 /// How the engine is set up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NatsOptions {
-    pub url: String,
+    /// Where the server is, and how to log in to it.
+    pub server: NatsAccess,
     /// Jobs waiting or in flight above which submissions are refused (503).
     pub max_pending: u64,
     /// How long finished jobs are kept.
@@ -134,11 +138,7 @@ fn now_ms() -> Millis {
 
 impl NatsStore {
     pub async fn open(options: NatsOptions) -> Result<Self, StoreError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("knocker")
-            .connect(options.url.as_str())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("KNOCKER_STORE {}: {e}", options.url)))?;
+        let client = options.server.connect("knocker").await?;
         let js = jetstream::new(client);
         let jobs = open_bucket(&js, JOBS, Duration::ZERO).await?;
         let delivered = open_bucket(&js, DELIVERED, options.retention).await?;

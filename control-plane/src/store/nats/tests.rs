@@ -47,9 +47,14 @@ impl NatsServer {
         }
     }
 
+    /// Its address as the settings give it.
+    pub fn server(&self) -> NatsAccess {
+        NatsAccess::new(&self.url, TlsFiles::default()).unwrap()
+    }
+
     pub async fn store(&self, ack_wait: Duration) -> NatsStore {
         NatsStore::open(NatsOptions {
-            url: self.url.clone(),
+            server: self.server(),
             max_pending: 1_000_000,
             retention: Duration::from_secs(3600),
             ack_wait,
@@ -301,7 +306,7 @@ async fn earlier_version_with_a_job(server: &NatsServer, job: &Job) {
         .await
         .unwrap();
     let options = NatsOptions {
-        url: server.url.clone(),
+        server: server.server(),
         max_pending: 1000,
         retention: Duration::from_secs(60),
         ack_wait: Duration::from_secs(30),

@@ -1,0 +1,334 @@
+//! How a control plane reaches its NATS server, and the one place it connects: the job
+//! store, the shared circuits, the shared monitors and the broadcast agents all connect
+//! through [`NatsAccess::connect`].
+//!
+//! - `KNOCKER_STORE`: `nats://host:port`, or `tls://host:port` for TLS; the servers of one
+//!   cluster separated by commas. A user and password (`nats://user:pass@host:port`) or a
+//!   token (`nats://token@host:port`) in it are sent when connecting, and never shown: a
+//!   log line or an error names the address alone.
+//! - `KNOCKER_NATS_CA`: the certificate authority (PEM) the server's certificate must
+//!   chain to, instead of the system's trust store.
+//! - `KNOCKER_NATS_CERT` and `KNOCKER_NATS_KEY`: this control plane's certificate and key
+//!   (PEM), for a server that verifies its clients (mutual TLS).
+//!
+//! Any of the three files makes TLS required. The files are read when the settings are
+//! loaded, so a wrong one stops the start with its variable named.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_nats::{Client, ConnectOptions, ServerAddr};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::super::StoreError;
+
+/// A NATS connection's TLS files, as configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `KNOCKER_NATS_CA`.
+    pub ca: Option<PathBuf>,
+    /// `KNOCKER_NATS_CERT`.
+    pub cert: Option<PathBuf>,
+    /// `KNOCKER_NATS_KEY`.
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Credentials {
+    None,
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+/// Where the NATS server is, and how to log in to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsAccess {
+    /// Each server's address, without credentials.
+    addresses: Vec<String>,
+    credentials: Credentials,
+    tls: TlsFiles,
+}
+
+/// Shows the addresses only.
+impl fmt::Display for NatsAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.addresses.join(","))
+    }
+}
+
+/// Shows the addresses, the kind of credentials (never their value) and the TLS files.
+impl fmt::Debug for NatsAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let credentials = match self.credentials {
+            Credentials::None => "none",
+            Credentials::UserPassword { .. } => "user and password",
+            Credentials::Token(_) => "token",
+        };
+        f.debug_struct("NatsAccess")
+            .field("addresses", &self.addresses)
+            .field("credentials", &credentials)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// Whether `KNOCKER_STORE` names a NATS server (its scheme; [`NatsAccess::new`] checks
+/// the rest).
+pub fn is_nats(store: &str) -> bool {
+    let store = store.trim_start();
+    ["nats://", "tls://"].iter().any(|scheme| {
+        store
+            .get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    })
+}
+
+impl NatsAccess {
+    /// From `KNOCKER_STORE` and the TLS files. The error names the setting, and shows no
+    /// credential.
+    pub fn new(store: &str, tls: TlsFiles) -> Result<Self, String> {
+        let mut addresses = Vec::new();
+        let mut credentials = Credentials::None;
+        for part in store.split(',').map(str::trim) {
+            let shown = crate::redact::url(part);
+            let invalid = |why: &str| {
+                format!("KNOCKER_STORE: `{shown}` {why} (nats://host:port or tls://host:port)")
+            };
+            let url = url::Url::parse(part).map_err(|e| invalid(&format!("is not a URL: {e}")))?;
+            let scheme = url.scheme();
+            if scheme != "nats" && scheme != "tls" {
+                return Err(invalid("is not a NATS server"));
+            }
+            let host = match url.host_str() {
+                Some(h) if !h.is_empty() => h,
+                _ => return Err(invalid("names no host")),
+            };
+            if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some()
+            {
+                return Err(invalid("has more than a host and a port"));
+            }
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8()
+                    .map(|s| s.into_owned())
+                    .map_err(|_| invalid("has credentials that are not UTF-8"))
+            };
+            let these = match (url.username(), url.password()) {
+                ("", None) => Credentials::None,
+                (user, Some(password)) => Credentials::UserPassword {
+                    user: decode(user)?,
+                    password: decode(password)?,
+                },
+                (token, None) => Credentials::Token(decode(token)?),
+            };
+            if these != Credentials::None {
+                if credentials != Credentials::None && credentials != these {
+                    return Err(
+                        "KNOCKER_STORE: the servers carry different credentials; one login serves them all"
+                            .to_owned(),
+                    );
+                }
+                credentials = these;
+            }
+            addresses.push(format!("{scheme}://{host}:{}", url.port().unwrap_or(4222)));
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err("KNOCKER_NATS_CERT and KNOCKER_NATS_KEY go together".to_owned());
+        }
+        let server = Self {
+            addresses,
+            credentials,
+            tls,
+        };
+        if server.tls.any() {
+            server.tls_config()?;
+        }
+        Ok(server)
+    }
+
+    /// Connects as `name` (how the server lists the connection).
+    pub async fn connect(&self, name: &str) -> Result<Client, StoreError> {
+        let failed = |e: &dyn fmt::Display| StoreError::Unavailable(format!("NATS {self}: {e}"));
+        let addresses = self
+            .addresses
+            .iter()
+            .map(|a| a.parse::<ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| failed(&e))?;
+        // Always a TLS set-up of our own, for a server that asks for TLS unasked too:
+        // rustls is built with two crypto providers here, so it cannot pick one alone.
+        let tls = self.tls_config().map_err(|e| failed(&e))?;
+        let mut options = ConnectOptions::new()
+            .name(name)
+            .tls_client_config(tls)
+            .require_tls(self.tls.any());
+        options = match &self.credentials {
+            Credentials::None => options,
+            Credentials::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            Credentials::Token(token) => options.token(token.clone()),
+        };
+        options.connect(addresses).await.map_err(|e| failed(&e))
+    }
+
+    /// The TLS client set-up: the server checked against `KNOCKER_NATS_CA` or the system's
+    /// trust store, this control plane's certificate when it has one.
+    fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match &self.tls.ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in certificates(ca, "KNOCKER_NATS_CA")? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("KNOCKER_NATS_CA {}: {e}", ca.display()))?;
+                }
+                builder.with_root_certificates(roots)
+            }
+            None => {
+                let verifier = rustls_platform_verifier::Verifier::new(provider)
+                    .map_err(|e| format!("TLS: the system's trust store: {e}"))?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(verifier))
+            }
+        };
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(key)) => {
+                let chain = certificates(cert, "KNOCKER_NATS_CERT")?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    format!(
+                        "KNOCKER_NATS_KEY {}: no private key read: {e}",
+                        key.display()
+                    )
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("KNOCKER_NATS_CERT and KNOCKER_NATS_KEY: {e}"))
+            }
+            _ => Ok(builder.with_no_client_auth()),
+        }
+    }
+}
+
+/// The certificates of a PEM file; an error names `var` when it cannot be read or holds
+/// none.
+fn certificates(path: &Path, var: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let failed = |why: String| format!("{var} {}: {why}", path.display());
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| failed(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failed(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(failed("no PEM certificate in it".to_owned()));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(store: &str) -> Result<NatsAccess, String> {
+        NatsAccess::new(store, TlsFiles::default())
+    }
+
+    #[test]
+    fn credentials_are_taken_out_of_the_address_and_never_shown() {
+        let s = server("nats://kn:s%40cret@nats.example:4333").unwrap();
+        assert_eq!(s.to_string(), "nats://nats.example:4333");
+        assert!(
+            s.credentials
+                == Credentials::UserPassword {
+                    user: "kn".into(),
+                    password: "s@cret".into()
+                }
+        );
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("cret") && debug.contains("user and password"),
+            "{debug}"
+        );
+        let t = server("tls://t0ken@nats.example").unwrap();
+        assert_eq!(t.to_string(), "tls://nats.example:4222");
+        assert!(t.credentials == Credentials::Token("t0ken".into()));
+        assert!(!format!("{t:?}").contains("t0ken"));
+    }
+
+    #[test]
+    fn a_cluster_is_its_servers_with_one_login() {
+        let s = server("nats://u:p@a:4222, nats://b:4223,tls://u:p@c").unwrap();
+        assert_eq!(s.to_string(), "nats://a:4222,nats://b:4223,tls://c:4222");
+        let e = server("nats://u:p@a,nats://u:other@b").unwrap_err();
+        assert!(
+            e.contains("different credentials") && !e.contains("other"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_address_is_named_without_its_password() {
+        for (store, why) in [
+            ("http://u:hunter2@a:4222", "is not a NATS server"),
+            ("nats://u:hunter2@a:4222/x", "more than a host"),
+            ("nats://u:hunter2@a:4222?x=1", "more than a host"),
+            ("nats://u:hunter2@:4222", "URL"),
+            ("nats://a:4222,", "URL"),
+        ] {
+            let e = server(store).unwrap_err();
+            assert!(e.starts_with("KNOCKER_STORE"), "{store}: {e}");
+            assert!(e.contains(why), "{store}: {e}");
+            assert!(!e.contains("hunter2"), "{store}: {e}");
+        }
+        assert!(is_nats("nats://a") && is_nats("TLS://a") && !is_nats("sqlite"));
+        assert!(!is_nats("natsé://a") && !is_nats("tls"));
+    }
+
+    #[test]
+    fn tls_files_are_read_at_once_and_named_when_wrong() {
+        let dir = std::env::temp_dir().join(format!("knocker-nats-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["nats.example".to_owned()]).unwrap();
+        let (cert, key, junk) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("junk.pem"));
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let files = |ca: Option<&Path>, c: Option<&Path>, k: Option<&Path>| TlsFiles {
+            ca: ca.map(Path::to_path_buf),
+            cert: c.map(Path::to_path_buf),
+            key: k.map(Path::to_path_buf),
+        };
+        let store = "tls://a:4222";
+        let ok = NatsAccess::new(store, files(Some(&cert), Some(&cert), Some(&key)));
+        assert!(ok.is_ok(), "{ok:?}");
+        for (tls, var) in [
+            (files(Some(&junk), None, None), "KNOCKER_NATS_CA"),
+            (
+                files(Some(&dir.join("missing")), None, None),
+                "KNOCKER_NATS_CA",
+            ),
+            (files(None, Some(&junk), Some(&key)), "KNOCKER_NATS_CERT"),
+            (files(None, Some(&cert), Some(&junk)), "KNOCKER_NATS_KEY"),
+            (
+                files(None, Some(&cert), None),
+                "KNOCKER_NATS_CERT and KNOCKER_NATS_KEY go together",
+            ),
+        ] {
+            let e = NatsAccess::new(store, tls).unwrap_err();
+            assert!(e.contains(var), "{var}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
