@@ -88,6 +88,7 @@ fn every_manifest_matches_its_schema_and_what_it_configures_loads_in_envoy_and_t
         "kubectl kustomize deploy/kubernetes/sidecar#3  apps/v1 Deployment default/orders",
         "helm template deploy/helm/knocker#6  apps/v1 StatefulSet knocker",
         "helm template deploy/helm/knocker nats-values.yaml#6  apps/v1 Deployment knocker",
+        "helm template deploy/helm/knocker nats-tls-values.yaml#6  apps/v1 Deployment knocker",
     ] {
         assert!(
             report.lines().any(|l| l.starts_with("OK") && l.contains(expected)),
@@ -280,4 +281,37 @@ async fn the_configmaps_control_plane_file_is_accepted() {
     assert!(monitors.to_string().contains("\"knocker\""), "{monitors}");
     let groups = crate::get_json(cp.url("/knocker/groups")).await;
     assert!(groups.to_string().contains("\"web\""), "{groups}");
+}
+
+/// The chart takes NATS's login and TLS from Secrets: the address (with its login) from
+/// one, the TLS files from another, mounted where the variables point.
+#[test]
+fn the_helm_chart_takes_the_nats_login_and_tls_files_from_secrets() {
+    let root = repo_root();
+    let out = Command::new(root.join(".tools/bin/helm"))
+        .args(["template", "knocker", "deploy/helm/knocker", "-f"])
+        .arg("deploy/helm/knocker/ci/nats-tls-values.yaml")
+        .current_dir(&root)
+        .output()
+        .expect("run helm (installed by scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "- name: KNOCKER_STORE\n          valueFrom: { secretKeyRef: { name: \"knocker-nats-login\", key: url } }",
+        "- { name: KNOCKER_NATS_CA, value: /etc/knocker-nats/ca.crt }",
+        "- { name: KNOCKER_NATS_CERT, value: /etc/knocker-nats/tls.crt }",
+        "- { name: KNOCKER_NATS_KEY, value: /etc/knocker-nats/tls.key }",
+        "- { name: nats-tls, mountPath: /etc/knocker-nats, readOnly: true }",
+        "- name: nats-tls\n        secret: { secretName: \"knocker-nats-tls\" }",
+    ] {
+        assert!(text.contains(expected), "no `{expected}` in:\n{text}");
+    }
+    assert!(
+        !text.contains("nats://nats:4222"),
+        "nats.url is not used beside urlSecret"
+    );
 }

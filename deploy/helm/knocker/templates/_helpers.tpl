@@ -40,8 +40,20 @@ spec:
     - { name: KNOCKER_GRPC_ADDR, value: "0.0.0.0:9090" }
     - { name: KNOCKER_CONFIG, value: /etc/knocker/knocker.toml }
     {{- if eq .Values.store "nats" }}
+    {{- if .Values.nats.urlSecret }}
+    - name: KNOCKER_STORE
+      valueFrom: { secretKeyRef: { name: {{ .Values.nats.urlSecret | quote }}, key: url } }
+    {{- else }}
     - { name: KNOCKER_STORE, value: {{ .Values.nats.url | quote }} }
+    {{- end }}
     - { name: KNOCKER_NATS_ACK_WAIT, value: {{ .Values.nats.ackWait | quote }} }
+    {{- if .Values.nats.tlsSecret }}
+    - { name: KNOCKER_NATS_CA, value: /etc/knocker-nats/ca.crt }
+    {{- if .Values.nats.clientCertificate }}
+    - { name: KNOCKER_NATS_CERT, value: /etc/knocker-nats/tls.crt }
+    - { name: KNOCKER_NATS_KEY, value: /etc/knocker-nats/tls.key }
+    {{- end }}
+    {{- end }}
     {{- else }}
     - { name: KNOCKER_STORE, value: sqlite }
     - { name: KNOCKER_DATA_DIR, value: /var/lib/knocker }
@@ -70,10 +82,16 @@ spec:
     - { name: tmp, mountPath: /tmp }
     {{- if ne .Values.store "nats" }}
     - { name: data, mountPath: /var/lib/knocker }
+    {{- else if .Values.nats.tlsSecret }}
+    - { name: nats-tls, mountPath: /etc/knocker-nats, readOnly: true }
     {{- end }}
   volumes:
   - name: config
     configMap: { name: {{ .Release.Name }}-config }
   - name: tmp
     emptyDir: {}
+  {{- if and (eq .Values.store "nats") .Values.nats.tlsSecret }}
+  - name: nats-tls
+    secret: { secretName: {{ .Values.nats.tlsSecret | quote }} }
+  {{- end }}
 {{- end }}
