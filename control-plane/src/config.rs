@@ -27,7 +27,7 @@ use crate::job::spec::Defaults;
 use crate::monitor::MonitorConfig;
 use crate::notify::NotifierConfig;
 use crate::outbound::OutboundPolicy;
-use crate::store::nats::{is_nats, NatsAccess, NatsOptions, TlsFiles};
+use crate::store::nats::{is_nats, NatsAccess, NatsFiles, NatsOptions};
 use crate::store::sqlite::Limits;
 use crate::store::Engine;
 use crate::telemetry::{LogConfig, SentryConfig};
@@ -209,6 +209,15 @@ pub struct Settings {
     /// (not durable; tests only).
     #[arg(long, env = "KNOCKER_STORE", value_name = "KNOCKER_STORE", default_value = "sqlite", value_parser = trimmed, hide_env_values = true)]
     pub store: String,
+
+    /// NATS: a user's credentials file (JWT and NKey seed), for a server run with NATS
+    /// accounts.
+    #[arg(long, env = "KNOCKER_NATS_CREDS", value_name = "KNOCKER_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// NATS: a file holding an NKey seed, for a server that lists its users by NKey.
+    #[arg(long, env = "KNOCKER_NATS_NKEY", value_name = "KNOCKER_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
 
     /// NATS: the certificate authority (PEM) the server's certificate must chain to,
     /// instead of the system's trust store. Makes TLS required.
@@ -444,7 +453,7 @@ impl Settings {
     fn nested(self, file: FileConfig) -> Result<Config, ConfigError> {
         let store = match self.store.as_str() {
             store if is_nats(store) => Engine::Nats(NatsOptions {
-                server: NatsAccess::new(store, self.nats_tls()).map_err(ConfigError)?,
+                server: NatsAccess::new(store, self.nats_files()).map_err(ConfigError)?,
                 max_pending: self.max_pending,
                 retention: self.retention,
                 ack_wait: self.nats_ack_wait,
@@ -554,9 +563,11 @@ impl Settings {
         }
     }
 
-    /// The NATS connection's TLS files.
-    fn nats_tls(&self) -> TlsFiles {
-        TlsFiles {
+    /// The NATS connection's login and TLS files.
+    fn nats_files(&self) -> NatsFiles {
+        NatsFiles {
+            creds: self.nats_creds.clone(),
+            nkey: self.nats_nkey.clone(),
             ca: self.nats_ca.clone(),
             cert: self.nats_cert.clone(),
             key: self.nats_key.clone(),
@@ -609,11 +620,13 @@ impl Settings {
         }
         parse_store(&self.store)?;
         if !is_nats(&self.store) {
-            let tls = self.nats_tls();
+            let files = self.nats_files();
             for (var, set) in [
-                ("KNOCKER_NATS_CA", &tls.ca),
-                ("KNOCKER_NATS_CERT", &tls.cert),
-                ("KNOCKER_NATS_KEY", &tls.key),
+                ("KNOCKER_NATS_CREDS", &files.creds),
+                ("KNOCKER_NATS_NKEY", &files.nkey),
+                ("KNOCKER_NATS_CA", &files.ca),
+                ("KNOCKER_NATS_CERT", &files.cert),
+                ("KNOCKER_NATS_KEY", &files.key),
             ] {
                 if set.is_some() {
                     return Err(ConfigError(format!(
@@ -793,7 +806,7 @@ fn parse_store(s: &str) -> Result<String, ConfigError> {
         return Ok(t.to_owned());
     }
     if is_nats(t) {
-        return NatsAccess::new(t, TlsFiles::default())
+        return NatsAccess::new(t, NatsFiles::default())
             .map(|_| t.to_owned())
             .map_err(ConfigError);
     }

@@ -88,6 +88,7 @@ fn every_manifest_matches_its_schema_and_what_it_configures_loads_in_envoy_and_t
         "kubectl kustomize deploy/kubernetes/sidecar#3  apps/v1 Deployment default/orders",
         "helm template deploy/helm/knocker#6  apps/v1 StatefulSet knocker",
         "helm template deploy/helm/knocker nats-values.yaml#6  apps/v1 Deployment knocker",
+        "helm template deploy/helm/knocker nats-accounts-values.yaml#6  apps/v1 Deployment knocker",
         "helm template deploy/helm/knocker nats-tls-values.yaml#6  apps/v1 Deployment knocker",
     ] {
         assert!(
@@ -283,14 +284,12 @@ async fn the_configmaps_control_plane_file_is_accepted() {
     assert!(groups.to_string().contains("\"web\""), "{groups}");
 }
 
-/// The chart takes NATS's login and TLS from Secrets: the address (with its login) from
-/// one, the TLS files from another, mounted where the variables point.
-#[test]
-fn the_helm_chart_takes_the_nats_login_and_tls_files_from_secrets() {
+/// `helm template` of the chart with `values` (a file under the chart's `ci/`).
+fn helm_template(values: &str) -> String {
     let root = repo_root();
     let out = Command::new(root.join(".tools/bin/helm"))
         .args(["template", "knocker", "deploy/helm/knocker", "-f"])
-        .arg("deploy/helm/knocker/ci/nats-tls-values.yaml")
+        .arg(format!("deploy/helm/knocker/ci/{values}"))
         .current_dir(&root)
         .output()
         .expect("run helm (installed by scripts/setup.sh)");
@@ -299,7 +298,15 @@ fn the_helm_chart_takes_the_nats_login_and_tls_files_from_secrets() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The chart takes NATS's login and TLS from Secrets: the address (with its login) or a
+/// credentials file from one, the TLS files from another, mounted where the variables
+/// point.
+#[test]
+fn the_helm_chart_takes_the_nats_login_and_tls_files_from_secrets() {
+    let tls = helm_template("nats-tls-values.yaml");
     for expected in [
         "- name: KNOCKER_STORE\n          valueFrom: { secretKeyRef: { name: \"knocker-nats-login\", key: url } }",
         "- { name: KNOCKER_NATS_CA, value: /etc/knocker-nats/ca.crt }",
@@ -308,10 +315,26 @@ fn the_helm_chart_takes_the_nats_login_and_tls_files_from_secrets() {
         "- { name: nats-tls, mountPath: /etc/knocker-nats, readOnly: true }",
         "- name: nats-tls\n        secret: { secretName: \"knocker-nats-tls\" }",
     ] {
-        assert!(text.contains(expected), "no `{expected}` in:\n{text}");
+        assert!(tls.contains(expected), "no `{expected}` in:\n{tls}");
     }
     assert!(
-        !text.contains("nats://nats:4222"),
+        !tls.contains("nats://nats:4222"),
         "nats.url is not used beside urlSecret"
     );
+    assert!(!tls.contains("KNOCKER_NATS_CREDS"), "{tls}");
+
+    let accounts = helm_template("nats-accounts-values.yaml");
+    for expected in [
+        "- { name: KNOCKER_STORE, value: \"nats://nats:4222\" }",
+        "- { name: KNOCKER_NATS_CREDS, value: /etc/knocker-nats-login/nats.creds }",
+        "- { name: nats-login, mountPath: /etc/knocker-nats-login, readOnly: true }",
+        "- name: nats-login\n        secret: { secretName: \"knocker-nats-creds\" }",
+        "- { name: KNOCKER_NATS_CA, value: /etc/knocker-nats/ca.crt }",
+    ] {
+        assert!(
+            accounts.contains(expected),
+            "no `{expected}` in:\n{accounts}"
+        );
+    }
+    assert!(!accounts.contains("KNOCKER_NATS_CERT"), "{accounts}");
 }

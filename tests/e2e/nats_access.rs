@@ -1,5 +1,6 @@
 //! A control plane reaches a NATS server that asks for a login or TLS: a user and password
-//! or a token inside `KNOCKER_STORE`, TLS checked against `KNOCKER_NATS_CA`, and a client
+//! or a token inside `KNOCKER_STORE`, an account's user (`KNOCKER_NATS_CREDS`), an NKey
+//! (`KNOCKER_NATS_NKEY`), TLS checked against `KNOCKER_NATS_CA`, and a client
 //! certificate (`KNOCKER_NATS_CERT` / `KNOCKER_NATS_KEY`) for a server that verifies its
 //! clients. A wrong login or certificate stops the start with a message that names the
 //! server, never the password.
@@ -8,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use knocker_e2e::process::wait_exit;
-use knocker_e2e::{free_port, knocker_bin, temp_dir, ControlPlane, NatsServer, Target, TestCert};
+use knocker_e2e::{
+    free_port, knocker_bin, temp_dir, Accounts, ControlPlane, NatsServer, Target, TestCert,
+};
 
 use crate::{client, WAIT};
 
@@ -150,4 +153,61 @@ async fn tls_is_checked_against_the_given_authority_and_a_client_certificate_is_
         ("KNOCKER_NATS_CA", key.as_str()),
     ]);
     assert!(stderr.contains("KNOCKER_NATS_CA"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_user_logs_in_with_its_credentials_file_and_an_nkey_with_its_seed() {
+    let target = Target::ok().await;
+    let dir = temp_dir("nats-login");
+
+    // NATS accounts (operator mode): the user's JWT and seed.
+    let accounts = Accounts::new();
+    let nats = NatsServer::start_with(&accounts.conf);
+    let creds = dir.join("knocker.creds");
+    std::fs::write(&creds, &accounts.creds).unwrap();
+    let creds = creds.display().to_string();
+    let cp = ControlPlane::start(&[
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_NATS_CREDS", creds.as_str()),
+    ]);
+    delivers(&cp, &target).await;
+    // Another operator's user is not one of this server's.
+    let stranger = dir.join("stranger.creds");
+    std::fs::write(&stranger, Accounts::new().creds).unwrap();
+    let stranger = stranger.display().to_string();
+    for env in [
+        vec![("KNOCKER_STORE", nats.url.as_str())],
+        vec![
+            ("KNOCKER_STORE", nats.url.as_str()),
+            ("KNOCKER_NATS_CREDS", stranger.as_str()),
+        ],
+    ] {
+        let stderr = refused(&env);
+        assert!(stderr.contains(&nats.url), "{stderr}");
+    }
+
+    // A user known by its NKey: the seed signs the server's challenge.
+    let user = nkeys::KeyPair::new_user();
+    let nats = NatsServer::start_with(&format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    ));
+    let seed = dir.join("knocker.nk");
+    let seed_text = user.seed().unwrap();
+    std::fs::write(&seed, format!("{seed_text}\n")).unwrap();
+    let seed = seed.display().to_string();
+    let cp = ControlPlane::start(&[
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_NATS_NKEY", seed.as_str()),
+    ]);
+    delivers(&cp, &target).await;
+    assert!(!cp.log().contains(&seed_text), "the seed is in the log");
+    let other = dir.join("other.nk");
+    std::fs::write(&other, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let other = other.display().to_string();
+    let stderr = refused(&[
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_NATS_NKEY", other.as_str()),
+    ]);
+    assert!(stderr.contains("authorization"), "{stderr}");
 }

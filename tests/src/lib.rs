@@ -23,7 +23,7 @@ pub mod target;
 pub mod tls;
 
 pub use dns::DnsServer;
-pub use nats::NatsServer;
+pub use nats::{Accounts, NatsServer};
 pub use process::{free_port, knocker_bin, repo_root, temp_dir, ControlPlane, Envoy, EnvoyOptions};
 pub use smtp::{Email, SmtpServer};
 pub use target::{Received, Reply, Target};

@@ -16,12 +16,13 @@ pub struct NatsServer {
 impl NatsServer {
     pub fn start() -> Self {
         let port = free_port();
-        let store_dir = temp_dir("nats").join("jetstream");
+        let dir = temp_dir("nats");
+        let store_dir = dir.join("jetstream");
         let mut command = Command::new("nats-server");
         command
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(&store_dir);
-        Self::spawn(command, port, store_dir)
+        Self::spawn(command, port, &dir)
     }
 
     /// With `conf` added to its configuration file (an `authorization` or `tls` block,
@@ -38,27 +39,33 @@ impl NatsServer {
         std::fs::write(&file, text).expect("write nats.conf");
         let mut command = Command::new("nats-server");
         command.arg("-c").arg(&file);
-        Self::spawn(command, port, store_dir)
+        Self::spawn(command, port, &dir)
     }
 
-    fn spawn(mut command: Command, port: u16, store_dir: std::path::PathBuf) -> Self {
-        let child = command
+    /// Runs `command` (its log in `dir`) until it listens on `port`; its log when it
+    /// stops or does not listen in time.
+    fn spawn(mut command: Command, port: u16, dir: &std::path::Path) -> Self {
+        let log_path = dir.join("nats.log");
+        let log = std::fs::File::create(&log_path).expect("nats-server log");
+        let mut child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
             .spawn()
             .expect("nats-server must be on PATH: run `scripts/setup.sh` (make test does it)");
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start listening"
-            );
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("nats-server did not start listening ({exited:?}):\n{log}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         Self {
             url: format!("nats://127.0.0.1:{port}"),
-            store_dir,
+            store_dir: dir.join("jetstream"),
             child,
         }
     }
@@ -73,4 +80,90 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// NATS accounts, as an operator sets them up: an operator, its system account, one
+/// account with JetStream (unlimited), one user of it. `conf` is the server's part (the operator's JWT and the
+/// account's, preloaded); `creds` the user's credentials file.
+pub struct Accounts {
+    pub conf: String,
+    pub creds: String,
+}
+
+impl Accounts {
+    pub fn new() -> Self {
+        use nkeys::KeyPair;
+        use serde_json::json;
+        let operator = KeyPair::new_operator();
+        let account = KeyPair::new_account();
+        let user = KeyPair::new_user();
+        let operator_jwt = jwt(
+            &operator,
+            &operator.public_key(),
+            json!({"type": "operator", "version": 2}),
+        );
+        let unlimited = json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        });
+        let account_jwt = jwt(
+            &operator,
+            &account.public_key(),
+            json!({"limits": unlimited, "type": "account", "version": 2}),
+        );
+        // The server's own account (JetStream needs one).
+        let system = KeyPair::new_account();
+        let system_jwt = jwt(
+            &operator,
+            &system.public_key(),
+            json!({"type": "account", "version": 2}),
+        );
+        let user_jwt = jwt(
+            &account,
+            &user.public_key(),
+            json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                   "type": "user", "version": 2}),
+        );
+        let conf = format!(
+            "operator: {operator_jwt}\nsystem_account: {system}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {system}: {system_jwt}\n  {account}: {account_jwt}\n}}\n",
+            system = system.public_key(),
+            account = account.public_key(),
+        );
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("a user's seed")
+        );
+        Self { conf, creds }
+    }
+}
+
+impl Default for Accounts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A NATS JWT: `claims` (the `nats` part) about `subject`, signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, claims: serde_json::Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = serde_json::json!({
+        "jti": format!("{now}-{subject}"), // not checked by the server; unique here
+        "iat": now,
+        "iss": issuer.public_key(),
+        "name": "knocker-test",
+        "sub": subject,
+        "nats": claims,
+    });
+    let payload = URL_SAFE_NO_PAD.encode(body.to_string());
+    let signed = format!("{header}.{payload}");
+    let signature = issuer.sign(signed.as_bytes()).expect("sign a JWT");
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
 }

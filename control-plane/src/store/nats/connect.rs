@@ -6,13 +6,17 @@
 //!   cluster separated by commas. A user and password (`nats://user:pass@host:port`) or a
 //!   token (`nats://token@host:port`) in it are sent when connecting, and never shown: a
 //!   log line or an error names the address alone.
+//! - `KNOCKER_NATS_CREDS`: a user's credentials file (its JWT and NKey seed) for a server
+//!   run with NATS accounts; or `KNOCKER_NATS_NKEY`: a file holding an NKey seed, for a
+//!   server that lists its users by NKey. One login at a time: the address's or a file's.
 //! - `KNOCKER_NATS_CA`: the certificate authority (PEM) the server's certificate must
 //!   chain to, instead of the system's trust store.
 //! - `KNOCKER_NATS_CERT` and `KNOCKER_NATS_KEY`: this control plane's certificate and key
 //!   (PEM), for a server that verifies its clients (mutual TLS).
 //!
-//! Any of the three files makes TLS required. The files are read when the settings are
-//! loaded, so a wrong one stops the start with its variable named.
+//! Any of the three TLS files makes TLS required. Every file is read when the settings
+//! are loaded, so a wrong one stops the start with its variable named; and again at each
+//! connection.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -24,9 +28,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::super::StoreError;
 
-/// A NATS connection's TLS files, as configured.
+/// A NATS connection's login and TLS files, as configured.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsFiles {
+pub struct NatsFiles {
+    /// `KNOCKER_NATS_CREDS`.
+    pub creds: Option<PathBuf>,
+    /// `KNOCKER_NATS_NKEY`.
+    pub nkey: Option<PathBuf>,
     /// `KNOCKER_NATS_CA`.
     pub ca: Option<PathBuf>,
     /// `KNOCKER_NATS_CERT`.
@@ -35,8 +43,8 @@ pub struct TlsFiles {
     pub key: Option<PathBuf>,
 }
 
-impl TlsFiles {
-    fn any(&self) -> bool {
+impl NatsFiles {
+    fn tls(&self) -> bool {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
     }
 }
@@ -54,7 +62,7 @@ pub struct NatsAccess {
     /// Each server's address, without credentials.
     addresses: Vec<String>,
     credentials: Credentials,
-    tls: TlsFiles,
+    files: NatsFiles,
 }
 
 /// Shows the addresses only.
@@ -75,7 +83,7 @@ impl fmt::Debug for NatsAccess {
         f.debug_struct("NatsAccess")
             .field("addresses", &self.addresses)
             .field("credentials", &credentials)
-            .field("tls", &self.tls)
+            .field("files", &self.files)
             .finish()
     }
 }
@@ -94,7 +102,7 @@ pub fn is_nats(store: &str) -> bool {
 impl NatsAccess {
     /// From `KNOCKER_STORE` and the TLS files. The error names the setting, and shows no
     /// credential.
-    pub fn new(store: &str, tls: TlsFiles) -> Result<Self, String> {
+    pub fn new(store: &str, files: NatsFiles) -> Result<Self, String> {
         let mut addresses = Vec::new();
         let mut credentials = Credentials::None;
         for part in store.split(',').map(str::trim) {
@@ -140,15 +148,27 @@ impl NatsAccess {
             }
             addresses.push(format!("{scheme}://{host}:{}", url.port().unwrap_or(4222)));
         }
-        if tls.cert.is_some() != tls.key.is_some() {
+        if files.cert.is_some() != files.key.is_some() {
             return Err("KNOCKER_NATS_CERT and KNOCKER_NATS_KEY go together".to_owned());
+        }
+        let logins: Vec<&str> = [
+            (credentials != Credentials::None).then_some("a login in KNOCKER_STORE"),
+            files.creds.as_ref().map(|_| "KNOCKER_NATS_CREDS"),
+            files.nkey.as_ref().map(|_| "KNOCKER_NATS_NKEY"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if let [one, other, ..] = logins[..] {
+            return Err(format!("{one} and {other}: one login at a time"));
         }
         let server = Self {
             addresses,
             credentials,
-            tls,
+            files,
         };
-        if server.tls.any() {
+        server.login()?;
+        if server.files.tls() {
             server.tls_config()?;
         }
         Ok(server)
@@ -166,18 +186,55 @@ impl NatsAccess {
         // Always a TLS set-up of our own, for a server that asks for TLS unasked too:
         // rustls is built with two crypto providers here, so it cannot pick one alone.
         let tls = self.tls_config().map_err(|e| failed(&e))?;
-        let mut options = ConnectOptions::new()
+        let options = ConnectOptions::new()
             .name(name)
             .tls_client_config(tls)
-            .require_tls(self.tls.any());
-        options = match &self.credentials {
-            Credentials::None => options,
-            Credentials::UserPassword { user, password } => {
-                options.user_and_password(user.clone(), password.clone())
-            }
-            Credentials::Token(token) => options.token(token.clone()),
+            .require_tls(self.files.tls());
+        let options = match self.login().map_err(|e| failed(&e))? {
+            Login::None => options,
+            Login::UserPassword(user, password) => options.user_and_password(user, password),
+            Login::Token(token) => options.token(token),
+            Login::Creds(text) => options
+                .credentials(&text)
+                .map_err(|e| failed(&format!("KNOCKER_NATS_CREDS: {e}")))?,
+            Login::NKey(seed) => options.nkey(seed),
         };
         options.connect(addresses).await.map_err(|e| failed(&e))
+    }
+
+    /// The login to send: the address's, or a file's (read and checked).
+    fn login(&self) -> Result<Login, String> {
+        let read = |path: &Path, var: &str| {
+            std::fs::read_to_string(path).map_err(|e| format!("{var} {}: {e}", path.display()))
+        };
+        if let Some(path) = &self.files.creds {
+            let text = read(path, "KNOCKER_NATS_CREDS")?;
+            ConnectOptions::new().credentials(&text).map_err(|e| {
+                format!(
+                    "KNOCKER_NATS_CREDS {}: not a NATS credentials file: {e}",
+                    path.display()
+                )
+            })?;
+            return Ok(Login::Creds(text));
+        }
+        if let Some(path) = &self.files.nkey {
+            let text = read(path, "KNOCKER_NATS_NKEY")?;
+            let seed = text.trim();
+            nkeys::KeyPair::from_seed(seed).map_err(|e| {
+                format!(
+                    "KNOCKER_NATS_NKEY {}: not an NKey seed: {e}",
+                    path.display()
+                )
+            })?;
+            return Ok(Login::NKey(seed.to_owned()));
+        }
+        Ok(match &self.credentials {
+            Credentials::None => Login::None,
+            Credentials::UserPassword { user, password } => {
+                Login::UserPassword(user.clone(), password.clone())
+            }
+            Credentials::Token(token) => Login::Token(token.clone()),
+        })
     }
 
     /// The TLS client set-up: the server checked against `KNOCKER_NATS_CA` or the system's
@@ -187,7 +244,7 @@ impl NatsAccess {
         let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;
-        let builder = match &self.tls.ca {
+        let builder = match &self.files.ca {
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certificates(ca, "KNOCKER_NATS_CA")? {
@@ -205,7 +262,7 @@ impl NatsAccess {
                     .with_custom_certificate_verifier(Arc::new(verifier))
             }
         };
-        match (&self.tls.cert, &self.tls.key) {
+        match (&self.files.cert, &self.files.key) {
             (Some(cert), Some(key)) => {
                 let chain = certificates(cert, "KNOCKER_NATS_CERT")?;
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
@@ -221,6 +278,17 @@ impl NatsAccess {
             _ => Ok(builder.with_no_client_auth()),
         }
     }
+}
+
+/// What a connection logs in with.
+enum Login {
+    None,
+    UserPassword(String, String),
+    Token(String),
+    /// A credentials file's text.
+    Creds(String),
+    /// An NKey seed.
+    NKey(String),
 }
 
 /// The certificates of a PEM file; an error names `var` when it cannot be read or holds
@@ -242,7 +310,7 @@ mod tests {
     use super::*;
 
     fn server(store: &str) -> Result<NatsAccess, String> {
-        NatsAccess::new(store, TlsFiles::default())
+        NatsAccess::new(store, NatsFiles::default())
     }
 
     #[test]
@@ -305,10 +373,11 @@ mod tests {
         std::fs::write(&cert, made.cert.pem()).unwrap();
         std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
         std::fs::write(&junk, "not a certificate").unwrap();
-        let files = |ca: Option<&Path>, c: Option<&Path>, k: Option<&Path>| TlsFiles {
+        let files = |ca: Option<&Path>, c: Option<&Path>, k: Option<&Path>| NatsFiles {
             ca: ca.map(Path::to_path_buf),
             cert: c.map(Path::to_path_buf),
             key: k.map(Path::to_path_buf),
+            ..NatsFiles::default()
         };
         let store = "tls://a:4222";
         let ok = NatsAccess::new(store, files(Some(&cert), Some(&cert), Some(&key)));
@@ -328,6 +397,59 @@ mod tests {
         ] {
             let e = NatsAccess::new(store, tls).unwrap_err();
             assert!(e.contains(var), "{var}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_login_file_is_read_at_once_and_one_login_is_sent() {
+        let dir = std::env::temp_dir().join(format!("knocker-nats-login-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let user = nkeys::KeyPair::new_user();
+        let seed_text = user.seed().unwrap();
+        let (seed, creds, junk) = (dir.join("seed"), dir.join("u.creds"), dir.join("junk"));
+        std::fs::write(&seed, format!("{seed_text}\n")).unwrap();
+        std::fs::write(
+            &creds,
+            format!(
+                "-----BEGIN NATS USER JWT-----\neyJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{seed_text}\n------END USER NKEY SEED------\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(&junk, "SUnotaseed").unwrap();
+        let files = |creds: Option<&Path>, nkey: Option<&Path>| NatsFiles {
+            creds: creds.map(Path::to_path_buf),
+            nkey: nkey.map(Path::to_path_buf),
+            ..NatsFiles::default()
+        };
+        let nkey = NatsAccess::new("nats://a", files(None, Some(&seed))).unwrap();
+        assert!(matches!(nkey.login(), Ok(Login::NKey(s)) if s == seed_text));
+        let jwt = NatsAccess::new("nats://a", files(Some(&creds), None)).unwrap();
+        assert!(matches!(jwt.login(), Ok(Login::Creds(_))));
+        assert!(!format!("{nkey:?}{jwt:?}").contains(&seed_text));
+        for (store, files, words) in [
+            ("nats://a", files(None, Some(&junk)), "KNOCKER_NATS_NKEY"),
+            ("nats://a", files(Some(&junk), None), "KNOCKER_NATS_CREDS"),
+            (
+                "nats://a",
+                files(Some(&dir.join("gone")), None),
+                "KNOCKER_NATS_CREDS",
+            ),
+            (
+                "nats://u:p@a",
+                files(None, Some(&seed)),
+                "a login in KNOCKER_STORE and KNOCKER_NATS_NKEY",
+            ),
+            (
+                "nats://a",
+                files(Some(&creds), Some(&seed)),
+                "KNOCKER_NATS_CREDS and KNOCKER_NATS_NKEY",
+            ),
+        ] {
+            let e = NatsAccess::new(store, files).unwrap_err();
+            assert!(e.contains(words), "{words}: {e}");
+            assert!(!e.contains(&seed_text), "{e}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

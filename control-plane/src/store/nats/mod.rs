@@ -78,7 +78,7 @@ mod submit;
 pub(crate) mod tests;
 
 use claim::{consumer, subject_count, Uncapped};
-pub use connect::{is_nats, NatsAccess, TlsFiles};
+pub use connect::{is_nats, NatsAccess, NatsFiles};
 use held::{keep_alive, Held};
 pub(crate) use record::key;
 use record::{id_of, in_arrival_order, remove};

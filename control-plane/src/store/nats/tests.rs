@@ -49,7 +49,7 @@ impl NatsServer {
 
     /// Its address as the settings give it.
     pub fn server(&self) -> NatsAccess {
-        NatsAccess::new(&self.url, TlsFiles::default()).unwrap()
+        NatsAccess::new(&self.url, NatsFiles::default()).unwrap()
     }
 
     pub async fn store(&self, ack_wait: Duration) -> NatsStore {
