@@ -47,6 +47,9 @@ spec:
     - { name: KNOCKER_STORE, value: {{ .Values.nats.url | quote }} }
     {{- end }}
     - { name: KNOCKER_NATS_ACK_WAIT, value: {{ .Values.nats.ackWait | quote }} }
+    {{- if .Values.nats.credsSecret }}
+    - { name: KNOCKER_NATS_CREDS, value: /etc/knocker-nats-login/nats.creds }
+    {{- end }}
     {{- if .Values.nats.tlsSecret }}
     - { name: KNOCKER_NATS_CA, value: /etc/knocker-nats/ca.crt }
     {{- if .Values.nats.clientCertificate }}
@@ -82,14 +85,23 @@ spec:
     - { name: tmp, mountPath: /tmp }
     {{- if ne .Values.store "nats" }}
     - { name: data, mountPath: /var/lib/knocker }
-    {{- else if .Values.nats.tlsSecret }}
+    {{- else }}
+    {{- if .Values.nats.credsSecret }}
+    - { name: nats-login, mountPath: /etc/knocker-nats-login, readOnly: true }
+    {{- end }}
+    {{- if .Values.nats.tlsSecret }}
     - { name: nats-tls, mountPath: /etc/knocker-nats, readOnly: true }
+    {{- end }}
     {{- end }}
   volumes:
   - name: config
     configMap: { name: {{ .Release.Name }}-config }
   - name: tmp
     emptyDir: {}
+  {{- if and (eq .Values.store "nats") .Values.nats.credsSecret }}
+  - name: nats-login
+    secret: { secretName: {{ .Values.nats.credsSecret | quote }} }
+  {{- end }}
   {{- if and (eq .Values.store "nats") .Values.nats.tlsSecret }}
   - name: nats-tls
     secret: { secretName: {{ .Values.nats.tlsSecret | quote }} }
