@@ -34,7 +34,7 @@ fn invalid_settings_stop_startup_with_a_message_naming_them() {
         ("KNOCKER_STORE", "nats://nats.example:4222/jobs"),
         ("KNOCKER_STORE", "redis://nats.example"),
         ("KNOCKER_NATS_CA", "/etc/ssl/certs/ca-certificates.crt"), // without NATS
-        ("KNOCKER_NATS_CREDS", "/etc/hostname"), // without NATS
+        ("KNOCKER_NATS_CREDS", "/etc/hostname"),                   // without NATS
     ];
     for (name, value) in table {
         let mut child = Command::new(knocker_bin())

@@ -72,7 +72,8 @@ impl fmt::Display for NatsAccess {
     }
 }
 
-/// Shows the addresses, the kind of credentials (never their value) and the TLS files.
+/// Shows the addresses, the kind of credentials in them (never their value) and the
+/// files' paths.
 impl fmt::Debug for NatsAccess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let credentials = match self.credentials {
@@ -100,8 +101,8 @@ pub fn is_nats(store: &str) -> bool {
 }
 
 impl NatsAccess {
-    /// From `KNOCKER_STORE` and the TLS files. The error names the setting, and shows no
-    /// credential.
+    /// From `KNOCKER_STORE` and the login and TLS files. The error names the setting, and
+    /// shows no credential.
     pub fn new(store: &str, files: NatsFiles) -> Result<Self, String> {
         let mut addresses = Vec::new();
         let mut credentials = Credentials::None;
