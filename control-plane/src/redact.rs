@@ -32,6 +32,9 @@ pub fn is_secret_name(name: &str) -> bool {
 /// `https://user:pass@host/x?token=…` → `https://[redacted]@host/x?token=[redacted]`.
 /// Text that does not parse as a URL still loses what stands before an `@` after `://`.
 pub fn url(text: &str) -> String {
+    if !text.contains(['@', '?']) {
+        return text.to_owned(); // no credentials and no query: nothing to parse for
+    }
     let Ok(mut url) = reqwest::Url::parse(text) else {
         return userinfo_cut(text);
     };
@@ -116,6 +119,7 @@ mod tests {
         );
         assert_eq!(url("http://h/x?a=1"), "http://h/x?a=1");
         assert_eq!(url("not a url"), "not a url");
+        assert_eq!(url("http://h/x"), "http://h/x");
         // Not a URL to the parser (no host), credentials all the same.
         assert_eq!(url("nats://u:hunter2@:4222"), "nats://[redacted]@:4222");
         assert_eq!(url("x://a@b@[c/p@q"), "x://[redacted]@[c/p@q");

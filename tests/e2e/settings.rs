@@ -145,7 +145,7 @@ async fn json_logs_have_one_structured_line_per_attempt() {
     })
     .await;
     let response = client()
-        .post(cp.url("/logged"))
+        .post(cp.url("/logged?page=2&access_token=s3cret-in-the-query"))
         .header("Knocker-Host", target.host())
         .header("Knocker-Id", "log-1")
         .header("Knocker-Backoff-Factor", "0")
@@ -176,6 +176,16 @@ async fn json_logs_have_one_structured_line_per_attempt() {
     assert_eq!(lines[1]["message"], "delivered");
     assert_eq!(lines[1]["attempt"], 2);
     assert_eq!(lines[1]["status"], 200);
+    // The URL as the API shows it: a secret in its query redacted, the rest kept.
+    let url = lines[1]["url"].as_str().unwrap_or_default();
+    assert!(url.contains("page=2") && url.contains("redacted"), "{url}");
+    let sent = &target.received()[1].target;
+    assert_eq!(
+        sent, "/logged?page=2&access_token=s3cret-in-the-query",
+        "sent as it came"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("s3cret-in-the-query"), "{text}");
     drop(cp);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,6 +26,7 @@ use crate::clock::{Clock as _, SystemClock};
 use crate::delivery::signing::{self, Signing};
 use crate::job::{Headers, Request, Trust, VERSION};
 use crate::outbound::Outbound;
+use crate::redact;
 use crate::store::nats::NatsAccess;
 use crate::store::StoreError;
 
@@ -220,7 +221,7 @@ pub async fn run(
             }
         }
     };
-    tracing::info!(group = %settings.group, agent = %settings.name, endpoint = %settings.endpoint, "agent subscribed");
+    tracing::info!(group = %settings.group, agent = %settings.name, endpoint = %redact::url(&settings.endpoint), "agent subscribed");
     while !shutdown.is_cancelled() {
         let batch = tokio::select! {
             b = consumer.fetch().max_messages(1).expires(Duration::from_secs(1)).messages() => b,
@@ -287,7 +288,7 @@ async fn replay(
         let signed = signed.as_ref().map_or(&[][..], |h| &h[..]);
         match send(outbound, &request, &broadcast.id, signed).await {
             Ok(status) if (200..300).contains(&status) => {
-                tracing::info!(broadcast_id = %broadcast.id, status, url = %url, "agent: delivered");
+                tracing::info!(broadcast_id = %broadcast.id, status, url = %redact::url(&url), "agent: delivered");
                 let _ = message.double_ack().await;
                 return;
             }

@@ -339,7 +339,7 @@ impl Delivery {
     async fn expire(&self, job: &Job, now: u64) -> Option<Job> {
         let last_status = job.attempts.last().map_or(0, |a| a.status);
         tracing::warn!(
-            job_id = %job.id, url = %job.request.url, attempts = job.attempts.len(),
+            job_id = %job.id, url = %crate::redact::url(&job.request.url), attempts = job.attempts.len(),
             "maximum age passed before the next attempt; the job failed"
         );
         let record = Attempt {

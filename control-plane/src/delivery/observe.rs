@@ -7,6 +7,7 @@ use super::attempt::Outcome;
 use super::targets::Change;
 use crate::clock::Millis;
 use crate::job::{Job, Kind};
+use crate::redact;
 use crate::store::Next;
 
 /// One attempt as observers see it.
@@ -58,19 +59,19 @@ impl Observer for Log {
         let kind = a.job.kind.name();
         match a.next {
             Next::Delivered => tracing::info!(
-                job_id = %a.job.id, kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                job_id = %a.job.id, kind, url = %redact::url(&a.job.request.url), attempt = a.number, status = a.outcome.status,
                 latency_ms, "delivered"
             ),
             Next::Retry { at } => tracing::info!(
-                job_id = %a.job.id, kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                job_id = %a.job.id, kind, url = %redact::url(&a.job.request.url), attempt = a.number, status = a.outcome.status,
                 error, latency_ms, retry_in_ms = at.saturating_sub(a.now), "attempt failed; will retry"
             ),
             Next::Failed { .. } if a.job.kind == Kind::Callback => tracing::error!(
-                job_id = %a.job.knocker_id(), kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                job_id = %a.job.knocker_id(), kind, url = %redact::url(&a.job.request.url), attempt = a.number, status = a.outcome.status,
                 error, latency_ms, "callback failed after its last attempt; the failure report is lost"
             ),
             Next::Failed { callback } => tracing::warn!(
-                job_id = %a.job.id, kind, url = %a.job.request.url, attempt = a.number, status = a.outcome.status,
+                job_id = %a.job.id, kind, url = %redact::url(&a.job.request.url), attempt = a.number, status = a.outcome.status,
                 error, latency_ms, callback = callback.is_some(), "attempt failed; no attempts left"
             ),
         }

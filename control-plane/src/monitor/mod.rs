@@ -38,6 +38,7 @@ use crate::clock::Time;
 use crate::job::Trust;
 use crate::notify::{self, NotifierConfig};
 use crate::outbound::Outbound;
+use crate::redact;
 use crate::store::Store;
 use crate::validate::Invalid;
 use alert::Health;
@@ -381,7 +382,7 @@ impl Monitors {
             Some(Source::File) => Trust::Operator,
             _ => Trust::Client,
         };
-        tracing::info!(monitor = %name, url = %config.url, interval_s = config.interval_s, "monitor started");
+        tracing::info!(monitor = %name, url = %redact::url(&config.url), interval_s = config.interval_s, "monitor started");
         loop {
             let started = tokio::time::Instant::now();
             let ours = match self.store.lease(&name).await {

@@ -26,6 +26,7 @@ use crate::job::rule::RuleMode;
 use crate::job::spec::{build_job, unsafe_header, Defaults, Submission};
 use crate::job::{Job, VERSION};
 use crate::metrics::{self, Door, Mode};
+use crate::redact;
 use crate::store::{ClaimHealth, Inserted, Store, StoreError};
 use crate::trace_context::{self, Kind as SpanKind, Span, Value};
 
@@ -168,7 +169,7 @@ impl Submitter {
         let asked = Reply::json(status, &receipt(&job));
         // The job is the store's once committed (it may go straight to delivery).
         let id = job.id.clone();
-        let url = tracing::enabled!(tracing::Level::DEBUG).then(|| job.request.url.clone());
+        let url = tracing::enabled!(tracing::Level::DEBUG).then(|| redact::url(&job.request.url));
         match self.store.insert(job).await {
             Ok(Inserted::Created) => {
                 self.wake.notify_one();
