@@ -194,7 +194,7 @@ async fn json_logs_have_one_structured_line_per_attempt() {
 /// (a failed request) and its failure report is lost (an error).
 async fn fail_a_job_and_its_callback(cp: &ControlPlane, id: &str) {
     let response = client()
-        .post(cp.url("/lost"))
+        .post(cp.url("/lost?api_key=not-for-sentry"))
         .header("Knocker-Host", format!("127.0.0.1:{}", free_port()))
         .header("Knocker-Retries", "0")
         .header("Knocker-Id", id)
@@ -260,5 +260,15 @@ async fn sentry_gets_errors_and_with_failed_requests_the_failed_jobs() {
             .iter()
             .any(|e| e.contains("Knocker job failed") && e.contains("only-errors")),
         "failed jobs are reported only with SENTRY_FAILED_REQUESTS"
+    );
+    // A secret in a job's URL stays here: Sentry gets the URL redacted.
+    let events = events();
+    assert!(
+        events.iter().any(|e| e.contains("/lost?api_key=")),
+        "{events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.contains("not-for-sentry")),
+        "{events:#?}"
     );
 }

@@ -62,12 +62,14 @@ impl Observer for FailureReporter {
 
 impl FailureReporter {
     pub fn job_failed(&self, job: &Job, outcome: &Outcome) {
+        // The URL as the API shows it: Sentry is outside this stack.
+        let url = crate::redact::url(&job.request.url);
         sentry::with_scope(
             |scope| {
                 scope.set_tag("knocker.job_id", &job.id);
                 scope.set_tag("knocker.kind", job.kind.name());
                 scope.set_tag("knocker.status_code", outcome.status);
-                scope.set_extra("url", job.request.url.clone().into());
+                scope.set_extra("url", url.clone().into());
                 scope.set_extra("method", job.request.method.clone().into());
                 scope.set_extra("attempts", (job.attempts.len() + 1).into());
                 if let Some(error) = &outcome.error {
@@ -78,7 +80,7 @@ impl FailureReporter {
                 sentry::capture_message(
                     &format!(
                         "Knocker job failed: {} {} ({})",
-                        job.request.method, job.request.url, outcome.status
+                        job.request.method, url, outcome.status
                     ),
                     sentry::Level::Warning,
                 )
