@@ -49,19 +49,13 @@ impl NatsFiles {
     }
 }
 
-#[derive(Clone, PartialEq, Eq)]
-enum Credentials {
-    None,
-    UserPassword { user: String, password: String },
-    Token(String),
-}
-
 /// Where the NATS server is, and how to log in to it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct NatsAccess {
     /// Each server's address, without credentials.
     addresses: Vec<String>,
-    credentials: Credentials,
+    /// The login written in the address (none, a user and password, or a token).
+    credentials: Login,
     files: NatsFiles,
 }
 
@@ -77,9 +71,9 @@ impl fmt::Display for NatsAccess {
 impl fmt::Debug for NatsAccess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let credentials = match self.credentials {
-            Credentials::None => "none",
-            Credentials::UserPassword { .. } => "user and password",
-            Credentials::Token(_) => "token",
+            Login::UserPassword(..) => "user and password",
+            Login::Token(_) => "token",
+            _ => "none",
         };
         f.debug_struct("NatsAccess")
             .field("addresses", &self.addresses)
@@ -105,7 +99,7 @@ impl NatsAccess {
     /// shows no credential.
     pub fn new(store: &str, files: NatsFiles) -> Result<Self, String> {
         let mut addresses = Vec::new();
-        let mut credentials = Credentials::None;
+        let mut credentials = Login::None;
         for part in store.split(',').map(str::trim) {
             let shown = crate::redact::url(part);
             let invalid = |why: &str| {
@@ -131,15 +125,12 @@ impl NatsAccess {
                     .map_err(|_| invalid("has credentials that are not UTF-8"))
             };
             let these = match (url.username(), url.password()) {
-                ("", None) => Credentials::None,
-                (user, Some(password)) => Credentials::UserPassword {
-                    user: decode(user)?,
-                    password: decode(password)?,
-                },
-                (token, None) => Credentials::Token(decode(token)?),
+                ("", None) => Login::None,
+                (user, Some(password)) => Login::UserPassword(decode(user)?, decode(password)?),
+                (token, None) => Login::Token(decode(token)?),
             };
-            if these != Credentials::None {
-                if credentials != Credentials::None && credentials != these {
+            if these != Login::None {
+                if credentials != Login::None && credentials != these {
                     return Err(
                         "KNOCKER_STORE: the servers carry different credentials; one login serves them all"
                             .to_owned(),
@@ -153,7 +144,7 @@ impl NatsAccess {
             return Err("KNOCKER_NATS_CERT and KNOCKER_NATS_KEY go together".to_owned());
         }
         let logins: Vec<&str> = [
-            (credentials != Credentials::None).then_some("a login in KNOCKER_STORE"),
+            (credentials != Login::None).then_some("a login in KNOCKER_STORE"),
             files.creds.as_ref().map(|_| "KNOCKER_NATS_CREDS"),
             files.nkey.as_ref().map(|_| "KNOCKER_NATS_NKEY"),
         ]
@@ -229,13 +220,7 @@ impl NatsAccess {
             })?;
             return Ok(Login::NKey(seed.to_owned()));
         }
-        Ok(match &self.credentials {
-            Credentials::None => Login::None,
-            Credentials::UserPassword { user, password } => {
-                Login::UserPassword(user.clone(), password.clone())
-            }
-            Credentials::Token(token) => Login::Token(token.clone()),
-        })
+        Ok(self.credentials.clone())
     }
 
     /// The TLS client set-up: the server checked against `KNOCKER_NATS_CA` or the system's
@@ -282,6 +267,7 @@ impl NatsAccess {
 }
 
 /// What a connection logs in with.
+#[derive(Clone, PartialEq, Eq)]
 enum Login {
     None,
     UserPassword(String, String),
@@ -318,13 +304,7 @@ mod tests {
     fn credentials_are_taken_out_of_the_address_and_never_shown() {
         let s = server("nats://kn:s%40cret@nats.example:4333").unwrap();
         assert_eq!(s.to_string(), "nats://nats.example:4333");
-        assert!(
-            s.credentials
-                == Credentials::UserPassword {
-                    user: "kn".into(),
-                    password: "s@cret".into()
-                }
-        );
+        assert!(s.credentials == Login::UserPassword("kn".into(), "s@cret".into()));
         let debug = format!("{s:?}");
         assert!(
             !debug.contains("cret") && debug.contains("user and password"),
@@ -332,7 +312,7 @@ mod tests {
         );
         let t = server("tls://t0ken@nats.example").unwrap();
         assert_eq!(t.to_string(), "tls://nats.example:4222");
-        assert!(t.credentials == Credentials::Token("t0ken".into()));
+        assert!(t.credentials == Login::Token("t0ken".into()));
         assert!(!format!("{t:?}").contains("t0ken"));
     }
 
