@@ -5,13 +5,10 @@
 //! clients. A wrong login or certificate stops the start with a message that names the
 //! server, never the password.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use knocker_e2e::process::wait_exit;
-use knocker_e2e::{
-    free_port, knocker_bin, temp_dir, Accounts, ControlPlane, NatsServer, Target, TestCert,
-};
+use knocker_e2e::process::start_refused;
+use knocker_e2e::{temp_dir, Accounts, ControlPlane, NatsServer, Target, TestCert};
 
 use crate::{client, WAIT};
 
@@ -39,30 +36,9 @@ async fn delivers(cp: &ControlPlane, target: &Target) {
     target.wait_for(before + 1, WAIT).await;
 }
 
-/// Runs `knocker serve` with `env`, which must stop it: its standard error.
+/// `knocker serve` with `env`, which must stop it: its standard error.
 fn refused(env: &[(&str, &str)]) -> String {
-    let mut command = Command::new(knocker_bin());
-    command
-        .arg("serve")
-        .env("KNOCKER_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("KNOCKER_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("KNOCKER_DATA_DIR", temp_dir("cp").join("data"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("start knocker");
-    let status = wait_exit(&mut child, Duration::from_secs(20));
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(status.is_some_and(|s| !s.success()), "it started: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
+    start_refused(env, Duration::from_secs(20))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

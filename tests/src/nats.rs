@@ -15,18 +15,12 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Self {
-        let port = free_port();
-        let dir = temp_dir("nats");
-        let store_dir = dir.join("jetstream");
-        let mut command = Command::new("nats-server");
-        command
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&store_dir);
-        Self::spawn(command, port, &dir)
+        Self::start_with("")
     }
 
     /// With `conf` added to its configuration file (an `authorization` or `tls` block,
-    /// say); `url` is still `nats://127.0.0.1:<port>`.
+    /// say); `url` is still `nats://127.0.0.1:<port>`. Its log goes into the panic when
+    /// it stops or does not listen in time.
     pub fn start_with(conf: &str) -> Self {
         let port = free_port();
         let dir = temp_dir("nats");
@@ -37,17 +31,11 @@ impl NatsServer {
             store_dir.display().to_string()
         );
         std::fs::write(&file, text).expect("write nats.conf");
-        let mut command = Command::new("nats-server");
-        command.arg("-c").arg(&file);
-        Self::spawn(command, port, &dir)
-    }
-
-    /// Runs `command` (its log in `dir`) until it listens on `port`; its log when it
-    /// stops or does not listen in time.
-    fn spawn(mut command: Command, port: u16, dir: &std::path::Path) -> Self {
         let log_path = dir.join("nats.log");
         let log = std::fs::File::create(&log_path).expect("nats-server log");
-        let mut child = command
+        let mut child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&file)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -65,7 +53,7 @@ impl NatsServer {
         }
         Self {
             url: format!("nats://127.0.0.1:{port}"),
-            store_dir: dir.join("jetstream"),
+            store_dir,
             child,
         }
     }
@@ -83,8 +71,8 @@ impl Drop for NatsServer {
 }
 
 /// NATS accounts, as an operator sets them up: an operator, its system account, one
-/// account with JetStream (unlimited), one user of it. `conf` is the server's part (the operator's JWT and the
-/// account's, preloaded); `creds` the user's credentials file.
+/// account with JetStream (unlimited), one user of it. `conf` is the server's part (the
+/// operator's JWT, the two accounts' preloaded); `creds` the user's credentials file.
 pub struct Accounts {
     pub conf: String,
     pub creds: String,

@@ -254,6 +254,36 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     None
 }
 
+/// `knocker serve` with `env` (on loopback ports and a data directory of its own), which
+/// must stop it with an error within `within` and without a panic: its standard error.
+pub fn start_refused(env: &[(&str, &str)], within: Duration) -> String {
+    let mut command = Command::new(knocker_bin());
+    command
+        .arg("serve")
+        .env("KNOCKER_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("KNOCKER_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("KNOCKER_DATA_DIR", temp_dir("cp").join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start knocker");
+    let status = wait_exit(&mut child, within);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("knocker's output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "started with {env:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
 /// What to change in an Envoy file from `envoy/`.
 #[derive(Debug, Clone, Default)]
 pub struct EnvoyOptions {
