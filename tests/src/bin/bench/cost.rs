@@ -15,32 +15,36 @@ use crate::{env_or, Echo};
 
 /// One set-up's sustained job stream: what each process spent per job.
 #[derive(Default)]
-struct Cost {
-    rps: f64,
-    jobs: u64,
+pub(crate) struct Cost {
+    pub(crate) rps: f64,
+    pub(crate) jobs: u64,
     /// Requests that failed (timeouts, errors): only a lenient reference has any.
-    errors: u64,
+    pub(crate) errors: u64,
     /// Deliveries per second over the load and the drain that follows it.
-    delivered_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+    pub(crate) delivered_per_s: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
     /// µs of CPU per job: control plane, Envoy (0 without), sinks, Knocker 1.4.1.
-    cp_us: f64,
-    envoy_us: f64,
-    sink_us: f64,
-    anchor_us: f64,
-    disk_per_job: f64,
+    pub(crate) cp_us: f64,
+    pub(crate) envoy_us: f64,
+    pub(crate) sink_us: f64,
+    pub(crate) anchor_us: f64,
+    pub(crate) disk_per_job: f64,
 }
 
 /// The processes whose CPU a run counts, and how many deliveries make one job.
 #[derive(Default, Clone, Copy)]
-struct SetUp<'a> {
-    cp: Option<&'a ControlPlane>,
-    envoy: Option<&'a Envoy>,
-    anchor: Option<&'a Anchor>,
-    sinks: &'a [&'a Echo],
+pub(crate) struct SetUp<'a> {
+    pub(crate) cp: Option<&'a ControlPlane>,
+    pub(crate) envoy: Option<&'a Envoy>,
+    pub(crate) anchor: Option<&'a Anchor>,
+    pub(crate) sinks: &'a [&'a Echo],
     /// Deliveries per job (a broadcast's members); 0 or 1: one.
-    copies: u64,
+    pub(crate) copies: u64,
+    /// Count per answered request, with the control plane only watched (its CPU, its
+    /// store's growth), no drain waited for: acceptance with delivery off, or a
+    /// fallback's healthy traffic, which hands the control plane nothing.
+    pub(crate) per_answer: bool,
 }
 
 /// Bytes of the files under `dir`, its subdirectories included: the embedded store's
@@ -60,8 +64,9 @@ pub(crate) fn disk_bytes(dir: &std::path::Path) -> u64 {
 
 /// `wrk -c50` POSTs of `body` bytes (`None`: [`POST_BODY`]) for `seconds` at `url`, then
 /// the drain; CPU of each process over both. Jobs are what the control plane delivered
-/// divided by the set-up's `copies`, or wrk's answered requests without one.
-fn cost_once(
+/// divided by the set-up's `copies`, or wrk's answered requests without one (or with
+/// [`SetUp::per_answer`]).
+pub(crate) fn cost_once(
     url: &str,
     seconds: u64,
     headers: &[(&str, String)],
@@ -85,6 +90,7 @@ fn cost_once(
     let r = wrk_posts(url, seconds, 50, headers, posts);
     let load_ended = Instant::now();
     let (jobs, deliveries) = match procs.cp {
+        Some(cp) if procs.per_answer => (r.requests, delivered(cp) - delivered_before),
         Some(cp) => {
             settle(cp);
             let deliveries = delivered(cp) - delivered_before;
@@ -119,7 +125,7 @@ fn cost_once(
 /// Knocker 1.4.1 (gunicorn, one worker, its jobs in memory), from the checkout named by
 /// `KNOCKER_ANCHOR` (its `run.sh`). It drops the port of `Knocker-Host`, so its target
 /// listens on 127.0.0.1:80.
-struct Anchor {
+pub(crate) struct Anchor {
     child: Child,
     port: u16,
 }
@@ -188,7 +194,8 @@ impl Drop for Anchor {
     }
 }
 
-fn dash(x: f64) -> String {
+/// A figure, or `–` for a process not in the set-up (nothing measured).
+pub(crate) fn dash(x: f64) -> String {
     if x > 0.0 {
         format!("{x:.0}")
     } else {
@@ -255,7 +262,7 @@ impl Flush {
 
 /// The median of each figure over rounds (all zero when there were none: Knocker 1.4.1
 /// without `KNOCKER_ANCHOR`, whose row then says it was not run).
-fn med(v: &[Cost]) -> Cost {
+pub(crate) fn med(v: &[Cost]) -> Cost {
     if v.is_empty() {
         return Cost::default();
     }
@@ -537,13 +544,18 @@ pub fn modes(report: &mut String) {
                     [&with, &without]
                 };
                 for envoy in order {
+                    let knocker = std::ptr::eq(envoy, &with);
+                    // With Knocker, the control plane is watched too: healthy traffic
+                    // hands it nothing, and nothing is stored.
                     let procs = SetUp {
+                        cp: knocker.then_some(&cp),
                         envoy: Some(envoy),
                         sinks: &apps,
+                        per_answer: true,
                         ..SetUp::default()
                     };
                     let c = cost_once(&envoy.url(path), seconds, &[], Some(bytes), procs);
-                    if std::ptr::eq(envoy, &with) {
+                    if knocker {
                         on.push(c);
                     } else {
                         off.push(c);
@@ -559,14 +571,20 @@ pub fn modes(report: &mut String) {
             };
             let _ = writeln!(
                 shadow,
-                "| {label} | {} KB | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | **{cost:.1}%** {verdict} |",
+                "| {label} | {} KB | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {:.0} | **{cost:.1}%** {verdict} |",
                 bytes / 1024,
                 off.rps,
+                off.p50_ms,
                 off.p99_ms,
                 off.envoy_us,
+                off.sink_us,
                 on.rps,
+                on.p50_ms,
                 on.p99_ms,
                 on.envoy_us,
+                on.sink_us,
+                on.cp_us,
+                on.disk_per_job,
             );
         }
     }
@@ -643,9 +661,13 @@ pub fn modes(report: &mut String) {
          same file without the filter and the retry. In the filter (`envoy/fallback.yaml`, the \
          `fallback` rule mode, for routes whose retry policy is not yours): the filter holds \
          each body until it has ended and keeps a copy; without Knocker is that file without \
-         the filter.\n\n| fallback | body | without Knocker: req/s | p99 ms | Envoy µs/req | \
-         with fallback: req/s | p99 ms | Envoy µs/req | throughput cost (goal ≤ 10%) |\n| --- | \
-         --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+         the filter. CPU (user + system, from `/proc/<pid>/stat`) per answered request of \
+         Envoy, the app and, with fallback, the control plane, over the load; disk is the \
+         growth of the embedded store's files per request (healthy traffic is not stored).\n\n\
+         | fallback | body | without Knocker: req/s | p50 ms | p99 ms | Envoy µs/req | app µs/req | \
+         with fallback: req/s | p50 ms | p99 ms | Envoy µs/req | app µs/req | control plane µs/req | \
+         disk bytes/req | throughput cost (goal ≤ 10%) |\n| --- | --- | ---: | ---: | ---: | ---: | \
+         ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     report.push_str(&shadow);
     let _ = writeln!(

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions};
 use serde_json::Value;
 
+use crate::cost::{cost_once, dash, med, Cost, SetUp};
 use crate::load::{fixed_rate, median, submit_n, wrk_post, RateResult, WrkResult, POST_BODY};
 use crate::{env_or, Echo};
 
@@ -64,11 +65,19 @@ pub(crate) fn envoy_for(cp: &ControlPlane, sink: &Echo) -> Envoy {
     )
 }
 
-fn row(report: &mut String, what: &str, r: &WrkResult, goal: &str) {
+/// A row of the acceptance table: rates, latency, and what each process spent per
+/// accepted job (`–`: not in the set-up).
+fn row(report: &mut String, what: &str, c: &Cost, goal: &str) {
     let _ = writeln!(
         report,
-        "| {what} | {:.0} | {:.2} | {:.2} | {goal} |",
-        r.rps, r.p50_ms, r.p99_ms
+        "| {what} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {goal} |",
+        c.rps,
+        c.p50_ms,
+        c.p99_ms,
+        dash(c.cp_us),
+        dash(c.envoy_us),
+        dash(c.sink_us),
+        dash(c.disk_per_job),
     );
 }
 
@@ -86,25 +95,47 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
     // Two references, measured in the same rounds: the same Envoy proxying the same POSTs
     // without Knocker headers to the sink (a route without the filter) — what one Envoy
     // worker does here before Knocker does anything — and the sink itself answering them
-    // (the same HTTP stack as the ingress, nothing stored).
-    let mut runs: [Vec<WrkResult>; 6] = Default::default();
-    for _ in 0..rounds {
-        runs[0].push(wrk_post(&off.url("/bench"), seconds, 50, &headers));
-        runs[1].push(wrk_post(&envoy_off.url("/bench"), seconds, 50, &headers));
-        runs[2].push(wrk_post(&on.url("/bench"), seconds, 50, &headers));
-        settle(&on);
-        runs[3].push(wrk_post(&envoy_on.url("/bench"), seconds, 50, &headers));
-        settle(&on);
-        runs[4].push(wrk_post(&envoy_off.url("/bench"), seconds, 50, &[]));
-        runs[5].push(wrk_post(&sink.url("/bench"), seconds, 50, &[]));
-    }
-    let med = |runs: &Vec<WrkResult>| WrkResult {
-        requests: median(runs.iter().map(|r| r.requests as f64).collect()) as u64,
-        errors: 0,
-        rps: median(runs.iter().map(|r| r.rps).collect()),
-        p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
-        p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+    // (the same HTTP stack as the ingress, nothing stored). Delivery off counts per
+    // accepted job over the load; delivery on per delivered job over the load and the
+    // drain after it (the backlog is delivered before the next set-up starts).
+    let sinks = [&sink];
+    let accepting = SetUp {
+        cp: Some(&off),
+        per_answer: true,
+        ..SetUp::default()
     };
+    let delivering = SetUp {
+        cp: Some(&on),
+        sinks: &sinks,
+        ..SetUp::default()
+    };
+    let proxying = SetUp {
+        envoy: Some(&envoy_off),
+        sinks: &sinks,
+        ..SetUp::default()
+    };
+    let answering = SetUp {
+        sinks: &sinks,
+        ..SetUp::default()
+    };
+    let mut runs: [Vec<Cost>; 6] = Default::default();
+    for _ in 0..rounds {
+        let through = |envoy, procs| SetUp {
+            envoy: Some(envoy),
+            ..procs
+        };
+        let once = |url: &str, headers: &[(&str, String)], procs| {
+            cost_once(url, seconds, headers, None, procs)
+        };
+        runs[0].push(once(&off.url("/bench"), &headers, accepting));
+        let door = through(&envoy_off, accepting);
+        runs[1].push(once(&envoy_off.url("/bench"), &headers, door));
+        runs[2].push(once(&on.url("/bench"), &headers, delivering));
+        let door = through(&envoy_on, delivering);
+        runs[3].push(once(&envoy_on.url("/bench"), &headers, door));
+        runs[4].push(once(&envoy_off.url("/bench"), &[], proxying));
+        runs[5].push(once(&sink.url("/bench"), &[], answering));
+    }
     let delivered_on = delivered(&on);
 
     // Latency at half the goal rate, open loop.
@@ -131,10 +162,19 @@ pub fn acceptance(report: &mut String, runtime: &tokio::runtime::Runtime) {
          the other core to the control plane and wrk. The last two rows are references, not jobs: the same Envoy \
          proxying the same POSTs without Knocker headers to the sink (a route without the filter), and the \
          sink answering them itself (`knocker echo`: the ingress's HTTP stack, nothing stored) — the \
-         ceilings of the two doors on this machine in this run.\n"
+         ceilings of the two doors on this machine in this run. CPU (user + system, from \
+         `/proc/<pid>/stat`) of each process and the growth of the store's files: with delivery \
+         off per accepted job over the load; with delivery on per delivered job over the load and \
+         its drain; the references per answered request.\n"
     );
-    let _ = writeln!(report, "| set-up | accepted/s | p50 ms | p99 ms | goal |");
-    let _ = writeln!(report, "| --- | ---: | ---: | ---: | --- |");
+    let _ = writeln!(
+        report,
+        "| set-up | accepted/s | p50 ms | p99 ms | control plane µs/job | Envoy µs/job | sink µs/job | disk bytes/job | goal |"
+    );
+    let _ = writeln!(
+        report,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
     let (h, e) = (med(&runs[0]), med(&runs[1]));
     let verdict = |v: f64, goal: f64| if v >= goal { "met" } else { "NOT met" };
     row(

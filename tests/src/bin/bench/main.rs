@@ -6,7 +6,8 @@
 //! so machine noise hits both alike; the table gives each round and the medians.
 //!
 //! Durable jobs (`jobs.rs`): accepted jobs/s through the HTTP ingress and Envoy with
-//! delivery off and on (wrk), open-loop latency at half the goal rate, drain rate from a
+//! delivery off and on (wrk), with CPU per job of each process and the store's growth per
+//! job, open-loop latency at half the goal rate, drain rate from a
 //! 100,000-job backlog, and a 1,000,000-job backlog (memory, time to first delivery).
 //!
 //! A rate-limited target's backlog (`jobs.rs`): what the control plane spends delivering it,
@@ -29,7 +30,7 @@
 //! Rule modes (`cost.rs`): fallback on healthy traffic (1 KB and 64 KB bodies; by
 //! handover, `envoy/sidecar.yaml`, and in the filter, `envoy/fallback.yaml`, each with and
 //! without Knocker), capture through Envoy and broadcast to three members: sustained
-//! rates and CPU per request.
+//! rates, p50/p99, CPU per request of each process and the store's growth per request.
 //!
 //! Soak (`soak.rs`): a sustained job stream into a store capped far below what it writes:
 //! jobs/s, refusals, store size and RSS per window, and how many finished jobs made room.
