@@ -391,42 +391,69 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
             }
         }
     }
-    // Drain: a fresh server for NATS so the accepted jobs above are not in the way.
+    // Drains: a fresh server for NATS so the accepted jobs above are not in the way. Each
+    // engine drains `rounds` backlogs into the same sink, the two taking turns; each
+    // backlog is submitted with delivery off and delivered after a restart with it on.
     let drain_nats = knocker_e2e::NatsServer::start();
     let stores = ["sqlite".to_owned(), drain_nats.url.clone()];
-    let mut drains = Vec::new();
-    for (i, store) in stores.iter().enumerate() {
-        let mut cp = start(&env(store));
-        runtime.block_on(submit_n(&cp.url("/drain"), backlog, 64, &headers));
-        cp.set_env("KNOCKER_DELIVERY", "on");
-        cp.restart();
-        let pid = cp.pid().expect("running");
-        let server = (i == 1).then(|| drain_nats.pid());
-        let before = (cpu_s(pid), server.map_or(0.0, cpu_s), cpu_s(sink.pid()));
-        let started = Instant::now();
-        while delivered(&cp) < backlog as u64 {
-            assert!(
-                started.elapsed() < Duration::from_secs(600),
-                "drain did not finish: {}",
-                status(&cp)
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    let mut cps: Vec<ControlPlane> = stores.iter().map(|s| start(&env(s))).collect();
+    let mut drains: [Vec<Drain>; 2] = Default::default();
+    for round in 0..rounds {
+        for (i, cp) in cps.iter_mut().enumerate() {
+            if round > 0 {
+                cp.set_env("KNOCKER_DELIVERY", "off");
+                cp.restart();
+            }
+            let done = delivered(cp);
+            runtime.block_on(submit_n(&cp.url("/drain"), backlog, 64, &headers));
+            cp.set_env("KNOCKER_DELIVERY", "on");
+            cp.restart();
+            let pid = cp.pid().expect("running");
+            let server = (i == 1).then(|| drain_nats.pid());
+            let before = (cpu_s(pid), server.map_or(0.0, cpu_s), cpu_s(sink.pid()));
+            let started = Instant::now();
+            while delivered(cp) < done + backlog as u64 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(600),
+                    "drain did not finish: {}",
+                    status(cp)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let rate = backlog as f64 / started.elapsed().as_secs_f64();
+            let per_job = |now: f64, then: f64| (now - then) * 1e6 / backlog as f64;
+            drains[i].push(Drain {
+                rate,
+                control_plane_us: per_job(cpu_s(pid), before.0),
+                server_us: per_job(server.map_or(0.0, cpu_s), before.1),
+                sink_us: per_job(cpu_s(sink.pid()), before.2),
+            });
         }
-        let rate = backlog as f64 / started.elapsed().as_secs_f64();
-        let per_job = |now: f64, then: f64| (now - then) * 1e6 / backlog as f64;
-        let store = match server {
-            Some(_) => drain_nats.store_dir.clone(),
-            None => cp.dir.join("data"),
-        };
-        let disk = crate::cost::disk_bytes(&store);
-        drains.push(Drain {
-            rate,
-            control_plane_us: per_job(cpu_s(pid), before.0),
-            server_us: per_job(server.map_or(0.0, cpu_s), before.1),
-            sink_us: per_job(cpu_s(sink.pid()), before.2),
-            disk_bytes: disk as f64 / backlog as f64,
-        });
     }
+    // The store's files after every drain, per job drained.
+    let disk_per_job = |i: usize, cp: &ControlPlane| {
+        let store = if i == 1 {
+            drain_nats.store_dir.clone()
+        } else {
+            cp.dir.join("data")
+        };
+        crate::cost::disk_bytes(&store) as f64 / (backlog as u64 * rounds) as f64
+    };
+    let disk: Vec<f64> = cps
+        .iter()
+        .enumerate()
+        .map(|(i, cp)| disk_per_job(i, cp))
+        .collect();
+    drop(cps);
+    let drains: Vec<Drain> = drains
+        .iter()
+        .map(|runs| Drain {
+            rate: median(runs.iter().map(|d| d.rate).collect()),
+            control_plane_us: median(runs.iter().map(|d| d.control_plane_us).collect()),
+            server_us: median(runs.iter().map(|d| d.server_us).collect()),
+            sink_us: median(runs.iter().map(|d| d.sink_us).collect()),
+        })
+        .collect();
     let med = |runs: &Vec<WrkResult>| {
         (
             median(runs.iter().map(|r| r.rps).collect()),
@@ -442,9 +469,10 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         "One control plane per engine (nats-server {} with JetStream on loopback, file storage). Accepted: \
          `wrk -t1 -c50 -d{seconds}s` on the HTTP ingress with delivery off, median of {rounds} rounds taking turns. \
          Delivered: {backlog} jobs submitted with delivery off, then the control plane restarted with delivery on \
-         into a `knocker echo` sink; the time until all are delivered. CPU (user + system, from `/proc/<pid>/stat`) \
-         per job of each process over the accepting rounds (median) and over the drain; disk is the store's files \
-         after the drain (the database and its WAL; the NATS server's store directory), per job.\n",
+         into a `knocker echo` sink; the time until all are delivered, median of {rounds} drains taking turns. CPU \
+         (user + system, from `/proc/<pid>/stat`) per job of each process over the accepting rounds and over the \
+         drains (medians); disk is the store's files after the drains (the database and its WAL; the NATS \
+         server's store directory), per job drained.\n",
         nats_version()
     );
     let _ = writeln!(
@@ -476,7 +504,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
             d.control_plane_us,
             server(d.server_us),
             d.sink_us,
-            d.disk_bytes
+            disk[i]
         );
     }
     let (sqlite, nats_rps) = (med(&accept[0]).0, med(&accept[1]).0);
@@ -502,7 +530,6 @@ struct Drain {
     control_plane_us: f64,
     server_us: f64,
     sink_us: f64,
-    disk_bytes: f64,
 }
 
 fn nats_version() -> String {
