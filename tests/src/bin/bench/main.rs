@@ -40,7 +40,8 @@
 //! (32), `BENCH_DRAIN_JOBS` (100000), `BENCH_BACKLOG_JOBS` (1000000),
 //! `BENCH_ENGINE_SECONDS` (5), `BENCH_SOAK_SECONDS` (120), `BENCH_SOAK_WINDOW` (10),
 //! `BENCH_SOAK_CAP_MIB` (64), `BENCH_ENGINE_JOBS` (20000), `BENCH_SIGNING_JOBS` (20000),
-//! `BENCH_CAPPED_JOBS` (50000), `KNOCKER_ANCHOR` (none), `BENCH_ONLY` (`filter`, `accept`,
+//! `BENCH_CAPPED_JOBS` (50000), `BENCH_FALLBACK_ROUNDS` (9), `BENCH_FALLBACK_SECONDS` (3),
+//! `KNOCKER_ANCHOR` (none), `BENCH_ONLY` (`filter`, `accept`,
 //! `drain`, `signing`, `backlog`, `capped`, `engines`, `cost`, `modes` or `soak`: run one
 //! section, replacing only that section of `docs/benchmarks.md`).
 
