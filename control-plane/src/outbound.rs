@@ -393,6 +393,29 @@ pub struct Outbound {
     max_redirects: usize,
 }
 
+/// TLS as every connection the control plane opens sets it up: rustls with aws-lc-rs
+/// (named, as this binary is built with two crypto providers and rustls cannot pick one
+/// alone), its safe default protocol versions, and servers checked against `roots`, or the
+/// system's trust store without them. The caller adds its client certificate, or none.
+pub fn tls_client(
+    roots: Option<rustls::RootCertStore>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    Ok(match roots {
+        Some(roots) => builder.with_root_certificates(roots),
+        None => {
+            let verifier = rustls_platform_verifier::Verifier::new(provider)
+                .map_err(|e| format!("TLS: the system's trust store: {e}"))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+        }
+    })
+}
+
 /// Headers that do not follow a redirect to another origin.
 const CREDENTIALS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
 
@@ -404,17 +427,8 @@ impl Outbound {
     ) -> Result<Self, ClientError> {
         let policy = Arc::new(policy);
         let lookup = Arc::new(lookup);
-        // HTTPS as reqwest sets it up: rustls (aws-lc-rs) verifying against the system's
-        // trust store, HTTP/2 or HTTP/1.1 by ALPN.
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = rustls_platform_verifier::Verifier::new(Arc::clone(&provider))
-            .map_err(|e| ClientError(e.to_string()))?;
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
+        // HTTPS as reqwest sets it up: the system's trust store, HTTP/2 or HTTP/1.1 by ALPN.
+        let tls = tls_client(None).map_err(ClientError)?.with_no_client_auth();
         let build = |policy: Option<Arc<OutboundPolicy>>| {
             let mut http = HttpConnector::new_with_resolver(PolicyResolver {
                 lookup: Arc::clone(&lookup),

@@ -20,7 +20,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use async_nats::{Client, ConnectOptions, ServerAddr};
 use rustls::pki_types::pem::PemObject as _;
@@ -226,11 +225,7 @@ impl NatsAccess {
     /// The TLS client set-up: the server checked against `KNOCKER_NATS_CA` or the system's
     /// trust store, this control plane's certificate when it has one.
     fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?;
-        let builder = match &self.files.ca {
+        let roots = match &self.files.ca {
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certificates(ca, "KNOCKER_NATS_CA")? {
@@ -238,16 +233,11 @@ impl NatsAccess {
                         .add(cert)
                         .map_err(|e| format!("KNOCKER_NATS_CA {}: {e}", ca.display()))?;
                 }
-                builder.with_root_certificates(roots)
+                Some(roots)
             }
-            None => {
-                let verifier = rustls_platform_verifier::Verifier::new(provider)
-                    .map_err(|e| format!("TLS: the system's trust store: {e}"))?;
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(verifier))
-            }
+            None => None,
         };
+        let builder = crate::outbound::tls_client(roots)?;
         match (&self.files.cert, &self.files.key) {
             (Some(cert), Some(key)) => {
                 let chain = certificates(cert, "KNOCKER_NATS_CERT")?;
