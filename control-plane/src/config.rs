@@ -249,7 +249,9 @@ pub struct Settings {
 
     /// Size cap of the job database: bytes, `0` for none, or `auto` (the database plus
     /// half the free space of its file system at start). At the cap the oldest finished
-    /// jobs make room; submissions get 503 only when jobs still to deliver fill it.
+    /// jobs make room; submissions get 503 only when jobs still to deliver fill it. On
+    /// NATS, the cap of the finished history (`auto`: half the account's storage limit,
+    /// else 1 GiB), its oldest jobs making room.
     #[arg(
         long,
         env = "KNOCKER_MAX_STORE_BYTES",
@@ -456,6 +458,7 @@ impl Settings {
                 server: NatsAccess::new(store, self.nats_files()).map_err(ConfigError)?,
                 max_pending: self.max_pending,
                 retention: self.retention,
+                max_history_bytes: self.max_store_bytes,
                 ack_wait: self.nats_ack_wait,
             }),
             "memory" => Engine::Memory,
@@ -724,11 +727,11 @@ pub fn parse_bool(s: &str) -> Result<bool, ConfigError> {
 /// `auto` or a number of bytes (0: no cap).
 fn parse_store_cap(s: &str) -> Result<u64, ConfigError> {
     match s.trim() {
-        "auto" => Ok(crate::store::sqlite::AUTO_CAP),
+        "auto" => Ok(crate::store::AUTO_CAP),
         n => n
             .parse::<u64>()
             .ok()
-            .filter(|&n| n != crate::store::sqlite::AUTO_CAP)
+            .filter(|&n| n != crate::store::AUTO_CAP)
             .ok_or_else(|| {
                 ConfigError(format!(
                     "`{s}` is not a size in bytes (or `auto`, or 0 for none)"
@@ -890,13 +893,13 @@ mod tests {
 
     #[test]
     fn store_cap_is_auto_bytes_or_none() {
-        assert_eq!(parse_store_cap("auto"), Ok(crate::store::sqlite::AUTO_CAP));
+        assert_eq!(parse_store_cap("auto"), Ok(crate::store::AUTO_CAP));
         assert_eq!(parse_store_cap("0"), Ok(0));
         assert_eq!(parse_store_cap("262144"), Ok(262_144));
         let e = parse_store_cap("10GB").unwrap_err();
         assert!(e.0.contains("`10GB` is not a size in bytes"), "{e:?}");
         let default = Settings::defaults();
-        assert_eq!(default.max_store_bytes, crate::store::sqlite::AUTO_CAP);
+        assert_eq!(default.max_store_bytes, crate::store::AUTO_CAP);
     }
 
     #[test]

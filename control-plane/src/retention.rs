@@ -16,7 +16,10 @@ pub async fn run(store: Arc<dyn Store>, time: Time, keep: Duration, shutdown: Ca
         let before = time.now_ms().saturating_sub(keep.as_millis() as u64);
         match store.purge_finished(before).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(jobs = n, "finished jobs past their retention removed"),
+            Ok(n) => tracing::info!(
+                jobs = n,
+                "finished jobs removed (past their retention, or the oldest, to make room)"
+            ),
             Err(e) => tracing::warn!(error = %e, "cannot remove finished jobs"),
         }
         tokio::select! {

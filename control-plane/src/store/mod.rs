@@ -10,6 +10,12 @@
 //!   the jobs and the work.
 //! - [`memory`] — keeps jobs in memory (`KNOCKER_STORE=memory`): fast, not durable.
 
+/// `KNOCKER_MAX_STORE_BYTES=auto` (the default): a size cap chosen at open, so that
+/// history under sustained load neither fills the disk nor, being removed oldest first,
+/// refuses work. The embedded store: the database's size plus half the space free on its
+/// file system. NATS: the finished history, as [`nats::NatsOptions::max_history_bytes`].
+pub const AUTO_CAP: u64 = u64::MAX;
+
 pub mod memory;
 pub mod nats;
 pub mod sqlite;

@@ -5,7 +5,10 @@
 //!   `KNOCKER_DELIVERED` / `KNOCKER_FAILED` (finished ones, removed by the buckets' own
 //!   age limit, `KNOCKER_RETENTION`). Keys are `j` + the id in hex. A finished job
 //!   leaves a marker on its key in `KNOCKER_JOBS` (it tells a used id from a new one);
-//!   retention sweeps the markers once they are as old as the finished records.
+//!   retention sweeps the markers once they are as old as the finished records. The
+//!   finished buckets share a size cap (`KNOCKER_MAX_STORE_BYTES`): at its limit a
+//!   bucket's oldest records make room, and retention sweeps the other bucket's older
+//!   records and the markers of the jobs gone (`history.rs`).
 //! - Work is a stream, `KNOCKER_WORK` (work-queue retention): one message per job to
 //!   attempt, carrying its id, published with `Nats-Msg-Id` so a resubmission within the
 //!   duplicate window is stored once, on its target's subject (`knocker.work.<hash of
@@ -44,8 +47,8 @@
 //! connection of the control plane), `record.rs` (the job records, their keys and
 //! writes), `submit.rs` (accepting a job), `claim.rs` (pulling work and taking its jobs),
 //! `held.rs` (claimed messages until their outcome), `outcome.rs` (finished, retried,
-//! given back), `retention.rs` (markers swept); this file opens the engine and answers
-//! the `Store` contract.
+//! given back), `retention.rs` (markers swept), `history.rs` (the finished history's
+//! size cap); this file opens the engine and answers the `Store` contract.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,6 +73,7 @@ use crate::job::{Attempt, Job, State, PARKED};
 mod claim;
 mod connect;
 mod held;
+mod history;
 mod outcome;
 mod record;
 mod retention;
@@ -104,6 +108,10 @@ pub struct NatsOptions {
     pub max_pending: u64,
     /// How long finished jobs are kept.
     pub retention: Duration,
+    /// Size cap of the finished history (`KNOCKER_MAX_STORE_BYTES`): bytes, 0 for none,
+    /// or [`crate::store::AUTO_CAP`] (half the account's storage limit, else 1 GiB); each
+    /// finished bucket holds up to half of it, its oldest records making room.
+    pub max_history_bytes: u64,
     /// How long a claimed job may go without word from its control plane before another
     /// one gets it.
     pub ack_wait: Duration,
@@ -114,6 +122,8 @@ pub struct NatsStore {
     jobs: kv::Store,
     delivered: kv::Store,
     failed: kv::Store,
+    /// Byte limit of each finished bucket (0: none).
+    bucket_cap: u64,
     work: Consumer<PullConfig>,
     /// Pulls what earlier versions left on `knocker.work`, while anything is left there.
     legacy: Mutex<Option<Consumer<PullConfig>>>,
@@ -141,8 +151,8 @@ impl NatsStore {
         let client = options.server.connect("knocker").await?;
         let js = jetstream::new(client);
         let jobs = open_bucket(&js, JOBS, Duration::ZERO).await?;
-        let delivered = open_bucket(&js, DELIVERED, options.retention).await?;
-        let failed = open_bucket(&js, FAILED, options.retention).await?;
+        let finished =
+            history::open_finished(&js, options.retention, options.max_history_bytes).await?;
         let config = StreamConfig {
             name: WORK.to_owned(),
             subjects: vec![
@@ -190,8 +200,9 @@ impl NatsStore {
         Ok(Self {
             js,
             jobs,
-            delivered,
-            failed,
+            delivered: finished.delivered,
+            failed: finished.failed,
+            bucket_cap: finished.bucket_cap,
             work,
             legacy: Mutex::new(legacy),
             legacy_checked: Mutex::new(now_ms()),
@@ -215,7 +226,17 @@ pub(crate) async fn open_bucket(
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
-    let config = StreamConfig {
+    stream_made(js, bucket_config(bucket, max_age))
+        .await
+        .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))
+}
+
+/// The stream of a key-value bucket, as the client would make it.
+fn bucket_config(bucket: &str, max_age: Duration) -> StreamConfig {
+    StreamConfig {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
@@ -232,13 +253,7 @@ pub(crate) async fn open_bucket(
             max_age.min(Duration::from_secs(120))
         },
         ..Default::default()
-    };
-    stream_made(js, config)
-        .await
-        .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| unavailable(format!("bucket {bucket}: {e}")))
+    }
 }
 
 /// Creations of a stream tried before giving up, and the pause after the first refusal.
@@ -259,7 +274,8 @@ pub(crate) async fn stream_made(
     loop {
         match js.get_or_create_stream(config.clone()).await {
             Ok(stream) => return Ok(stream),
-            Err(e) if tries < STREAM_TRIES => {
+            // A server without room for it says so again: no use looking.
+            Err(e) if tries < STREAM_TRIES && !history::for_room(&e) => {
                 tracing::debug!(stream = %config.name, error = %e, "cannot make a stream yet; looking again");
             }
             Err(e) => return Err(e),
@@ -471,8 +487,12 @@ impl Store for NatsStore {
     }
 
     async fn purge_finished(&self, before: Millis) -> Result<u64, StoreError> {
-        // The finished buckets remove their records themselves (max age = retention);
-        // what a finished job leaves in the open-jobs bucket goes here.
-        self.sweep_markers(before).await
+        // The finished buckets remove their records themselves (max age = retention, and
+        // their oldest at their byte limit); what a finished job leaves in the open-jobs
+        // bucket goes here, once its record is gone: past retention, or before the
+        // history's horizon (the older records of the other bucket removed first).
+        let horizon = self.history_horizon().await?;
+        let before = horizon.map_or(before, |h| h.max(before));
+        self.sweep_markers(before, retention::SWEEP_MOVES).await
     }
 }

@@ -19,6 +19,12 @@ use crate::store::StoreError;
 const SWEEP_BATCH: usize = 5000;
 const SWEEP_CONCURRENCY: usize = 64;
 
+/// Open records a sweep moves past the markers at most (each one a write): a sweep for
+/// room reaches back minutes, not the retention's days, and a long backlog of waiting
+/// jobs in front of the markers is moved a share at a time, round after round, instead
+/// of all at once every round.
+pub(super) const SWEEP_MOVES: usize = 5000;
+
 impl NatsStore {
     /// Removes the markers finished jobs left in the open-jobs bucket before
     /// `before` (their finished records have passed the same age limit by then), so the
@@ -27,14 +33,19 @@ impl NatsStore {
     /// again, as in the embedded store. The bucket is read in order (headers only) up to
     /// the first entry not older than `before`. Markers before the first record in flight
     /// go with one purge of the stream per batch; those after it with a purge of their key
-    /// up to their own sequence, so a record created on the key since is kept. How many
-    /// went.
-    pub(super) async fn sweep_markers(&self, before: Millis) -> Result<u64, StoreError> {
+    /// up to their own sequence, so a record created on the key since is kept. At most
+    /// `moves` open records are moved (the sweep ends there). How many went.
+    pub(super) async fn sweep_markers(
+        &self,
+        before: Millis,
+        moves: usize,
+    ) -> Result<u64, StoreError> {
         let stream = &self.jobs.stream;
         let state = stream.get_info().await.map_err(unavailable)?.state;
         let mut removed = 0;
         let mut from = state.first_sequence;
         let mut open_seen = false;
+        let mut moved = 0;
         while state.messages > 0 && from <= state.last_sequence {
             // A purge moves the stream's consumers on, so each batch is read by a reader
             // of its own from where the last one ended: ephemeral, unacknowledged, headers
@@ -78,6 +89,7 @@ impl NatsStore {
                     .is_some_and(|op| matches!(op.as_str(), "PURGE" | "DEL"));
                 // Past a record in flight nothing goes in bulk: nothing to move either.
                 let open = !marker && (open_seen || self.stays_at(&entry.subject, seq).await?);
+                moved += usize::from(!marker && !open);
                 match (marker, open_seen) {
                     (true, true) => markers.push((entry.subject.to_string(), seq)),
                     (_, false) if !open => below = Some(seq + 1),
@@ -86,6 +98,10 @@ impl NatsStore {
                 removed += u64::from(marker);
                 from = seq + 1;
                 done |= info.pending == 0;
+                if moved >= moves {
+                    done = true;
+                    break;
+                }
             }
             if let Some(below) = below {
                 stream.purge().sequence(below).await.map_err(unavailable)?;

@@ -20,15 +20,28 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, None)
+    }
+
+    /// With JetStream's file storage limited to `max_file_store` bytes.
+    pub fn start_with(name: &str, max_file_store: Option<u64>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap();
         let dir = std::env::temp_dir().join(format!("knocker-nats-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        command
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&dir)
+            .arg(&dir);
+        if let Some(max) = max_file_store {
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = dir.join("server.conf");
+            std::fs::write(&conf, format!("jetstream {{ max_file_store: {max} }}\n")).unwrap();
+            command.arg("-c").arg(conf);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -57,6 +70,7 @@ impl NatsServer {
             server: self.server(),
             max_pending: 1_000_000,
             retention: Duration::from_secs(3600),
+            max_history_bytes: crate::store::AUTO_CAP,
             ack_wait,
         })
         .await
@@ -309,6 +323,7 @@ async fn earlier_version_with_a_job(server: &NatsServer, job: &Job) {
         server: server.server(),
         max_pending: 1000,
         retention: Duration::from_secs(60),
+        max_history_bytes: 0,
         ack_wait: Duration::from_secs(30),
     };
     consumer(&stream, LEGACY_CONSUMER, LEGACY_SUBJECT, &options)
@@ -973,4 +988,218 @@ async fn a_bucket_whose_creation_is_refused_while_another_makes_it_is_found() {
     jobs.put(key("j"), "v".into()).await.unwrap();
     let seen = made.get(key("j")).await.unwrap();
     assert_eq!(seen.as_deref(), Some(&b"v"[..]), "one bucket");
+}
+
+/// Options for a store on `server` with the finished history capped at `cap` bytes.
+fn capped(server: &NatsServer, cap: u64) -> NatsOptions {
+    NatsOptions {
+        server: server.server(),
+        max_pending: 1_000_000,
+        retention: Duration::from_secs(3600),
+        max_history_bytes: cap,
+        ack_wait: Duration::from_secs(30),
+    }
+}
+
+async fn bucket_state(bucket: &kv::Store) -> (u64, u64) {
+    let state = bucket.stream.get_info().await.unwrap().state;
+    (state.messages, state.bytes)
+}
+
+/// At its size cap the finished history makes room, oldest first, and no submission is
+/// refused for it: the delivered bucket drops its oldest records at its limit (half the
+/// cap); retention then removes the failed bucket's records older than the oldest
+/// delivered one kept, and the markers of the jobs gone, whose ids are new again. Open
+/// jobs are never removed; a finished job still kept is still found by its id.
+#[tokio::test]
+async fn at_its_size_cap_the_finished_history_makes_room_oldest_first() {
+    let server = NatsServer::start("history-cap");
+    let cap: u64 = 512 * 1024;
+    let store = NatsStore::open(capped(&server, cap)).await.unwrap();
+    let body = vec![b'x'; 4096];
+    let sized = |id: &str| {
+        let mut job = due_job(id);
+        job.request.body = body.clone();
+        job
+    };
+    // An open job (a retry an hour away) older than everything finished.
+    let mut waiting = sized("waiting");
+    waiting.next_attempt_at = now_ms() + 3_600_000;
+    store.insert(waiting).await.unwrap();
+    store.insert(sized("failed-early")).await.unwrap();
+    let early = claim_n(&store, 1, Duration::from_secs(5)).await.remove(0);
+    store
+        .finish_attempt(&early, attempt(500), Next::Failed { callback: None })
+        .await
+        .unwrap();
+
+    // Delivered jobs, several times what the delivered bucket may hold.
+    let n = 300;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        for i in chunk {
+            let inserted = store.insert(sized(&format!("d-{i}"))).await.unwrap();
+            assert!(matches!(inserted, Inserted::Created), "d-{i} accepted");
+        }
+        for job in claim_n(&store, chunk.len(), Duration::from_secs(10)).await {
+            store
+                .finish_attempt(&job, attempt(200), Next::Delivered)
+                .await
+                .unwrap();
+        }
+    }
+    let (kept, bytes) = bucket_state(&store.delivered).await;
+    assert!(
+        bytes <= cap / 2,
+        "the delivered bucket within its limit: {bytes}"
+    );
+    assert!(
+        kept > 10 && kept < n,
+        "its oldest dropped: {kept} of {n} kept"
+    );
+    let last = format!("d-{}", n - 1);
+    assert_eq!(
+        store.get(&last).await.unwrap().unwrap().state,
+        State::Delivered
+    );
+    assert_eq!(store.get("d-0").await.unwrap(), None, "the oldest is gone");
+    assert_eq!(
+        store.get("failed-early").await.unwrap().unwrap().state,
+        State::Failed,
+        "the failed bucket, far from its limit, keeps it until retention runs"
+    );
+    let count = |id: String| {
+        let subject = format!("{}{}", store.jobs.prefix, key(&id));
+        let stream = store.jobs.stream.clone();
+        async move { subject_count(&stream, &subject).await.unwrap() }
+    };
+    assert_eq!(count("d-0".into()).await, 1, "its marker is still there");
+
+    // Retention, an hour short of its age limit: the history's horizon is what counts.
+    let swept = store.purge_finished(now_ms() - 3_600_000).await.unwrap();
+    // Markers go only with their records: those stored in the same millisecond as the
+    // oldest record kept wait for the next round.
+    assert!(
+        swept > (n - kept) / 2,
+        "the markers of the jobs gone: {swept}"
+    );
+    for i in 0..n {
+        let id = format!("d-{i}");
+        if count(id.clone()).await == 0 {
+            assert_eq!(
+                store.get(&id).await.unwrap(),
+                None,
+                "{id}: its marker gone, so is it"
+            );
+        }
+    }
+    assert_eq!(
+        store.get("failed-early").await.unwrap(),
+        None,
+        "older than the horizon"
+    );
+    assert_eq!(bucket_state(&store.failed).await.0, 0);
+    assert_eq!(count("d-0".into()).await, 0);
+    assert_eq!(count("failed-early".into()).await, 0);
+    assert_eq!(count(last.clone()).await, 1, "a kept job's marker stays");
+    assert_eq!(
+        bucket_state(&store.delivered).await.0,
+        kept,
+        "nothing more of it"
+    );
+    let waiting = store.get("waiting").await.unwrap().unwrap();
+    assert_eq!(waiting.state, State::Pending, "open jobs are never removed");
+
+    // A kept job is found by its id; a removed one's id is new again.
+    match store.insert(sized(&last)).await.unwrap() {
+        Inserted::Existing(job) => assert_eq!(job.state, State::Delivered),
+        Inserted::Created => panic!("{last} is kept: its resubmission is not a new job"),
+    }
+    assert!(matches!(
+        store.insert(sized("d-0")).await.unwrap(),
+        Inserted::Created
+    ));
+}
+
+/// `auto` asks the server for what it can set aside: a server whose JetStream may store
+/// 300 MiB cannot hold 1 GiB of history, so the cap is halved until both buckets fit
+/// (and the buckets of an earlier version, without a limit, are given theirs). A cap
+/// set in bytes that the server cannot set aside stops the start, naming the setting.
+#[tokio::test]
+async fn the_automatic_history_cap_fits_the_server_and_a_set_one_it_cannot_hold_is_refused() {
+    let server = NatsServer::start_with("history-auto", Some(300 << 20));
+    let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
+    // An earlier version's bucket: no byte limit, discard new.
+    open_bucket(&js, DELIVERED, Duration::from_secs(3600))
+        .await
+        .unwrap();
+
+    let refused = NatsStore::open(capped(&server, 1 << 30))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refused.to_string().contains("KNOCKER_MAX_STORE_BYTES"),
+        "{refused}"
+    );
+
+    let store = NatsStore::open(capped(&server, crate::store::AUTO_CAP))
+        .await
+        .unwrap();
+    assert_eq!(store.bucket_cap, 128 << 20, "1 GiB, then 512 MiB, then 256");
+    for bucket in [DELIVERED, FAILED] {
+        let mut stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
+        let config = &stream.info().await.unwrap().config;
+        assert_eq!(config.max_bytes, 128 << 20, "{bucket}");
+        assert_eq!(config.discard, DiscardPolicy::Old, "{bucket}");
+    }
+    // Opened again (another control plane, a restart): the same cap.
+    let again = NatsStore::open(capped(&server, crate::store::AUTO_CAP))
+        .await
+        .unwrap();
+    assert_eq!(again.bucket_cap, 128 << 20);
+}
+
+/// A sweep moves at most so many open records past the markers, then ends: a long
+/// backlog of waiting jobs in front of them is moved a share at a time, round after
+/// round (a sweep for room reaches back minutes, so most waiting jobs are that old).
+#[tokio::test]
+async fn a_sweep_moves_so_many_waiting_jobs_then_ends() {
+    let server = NatsServer::start("sweep-moves");
+    let store = server.store(Duration::from_secs(30)).await;
+    for id in ["w1", "w2", "w3"] {
+        let mut waiting = due_job(id);
+        waiting.next_attempt_at = now_ms() + 3_600_000;
+        store.insert(waiting).await.unwrap();
+    }
+    store.insert(due_job("done")).await.unwrap();
+    let done = claim_n(&store, 1, Duration::from_secs(5)).await.remove(0);
+    assert_eq!(done.id, "done");
+    store
+        .finish_attempt(&done, attempt(200), Next::Delivered)
+        .await
+        .unwrap();
+    let subject = format!("{}{}", store.jobs.prefix, key("done"));
+    let marker = || async { subject_count(&store.jobs.stream, &subject).await.unwrap() };
+    let revision = |id: &'static str| {
+        let store = &store;
+        async move { store.read(&store.jobs, id).await.unwrap().unwrap().1 }
+    };
+    let w3 = revision("w3").await;
+
+    let later = now_ms() + 1_000;
+    assert_eq!(store.sweep_markers(later, 2).await.unwrap(), 0);
+    assert_eq!(marker().await, 1, "behind a waiting job not moved yet");
+    assert_eq!(
+        revision("w3").await,
+        w3,
+        "the third is left for the next round"
+    );
+
+    assert_eq!(store.sweep_markers(later, 2).await.unwrap(), 1);
+    assert_eq!(marker().await, 0);
+    assert!(revision("w3").await > w3, "moved this round");
+    for id in ["w1", "w2", "w3"] {
+        let job = store.get(id).await.unwrap().unwrap();
+        assert_eq!(job.state, State::Pending, "{id} waits on");
+    }
 }

@@ -45,7 +45,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{HostCaps, Inserted, Next, Stats, Store, StoreError};
+use super::{HostCaps, Inserted, Next, Stats, Store, StoreError, AUTO_CAP};
 use crate::clock::Millis;
 use crate::job::{Attempt, Job, State, PARKED};
 use record::{job_from_row, state_code, COLUMNS};
@@ -72,11 +72,6 @@ pub struct Limits {
     /// submissions fail (503).
     pub max_bytes: u64,
 }
-
-/// `KNOCKER_MAX_STORE_BYTES=auto` (the default): the database's size at open plus half
-/// the space free on its file system then, so that history under sustained load neither
-/// fills the disk nor, being purged oldest first, refuses work.
-pub const AUTO_CAP: u64 = u64::MAX;
 
 /// Floor of the automatic cap (a nearly full disk still gets a working store).
 const AUTO_CAP_FLOOR: u64 = 64 << 20;
