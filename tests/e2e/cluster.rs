@@ -537,3 +537,136 @@ async fn two_control_planes_keep_one_rate_for_a_target_between_them() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(target.count(), N, "each once");
 }
+
+/// Deliveries recorded by `cp` so far (`knocker_jobs_finished_total`, delivered).
+async fn delivered_count(cp: &ControlPlane) -> f64 {
+    let metrics = client()
+        .get(cp.url("/metrics"))
+        .bearer_auth(crate::TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = "knocker_jobs_finished_total{kind=\"target\",result=\"delivered\"} ";
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// On NATS the finished history has a size cap (`KNOCKER_MAX_STORE_BYTES`): two streams
+/// of jobs, each several times the cap, are accepted and delivered whole, the delivered
+/// bucket keeping the last to finish within its half of the cap (as the server counts a
+/// stream's bytes, on its monitoring port), so JetStream holds what the cap allows, not
+/// every job delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nats_history_at_its_size_cap_makes_room_and_no_submission_is_refused() {
+    let monitor = knocker_e2e::free_port();
+    let nats = NatsServer::start_with(&format!("http: \"127.0.0.1:{monitor}\""));
+    let target = Target::start(|_, _| Reply::status(200)).await;
+    let cap: u64 = 1 << 20;
+    let cap_setting = cap.to_string();
+    let cp = ControlPlane::start(&[
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_MAX_STORE_BYTES", cap_setting.as_str()),
+    ]);
+    const N: usize = 600;
+    let body = "x".repeat(8 * 1024);
+    // Two halves, the second submitted once the first is delivered and recorded: every
+    // job of the first finishes before any of the second.
+    for half in [0..N / 2, N / 2..N] {
+        let end = half.end;
+        for i in half {
+            let response = client()
+                .post(cp.url(&format!("/history/{i}")))
+                .header("Knocker-Host", target.host())
+                .header("Knocker-Id", format!("h-{i}"))
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "h-{i} accepted");
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let done = delivered_count(&cp).await;
+            if done >= end as f64 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{done} of {end} delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(delivered_ids(&target).len(), N, "each job delivered");
+
+    let job = |id: String| {
+        let url = cp.url(&format!("/knocker/jobs/{id}"));
+        async move {
+            let response = client()
+                .get(url)
+                .bearer_auth(crate::TOKEN)
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    let list = get_json(cp.url("/knocker/jobs?state=delivered&limit=1000")).await;
+    let kept: Vec<usize> = list["jobs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a job list: {list}"))
+        .iter()
+        .map(|j| {
+            let id = j["id"].as_str().unwrap();
+            id.strip_prefix("h-").unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(
+        !kept.is_empty() && kept.len() < N / 4,
+        "{} of {N} kept",
+        kept.len()
+    );
+    assert!(
+        kept.iter().all(|&i| i >= N / 2),
+        "only jobs of the second half are kept: {kept:?}"
+    );
+    let (status, newest) = job(format!("h-{}", kept[kept.len() - 1])).await;
+    assert_eq!(status, 200, "{newest}");
+    assert!(newest.contains("\"delivered\""), "{newest}");
+    for old in [0, N / 4, N / 2 - 1] {
+        let (status, _) = job(format!("h-{old}")).await;
+        assert_eq!(status, 404, "h-{old} made room");
+    }
+
+    // What the server holds, as it counts it.
+    let jsz = get_json(format!(
+        "http://127.0.0.1:{monitor}/jsz?accounts=true&streams=true"
+    ))
+    .await;
+    let streams = jsz["account_details"][0]["stream_detail"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let delivered = streams
+        .iter()
+        .find(|s| s["name"] == "KV_KNOCKER_DELIVERED")
+        .unwrap_or_else(|| panic!("no delivered bucket in {jsz}"));
+    let (messages, bytes) = (
+        delivered["state"]["messages"].as_u64().unwrap(),
+        delivered["state"]["bytes"].as_u64().unwrap(),
+    );
+    assert!(bytes <= cap / 2, "the delivered bucket: {bytes} bytes");
+    assert_eq!(messages, kept.len() as u64, "what the API lists");
+    let storage = jsz["storage"].as_u64().unwrap();
+    let written = (N * body.len()) as u64;
+    assert!(
+        storage < cap + cap / 2,
+        "JetStream holds {storage} bytes, {written} bytes of bodies delivered"
+    );
+}
