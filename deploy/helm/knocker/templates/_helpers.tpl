@@ -47,6 +47,8 @@ spec:
     - { name: KNOCKER_STORE, value: {{ .Values.nats.url | quote }} }
     {{- end }}
     - { name: KNOCKER_NATS_ACK_WAIT, value: {{ .Values.nats.ackWait | quote }} }
+    {{- $history := .Values.nats.maxHistoryBytes }}
+    - { name: KNOCKER_MAX_STORE_BYTES, value: {{ if eq (toString $history) "auto" }}"auto"{{ else }}{{ $history | int64 | quote }}{{ end }} }
     {{- if .Values.nats.credsSecret }}
     - { name: KNOCKER_NATS_CREDS, value: /etc/knocker-nats-login/nats.creds }
     {{- end }}
