@@ -1,11 +1,12 @@
 //! A soak under the store's size cap: a sustained job stream, delivery on, into a store
 //! capped far below what the stream writes, to show that history makes room (the oldest
-//! finished jobs go) and that nothing is refused, the disk and the memory staying flat.
+//! finished jobs go) and that nothing is refused, the disk and the memory staying flat:
+//! the embedded store, then the NATS engine (its finished history capped).
 
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use knocker_e2e::ControlPlane;
+use knocker_e2e::{ControlPlane, NatsServer};
 
 use crate::cost::disk_bytes;
 use crate::jobs::{delivered, knocker_headers, rss_mb, settle, status};
@@ -18,8 +19,108 @@ struct Window {
     rps: f64,
     refused: u64,
     disk_mib: f64,
-    wal_mib: f64,
+    /// The embedded store's write-ahead log; on NATS, the finished history as the server
+    /// counts it.
+    part_mib: f64,
     rss_mib: f64,
+}
+
+/// What a soak kept: jobs accepted, and what was left after the drain.
+struct Soaked {
+    windows: Vec<Window>,
+    accepted: u64,
+    kept: u64,
+    failed: u64,
+    open: u64,
+}
+
+impl Soaked {
+    fn refused(&self) -> u64 {
+        self.windows.iter().map(|w| w.refused).sum()
+    }
+
+    fn removed(&self) -> u64 {
+        self.accepted
+            .saturating_sub(self.kept + self.open + self.failed)
+    }
+
+    fn max_disk(&self) -> f64 {
+        self.windows.iter().map(|w| w.disk_mib).fold(0.0, f64::max)
+    }
+
+    fn table(&self, report: &mut String, disk: &str, part: &str) {
+        let _ = writeln!(
+            report,
+            "| after s | jobs/s | refused | {disk} MiB | {part} MiB | control plane RSS MiB |"
+        );
+        let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+        for w in &self.windows {
+            let _ = writeln!(
+                report,
+                "| {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} |",
+                w.at_s, w.rps, w.refused, w.disk_mib, w.part_mib, w.rss_mib
+            );
+        }
+    }
+}
+
+/// `wrk -c16` POSTs at `cp` for `seconds` in `window` s windows, `measure` giving the
+/// disk and its part after each (MiB); then the drain.
+fn run(
+    cp: &ControlPlane,
+    headers: &[(&str, String)],
+    seconds: u64,
+    window: u64,
+    measure: impl Fn() -> (f64, f64),
+) -> Soaked {
+    let pid = cp.pid().expect("control plane pid");
+    let started = Instant::now();
+    let (mut accepted, mut windows) = (0u64, Vec::new());
+    for _ in 0..seconds.div_ceil(window) {
+        let posts = Posts {
+            bytes: None,
+            // A refusal (503) is counted, not fatal: it is what this section looks for.
+            lenient: true,
+        };
+        let r = wrk_posts(&cp.url("/soak"), window, 16, headers, posts);
+        // A lenient run counts refusals among its answered requests.
+        accepted += r.requests.saturating_sub(r.errors);
+        let (disk_mib, part_mib) = measure();
+        windows.push(Window {
+            at_s: started.elapsed().as_secs_f64(),
+            rps: r.rps,
+            refused: r.errors,
+            disk_mib,
+            part_mib,
+            rss_mib: rss_mb(pid),
+        });
+    }
+    settle(cp);
+    let queue = &status(cp)["queue"];
+    Soaked {
+        windows,
+        accepted,
+        kept: delivered(cp),
+        failed: queue["failed"].as_u64().unwrap_or(0),
+        open: queue["pending"].as_u64().unwrap_or(0) + queue["in_flight"].as_u64().unwrap_or(0),
+    }
+}
+
+/// The finished history on a NATS server, as it counts it (its monitoring port's `/jsz`):
+/// the bytes of the delivered and failed buckets.
+fn nats_history_bytes(monitor: u16) -> u64 {
+    let url = format!("http://127.0.0.1:{monitor}/jsz?accounts=true&streams=true");
+    let jsz: serde_json::Value = reqwest::blocking::get(url)
+        .and_then(|r| r.json())
+        .unwrap_or_default();
+    jsz["account_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+        .filter(|s| s["name"] == "KV_KNOCKER_DELIVERED" || s["name"] == "KV_KNOCKER_FAILED")
+        .filter_map(|s| s["state"]["bytes"].as_u64())
+        .sum()
 }
 
 /// Bytes of the write-ahead logs under `dir`.
@@ -43,40 +144,32 @@ pub fn soak(report: &mut String) {
     let sink = Echo::start();
     let headers = knocker_headers(&sink);
     let cap = (cap_mib * 1024 * 1024).to_string();
+    let mib = |bytes: u64| bytes as f64 / 1048576.0;
     let cp = ControlPlane::start(&[
         ("LOG_LEVEL", "warning"),
         ("KNOCKER_MAX_STORE_BYTES", cap.as_str()),
     ]);
-    let pid = cp.pid().expect("control plane pid");
     let data = cp.dir.join("data");
-    let started = Instant::now();
-    let (mut accepted, mut windows) = (0u64, Vec::new());
-    for _ in 0..seconds.div_ceil(window) {
-        let posts = Posts {
-            bytes: None,
-            // A refusal (503) is counted, not fatal: it is what this section looks for.
-            lenient: true,
-        };
-        let r = wrk_posts(&cp.url("/soak"), window, 16, &headers, posts);
-        // A lenient run counts refusals among its answered requests.
-        accepted += r.requests.saturating_sub(r.errors);
-        windows.push(Window {
-            at_s: started.elapsed().as_secs_f64(),
-            rps: r.rps,
-            refused: r.errors,
-            disk_mib: disk_bytes(&data) as f64 / 1048576.0,
-            wal_mib: wal_bytes(&data) as f64 / 1048576.0,
-            rss_mib: rss_mb(pid),
-        });
-    }
-    settle(&cp);
-    let queue = &status(&cp)["queue"];
-    let kept = delivered(&cp);
-    let open = queue["pending"].as_u64().unwrap_or(0) + queue["in_flight"].as_u64().unwrap_or(0);
-    let failed = queue["failed"].as_u64().unwrap_or(0);
-    let removed = accepted.saturating_sub(kept + open + failed);
-    let refused: u64 = windows.iter().map(|w| w.refused).sum();
-    let max_disk = windows.iter().map(|w| w.disk_mib).fold(0.0, f64::max);
+    let embedded = run(&cp, &headers, seconds, window, || {
+        (mib(disk_bytes(&data)), mib(wal_bytes(&data)))
+    });
+    drop(cp);
+
+    // The NATS engine: its finished history capped the same, the server's files measured.
+    let monitor = knocker_e2e::free_port();
+    let nats = NatsServer::start_with(&format!("http: \"127.0.0.1:{monitor}\""));
+    let cp = ControlPlane::start(&[
+        ("LOG_LEVEL", "warning"),
+        ("KNOCKER_STORE", nats.url.as_str()),
+        ("KNOCKER_MAX_STORE_BYTES", cap.as_str()),
+    ]);
+    let on_nats = run(&cp, &headers, seconds, window, || {
+        (
+            mib(disk_bytes(&nats.store_dir)),
+            mib(nats_history_bytes(monitor)),
+        )
+    });
+    drop(cp);
 
     let _ = writeln!(report, "## Soak under the store's size cap\n");
     let _ = writeln!(
@@ -86,23 +179,41 @@ pub fn soak(report: &mut String) {
          what the stream writes). Disk is the embedded store's files (database, WAL) at the end of each \
          window; RSS is the control plane's.\n"
     );
+    embedded.table(report, "store", "of which WAL");
     let _ = writeln!(
         report,
-        "| after s | jobs/s | refused | store MiB | of which WAL MiB | control plane RSS MiB |"
+        "\n{} jobs accepted, {} refused; after the drain {} delivered jobs are kept, {} failed, {} \
+         open, so **{}** of the oldest finished jobs were removed to make room. The store's files \
+         peaked at {:.1} MiB: the cap is the database's, its write-ahead log comes on top.\n",
+        embedded.accepted,
+        embedded.refused(),
+        embedded.kept,
+        embedded.failed,
+        embedded.open,
+        embedded.removed(),
+        embedded.max_disk(),
     );
-    let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: | ---: |");
-    for w in &windows {
-        let _ = writeln!(
-            report,
-            "| {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} |",
-            w.at_s, w.rps, w.refused, w.disk_mib, w.wal_mib, w.rss_mib
-        );
-    }
     let _ = writeln!(
         report,
-        "\n{accepted} jobs accepted, {refused} refused; after the drain {kept} delivered jobs are kept, \
-         {failed} failed, {open} open, so **{removed}** of the oldest finished jobs were removed to make \
-         room. The store's files peaked at {max_disk:.1} MiB: the cap is the database's, its write-ahead log \
-         comes on top.\n"
+        "The same on the NATS engine (nats-server v2.9 with JetStream on loopback, file storage; \
+         `KNOCKER_STORE=nats://…`, the same cap, which NATS applies to the finished history: the \
+         delivered and failed buckets each hold up to half of it). Disk is the server's store \
+         directory (every stream: open jobs, the markers finished jobs leave until retention \
+         sweeps them once a minute, the work stream, the history); history is the two finished \
+         buckets as the server counts them.\n"
+    );
+    on_nats.table(report, "server's files", "of which history");
+    let _ = writeln!(
+        report,
+        "\n{} jobs accepted, {} refused; after the drain {} delivered jobs are kept, {} failed, {} \
+         open, so **{}** of the oldest finished jobs were removed to make room. The server's files \
+         peaked at {:.1} MiB.\n",
+        on_nats.accepted,
+        on_nats.refused(),
+        on_nats.kept,
+        on_nats.failed,
+        on_nats.open,
+        on_nats.removed(),
+        on_nats.max_disk(),
     );
 }
