@@ -567,7 +567,8 @@ async fn on_nats_history_at_its_size_cap_makes_room_and_no_submission_is_refused
     let monitor = knocker_e2e::free_port();
     let nats = NatsServer::start_with(&format!("http: \"127.0.0.1:{monitor}\""));
     let target = Target::start(|_, _| Reply::status(200)).await;
-    let cap: u64 = 1 << 20;
+    // The least a cap can be: half of it holds the largest record (max_payload, 1 MiB).
+    let cap: u64 = 2 << 20;
     let cap_setting = cap.to_string();
     let cp = ControlPlane::start(&[
         ("KNOCKER_STORE", nats.url.as_str()),

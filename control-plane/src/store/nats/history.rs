@@ -29,9 +29,6 @@ use crate::store::{StoreError, AUTO_CAP};
 /// `auto` on a server whose account has no storage limit to take half of: 1 GiB.
 pub(super) const AUTO_HISTORY: u64 = 1 << 30;
 
-/// The least `auto` settles for on a server that cannot set aside more.
-const HISTORY_FLOOR: u64 = 64 << 20;
-
 /// A bucket this close to its limit (a sixteenth) is taken as dropping its oldest.
 const NEAR: u64 = 16;
 
@@ -53,15 +50,30 @@ enum Refused {
 /// `setting` (`KNOCKER_MAX_STORE_BYTES`: bytes, 0 for none, or [`AUTO_CAP`]) shared
 /// between them. `auto` is half the account's JetStream storage limit when it has one,
 /// else [`AUTO_HISTORY`]; a server that cannot set that aside gets half as much, down to
-/// [`HISTORY_FLOOR`]. A cap set in bytes that the server cannot set aside stops the
-/// start, naming the setting.
+/// two of the largest records the server takes (`largest`, its `max_payload`), the least
+/// that works. A cap set in bytes that the server cannot set aside, or whose half
+/// cannot hold the largest record the server takes (`largest`, its `max_payload`), stops
+/// the start, naming the setting.
 pub(super) async fn open_finished(
     js: &jetstream::Context,
     retention: Duration,
     setting: u64,
+    largest: u64,
 ) -> Result<Finished, StoreError> {
     let auto = setting == AUTO_CAP;
-    let mut cap = if auto { auto_cap(js).await } else { setting };
+    let floor = largest.saturating_mul(2);
+    if !auto && setting > 0 && setting / 2 < largest {
+        return Err(StoreError::Unavailable(format!(
+            "KNOCKER_MAX_STORE_BYTES ({setting} bytes) is too small for the NATS engine: \
+             each of the buckets {DELIVERED} and {FAILED} holds half of it, which must hold \
+             the largest record the server takes ({largest} bytes, its max_payload)"
+        )));
+    }
+    let mut cap = if auto {
+        auto_cap(js).await.max(floor)
+    } else {
+        setting
+    };
     loop {
         let bucket_cap = cap / 2;
         let opened = async {
@@ -84,7 +96,7 @@ pub(super) async fn open_finished(
                     bucket_cap,
                 });
             }
-            Err(Refused::Room(e)) if auto && cap / 2 >= HISTORY_FLOOR => {
+            Err(Refused::Room(e)) if auto && cap / 2 >= floor => {
                 tracing::warn!(cap_bytes = cap, error = %e, "the NATS server cannot set aside the finished history's automatic size cap; trying half of it");
                 cap /= 2;
             }
@@ -120,10 +132,11 @@ async fn auto_cap(js: &jetstream::Context) -> u64 {
     };
     let storage = least(|l| l.max_storage).map(|s| s / 2);
     let stream = least(|l| l.storage_max_stream_bytes).map(|s| s.saturating_mul(2));
-    match storage.into_iter().chain(stream).min() {
-        Some(cap) => cap.max(HISTORY_FLOOR),
-        None => AUTO_HISTORY,
-    }
+    storage
+        .into_iter()
+        .chain(stream)
+        .min()
+        .unwrap_or(AUTO_HISTORY)
 }
 
 /// A finished bucket with `max_bytes` (0: none) and discard old: made, or its stream

@@ -149,10 +149,11 @@ fn now_ms() -> Millis {
 impl NatsStore {
     pub async fn open(options: NatsOptions) -> Result<Self, StoreError> {
         let client = options.server.connect("knocker").await?;
+        let largest = client.server_info().max_payload as u64;
         let js = jetstream::new(client);
         let jobs = open_bucket(&js, JOBS, Duration::ZERO).await?;
-        let finished =
-            history::open_finished(&js, options.retention, options.max_history_bytes).await?;
+        let history = options.max_history_bytes;
+        let finished = history::open_finished(&js, options.retention, history, largest).await?;
         let config = StreamConfig {
             name: WORK.to_owned(),
             subjects: vec![

@@ -1014,7 +1014,8 @@ async fn bucket_state(bucket: &kv::Store) -> (u64, u64) {
 #[tokio::test]
 async fn at_its_size_cap_the_finished_history_makes_room_oldest_first() {
     let server = NatsServer::start("history-cap");
-    let cap: u64 = 512 * 1024;
+    // The least a cap can be: each bucket holds one of the largest records (1 MiB).
+    let cap: u64 = 2 << 20;
     let store = NatsStore::open(capped(&server, cap)).await.unwrap();
     let body = vec![b'x'; 4096];
     let sized = |id: &str| {
@@ -1033,8 +1034,8 @@ async fn at_its_size_cap_the_finished_history_makes_room_oldest_first() {
         .await
         .unwrap();
 
-    // Delivered jobs, several times what the delivered bucket may hold.
-    let n = 300;
+    // Delivered jobs, twice what the delivered bucket may hold.
+    let n = 400;
     for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
         for i in chunk {
             let inserted = store.insert(sized(&format!("d-{i}"))).await.unwrap();
@@ -1140,6 +1141,18 @@ async fn the_automatic_history_cap_fits_the_server_and_a_set_one_it_cannot_hold_
     assert!(
         refused.to_string().contains("KNOCKER_MAX_STORE_BYTES"),
         "{refused}"
+    );
+    // Half of it must hold the largest record the server takes (its max_payload, 1 MiB).
+    let small = NatsStore::open(capped(&server, 1 << 20))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        small
+            .to_string()
+            .contains("KNOCKER_MAX_STORE_BYTES (1048576 bytes) is too small")
+            && small.to_string().contains("max_payload"),
+        "{small}"
     );
 
     let store = NatsStore::open(capped(&server, crate::store::AUTO_CAP))
