@@ -207,7 +207,9 @@ pub fn soak(report: &mut String) {
         report,
         "\n{} jobs accepted, {} refused; after the drain {} delivered jobs are kept, {} failed, {} \
          open, so **{}** of the oldest finished jobs were removed to make room. The server's files \
-         peaked at {:.1} MiB.\n",
+         peaked at {:.1} MiB: they grow between retention's rounds (the open-jobs bucket keeps a \
+         marker of each finished job until the next one, and the server frees a file block only \
+         once all of it is gone) and fall back at each; the history stays at its cap.\n",
         on_nats.accepted,
         on_nats.refused(),
         on_nats.kept,
