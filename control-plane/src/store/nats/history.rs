@@ -14,14 +14,13 @@ use std::time::Duration;
 
 use async_nats::datetime::DateTime;
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::pull::Config as PullConfig;
-use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{Config as StreamConfig, DiscardPolicy, State};
 use async_nats::jetstream::ErrorCode;
 
-use super::claim::fetch;
+use super::retention::headers;
 use super::{bucket_config, stream_made, unavailable, NatsStore, DELIVERED, FAILED};
 use crate::clock::Millis;
 use crate::store::{StoreError, AUTO_CAP};
@@ -247,19 +246,9 @@ async fn trim(bucket: &kv::Store, state: &State, horizon: Millis) -> Result<u64,
     let start_time = DateTime::from_unix_timestamp_nanos(i128::from(horizon) * 1_000_000)
         .map_err(unavailable)?;
     let stream = &bucket.stream;
-    let reader: Consumer<PullConfig> = stream
-        .create_consumer(PullConfig {
-            deliver_policy: DeliverPolicy::ByStartTime { start_time },
-            ack_policy: AckPolicy::None,
-            headers_only: true,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .map_err(unavailable)?;
-    let first = fetch(&reader, 1).await;
-    let _ = stream.delete_consumer(&reader.cached_info().name).await;
-    let below = match first?.first() {
+    let from = DeliverPolicy::ByStartTime { start_time };
+    let first = headers(stream, from, 1).await?;
+    let below = match first.first() {
         Some(record) => record.info().map_err(unavailable)?.stream_sequence,
         None => state.last_sequence + 1,
     };

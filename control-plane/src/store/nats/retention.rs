@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::Message;
 use futures_util::StreamExt as _;
 
 use super::claim::fetch;
@@ -24,6 +26,28 @@ const SWEEP_CONCURRENCY: usize = 64;
 /// jobs in front of the markers is moved a share at a time, round after round, instead
 /// of all at once every round.
 pub(super) const SWEEP_MOVES: usize = 5000;
+
+/// Up to `n` messages of `stream` from `from` on, their headers only, read by a reader of
+/// their own (ephemeral, unacknowledged, deleted after).
+pub(super) async fn headers(
+    stream: &Stream,
+    from: DeliverPolicy,
+    n: usize,
+) -> Result<Vec<Message>, StoreError> {
+    let reader: Consumer<PullConfig> = stream
+        .create_consumer(PullConfig {
+            deliver_policy: from,
+            ack_policy: AckPolicy::None,
+            headers_only: true,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    let read = fetch(&reader, n).await;
+    let _ = stream.delete_consumer(&reader.cached_info().name).await;
+    read
+}
 
 impl NatsStore {
     /// Removes the markers finished jobs left in the open-jobs bucket before
@@ -51,21 +75,10 @@ impl NatsStore {
             // of its own from where the last one ended: ephemeral, unacknowledged, headers
             // only, and without a subject filter (a filtered one makes the server count
             // its pending entries through the whole stream).
-            let reader: Consumer<PullConfig> = stream
-                .create_consumer(PullConfig {
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: from,
-                    },
-                    ack_policy: AckPolicy::None,
-                    headers_only: true,
-                    inactive_threshold: Duration::from_secs(60),
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?;
-            let batch = fetch(&reader, SWEEP_BATCH).await;
-            let _ = stream.delete_consumer(&reader.cached_info().name).await;
-            let batch = batch?;
+            let start = DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            };
+            let batch = headers(stream, start, SWEEP_BATCH).await?;
             // An open record this old (a job retrying for longer than the retention) is
             // written again, so that it moves past the markers (unless it is in flight).
             // While every entry read so far is a marker, they all go with one purge of the
