@@ -1,5 +1,7 @@
-//! Retention: delivered and failed jobs older than `KNOCKER_RETENTION` are removed, once
-//! a minute (or more often for short retentions).
+//! Retention: delivered and failed jobs older than `KNOCKER_RETENTION` are removed, every
+//! 10 seconds (or more often for short retentions). On NATS each round also sweeps the
+//! markers of the jobs the history's size cap removed: between rounds they pile up at the
+//! rate jobs finish, so rounds are short and frequent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use crate::store::Store;
 
 /// Removes finished jobs past `keep` until `shutdown`.
 pub async fn run(store: Arc<dyn Store>, time: Time, keep: Duration, shutdown: CancellationToken) {
-    let every = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let every = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
     loop {
         let before = time.now_ms().saturating_sub(keep.as_millis() as u64);
         match store.purge_finished(before).await {

@@ -199,7 +199,7 @@ pub fn soak(report: &mut String) {
          `KNOCKER_STORE=nats://…`, the same cap, which NATS applies to the finished history: the \
          delivered and failed buckets each hold up to half of it). Disk is the server's store \
          directory (every stream: open jobs, the markers finished jobs leave until retention \
-         sweeps them once a minute, the work stream, the history); history is the two finished \
+         sweeps them every 10 s, the work stream, the history); history is the two finished \
          buckets as the server counts them.\n"
     );
     on_nats.table(report, "server's files", "of which history");
