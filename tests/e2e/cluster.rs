@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use knocker_e2e::{ControlPlane, NatsServer, Reply, Target};
 
-use crate::{client, get_json, WAIT};
+use crate::{client, get_json, scrape_until, WAIT};
 
 fn delivered_ids(target: &Target) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
@@ -538,25 +538,6 @@ async fn two_control_planes_keep_one_rate_for_a_target_between_them() {
     assert_eq!(target.count(), N, "each once");
 }
 
-/// Deliveries recorded by `cp` so far (`knocker_jobs_finished_total`, delivered).
-async fn delivered_count(cp: &ControlPlane) -> f64 {
-    let metrics = client()
-        .get(cp.url("/metrics"))
-        .bearer_auth(crate::TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = "knocker_jobs_finished_total{kind=\"target\",result=\"delivered\"} ";
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// On NATS the finished history has a size cap (`KNOCKER_MAX_STORE_BYTES`): two streams
 /// of jobs, each several times the cap, are accepted and delivered whole, the delivered
 /// bucket keeping the last to finish within its half of the cap (as the server counts a
@@ -591,18 +572,9 @@ async fn on_nats_history_at_its_size_cap_makes_room_and_no_submission_is_refused
                 .unwrap();
             assert_eq!(response.status(), 200, "h-{i} accepted");
         }
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let done = delivered_count(&cp).await;
-            if done >= end as f64 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{done} of {end} delivered"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // Every job of the half delivered and its outcome recorded.
+        let delivered = "knocker_jobs_finished_total{kind=\"target\",result=\"delivered\"}";
+        scrape_until(&cp, delivered, end as f64).await;
     }
     assert_eq!(delivered_ids(&target).len(), N, "each job delivered");
 

@@ -59,6 +59,44 @@ pub async fn get_json(url: String) -> serde_json::Value {
         .expect("a JSON answer")
 }
 
+/// The value of the sample `name{labels}` (exactly as written) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
+    })
+}
+
+/// The control plane's `/metrics` (with [`TOKEN`]), checked to be OpenMetrics text.
+pub async fn scrape(cp: &knocker_e2e::ControlPlane) -> String {
+    let response = client()
+        .get(cp.url("/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status(), 200);
+    let kind = response.headers()["content-type"].to_str().unwrap_or("");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    response.text().await.expect("metrics text")
+}
+
+/// Scrapes until `series` reaches `value` (bounded by [`WAIT`]); returns the last text.
+pub async fn scrape_until(cp: &knocker_e2e::ControlPlane, series: &str, value: f64) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = scrape(cp).await;
+        if sample(&text, series) == Some(value) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {value}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Writes a control-plane configuration file (`KNOCKER_CONFIG`); returns its path.
 pub fn write_config(text: &str) -> String {
     let path = knocker_e2e::temp_dir("config").join("knocker.toml");

@@ -7,15 +7,7 @@ use std::time::Duration;
 use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions, Reply, Target};
 
 use crate::stack::{Door, Stack};
-use crate::{client, write_config, TOKEN, WAIT};
-
-/// The value of the sample `name{labels}` (exactly as written) in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?;
-        rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
-    })
-}
+use crate::{client, sample, scrape_until, write_config, TOKEN, WAIT};
 
 /// Envoy's `/stats/prometheus`.
 async fn envoy_prometheus(envoy: &Envoy) -> String {
@@ -28,35 +20,6 @@ async fn envoy_prometheus(envoy: &Envoy) -> String {
         .text()
         .await
         .unwrap()
-}
-
-async fn scrape(cp: &ControlPlane) -> String {
-    let response = client()
-        .get(cp.url("/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /metrics");
-    assert_eq!(response.status(), 200);
-    let kind = response.headers()["content-type"].to_str().unwrap_or("");
-    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
-    response.text().await.expect("metrics text")
-}
-
-/// Scrapes until `series` reaches `value` (bounded by [`WAIT`]); returns the last text.
-async fn scrape_until(cp: &ControlPlane, series: &str, value: f64) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = scrape(cp).await;
-        if sample(&text, series) == Some(value) {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} never reached {value}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
