@@ -160,13 +160,9 @@ async fn open_capped(
         }
     };
     match js.get_stream(&config.name).await {
-        Ok(mut stream) => {
-            let existing = stream
-                .info()
-                .await
-                .map_err(|e| Refused::Other(unavailable(format!("bucket {bucket}: {e}"))))?
-                .config
-                .clone();
+        Ok(stream) => {
+            // `get_stream` has just read the stream's info; no second round trip.
+            let existing = stream.cached_info().config.clone();
             if existing.max_bytes != config.max_bytes || existing.discard != config.discard {
                 js.update_stream(StreamConfig {
                     max_bytes: config.max_bytes,
