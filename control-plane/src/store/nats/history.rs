@@ -47,12 +47,12 @@ enum Refused {
 
 /// Opens the finished buckets (made, or brought to the cap, when needed) with the cap
 /// `setting` (`KNOCKER_MAX_STORE_BYTES`: bytes, 0 for none, or [`AUTO_CAP`]) shared
-/// between them. `auto` is half the account's JetStream storage limit when it has one,
-/// else [`AUTO_HISTORY`]; a server that cannot set that aside gets half as much, down to
-/// two of the largest records the server takes (`largest`, its `max_payload`), the least
-/// that works. A cap set in bytes that the server cannot set aside, or whose half
-/// cannot hold the largest record the server takes (`largest`, its `max_payload`), stops
-/// the start, naming the setting.
+/// between them. `largest` is the largest record the server takes (its `max_payload`).
+/// `auto` is half the account's JetStream storage limit when it has one, else
+/// [`AUTO_HISTORY`]; a server that cannot set that aside gets half as much, down to two
+/// of the largest records, the least that works. A cap set in bytes that the server
+/// cannot set aside, or whose half cannot hold the largest record, stops the start,
+/// naming the setting.
 pub(super) async fn open_finished(
     js: &jetstream::Context,
     retention: Duration,

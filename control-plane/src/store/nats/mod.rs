@@ -152,8 +152,8 @@ impl NatsStore {
         let largest = client.server_info().max_payload as u64;
         let js = jetstream::new(client);
         let jobs = open_bucket(&js, JOBS, Duration::ZERO).await?;
-        let history = options.max_history_bytes;
-        let finished = history::open_finished(&js, options.retention, history, largest).await?;
+        let cap = options.max_history_bytes;
+        let finished = history::open_finished(&js, options.retention, cap, largest).await?;
         let config = StreamConfig {
             name: WORK.to_owned(),
             subjects: vec![
