@@ -48,6 +48,23 @@ impl Soaked {
         self.windows.iter().map(|w| w.disk_mib).fold(0.0, f64::max)
     }
 
+    /// The counts after the drain, and the peak of `files` with `why` it is what it is.
+    fn summary(&self, report: &mut String, files: &str, why: &str) {
+        let _ = writeln!(
+            report,
+            "\n{} jobs accepted, {} refused; after the drain {} delivered jobs are kept, {} failed, \
+             {} open, so **{}** of the oldest finished jobs were removed to make room. {files} \
+             peaked at {:.1} MiB: {why}.\n",
+            self.accepted,
+            self.refused(),
+            self.kept,
+            self.failed,
+            self.open,
+            self.removed(),
+            self.max_disk(),
+        );
+    }
+
     fn table(&self, report: &mut String, disk: &str, part: &str) {
         let _ = writeln!(
             report,
@@ -180,18 +197,10 @@ pub fn soak(report: &mut String) {
          window; RSS is the control plane's.\n"
     );
     embedded.table(report, "store", "of which WAL");
-    let _ = writeln!(
+    embedded.summary(
         report,
-        "\n{} jobs accepted, {} refused; after the drain {} delivered jobs are kept, {} failed, {} \
-         open, so **{}** of the oldest finished jobs were removed to make room. The store's files \
-         peaked at {:.1} MiB: the cap is the database's, its write-ahead log comes on top.\n",
-        embedded.accepted,
-        embedded.refused(),
-        embedded.kept,
-        embedded.failed,
-        embedded.open,
-        embedded.removed(),
-        embedded.max_disk(),
+        "The store's files",
+        "the cap is the database's, its write-ahead log comes on top",
     );
     let _ = writeln!(
         report,
@@ -203,19 +212,11 @@ pub fn soak(report: &mut String) {
          buckets as the server counts them.\n"
     );
     on_nats.table(report, "server's files", "of which history");
-    let _ = writeln!(
+    on_nats.summary(
         report,
-        "\n{} jobs accepted, {} refused; after the drain {} delivered jobs are kept, {} failed, {} \
-         open, so **{}** of the oldest finished jobs were removed to make room. The server's files \
-         peaked at {:.1} MiB: they grow between retention's rounds (the open-jobs bucket keeps a \
-         marker of each finished job until the next one, and the server frees a file block only \
-         once all of it is gone) and fall back at each; the history stays at its cap.\n",
-        on_nats.accepted,
-        on_nats.refused(),
-        on_nats.kept,
-        on_nats.failed,
-        on_nats.open,
-        on_nats.removed(),
-        on_nats.max_disk(),
+        "The server's files",
+        "they grow between retention's rounds (the open-jobs bucket keeps a marker of each \
+         finished job until the next one, and the server frees a file block only once all of it \
+         is gone) and fall back at each; the history stays at its cap",
     );
 }
