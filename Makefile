@@ -42,7 +42,9 @@ image: build
 	@scripts/image.sh
 
 # Unit, service and end-to-end tests in one run (the e2e tests start the binaries that
-# `build` made, the real Envoy and real targets, and what `image` made).
+# `build` made, the real Envoy and real targets, and what `image` made). The test build
+# first, on its own: it fails if it would compile the control plane a second time
+# (scripts/build-tests.sh).
 # Then the end-to-end suite again on the oldest Envoy the docs promise (the sessions
 # of `make run`, which start their own Envoy, left out). With nextest it is picked from
 # the workspace's build by a filter, not built again with `-p` (whose features differ:
@@ -52,6 +54,7 @@ OLDEST_ENVOY_TESTS := $(shell $(CARGO) nextest --version >/dev/null 2>&1 \
 	&& echo "--workspace -E 'package(knocker-e2e) & not (test(readme::) | test(make_run::))'" \
 	|| echo "-p knocker-e2e")
 test: build image lint
+	@CARGO=$(CARGO) scripts/build-tests.sh
 	$(CARGO) $(TEST_RUNNER) --release --workspace
 	@echo "== the end-to-end suite on Envoy $$($(OLDEST_ENVOY) --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1) (the other tests ran above)"
 	ENVOY_BIN=$(CURDIR)/$(OLDEST_ENVOY) $(CARGO) $(TEST_RUNNER) --release $(OLDEST_ENVOY_TESTS)
