@@ -43,7 +43,7 @@ image: build
 
 # Unit, service and end-to-end tests in one run (the e2e tests start the binaries that
 # `build` made, the real Envoy and real targets, and what `image` made). The test build
-# first, on its own: it fails if it would compile the control plane a second time
+# first, on its own: it fails when it compiled the control plane a second time
 # (scripts/build-tests.sh).
 # Then the end-to-end suite again on the oldest Envoy the docs promise (the sessions
 # of `make run`, which start their own Envoy, left out). With nextest it is picked from
