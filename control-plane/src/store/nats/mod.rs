@@ -36,6 +36,13 @@
 //! delivery claims the job with one compare-and-set write over that revision and no read;
 //! a record changed meanwhile fails the write and is read. Outcomes are three requests:
 //! the finished record, the open one's removal, the acknowledgement.
+//! Most of the server's time in a drain goes to the two writes over a key of the open-jobs
+//! bucket, the claim and the removal: each makes the server find the key's last message
+//! and drop it (reading the key instead of writing it costs about as much). Left out by
+//! hand, the claim alone took the server from ~110 to ~70 µs per delivered job and both
+//! to ~50 (the drain 1.4× and 1.7× as fast). The claim stays: it is what a deleted job's
+//! message, another message of the job and the state the API shows are checked against;
+//! leaving it out needs another way to stop the message of a job deleted while pending.
 //! A job can end up with two work messages (a resubmission after the duplicate window
 //! whose first submission died before publishing, a replay while an old message is still
 //! around): the one that claims the job names itself in the record (`claimed_by`), and
