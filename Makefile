@@ -53,11 +53,20 @@ OLDEST_ENVOY := .tools/envoy-1.36.4/bin/envoy
 OLDEST_ENVOY_TESTS := $(shell $(CARGO) nextest --version >/dev/null 2>&1 \
 	&& echo "--workspace -E 'package(knocker-e2e) & not (test(readme::) | test(make_run::))'" \
 	|| echo "-p knocker-e2e")
+# Last, the tests that start a NATS server (the engine's own, the store contract on every
+# engine, the cluster and NATS login tests, the guide's NATS session) again on the newer
+# server the manifests in deploy/ run, first on PATH (scripts/setup.sh installs it).
+NEWEST_NATS := .tools/nats-server-2.12.8
+NATS_TESTS := $(shell $(CARGO) nextest --version >/dev/null 2>&1 \
+	&& echo "--workspace -E 'test(/nats/) | test(/contract_tests/) | test(/^cluster::/)'" \
+	|| echo "--workspace -- nats contract_tests cluster::")
 test: build image lint
 	@CARGO=$(CARGO) scripts/build-tests.sh
 	$(CARGO) $(TEST_RUNNER) --release --workspace
 	@echo "== the end-to-end suite on Envoy $$($(OLDEST_ENVOY) --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1) (the other tests ran above)"
 	ENVOY_BIN=$(CURDIR)/$(OLDEST_ENVOY) $(CARGO) $(TEST_RUNNER) --release $(OLDEST_ENVOY_TESTS)
+	@echo "== the NATS tests on nats-server $$($(NEWEST_NATS)/nats-server --version | grep -o '[0-9.]*$$') (on $$(nats-server --version | grep -o '[0-9.]*$$') above)"
+	PATH=$(CURDIR)/$(NEWEST_NATS):$$PATH $(CARGO) $(TEST_RUNNER) --release $(NATS_TESTS)
 
 bench: build
 	@scripts/bench.sh

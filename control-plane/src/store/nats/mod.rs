@@ -1,5 +1,6 @@
 //! The distributed engine: NATS JetStream (`KNOCKER_STORE=nats://host:port`), shared by
-//! every control plane that points at the same server. Works with nats-server 2.9.
+//! every control plane that points at the same server. Works with nats-server 2.9 and newer
+//! (`make test` runs its tests on 2.9 and on 2.12).
 //!
 //! - Job records live in key-value buckets: `KNOCKER_JOBS` (open jobs), and
 //!   `KNOCKER_DELIVERED` / `KNOCKER_FAILED` (finished ones, removed by the buckets' own
