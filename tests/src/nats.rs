@@ -14,14 +14,27 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// The newer server `scripts/setup.sh` installs beside Debian's (the one the manifests
+    /// in deploy/ run), relative to the repository.
+    pub const NEWEST: &'static str = ".tools/nats-server-2.12.8/nats-server";
+
     pub fn start() -> Self {
         Self::start_with("")
+    }
+
+    /// `binary` instead of the `nats-server` on PATH.
+    pub fn start_binary(binary: &std::path::Path) -> Self {
+        Self::start_from(binary.as_os_str(), "")
     }
 
     /// With `conf` added to its configuration file (an `authorization` or `tls` block,
     /// say); `url` is still `nats://127.0.0.1:<port>`. Its log goes into the panic when
     /// it stops or does not listen in time.
     pub fn start_with(conf: &str) -> Self {
+        Self::start_from("nats-server".as_ref(), conf)
+    }
+
+    fn start_from(binary: &std::ffi::OsStr, conf: &str) -> Self {
         let port = free_port();
         let dir = temp_dir("nats");
         let store_dir = dir.join("jetstream");
@@ -33,14 +46,16 @@ impl NatsServer {
         std::fs::write(&file, text).expect("write nats.conf");
         let log_path = dir.join("nats.log");
         let log = std::fs::File::create(&log_path).expect("nats-server log");
-        let mut child = Command::new("nats-server")
+        let mut child = Command::new(binary)
             .arg("-c")
             .arg(&file)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("nats-server must be on PATH: run `scripts/setup.sh` (make test does it)");
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary:?} ({e}): run `scripts/setup.sh` (make test does it)")
+            });
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             let exited = child.try_wait().ok().flatten();

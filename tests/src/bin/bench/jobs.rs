@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions};
+use knocker_e2e::{ControlPlane, Envoy, EnvoyOptions, NatsServer};
 use serde_json::Value;
 
 use crate::cost::{cost_once, dash, med, Cost, SetUp};
@@ -355,7 +355,16 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let backlog = env_or("BENCH_ENGINE_JOBS", 20_000) as usize;
     let sink = Echo::start();
     let headers = knocker_headers(&sink);
-    let nats = knocker_e2e::NatsServer::start();
+    // The NATS servers: Debian's (on PATH) and the newer one the manifests in deploy/ run.
+    let newest = knocker_e2e::repo_root().join(NatsServer::NEWEST);
+    let start_server = |i: usize| match i {
+        1 => NatsServer::start(),
+        _ => NatsServer::start_binary(&newest),
+    };
+    let versions = [
+        nats_version("nats-server".as_ref()),
+        nats_version(newest.as_os_str()),
+    ];
     let env = |store: &str| {
         vec![
             ("LOG_LEVEL".to_owned(), "warning".to_owned()),
@@ -367,19 +376,28 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         ControlPlane::start(&env)
     };
-    let engines = [
-        ("embedded (SQLite)", "sqlite".to_owned()),
-        ("NATS JetStream", nats.url.clone()),
+    let names = [
+        "embedded (SQLite)".to_owned(),
+        format!("NATS JetStream, nats-server {}", versions[0]),
+        format!("NATS JetStream, nats-server {}", versions[1]),
     ];
-    let mut accept: [Vec<WrkResult>; 2] = Default::default();
+    // Engine i > 0 is NATS on servers[i - 1].
+    let store_of = |i: usize, servers: &[NatsServer]| match i {
+        0 => "sqlite".to_owned(),
+        _ => servers[i - 1].url.clone(),
+    };
+    let mut accept: [Vec<WrkResult>; 3] = Default::default();
     // CPU per accepted job of each round: control plane, NATS server.
-    let mut accept_cpu: [Vec<(f64, f64)>; 2] = Default::default();
+    let mut accept_cpu: [Vec<(f64, f64)>; 3] = Default::default();
     {
-        let cps: Vec<ControlPlane> = engines.iter().map(|(_, s)| start(&env(s))).collect();
+        let servers = [start_server(1), start_server(2)];
+        let cps: Vec<ControlPlane> = (0..3)
+            .map(|i| start(&env(&store_of(i, &servers))))
+            .collect();
         for _ in 0..rounds {
             for (i, cp) in cps.iter().enumerate() {
                 let pid = cp.pid().expect("running");
-                let server = (i == 1).then(|| nats.pid());
+                let server = (i > 0).then(|| servers[i - 1].pid());
                 let before = (cpu_s(pid), server.map_or(0.0, cpu_s));
                 let run = wrk_post(&cp.url("/bench"), seconds, 50, &headers);
                 let jobs = run.requests.max(1) as f64;
@@ -391,13 +409,14 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
             }
         }
     }
-    // Drains: a fresh server for NATS so the accepted jobs above are not in the way. Each
-    // engine drains `rounds` backlogs into the same sink, the two taking turns; each
-    // backlog is submitted with delivery off and delivered after a restart with it on.
-    let drain_nats = knocker_e2e::NatsServer::start();
-    let stores = ["sqlite".to_owned(), drain_nats.url.clone()];
-    let mut cps: Vec<ControlPlane> = stores.iter().map(|s| start(&env(s))).collect();
-    let mut drains: [Vec<Drain>; 2] = Default::default();
+    // Drains: fresh servers for NATS so the accepted jobs above are not in the way. Each
+    // engine drains `rounds` backlogs into the same sink, taking turns; each backlog is
+    // submitted with delivery off and delivered after a restart with it on.
+    let drain_servers = [start_server(1), start_server(2)];
+    let mut cps: Vec<ControlPlane> = (0..3)
+        .map(|i| start(&env(&store_of(i, &drain_servers))))
+        .collect();
+    let mut drains: [Vec<Drain>; 3] = Default::default();
     for round in 0..rounds {
         for (i, cp) in cps.iter_mut().enumerate() {
             if round > 0 {
@@ -409,7 +428,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
             cp.set_env("KNOCKER_DELIVERY", "on");
             cp.restart();
             let pid = cp.pid().expect("running");
-            let server = (i == 1).then(|| drain_nats.pid());
+            let server = (i > 0).then(|| drain_servers[i - 1].pid());
             let before = (cpu_s(pid), server.map_or(0.0, cpu_s), cpu_s(sink.pid()));
             let started = Instant::now();
             while delivered(cp) < done + backlog as u64 {
@@ -431,18 +450,16 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         }
     }
     // The store's files after every drain, per job drained.
-    let disk_per_job = |i: usize, cp: &ControlPlane| {
-        let store = if i == 1 {
-            drain_nats.store_dir.clone()
-        } else {
-            cp.dir.join("data")
-        };
-        crate::cost::disk_bytes(&store) as f64 / (backlog as u64 * rounds) as f64
-    };
     let disk: Vec<f64> = cps
         .iter()
         .enumerate()
-        .map(|(i, cp)| disk_per_job(i, cp))
+        .map(|(i, cp)| {
+            let store = match i {
+                0 => cp.dir.join("data"),
+                _ => drain_servers[i - 1].store_dir.clone(),
+            };
+            crate::cost::disk_bytes(&store) as f64 / (backlog as u64 * rounds) as f64
+        })
         .collect();
     drop(cps);
     let drains: Vec<Drain> = drains
@@ -466,14 +483,16 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     );
     let _ = writeln!(
         report,
-        "One control plane per engine (nats-server {} with JetStream on loopback, file storage). Accepted: \
+        "One control plane per engine, NATS on two servers: Debian's nats-server {} and nats-server {}, the one \
+         `deploy/kubernetes/nats` runs (JetStream on loopback, file storage). Accepted: \
          `wrk -t1 -c50 -d{seconds}s` on the HTTP ingress with delivery off, median of {rounds} rounds taking turns. \
          Delivered: {backlog} jobs submitted with delivery off, then the control plane restarted with delivery on \
          into a `knocker echo` sink; the time until all are delivered, median of {rounds} drains taking turns. CPU \
          (user + system, from `/proc/<pid>/stat`) per job of each process over the accepting rounds and over the \
          drains (medians); disk is the store's files after the drains (the database and its WAL; the NATS \
          server's store directory), per job drained.\n",
-        nats_version()
+        versions[0],
+        versions[1]
     );
     let _ = writeln!(
         report,
@@ -484,13 +503,13 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         report,
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    for (i, (name, _)) in engines.iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let (rps, p99) = med(&accept[i]);
         let cp_us = median(accept_cpu[i].iter().map(|c| c.0).collect());
         let server_us = median(accept_cpu[i].iter().map(|c| c.1).collect());
         let d = &drains[i];
         let server = |us: f64| {
-            if i == 1 {
+            if i > 0 {
                 format!("{us:.0}")
             } else {
                 "–".to_owned()
@@ -507,19 +526,37 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
             disk[i]
         );
     }
-    let (sqlite, nats_rps) = (med(&accept[0]).0, med(&accept[1]).0);
+    let sqlite = med(&accept[0]).0.max(1.0);
+    let ratios: Vec<String> = (1..3)
+        .map(|i| {
+            let accepts = med(&accept[i]).0 / sqlite;
+            let delivers = drains[i].rate / drains[0].rate.max(1.0);
+            let met = if accepts >= 0.5 && delivers >= 0.5 {
+                "met"
+            } else {
+                "NOT met"
+            };
+            format!(
+                "on nats-server {} NATS accepts {accepts:.2}× and delivers {delivers:.2}× what the \
+                 embedded store does (goal ≥ 0.5× for both: {met})",
+                versions[i - 1],
+            )
+        })
+        .collect();
     let _ = writeln!(
         report,
-        "\nRatios in this run: NATS accepts {:.2}× and delivers {:.2}× what the embedded store does. \
-         A new job is two requests to the server, each waited for; its claim one, and its outcome \
-         two waited for (the finished record, the open one's removal) and the acknowledgement; \
-         the embedded store shares one commit among every change of a batch. Delivering a job costs \
-         the NATS server {:.0} µs and the control plane {:.0} µs on NATS; the control plane {:.0} µs \
-         on the embedded store.\n",
-        nats_rps / sqlite.max(1.0),
-        drains[1].rate / drains[0].rate.max(1.0),
+        "\nRatios in this run: {}. A new job is two requests to the server, each waited for; its claim one, \
+         and its outcome two waited for (the finished record, the open one's removal) and the \
+         acknowledgement; the embedded store shares one commit among every change of a batch. Delivering a \
+         job costs the NATS server {:.0} µs on {} and {:.0} on {}, the control plane {:.0} and {:.0} µs on \
+         NATS; the control plane {:.0} µs on the embedded store.\n",
+        ratios.join("; "),
         drains[1].server_us,
+        versions[0],
+        drains[2].server_us,
+        versions[1],
         drains[1].control_plane_us,
+        drains[2].control_plane_us,
         drains[0].control_plane_us
     );
 }
@@ -532,8 +569,9 @@ struct Drain {
     sink_us: f64,
 }
 
-fn nats_version() -> String {
-    std::process::Command::new("nats-server")
+/// What `nats-server --version` says of itself, without its name.
+fn nats_version(binary: &std::ffi::OsStr) -> String {
+    std::process::Command::new(binary)
         .arg("--version")
         .output()
         .map(|o| {

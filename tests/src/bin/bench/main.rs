@@ -17,8 +17,8 @@
 //! Signing (`jobs.rs`): drains of signed deliveries with circuits on against unsigned ones
 //! with circuits off, alternating rounds: deliveries/s and CPU per job.
 //!
-//! Engines (`jobs.rs`): the embedded store and NATS JetStream side by side, accepted and
-//! delivered jobs/s.
+//! Engines (`jobs.rs`): the embedded store and NATS JetStream (on Debian's nats-server and
+//! on the newer one `scripts/setup.sh` installs) side by side, accepted and delivered jobs/s.
 //!
 //! Cost per job (`cost.rs`): a sustained job stream, delivery on, through each door: CPU
 //! per job of every process (control plane, Envoy, sink) over the load and its drain,
