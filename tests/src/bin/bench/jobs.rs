@@ -357,10 +357,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let headers = knocker_headers(&sink);
     // The NATS servers: Debian's (on PATH) and the newer one the manifests in deploy/ run.
     let newest = knocker_e2e::repo_root().join(NatsServer::NEWEST);
-    let start_server = |i: usize| match i {
-        1 => NatsServer::start(),
-        _ => NatsServer::start_binary(&newest),
-    };
+    let start_servers = || [NatsServer::start(), NatsServer::start_binary(&newest)];
     let versions = [
         nats_version("nats-server".as_ref()),
         nats_version(newest.as_os_str()),
@@ -390,7 +387,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     // CPU per accepted job of each round: control plane, NATS server.
     let mut accept_cpu: [Vec<(f64, f64)>; 3] = Default::default();
     {
-        let servers = [start_server(1), start_server(2)];
+        let servers = start_servers();
         let cps: Vec<ControlPlane> = (0..3)
             .map(|i| start(&env(&store_of(i, &servers))))
             .collect();
@@ -412,7 +409,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     // Drains: fresh servers for NATS so the accepted jobs above are not in the way. Each
     // engine drains `rounds` backlogs into the same sink, taking turns; each backlog is
     // submitted with delivery off and delivered after a restart with it on.
-    let drain_servers = [start_server(1), start_server(2)];
+    let drain_servers = start_servers();
     let mut cps: Vec<ControlPlane> = (0..3)
         .map(|i| start(&env(&store_of(i, &drain_servers))))
         .collect();
