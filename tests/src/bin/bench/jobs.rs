@@ -378,10 +378,12 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         format!("NATS JetStream, nats-server {}", versions[0]),
         format!("NATS JetStream, nats-server {}", versions[1]),
     ];
-    // Engine i > 0 is NATS on servers[i - 1].
-    let store_of = |i: usize, servers: &[NatsServer]| match i {
-        0 => "sqlite".to_owned(),
-        _ => servers[i - 1].url.clone(),
+    // Engine 0 is the embedded store, engine i > 0 NATS on servers[i - 1].
+    fn server_of(i: usize, servers: &[NatsServer; 2]) -> Option<&NatsServer> {
+        i.checked_sub(1).map(|n| &servers[n])
+    }
+    let store_of = |i: usize, servers: &[NatsServer; 2]| {
+        server_of(i, servers).map_or_else(|| "sqlite".to_owned(), |s| s.url.clone())
     };
     let mut accept: [Vec<WrkResult>; 3] = Default::default();
     // CPU per accepted job of each round: control plane, NATS server.
@@ -394,7 +396,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         for _ in 0..rounds {
             for (i, cp) in cps.iter().enumerate() {
                 let pid = cp.pid().expect("running");
-                let server = (i > 0).then(|| servers[i - 1].pid());
+                let server = server_of(i, &servers).map(NatsServer::pid);
                 let before = (cpu_s(pid), server.map_or(0.0, cpu_s));
                 let run = wrk_post(&cp.url("/bench"), seconds, 50, &headers);
                 let jobs = run.requests.max(1) as f64;
@@ -425,7 +427,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
             cp.set_env("KNOCKER_DELIVERY", "on");
             cp.restart();
             let pid = cp.pid().expect("running");
-            let server = (i > 0).then(|| drain_servers[i - 1].pid());
+            let server = server_of(i, &drain_servers).map(NatsServer::pid);
             let before = (cpu_s(pid), server.map_or(0.0, cpu_s), cpu_s(sink.pid()));
             let started = Instant::now();
             while delivered(cp) < done + backlog as u64 {
@@ -451,10 +453,8 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         .iter()
         .enumerate()
         .map(|(i, cp)| {
-            let store = match i {
-                0 => cp.dir.join("data"),
-                _ => drain_servers[i - 1].store_dir.clone(),
-            };
+            let store = server_of(i, &drain_servers)
+                .map_or_else(|| cp.dir.join("data"), |s| s.store_dir.clone());
             crate::cost::disk_bytes(&store) as f64 / (backlog as u64 * rounds) as f64
         })
         .collect();
