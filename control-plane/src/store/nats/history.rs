@@ -20,6 +20,7 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{Config as StreamConfig, DiscardPolicy, State};
 use async_nats::jetstream::ErrorCode;
 
+use super::record::purge_below;
 use super::retention::headers;
 use super::{bucket_config, stream_made, unavailable, NatsStore, DELIVERED, FAILED};
 use crate::clock::Millis;
@@ -248,6 +249,5 @@ async fn trim(bucket: &kv::Store, state: &State, horizon: Millis) -> Result<u64,
         Some(record) => record.info().map_err(unavailable)?.stream_sequence,
         None => state.last_sequence + 1,
     };
-    let purged = stream.purge().sequence(below).await.map_err(unavailable)?;
-    Ok(purged.purged)
+    purge_below(bucket, below).await
 }

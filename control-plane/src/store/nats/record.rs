@@ -79,6 +79,25 @@ pub(super) fn in_arrival_order(mut records: Vec<Record>) -> impl Iterator<Item =
     records.into_iter().map(|r| r.job)
 }
 
+/// Removes every message of the bucket stored before `below` (a sequence); how many went.
+///
+/// The purge names the bucket's own subjects, although they are all its stream holds:
+/// nats-server 2.9, purging up to a sequence without a subject, drops whole file blocks
+/// without taking their keys out of its index of subjects, which then kept an entry for
+/// every job ever finished and grew the server's memory without end. With the subjects
+/// named it removes the messages one by one (about 2.5 µs each on 2.9), keeping the index
+/// right; newer servers do either as fast.
+pub(super) async fn purge_below(bucket: &kv::Store, below: u64) -> Result<u64, StoreError> {
+    bucket
+        .stream
+        .purge()
+        .filter(format!("{}>", bucket.prefix))
+        .sequence(below)
+        .await
+        .map(|purged| purged.purged)
+        .map_err(unavailable)
+}
+
 /// Removes a key and every message it had, leaving no delete marker behind: the
 /// finished buckets are counted by their messages ([`Store::stats`]), so a marker would
 /// count as a job.

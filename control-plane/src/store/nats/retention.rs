@@ -10,7 +10,7 @@ use async_nats::jetstream::Message;
 use futures_util::StreamExt as _;
 
 use super::claim::fetch;
-use super::record::id_of;
+use super::record::{id_of, purge_below};
 use super::{unavailable, NatsStore};
 use crate::clock::Millis;
 use crate::job::State;
@@ -82,9 +82,9 @@ impl NatsStore {
             // An open record this old (a job retrying for longer than the retention) is
             // written again, so that it moves past the markers (unless it is in flight).
             // While every entry read so far is a marker, they all go with one purge of the
-            // stream up to there (the stream holds this bucket only; a purge without a
-            // subject filter drops whole blocks, one with a filter cost the server ~60 µs
-            // an entry); markers after an open record go one by one (~120 µs each).
+            // bucket up to there ([`purge_below`]: a few µs an entry on the server; a
+            // purge of one key costs it ~60); markers after an open record go one by one
+            // (~120 µs each).
             let mut below = None;
             let mut markers = Vec::new();
             let mut done = batch.is_empty();
@@ -117,7 +117,7 @@ impl NatsStore {
                 }
             }
             if let Some(below) = below {
-                stream.purge().sequence(below).await.map_err(unavailable)?;
+                purge_below(&self.jobs, below).await?;
             }
             let mut purges = futures_util::stream::iter(markers)
                 .map(|(subject, seq)| async move {

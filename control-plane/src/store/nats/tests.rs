@@ -1228,3 +1228,37 @@ async fn a_sweep_moves_so_many_waiting_jobs_then_ends() {
         assert_eq!(job.state, State::Pending, "{id} waits on");
     }
 }
+
+/// Swept markers leave nothing of their keys in the server's index of subjects. nats-server
+/// 2.9 drops whole file blocks of a stream purged up to a sequence without taking their
+/// subjects out of that index: a sweep that way left an entry behind for every job ever
+/// finished, and the server's memory grew with them (to 800 MiB in 5 minutes at 4,000
+/// jobs/s). Markers enough to fill several blocks (their records were 16 KiB each).
+#[tokio::test]
+async fn swept_markers_leave_no_subjects_in_the_server_index() {
+    let server = NatsServer::start("sweep-index");
+    let store = server.store(Duration::from_secs(30)).await;
+    let record = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+    let markers = 1500;
+    for i in 0..markers {
+        let key = key(&format!("m{i}"));
+        store.jobs.put(&key, record.clone()).await.unwrap();
+        store.jobs.delete(&key).await.unwrap();
+    }
+    // One marker newer than the sweep's horizon stays (there always is one).
+    let before = now_ms() + 1;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.jobs.put(&key("late"), record.clone()).await.unwrap();
+    store.jobs.delete(&key("late")).await.unwrap();
+    let swept = store
+        .sweep_markers(before, retention::SWEEP_MOVES)
+        .await
+        .unwrap();
+    assert_eq!(swept, markers);
+    let state = store.jobs.stream.get_info().await.unwrap().state;
+    assert_eq!(state.messages, 1, "the newer marker stays");
+    assert_eq!(
+        state.subjects_count, 1,
+        "no subject of the swept markers left in the server's index"
+    );
+}
