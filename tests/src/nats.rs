@@ -24,7 +24,12 @@ impl NatsServer {
 
     /// `binary` instead of the `nats-server` on PATH.
     pub fn start_binary(binary: &std::path::Path) -> Self {
-        Self::start_from(binary.as_os_str(), "")
+        Self::start_binary_with(binary, "")
+    }
+
+    /// `binary` instead of the `nats-server` on PATH, with `conf` as in [`Self::start_with`].
+    pub fn start_binary_with(binary: &std::path::Path, conf: &str) -> Self {
+        Self::start_from(binary.as_os_str(), conf)
     }
 
     /// With `conf` added to its configuration file (an `authorization` or `tls` block,

@@ -33,8 +33,9 @@
 //! rates, p50/p99, CPU per request of each process and the store's growth per request.
 //!
 //! Soak (`soak.rs`): a sustained job stream into a store capped far below what it writes,
-//! the embedded store and then NATS (its finished history capped): jobs/s, refusals, store
-//! size and RSS per window, and how many finished jobs made room.
+//! the embedded store and then NATS on each of its two servers (its finished history
+//! capped): jobs/s, refusals, store size and RSS per window (the control plane's, and the
+//! NATS server's), and how many finished jobs made room.
 //!
 //! Knobs (environment): `BENCH_FILTER_ROUNDS` (15), `BENCH_FILTER_SECONDS` (3),
 //! `BENCH_ROUNDS` (3, the job benchmarks), `BENCH_SECONDS` (10), `BENCH_CONNECTIONS`

@@ -1,7 +1,8 @@
 //! A soak under the store's size cap: a sustained job stream, delivery on, into a store
 //! capped far below what the stream writes, to show that history makes room (the oldest
 //! finished jobs go) and that nothing is refused, the disk and the memory staying flat:
-//! the embedded store, then the NATS engine (its finished history capped).
+//! the embedded store, then the NATS engine (its finished history capped) on each of the
+//! two NATS servers the engines section runs, the server's memory measured too.
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -9,7 +10,7 @@ use std::time::Instant;
 use knocker_e2e::{ControlPlane, NatsServer};
 
 use crate::cost::disk_bytes;
-use crate::jobs::{delivered, knocker_headers, rss_mb, settle, status};
+use crate::jobs::{delivered, knocker_headers, nats_version, rss_mb, settle, status};
 use crate::load::{wrk_posts, Posts};
 use crate::{env_or, Echo};
 
@@ -23,6 +24,8 @@ struct Window {
     /// counts it.
     part_mib: f64,
     rss_mib: f64,
+    /// The NATS server's, on NATS.
+    server_rss_mib: Option<f64>,
 }
 
 /// What a soak kept: jobs accepted, and what was left after the drain.
@@ -65,16 +68,36 @@ impl Soaked {
         );
     }
 
+    /// The peak of the NATS server's RSS over the windows, if it was measured.
+    fn max_server_rss(&self) -> Option<f64> {
+        self.windows
+            .iter()
+            .filter_map(|w| w.server_rss_mib)
+            .reduce(f64::max)
+    }
+
     fn table(&self, report: &mut String, disk: &str, part: &str) {
+        let server = self.max_server_rss().is_some();
+        let (server_head, server_rule) = if server {
+            (" NATS server RSS MiB |", " ---: |")
+        } else {
+            ("", "")
+        };
         let _ = writeln!(
             report,
-            "| after s | jobs/s | refused | {disk} MiB | {part} MiB | control plane RSS MiB |"
+            "| after s | jobs/s | refused | {disk} MiB | {part} MiB | control plane RSS MiB |{server_head}"
         );
-        let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(
+            report,
+            "| ---: | ---: | ---: | ---: | ---: | ---: |{server_rule}"
+        );
         for w in &self.windows {
+            let server = w
+                .server_rss_mib
+                .map_or_else(String::new, |mib| format!(" {mib:.0} |"));
             let _ = writeln!(
                 report,
-                "| {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} |",
+                "| {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} |{server}",
                 w.at_s, w.rps, w.refused, w.disk_mib, w.part_mib, w.rss_mib
             );
         }
@@ -82,12 +105,14 @@ impl Soaked {
 }
 
 /// `wrk -c16` POSTs at `cp` for `seconds` in `window` s windows, `measure` giving the
-/// disk and its part after each (MiB); then the drain.
+/// disk and its part after each (MiB), and the RSS of `server` (the NATS server's pid, on
+/// NATS); then the drain.
 fn run(
     cp: &ControlPlane,
     headers: &[(&str, String)],
     seconds: u64,
     window: u64,
+    server: Option<u32>,
     measure: impl Fn() -> (f64, f64),
 ) -> Soaked {
     let pid = cp.pid().expect("control plane pid");
@@ -110,6 +135,7 @@ fn run(
             disk_mib,
             part_mib,
             rss_mib: rss_mb(pid),
+            server_rss_mib: server.map(rss_mb),
         });
     }
     settle(cp);
@@ -167,26 +193,35 @@ pub fn soak(report: &mut String) {
         ("KNOCKER_MAX_STORE_BYTES", cap.as_str()),
     ]);
     let data = cp.dir.join("data");
-    let embedded = run(&cp, &headers, seconds, window, || {
+    let embedded = run(&cp, &headers, seconds, window, None, || {
         (mib(disk_bytes(&data)), mib(wal_bytes(&data)))
     });
     drop(cp);
 
-    // The NATS engine: its finished history capped the same, the server's files measured.
-    let monitor = knocker_e2e::free_port();
-    let nats = NatsServer::start_with(&format!("http: \"127.0.0.1:{monitor}\""));
-    let cp = ControlPlane::start(&[
-        ("LOG_LEVEL", "warning"),
-        ("KNOCKER_STORE", nats.url.as_str()),
-        ("KNOCKER_MAX_STORE_BYTES", cap.as_str()),
-    ]);
-    let on_nats = run(&cp, &headers, seconds, window, || {
-        (
-            mib(disk_bytes(&nats.store_dir)),
-            mib(nats_history_bytes(monitor)),
-        )
-    });
-    drop(cp);
+    // The NATS engine on each server: its finished history capped the same, the server's
+    // files and memory measured.
+    let newest = knocker_e2e::repo_root().join(NatsServer::NEWEST);
+    let servers = [std::path::PathBuf::from("nats-server"), newest];
+    let on_nats: Vec<(String, Soaked)> = servers
+        .iter()
+        .map(|binary| {
+            let monitor = knocker_e2e::free_port();
+            let nats =
+                NatsServer::start_binary_with(binary, &format!("http: \"127.0.0.1:{monitor}\""));
+            let cp = ControlPlane::start(&[
+                ("LOG_LEVEL", "warning"),
+                ("KNOCKER_STORE", nats.url.as_str()),
+                ("KNOCKER_MAX_STORE_BYTES", cap.as_str()),
+            ]);
+            let soaked = run(&cp, &headers, seconds, window, Some(nats.pid()), || {
+                (
+                    mib(disk_bytes(&nats.store_dir)),
+                    mib(nats_history_bytes(monitor)),
+                )
+            });
+            (nats_version(binary.as_os_str()), soaked)
+        })
+        .collect();
 
     let _ = writeln!(report, "## Soak under the store's size cap\n");
     let _ = writeln!(
@@ -204,19 +239,33 @@ pub fn soak(report: &mut String) {
     );
     let _ = writeln!(
         report,
-        "The same on the NATS engine (nats-server v2.9 with JetStream on loopback, file storage; \
+        "The same on the NATS engine, once on each server: Debian's nats-server {} and nats-server {}, \
+         the one `deploy/kubernetes/nats` runs (JetStream on loopback, file storage; \
          `KNOCKER_STORE=nats://…`, the same cap, which NATS applies to the finished history: the \
          delivered and failed buckets each hold up to half of it). Disk is the server's store \
          directory (every stream: open jobs, the markers finished jobs leave until retention \
          sweeps them every 10 s, the work stream, the history); history is the two finished \
-         buckets as the server counts them.\n"
+         buckets as the server counts them; the NATS server's RSS is measured with the control \
+         plane's.\n",
+        on_nats[0].0,
+        on_nats[1].0,
     );
-    on_nats.table(report, "server's files", "of which history");
-    on_nats.summary(
-        report,
-        "The server's files",
-        "they grow between retention's rounds (the open-jobs bucket keeps a marker of each \
-         finished job until the next one, and the server frees a file block only once all of it \
-         is gone) and fall back at each; the history stays at its cap",
-    );
+    for (version, soaked) in &on_nats {
+        let _ = writeln!(report, "nats-server {version}:\n");
+        soaked.table(report, "server's files", "of which history");
+        soaked.summary(
+            report,
+            "The server's files",
+            "they grow between retention's rounds (the open-jobs bucket keeps a marker of each \
+             finished job until the next one, and the server frees a file block only once all of \
+             it is gone) and fall back at each; the history stays at its cap",
+        );
+        if let Some(peak) = soaked.max_server_rss() {
+            let _ = writeln!(
+                report,
+                "The NATS server's RSS peaked at {peak:.0} MiB \
+                 (`deploy/kubernetes/nats/nats.yaml` gives the server a 1 GiB memory limit).\n"
+            );
+        }
+    }
 }
