@@ -471,6 +471,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let med = |runs: &Vec<WrkResult>| {
         (
             median(runs.iter().map(|r| r.rps).collect()),
+            median(runs.iter().map(|r| r.p50_ms).collect()),
             median(runs.iter().map(|r| r.p99_ms).collect()),
         )
     };
@@ -493,15 +494,15 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     );
     let _ = writeln!(
         report,
-        "| engine | accepted/s | accept p99 ms | accepting µs/job: control plane | NATS server | delivered/s | \
-         delivering µs/job: control plane | NATS server | sink | disk bytes/job |"
+        "| engine | accepted/s | accept p50 ms | accept p99 ms | accepting µs/job: control plane | NATS server | \
+         delivered/s | delivering µs/job: control plane | NATS server | sink | disk bytes/job |"
     );
     let _ = writeln!(
         report,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (i, name) in names.iter().enumerate() {
-        let (rps, p99) = med(&accept[i]);
+        let (rps, p50, p99) = med(&accept[i]);
         let cp_us = median(accept_cpu[i].iter().map(|c| c.0).collect());
         let server_us = median(accept_cpu[i].iter().map(|c| c.1).collect());
         let d = &drains[i];
@@ -514,7 +515,7 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
         };
         let _ = writeln!(
             report,
-            "| {name} | {rps:.0} | {p99:.2} | {cp_us:.0} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} |",
+            "| {name} | {rps:.0} | {p50:.2} | {p99:.2} | {cp_us:.0} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} |",
             server(server_us),
             d.rate,
             d.control_plane_us,
@@ -567,7 +568,7 @@ struct Drain {
 }
 
 /// What `nats-server --version` says of itself, without its name.
-fn nats_version(binary: &std::ffi::OsStr) -> String {
+pub(crate) fn nats_version(binary: &std::ffi::OsStr) -> String {
     std::process::Command::new(binary)
         .arg("--version")
         .output()
