@@ -27,19 +27,15 @@ impl NatsServer {
         Self::start_binary_with(binary, "")
     }
 
-    /// `binary` instead of the `nats-server` on PATH, with `conf` as in [`Self::start_with`].
-    pub fn start_binary_with(binary: &std::path::Path, conf: &str) -> Self {
-        Self::start_from(binary.as_os_str(), conf)
-    }
-
     /// With `conf` added to its configuration file (an `authorization` or `tls` block,
     /// say); `url` is still `nats://127.0.0.1:<port>`. Its log goes into the panic when
     /// it stops or does not listen in time.
     pub fn start_with(conf: &str) -> Self {
-        Self::start_from("nats-server".as_ref(), conf)
+        Self::start_binary_with("nats-server".as_ref(), conf)
     }
 
-    fn start_from(binary: &std::ffi::OsStr, conf: &str) -> Self {
+    /// `binary` instead of the `nats-server` on PATH, with `conf` as in [`Self::start_with`].
+    pub fn start_binary_with(binary: &std::path::Path, conf: &str) -> Self {
         let port = free_port();
         let dir = temp_dir("nats");
         let store_dir = dir.join("jetstream");

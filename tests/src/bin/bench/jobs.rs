@@ -355,13 +355,9 @@ pub fn engines(report: &mut String, runtime: &tokio::runtime::Runtime) {
     let backlog = env_or("BENCH_ENGINE_JOBS", 20_000) as usize;
     let sink = Echo::start();
     let headers = knocker_headers(&sink);
-    // The NATS servers: Debian's (on PATH) and the newer one the manifests in deploy/ run.
-    let newest = knocker_e2e::repo_root().join(NatsServer::NEWEST);
-    let start_servers = || [NatsServer::start(), NatsServer::start_binary(&newest)];
-    let versions = [
-        nats_version("nats-server".as_ref()),
-        nats_version(newest.as_os_str()),
-    ];
+    let binaries = nats_servers();
+    let start_servers = || binaries.each_ref().map(|b| NatsServer::start_binary(b));
+    let versions = binaries.each_ref().map(|b| nats_version(b.as_os_str()));
     let env = |store: &str| {
         vec![
             ("LOG_LEVEL".to_owned(), "warning".to_owned()),
@@ -565,6 +561,15 @@ struct Drain {
     control_plane_us: f64,
     server_us: f64,
     sink_us: f64,
+}
+
+/// The two NATS servers the bench runs the engine on: Debian's (on PATH) and the newer
+/// one the manifests in deploy/ run.
+pub(crate) fn nats_servers() -> [std::path::PathBuf; 2] {
+    [
+        "nats-server".into(),
+        knocker_e2e::repo_root().join(NatsServer::NEWEST),
+    ]
 }
 
 /// What `nats-server --version` says of itself, without its name.

@@ -10,7 +10,7 @@ use std::time::Instant;
 use knocker_e2e::{ControlPlane, NatsServer};
 
 use crate::cost::disk_bytes;
-use crate::jobs::{delivered, knocker_headers, nats_version, rss_mb, settle, status};
+use crate::jobs::{delivered, knocker_headers, nats_servers, nats_version, rss_mb, settle, status};
 use crate::load::{wrk_posts, Posts};
 use crate::{env_or, Echo};
 
@@ -200,9 +200,7 @@ pub fn soak(report: &mut String) {
 
     // The NATS engine on each server: its finished history capped the same, the server's
     // files and memory measured.
-    let newest = knocker_e2e::repo_root().join(NatsServer::NEWEST);
-    let servers = [std::path::PathBuf::from("nats-server"), newest];
-    let on_nats: Vec<(String, Soaked)> = servers
+    let on_nats: Vec<(String, Soaked)> = nats_servers()
         .iter()
         .map(|binary| {
             let monitor = knocker_e2e::free_port();
